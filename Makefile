@@ -1,0 +1,43 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test check lint typecheck fmt demo bench clean tools
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# promtool (for the alert-rule tests), extracted from Debian's prometheus package
+tools:
+	bash .ci/tools.sh
+
+test: $(STAMP) tools
+	$(PY) -m pytest -n 2 --dist loadgroup
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+check: lint typecheck test
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+demo: $(STAMP)
+	$(VENV)/bin/syncd demo
+
+bench: $(STAMP)
+	$(PY) bench/bench_pii.py
+	$(PY) bench/bench_transform.py
+	$(PY) bench/bench_e2e.py
+	$(PY) bench/bench_budget.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

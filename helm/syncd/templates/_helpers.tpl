@@ -1,0 +1,136 @@
+{{- define "syncd.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "syncd.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "syncd.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "syncd.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "syncd.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "syncd.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "syncd.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "syncd.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "syncd.secretName" -}}
+{{- default (include "syncd.fullname" .) .Values.secrets.existingSecret }}
+{{- end }}
+
+{{- define "syncd.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The port of config.http.listen: the container's metrics/probe port. */}}
+{{- define "syncd.port" -}}
+{{- regexFind "[0-9]+$" .Values.config.http.listen }}
+{{- end }}
+
+{{- define "syncd.secretsDir" -}}/var/run/secrets/syncd{{- end }}
+
+{{/* Refuse value combinations the schema cannot express. */}}
+{{- define "syncd.validate" -}}
+{{- if and (eq .Values.store.engine "sqlite") (gt (int .Values.replicaCount) 1) }}
+{{- fail (printf "replicaCount=%d needs store.engine=postgresql: a SQLite store is per pod, so replicas would not share the budget or the jobs" (int .Values.replicaCount)) }}
+{{- end }}
+{{- if and (eq .Values.store.engine "postgresql") (not .Values.secrets.existingSecret) (not .Values.secrets.storeUrl) }}
+{{- fail "store.engine=postgresql needs secrets.storeUrl or secrets.existingSecret (key store-url)" }}
+{{- end }}
+{{- if and .Values.secrets.storeUrl (ne .Values.store.engine "postgresql") }}
+{{- fail "secrets.storeUrl is set but store.engine is not postgresql" }}
+{{- end }}
+{{- end }}
+
+{{/* One TOML value: string, boolean, number (integral numbers as integers) or list. */}}
+{{- define "syncd.tomlValue" -}}
+{{- if kindIs "string" . }}{{ toJson . }}
+{{- else if kindIs "bool" . }}{{ . }}
+{{- else if kindIs "slice" . }}[{{ range $i, $v := . }}{{ if $i }}, {{ end }}{{ include "syncd.tomlValue" $v }}{{ end }}]
+{{- else if eq (float64 .) (floor .) }}{{ int64 . }}
+{{- else }}{{ float64 . }}
+{{- end }}
+{{- end }}
+
+{{/* config.toml: the values' config plus the keys the chart owns (store URL, secret files). */}}
+{{- define "syncd.configToml" -}}
+{{- $cfg := deepCopy .Values.config }}
+{{- $dir := include "syncd.secretsDir" . }}
+{{- $_ := set $cfg.amazon "client_secret_file" (printf "%s/client-secret" $dir) }}
+{{- $_ = set $cfg.amazon "refresh_token_file" (printf "%s/refresh-token" $dir) }}
+{{- if eq .Values.store.engine "postgresql" }}
+{{- $_ = set $cfg.store "url_file" (printf "%s/store-url" $dir) }}
+{{- else }}
+{{- $_ = set $cfg.store "url" "sqlite+aiosqlite:////var/lib/syncd/syncd.db" }}
+{{- end }}
+{{- if $cfg.kafka.sasl_mechanism }}
+{{- $_ = set $cfg.kafka "sasl_password_file" (printf "%s/kafka-sasl-password" $dir) }}
+{{- end }}
+# Rendered by the syncd Helm chart from .Values.config; secrets are read from files.
+{{- range $section, $keys := omit $cfg "destinations" }}
+
+[{{ $section }}]
+{{- range $key, $value := $keys }}
+{{ $key }} = {{ include "syncd.tomlValue" $value }}
+{{- end }}
+{{- end }}
+{{- range $cfg.destinations }}
+
+[[destinations]]
+{{- range $key, $value := . }}
+{{ $key }} = {{ include "syncd.tomlValue" $value }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "syncd.containerSecurityContext" -}}
+runAsNonRoot: true
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+privileged: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "syncd.volumeMounts" -}}
+- name: config
+  mountPath: /etc/syncd
+  readOnly: true
+- name: secrets
+  mountPath: {{ include "syncd.secretsDir" . }}
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+- name: data
+  mountPath: /var/lib/syncd
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,1 @@
+"""The Amazon Ads "Advertiser audiences" API: constants/types (api), LwA auth, retry, client."""

@@ -1,0 +1,56 @@
+"""The `syncd` command line. Each stage module owns its subcommand: it registers a parser with
+`add_parser(subparsers)` and sets `func(args) -> int`. Exit codes: 0 ok, 2 config/usage, 1 else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from syncd.errors import ConfigError, SchemaOutdatedError, SyncdError, UsageError
+
+# Modules that contribute subcommands, in the order `syncd --help` lists them.
+COMMAND_MODULES = (
+    "syncd.app",  # run, check-config
+    "syncd.demo",  # demo
+    "syncd.sandbox.server",  # sandbox
+    "syncd.pii.stream",  # hash
+    "syncd.store.commands",  # jobs, db upgrade
+    "syncd.amazon.onboarding",  # terms, connections, audiences
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="syncd", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        code: int = args.func(args)
+        return code
+    except UsageError as exc:
+        print(f"syncd: usage error: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"syncd: {exc}", file=sys.stderr)
+        return 2
+    except SchemaOutdatedError as exc:
+        print(f"syncd: {exc}", file=sys.stderr)
+        return 1
+    except SyncdError as exc:
+        print(f"syncd: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

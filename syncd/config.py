@@ -1,0 +1,447 @@
+"""Typed, frozen configuration, one dataclass per TOML section.
+
+Loading order: built-in defaults <- TOML file <- `<key>_file` secrets <- environment
+`SYNCD_<SECTION>__<KEY>`. Unknown sections or keys are errors, and every error names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from syncd.errors import ConfigError
+from syncd.model import Destination
+
+SECRET_KEYS = frozenset({"client_secret", "refresh_token", "sasl_password", "password"})
+REGIONS = ("NA", "EU", "FE")
+MAX_RECORDS_PER_POST = 6000
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topics: tuple[str, ...] = ("profile-changes",)
+    group_id: str = "syncd"
+    auto_offset_reset: str = "earliest"
+    input_format: str = "canonical"
+    dead_letter_topic: str = ""
+    client_id: str = "syncd"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    max_pending_events: int = 20000  # backpressure: pause fetching above this many open events
+    commit_interval_ms: int = 1000
+    max_message_bytes: int = 1_000_000  # larger messages are dead-lettered unread
+
+
+@dataclass(frozen=True)
+class AmazonConfig:
+    region: str = "NA"
+    client_id: str = ""
+    client_secret: str = ""
+    refresh_token: str = ""
+    api_url: str = ""
+    token_url: str = ""
+    request_timeout_s: float = 30.0
+    max_attempts: int = 8
+    max_retry_time_s: float = 300.0
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 60.0
+    max_concurrency: int = 4  # in-flight record POSTs per connection
+    target_types: tuple[str, ...] = ()  # e.g. ["DSP"]; AMC is always included
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = "sqlite+aiosqlite:///syncd.db"
+    auto_upgrade: bool = False  # `syncd run` applies migrations itself instead of refusing
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_records: int = MAX_RECORDS_PER_POST
+    max_bytes: int = 4_000_000
+    linger_ms: int = 2000
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    records_per_hour: int = 15_000_000
+    window_seconds: int = 3600
+
+
+@dataclass(frozen=True)
+class PollConfig:
+    first_delay_s: float = 30.0
+    max_interval_s: float = 600.0
+    max_job_age_s: float = 7 * 86400.0
+    concurrency: int = 4
+    claim_batch: int = 50
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "0.0.0.0:9108"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """`listen` as (host, port); an IPv6 host loses its brackets."""
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class PiiConfig:
+    strict_reference: bool = False  # AWS reference parity: deviations D2..D8 off
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    workers: int = 1  # processes that decode and hash; 0 = on the event loop
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    drain_seconds: float = 25.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    amazon: AmazonConfig = field(default_factory=AmazonConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    poll: PollConfig = field(default_factory=PollConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    pii: PiiConfig = field(default_factory=PiiConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    destinations: tuple[Destination, ...] = ()
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if f.name != "destinations"
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate a config file (None = defaults only), then apply env overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"not valid TOML: {exc}") from None
+    return from_mapping(raw, os.environ if environ is None else environ)
+
+
+def from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    raw = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
+    _apply_env(raw, environ or {})
+    for key in raw:
+        if key not in _SECTIONS and key != "destinations":
+            raise ConfigError(
+                key, f"unknown section (known: {', '.join([*_SECTIONS, 'destinations'])})"
+            )
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        value = raw.get(name, {})
+        if not isinstance(value, Mapping):
+            raise ConfigError(name, "must be a table")
+        sections[name] = _build_section(name, cls, value)
+    cfg = Config(**sections, destinations=_build_destinations(raw.get("destinations", [])))
+    _validate(cfg)
+    return cfg
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for var, text in environ.items():
+        if not var.startswith("SYNCD_") or "__" not in var:
+            continue
+        section, _, key = var[len("SYNCD_") :].lower().partition("__")
+        if section == "destinations":
+            try:
+                raw["destinations"] = orjson.loads(text) if key == "json" else None
+            except orjson.JSONDecodeError as exc:
+                raise ConfigError(var, f"not valid JSON: {exc}") from None
+            if raw["destinations"] is None:
+                raise ConfigError(var, "use SYNCD_DESTINATIONS__JSON='[{...}]'")
+            continue
+        if section not in _SECTIONS:
+            raise ConfigError(var, f"unknown section {section!r}")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(section, "must be a table")
+        raw[section][key] = _EnvText(text)
+
+
+class _EnvText(str):
+    """A value that came from the environment: converted to the field's type when built."""
+
+
+def _build_section(name: str, cls: type[Any], values: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key.endswith("_file") and key[: -len("_file")] in known:
+            target = key[: -len("_file")]
+            kwargs[target] = _read_secret_file(f"{name}.{key}", value)
+            continue
+        if key not in known:
+            raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
+        if key in kwargs and value == "":  # a *_file set it; an empty explicit value is unset
+            continue
+        kwargs[key] = _coerce(f"{name}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _read_secret_file(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, "must be a file path")
+    try:
+        return Path(value).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read secret file: {exc.strerror}") from None
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    from_env = isinstance(value, _EnvText)
+    if hint is bool:
+        if from_env:
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"must be true or false, got {_show(key, value)}")
+    if hint is int:
+        if from_env:
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"must be an integer, got {_show(key, value)}")
+    if hint is float:
+        if from_env:
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, f"must be a number, got {_show(key, value)}")
+    if hint is str:
+        if isinstance(value, str):
+            return str(value)
+        raise ConfigError(key, f"must be a string, got {_show(key, value)}")
+    if typing.get_origin(hint) is tuple:
+        if from_env:
+            text = value.strip()
+            items: Any = orjson.loads(text) if text.startswith("[") else text.split(",")
+            value = [i.strip() if isinstance(i, str) else i for i in items if i != ""]
+        if isinstance(value, list) and all(isinstance(i, str) for i in value):
+            return tuple(value)
+        raise ConfigError(key, f"must be a list of strings, got {_show(key, value)}")
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional fields today
+        return value
+    raise ConfigError(key, f"unsupported type {hint!r}")  # pragma: no cover
+
+
+def _show(key: str, value: Any) -> str:
+    if key.rsplit(".", 1)[-1] in SECRET_KEYS:
+        return f"a {type(value).__name__}"
+    return repr(value) if not isinstance(value, _EnvText) else repr(str(value))
+
+
+def _build_destinations(items: Any) -> tuple[Destination, ...]:
+    if not isinstance(items, list):
+        raise ConfigError("destinations", "must be an array of tables ([[destinations]])")
+    out: list[Destination] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"destinations[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(where, "must be a table")
+        unknown = set(item) - {"audience", "connection_id", "audience_id", "country_code"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key")
+        for req in ("audience", "connection_id", "audience_id"):
+            if req not in item:
+                raise ConfigError(f"{where}.{req}", "is required")
+        audience, conn = item["audience"], item["connection_id"]
+        if not isinstance(audience, str) or not audience:
+            raise ConfigError(f"{where}.audience", "must be a non-empty string")
+        if audience in seen:
+            raise ConfigError(f"{where}.audience", f"duplicate audience key {audience!r}")
+        seen.add(audience)
+        if not isinstance(conn, str) or not conn:
+            raise ConfigError(f"{where}.connection_id", "must be a non-empty string")
+        audience_id = item["audience_id"]
+        if isinstance(audience_id, str) and audience_id.isdigit():
+            audience_id = int(audience_id)
+        if not isinstance(audience_id, int) or isinstance(audience_id, bool) or audience_id <= 0:
+            raise ConfigError(f"{where}.audience_id", "must be a positive integer")
+        country = item.get("country_code", "US")
+        if not isinstance(country, str) or not _COUNTRY.match(country.upper()):
+            raise ConfigError(f"{where}.country_code", "must be an ISO 3166-1 alpha-2 code")
+        country = country.upper()
+        out.append(
+            Destination(
+                audience=audience,
+                connection_id=conn,
+                audience_id=audience_id,
+                country_code="GB" if country == "UK" else country,
+            )
+        )
+    return tuple(out)
+
+
+def _validate(cfg: Config) -> None:
+    def need(ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            raise ConfigError(key, problem)
+
+    k, a, b = cfg.kafka, cfg.amazon, cfg.batch
+    need(bool(k.topics), "kafka.topics", "must name at least one topic")
+    need(
+        k.auto_offset_reset in ("earliest", "latest"),
+        "kafka.auto_offset_reset",
+        "must be 'earliest' or 'latest'",
+    )
+    need(
+        k.input_format in ("canonical", "segment"),
+        "kafka.input_format",
+        "must be 'canonical' or 'segment'",
+    )
+    need(
+        k.security_protocol in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+        "kafka.security_protocol",
+        "must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+    )
+    need(
+        k.sasl_mechanism in ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+        "kafka.sasl_mechanism",
+        "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+    )
+    need(k.max_pending_events >= 1, "kafka.max_pending_events", "must be >= 1")
+    need(k.commit_interval_ms >= 1, "kafka.commit_interval_ms", "must be >= 1")
+    need(a.region in REGIONS, "amazon.region", f"must be one of {', '.join(REGIONS)}")
+    need(a.request_timeout_s > 0, "amazon.request_timeout_s", "must be > 0")
+    need(a.max_attempts >= 1, "amazon.max_attempts", "must be >= 1")
+    need(a.max_concurrency >= 1, "amazon.max_concurrency", "must be >= 1")
+    need(
+        all(t in ("DSP",) for t in a.target_types),
+        "amazon.target_types",
+        "may only contain 'DSP' (AMC is always included)",
+    )
+    need(
+        cfg.store.url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")),
+        "store.url",
+        "must start with sqlite+aiosqlite:// or postgresql+asyncpg://",
+    )
+    need(
+        1 <= b.max_records <= MAX_RECORDS_PER_POST,
+        "batch.max_records",
+        f"must be between 1 and {MAX_RECORDS_PER_POST}",
+    )
+    need(b.max_bytes >= 10_000, "batch.max_bytes", "must be >= 10000")
+    need(b.linger_ms >= 0, "batch.linger_ms", "must be >= 0")
+    need(cfg.budget.records_per_hour >= 1, "budget.records_per_hour", "must be >= 1")
+    need(cfg.budget.window_seconds >= 1, "budget.window_seconds", "must be >= 1")
+    need(cfg.poll.first_delay_s >= 0, "poll.first_delay_s", "must be >= 0")
+    need(
+        cfg.poll.max_interval_s >= cfg.poll.first_delay_s,
+        "poll.max_interval_s",
+        "must be >= poll.first_delay_s",
+    )
+    need(cfg.poll.max_job_age_s > 0, "poll.max_job_age_s", "must be > 0")
+    need(cfg.poll.concurrency >= 1, "poll.concurrency", "must be >= 1")
+    need(cfg.poll.claim_batch >= 1, "poll.claim_batch", "must be >= 1")
+    host, sep, port = cfg.http.listen.rpartition(":")
+    need(
+        bool(sep) and bool(host) and port.isdigit() and int(port) < 65536,
+        "http.listen",
+        "must be HOST:PORT",
+    )
+    need(0 <= cfg.transform.workers <= 64, "transform.workers", "must be between 0 and 64")
+    need(cfg.shutdown.drain_seconds >= 0, "shutdown.drain_seconds", "must be >= 0")
+    need(
+        cfg.log.level in ("debug", "info", "warning", "error"),
+        "log.level",
+        "must be debug, info, warning or error",
+    )
+
+
+def require_credentials(cfg: Config) -> None:
+    """For commands that talk to Amazon: the three LwA credentials must be set."""
+    for key in ("client_id", "client_secret", "refresh_token"):
+        if not getattr(cfg.amazon, key):
+            raise ConfigError(
+                f"amazon.{key}",
+                f"is required (or set it via SYNCD_AMAZON__{key.upper()} or {key}_file)",
+            )
+
+
+def require_destinations(cfg: Config) -> None:
+    if not cfg.destinations:
+        raise ConfigError("destinations", "at least one [[destinations]] entry is required")
+
+
+def masked(cfg: Config) -> dict[str, Any]:
+    """The effective config as plain data, every secret replaced by '***' (or '' if unset)."""
+
+    def conv(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return {
+                f.name: ("***" if getattr(obj, f.name) else "")
+                if f.name in SECRET_KEYS
+                else conv(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)
+            }
+        if isinstance(obj, tuple):
+            return [conv(i) for i in obj]
+        return obj
+
+    out: dict[str, Any] = conv(cfg)
+    out["store"]["url"] = mask_url(cfg.store.url)
+    return out
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a database URL (`user:***@host`)."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)

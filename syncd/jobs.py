@@ -1,0 +1,181 @@
+"""The job poller: follows every stored job until Amazon reports a terminal state.
+
+Each round: expire jobs older than `poll.max_job_age_s` (EXPIRED, terminal), claim due jobs
+(atomically, leased, so replicas share the work and no job is polled by two at once), GET each
+job's status (at most `poll.concurrency` at a time) and record it. A PENDING job is polled again
+after an interval that doubles from `poll.first_delay_s` up to `poll.max_interval_s`; a terminal
+job is never claimed, so never polled, again. A failed GET is retried on the same schedule; a
+refused credential (AuthError) stops the poller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Protocol
+
+from syncd.amazon.api import JOB_STATES, JobStatus
+from syncd.config import PollConfig
+from syncd.errors import AmazonError, AuthError
+from syncd.observability import metrics
+from syncd.observability.logging import get_logger
+from syncd.store import JobRow
+from syncd.store.schema import EXPIRED
+
+log = get_logger("syncd.jobs")
+
+LEASE_S = 300.0  # a claim outlives any single GET with its retries; a crashed owner's jobs return
+IDLE_MAX_S = 1.0  # longest sleep between rounds: jobs added meanwhile (any replica) are noticed
+COUNTS_EVERY_S = 10.0  # how often the jobs-by-state gauge is refreshed from the store
+_MAX_LABEL_CHARS = 200
+
+
+class JobClient(Protocol):
+    async def get_job(self, job_request_id: str) -> JobStatus: ...
+
+
+class JobStore(Protocol):
+    async def expire_jobs(self, max_age_s: float) -> int: ...
+    async def claim_due_jobs(self, owner: str, limit: int, lease_s: float) -> list[JobRow]: ...
+    async def record_poll(
+        self,
+        job_request_id: str,
+        status: JobStatus | None,
+        *,
+        next_poll_in_s: float,
+        error: str | None = None,
+    ) -> None: ...
+    async def next_due_in(self) -> float | None: ...
+    async def job_counts(self) -> dict[str, int]: ...
+
+
+def poll_interval(polls: int, cfg: PollConfig) -> float:
+    """Seconds until the next poll of a job polled `polls` times: first_delay_s doubled per poll,
+    capped at max_interval_s."""
+    return min(cfg.max_interval_s, cfg.first_delay_s * 2.0 ** min(polls, 40))
+
+
+class Poller:
+    """Polls due jobs until `run`'s stop event is set."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        client: JobClient,
+        cfg: PollConfig,
+        *,
+        owner: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._cfg = cfg
+        self._owner = owner
+        self._clock = clock
+        self._auth_error: AuthError | None = None
+        self._counts_at: float | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll rounds until `stop` is set. Refused credentials (AuthError) end the loop with
+        the error, which makes the daemon fatal (and unready) instead of polling in vain."""
+        while not stop.is_set():
+            try:
+                wait_s = await self.poll_once()
+            except AuthError as exc:
+                log.error("job polling stopped: credentials refused", error=str(exc))
+                raise
+            except Exception as exc:  # store unreachable: keep the loop alive, try again
+                log.warning("job poll round failed; retrying", error=repr(exc))
+                wait_s = IDLE_MAX_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=wait_s)
+
+    async def poll_once(self) -> float:
+        """One round. Returns the seconds until the next round is due (0 = more are due now)."""
+        expired = await self._store.expire_jobs(self._cfg.max_job_age_s)
+        if expired:
+            metrics.JOBS_FINISHED.labels(EXPIRED).inc(expired)
+            log.warning(
+                "jobs expired without a terminal state; no longer polled",
+                jobs=expired,
+                max_job_age_s=self._cfg.max_job_age_s,
+            )
+        claimed = await self._store.claim_due_jobs(self._owner, self._cfg.claim_batch, LEASE_S)
+        if claimed:
+            limit = asyncio.Semaphore(self._cfg.concurrency)
+            async with asyncio.TaskGroup() as tg:
+                for job in claimed:
+                    tg.create_task(self._poll(job, limit))
+            if self._auth_error is not None:
+                raise self._auth_error
+        await self._update_counts()
+        if len(claimed) >= self._cfg.claim_batch:
+            return 0.0
+        due_in = await self._store.next_due_in()
+        return IDLE_MAX_S if due_in is None else min(due_in, IDLE_MAX_S)
+
+    async def _poll(self, job: JobRow, limit: asyncio.Semaphore) -> None:
+        polls = job.polls + 1
+        async with limit:
+            if self._auth_error is not None:
+                return
+            try:
+                status = await self._client.get_job(job.job_request_id)
+            except AuthError as exc:
+                self._auth_error = exc
+                return
+            except AmazonError as exc:
+                metrics.JOB_POLLS.labels("error").inc()
+                log.warning(
+                    "job poll failed; will retry",
+                    job_request_id=job.job_request_id,
+                    status=exc.status,
+                    error=str(exc),
+                )
+                await self._store.record_poll(
+                    job.job_request_id,
+                    None,
+                    next_poll_in_s=poll_interval(polls, self._cfg),
+                    error=str(exc),
+                )
+                return
+        await self._store.record_poll(
+            job.job_request_id, status, next_poll_in_s=poll_interval(polls, self._cfg)
+        )
+        if status.terminal:
+            metrics.JOB_POLLS.labels("terminal").inc()
+            self._finished(job, status)
+        else:
+            metrics.JOB_POLLS.labels("pending").inc()
+
+    def _finished(self, job: JobRow, status: JobStatus) -> None:
+        metrics.JOBS_FINISHED.labels(status.job_state).inc()
+        metrics.JOB_COMPLETION.observe(max(0.0, self._clock() - job.created_at))
+        if status.processed_rate is not None:
+            metrics.JOB_PROCESSED_RATE.observe(status.processed_rate)
+        reasons = Counter(r.error[:_MAX_LABEL_CHARS] for r in status.invalid_records)
+        for reason, n in reasons.items():
+            metrics.INVALID_RECORDS.labels(reason).inc(n)
+        log.info(
+            "job finished",
+            job_request_id=job.job_request_id,
+            connection=job.connection_id,
+            audience=job.audience,
+            state=status.job_state,
+            records=job.records,
+            polls=job.polls + 1,
+            processed_rate=status.processed_rate,
+            invalid_records=len(status.invalid_records),
+        )
+
+    async def _update_counts(self) -> None:
+        now = time.monotonic()
+        if self._counts_at is not None and now - self._counts_at < COUNTS_EVERY_S:
+            return
+        self._counts_at = now
+        counts = await self._store.job_counts()
+        for state in {*JOB_STATES, EXPIRED, *counts}:
+            metrics.JOBS.labels(state).set(counts.get(state, 0))

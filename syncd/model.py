@@ -1,0 +1,163 @@
+"""Plain data passed between the pipeline stages. No I/O, no behaviour beyond (de)serialization.
+
+source -> SourceRef + bytes; decode -> ProfileChange; route+hash -> MemberRecord per destination;
+batch -> Batch (records + the SourceRefs it answers for); deliver -> job row + acknowledgement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+# The eight hashedPII keys of the Amazon API, in the API's order.
+PII_KEYS: tuple[str, ...] = (
+    "email",
+    "phone",
+    "firstname",
+    "lastname",
+    "address",
+    "city",
+    "state",
+    "postal",
+)
+
+CONSENT_VALUES = frozenset({"GRANTED", "DENIED", "NOT_APPLICABLE", "UNKNOWN"})
+
+TERMINAL_JOB_STATES = frozenset({"SUCCEEDED", "PARTIALLYSUCCEEDED", "FAILED", "COMPLETED"})
+"""Every Amazon job state but PENDING is terminal. EXPIRED is syncd's own (gave up polling)."""
+
+
+class Action(StrEnum):
+    """Member action; the value is the API's `action`."""
+
+    ADD = "CREATE"
+    REMOVE = "DELETE"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """Where an event came from: acknowledging it means the offset may be committed."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """One `[[destinations]]` entry: an audience key routed to an Amazon audience."""
+
+    audience: str
+    connection_id: str
+    audience_id: int
+    country_code: str
+
+
+@dataclass(frozen=True, slots=True)
+class Consent:
+    amzn_user_data: str | None = None
+    amzn_ad_storage: str | None = None
+    tcf: str | None = None
+    gpp: str | None = None
+
+    def to_api(self) -> dict[str, Any] | None:
+        """The record's `userConsent` object, or None if nothing is set."""
+        consent: dict[str, Any] = {}
+        amzn = {}
+        if self.amzn_ad_storage:
+            amzn["amznAdStorage"] = self.amzn_ad_storage
+        if self.amzn_user_data:
+            amzn["amznUserData"] = self.amzn_user_data
+        if amzn:
+            consent["amzn"] = amzn
+        if self.tcf:
+            consent["tcf"] = self.tcf
+        if self.gpp:
+            consent["gpp"] = self.gpp
+        return {"consent": consent} if consent else None
+
+
+@dataclass(slots=True)
+class ProfileChange:
+    """One decoded input event. `identifiers` maps a PII key to its raw (or pre-hashed) values.
+
+    Raw PII lives here only between decode and hash; never log or persist this object.
+    """
+
+    profile_id: str
+    identifiers: dict[str, list[str]]
+    adds: tuple[str, ...] = ()
+    removes: tuple[str, ...] = ()
+    country: str | None = None
+    consent: Consent | None = None
+    occurred_at: float | None = None  # epoch seconds
+    event_id: str | None = None
+
+    def __repr__(self) -> str:  # never print identifiers
+        return (
+            f"ProfileChange(event_id={self.event_id!r}, adds={self.adds!r}, "
+            f"removes={self.removes!r}, identifiers=<{len(self.identifiers)} keys>)"
+        )
+
+
+@dataclass(slots=True)
+class MemberRecord:
+    """One member change for one destination, hashed and encoded: safe to hold and send.
+
+    `json` is the API's record object (`member_record` builds it); batching concatenates these
+    bytes into request bodies, so a record is encoded once, wherever it was hashed."""
+
+    external_user_id: str
+    action: Action
+    json: bytes
+    occurred_at: float | None = None
+
+
+def member_record(
+    external_user_id: str,
+    country_code: str,
+    action: Action,
+    hashed_pii: list[dict[str, str]],
+    consent: Consent | None = None,
+    occurred_at: float | None = None,
+) -> MemberRecord:
+    body: dict[str, Any] = {
+        "externalUserId": external_user_id,
+        "countryCode": country_code,
+        "action": action.value,
+        "hashedPII": hashed_pii,
+    }
+    if consent is not None and (user_consent := consent.to_api()) is not None:
+        body["userConsent"] = user_consent
+    return MemberRecord(external_user_id, action, orjson.dumps(body), occurred_at)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """What a sent batch keeps of each record: who and which action (the hashed identifiers
+    live on only in the request body)."""
+
+    external_user_id: str
+    action: Action
+
+
+@dataclass(slots=True)
+class Batch:
+    """Records for one destination and every source event they answer for.
+
+    `sources[i]` holds the source events record i answers for: its own, and those of earlier
+    changes of the same member that it replaced, so acknowledging the batch acknowledges them.
+    """
+
+    destination: Destination
+    records: list[Member] = field(default_factory=list)
+    sources: list[list[SourceRef]] = field(default_factory=list)
+    size_bytes: int = 0
+    first_event_at: float | None = None
+
+    @property
+    def refs(self) -> list[SourceRef]:
+        return [ref for refs in self.sources for ref in refs]

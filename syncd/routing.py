@@ -1,0 +1,119 @@
+"""Route and hash: one decoded ProfileChange -> one hashed MemberRecord per destination.
+
+Raw identifiers are read here and only here (through the PII engine); what leaves this stage
+carries hashes only. An event that yields nothing usable raises `Unusable(reason)`; the reason
+is a bounded code (a metric label and the dead-letter header), never data.
+
+Pure: what the router counts (filtered audiences, default countries, dropped values) it keeps
+in `RouteCounts`, which the caller publishes as metrics, so it can run in a worker process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from syncd.amazon.api import EXTERNAL_USER_ID
+from syncd.model import Action, Destination, MemberRecord, ProfileChange, member_record
+from syncd.observability import metrics
+from syncd.pii import HashedPII, build_hashed_pii, normalize_country
+
+_ADD = Action.ADD
+_REMOVE = Action.REMOVE
+
+
+class Unusable(Exception):
+    """The event cannot produce any record. `reason` is a short code, safe to log and export."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Part(NamedTuple):
+    """One record of an event, for one destination (a tuple: cheaper to build, immutable)."""
+
+    destination: Destination
+    record: MemberRecord
+
+
+@dataclass(slots=True)
+class RouteCounts:
+    """What routing counted since the last `take`, for the metrics of the process that owns
+    them."""
+
+    filtered: Counter[str] = field(default_factory=Counter)  # reason
+    default_country: Counter[str] = field(default_factory=Counter)  # audience
+    dropped: Counter[tuple[str, str]] = field(default_factory=Counter)  # (field, reason)
+
+    def publish(self) -> None:
+        for reason, n in self.filtered.items():
+            metrics.EVENTS_FILTERED.labels(reason).inc(n)
+        for audience, n in self.default_country.items():
+            metrics.RECORDS_DEFAULT_COUNTRY.labels(audience).inc(n)
+        for (pii_field, reason), n in self.dropped.items():
+            metrics.PII_VALUES_DROPPED.labels(pii_field, reason).inc(n)
+
+
+def external_user_id(profile_id: str) -> str:
+    """The API's externalUserId: the profile id when it fits `^[0-9a-zA-Z_-]{1,128}$`, else its
+    SHA-256 hex (deterministic, so adds and removes of one profile still meet)."""
+    if EXTERNAL_USER_ID.match(profile_id):
+        return profile_id
+    return hashlib.sha256(profile_id.encode("utf-8")).hexdigest()
+
+
+class Router:
+    def __init__(self, destinations: Iterable[Destination], *, strict_reference: bool) -> None:
+        self._by_audience = {d.audience: d for d in destinations}
+        self._strict = strict_reference
+        self.counts = RouteCounts()
+
+    def take_counts(self) -> RouteCounts:
+        """The counts so far; counting starts again from zero."""
+        counts, self.counts = self.counts, RouteCounts()
+        return counts
+
+    def route(self, change: ProfileChange) -> list[Part]:
+        targets: list[tuple[Destination, Action]] = []
+        for keys, action in ((change.adds, _ADD), (change.removes, _REMOVE)):
+            for key in keys:
+                dest = self._by_audience.get(key)
+                if dest is None:
+                    self.counts.filtered["unknown_audience"] += 1
+                else:
+                    targets.append((dest, action))
+        if not targets:
+            raise Unusable("unknown_audience")
+        event_country = None
+        if change.country:
+            event_country = normalize_country(change.country)
+            if event_country is None:
+                raise Unusable("bad_country")
+        member = external_user_id(change.profile_id)
+        hashed: dict[str, HashedPII] = {}
+        parts: list[Part] = []
+        for dest, action in targets:
+            country = event_country or dest.country_code
+            pii = hashed.get(country)
+            if pii is None:
+                pii = hashed[country] = self._hash(change, country)
+            if pii.empty:
+                continue
+            if event_country is None:
+                self.counts.default_country[dest.audience] += 1
+            record = member_record(
+                member, country, action, pii.objects, change.consent, change.occurred_at
+            )
+            parts.append(Part(dest, record))
+        if not parts:
+            raise Unusable("no_usable_identifier")
+        return parts
+
+    def _hash(self, change: ProfileChange, country: str) -> HashedPII:
+        pii = build_hashed_pii(change.identifiers, country, strict_reference=self._strict)
+        self.counts.dropped.update(pii.dropped)
+        return pii

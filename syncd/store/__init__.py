@@ -1,0 +1,6 @@
+"""The SQL store (jobs, budget reservations) and its schema migrations."""
+
+from syncd.store.persist import persist
+from syncd.store.store import JobRow, NewJob, Store
+
+__all__ = ["JobRow", "NewJob", "Store", "persist"]

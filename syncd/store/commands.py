@@ -1,0 +1,118 @@
+"""`syncd jobs` (tracked jobs, as a table or JSON) and `syncd db upgrade` (apply migrations)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from syncd import config as config_mod
+from syncd.store.store import JobRow, Store
+
+
+def add_parser(sub: Any) -> None:
+    jobs = sub.add_parser("jobs", help="tracked jobs from the store")
+    jobs.add_argument("--config", required=True, help="TOML config file")
+    jobs.add_argument("--state", help="only jobs in this state (e.g. PENDING, SUCCEEDED, EXPIRED)")
+    jobs.add_argument("--json", action="store_true", help="machine-readable output")
+    jobs.add_argument("--limit", type=int, default=20, help="recent jobs to list (default 20)")
+    jobs.set_defaults(func=_cmd_jobs)
+
+    db = sub.add_parser("db", help="store schema management")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_sub.add_parser("upgrade", help="apply the store's schema migrations")
+    upgrade.add_argument("--config", required=True, help="TOML config file")
+    upgrade.set_defaults(func=_cmd_db_upgrade)
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    counts, recent = asyncio.run(_read_jobs(cfg.store.url, args.state, args.limit))
+    if args.json:
+        doc = {"counts": counts, "jobs": [dataclasses.asdict(j) for j in recent]}
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        _print_tables(counts, recent)
+    return 0
+
+
+async def _read_jobs(
+    url: str, state: str | None, limit: int
+) -> tuple[dict[str, int], list[JobRow]]:
+    store = await Store.connect(url)
+    try:
+        await store.ensure_schema(auto_upgrade=False)
+        return await store.job_counts(), await store.list_jobs(state, limit)
+    finally:
+        await store.close()
+
+
+def _print_tables(counts: dict[str, int], recent: list[JobRow]) -> None:
+    console = Console()
+    by_state = Table(title="Jobs by state")
+    by_state.add_column("state")
+    by_state.add_column("jobs", justify="right")
+    for state, n in counts.items():
+        by_state.add_row(state, str(n))
+    by_state.add_row("total", str(sum(counts.values())), style="bold")
+    console.print(by_state)
+
+    reasons: Counter[str] = Counter()
+    for job in recent:
+        reasons.update(job.invalid_reasons)
+    if reasons:
+        invalid = Table(title="Invalid records by reason")
+        invalid.add_column("reason")
+        invalid.add_column("records", justify="right")
+        for reason, n in reasons.most_common():
+            invalid.add_row(reason, str(n))
+        console.print(invalid)
+
+    listed = Table(title=f"Recent jobs ({len(recent)})")
+    listed.add_column("job request id", no_wrap=True)
+    listed.add_column("audience")
+    listed.add_column("records", justify="right")
+    listed.add_column("state")
+    listed.add_column("created (UTC)", no_wrap=True)
+    listed.add_column("polls", justify="right")
+    listed.add_column("processed %", justify="right")
+    listed.add_column("invalid", justify="right")
+    for job in recent:
+        listed.add_row(
+            job.job_request_id,
+            job.audience,
+            str(job.records),
+            job.state,
+            datetime.fromtimestamp(job.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            str(job.polls),
+            "" if job.processed_rate is None else f"{job.processed_rate:g}",
+            str(job.invalid_records),
+        )
+    console.print(listed)
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    before, head = asyncio.run(_upgrade(cfg.store.url))
+    if before == head:
+        print(f"store schema already at revision {head}")
+    else:
+        print(f"store schema upgraded from {before or 'empty'} to revision {head}")
+    return 0
+
+
+async def _upgrade(url: str) -> tuple[str | None, str]:
+    store = await Store.connect(url)
+    try:
+        before, head = await store.schema_status()
+        await store.upgrade()
+        return before, head
+    finally:
+        await store.close()

@@ -1,0 +1,474 @@
+"""The SQL store: tracked jobs and per-connection budget reservations, shared by every replica.
+
+SQLite (`sqlite+aiosqlite`, one replica) and PostgreSQL (`postgresql+asyncpg`, many replicas)
+run the same statements. Atomicity:
+
+- SQLite: every write is one `BEGIN IMMEDIATE` transaction (the database-wide write lock), WAL
+  journal, `busy_timeout` so that other processes wait instead of failing.
+- PostgreSQL: jobs are claimed with `UPDATE .. WHERE id IN (SELECT .. FOR UPDATE SKIP LOCKED)`;
+  budget reservations of one connection are serialized by `pg_advisory_xact_lock`.
+
+Times are unix epoch seconds from one clock: PostgreSQL's `clock_timestamp()`, so replicas with
+skewed clocks agree; the process clock for SQLite (one host). Tests may inject a clock.
+
+Budget rows: a reservation is stamped when it is made and re-stamped when its POST was
+accepted (`confirm`). A confirmed row counts for `window_s` after its stamp. An unconfirmed row
+(its POST is in flight, or its outcome is unknown) counts for two windows, so that a slow POST
+can never fall out of the window before Amazon received it. Rows older than two windows are
+pruned by the next reservation of the same connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import ColumnElement, case, delete, event, func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.util import await_only
+
+from syncd.amazon.api import JobStatus
+from syncd.errors import SchemaOutdatedError
+from syncd.store.schema import EXPIRED, PENDING, budget_reservations, jobs
+
+_MIGRATION_LOCK = 0x73796E6364  # pg_advisory_xact_lock key: "syncd" in hex
+_SQLITE_BUSY_TIMEOUT_MS = 30_000
+_PING_TIMEOUT_S = 5.0
+_IDS_PER_QUERY = 500
+_MAX_REASON_CHARS = 200
+_MAX_ERROR_CHARS = 500
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job Amazon accepted (202), to be tracked until it is terminal."""
+
+    job_request_id: str
+    connection_id: str
+    audience_id: int
+    audience: str
+    records: int
+    adds: int
+    removes: int
+
+
+@dataclass(frozen=True)
+class JobRow(NewJob):
+    """One row of the jobs table: the job as stored, plus what polling learned. Times are
+    epoch seconds; None = not yet."""
+
+    state: str  # PENDING, then Amazon's terminal state, or EXPIRED
+    created_at: float
+    next_poll_at: float
+    polls: int
+    last_polled_at: float | None
+    terminal_at: float | None
+    processed_rate: float | None
+    invalid_records: int
+    invalid_reasons: dict[str, int]
+    audience_size: int | None
+    received_records: int | None
+    error: str | None
+    owner: str | None
+    claimed_until: float | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state != PENDING
+
+    @classmethod
+    def from_mapping(cls, row: Mapping[Any, Any]) -> JobRow:
+        values = dict(row)
+        values["invalid_reasons"] = dict(values["invalid_reasons"] or {})
+        return cls(**values)
+
+
+def alembic_config() -> AlembicConfig:
+    """Alembic's config for the migrations shipped inside the package."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(resources.files("syncd.store") / "migrations"))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:  # pragma: no cover - the package always ships a revision
+        raise RuntimeError("no migrations shipped")
+    return head
+
+
+class Store:
+    """Async access to the store. Create with `await Store.connect(url)`, end with `close()`."""
+
+    def __init__(self, engine: AsyncEngine, *, clock: Callable[[], float] | None = None) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._postgres = engine.dialect.name == "postgresql"
+        # SQLite has one writer at a time: queue this process's writers here rather than in
+        # SQLite's busy handler (which sleeps); busy_timeout still covers other processes.
+        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+
+    @classmethod
+    async def connect(cls, url: str, *, clock: Callable[[], float] | None = None) -> Store:
+        """Open an engine for `url` (no I/O until first use). `clock` replaces the database's
+        clock, for tests."""
+        if url.startswith("sqlite"):
+            engine = create_async_engine(url)
+            _configure_sqlite(engine)
+        else:
+            engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+        return cls(engine, clock=clock)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def ping(self) -> bool:
+        """True when the store answers a trivial query within a few seconds. Never raises."""
+        try:
+            async with asyncio.timeout(_PING_TIMEOUT_S), self._read() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    # -- schema ----------------------------------------------------------------------------------
+    async def schema_status(self) -> tuple[str | None, str]:
+        """(the database's revision or None when empty, the revision this code needs)."""
+        async with self._read() as conn:
+            current = await conn.run_sync(
+                lambda sync: MigrationContext.configure(sync).get_current_revision()
+            )
+        return current, head_revision()
+
+    async def upgrade(self) -> None:
+        """Apply every migration up to head, in one transaction (replicas take turns)."""
+        async with self._write() as conn:
+            if self._postgres:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+            await conn.run_sync(_upgrade_to_head)
+
+    async def ensure_schema(self, *, auto_upgrade: bool) -> None:
+        """Return when the schema is at head; upgrade first if `auto_upgrade`, else raise
+        SchemaOutdatedError (an empty database counts as outdated)."""
+        current, head = await self.schema_status()
+        if current == head:
+            return
+        if auto_upgrade:
+            await self.upgrade()
+            return
+        found = "empty (no schema)" if current is None else f"at revision {current}"
+        raise SchemaOutdatedError(
+            f"the store's schema is {found}, this syncd needs revision {head}: "
+            "run `syncd db upgrade --config FILE`, or set store.auto_upgrade = true"
+        )
+
+    # -- jobs ------------------------------------------------------------------------------------
+    async def add_job(self, job: NewJob, *, first_poll_after_s: float) -> None:
+        """Track a job; a job_request_id already stored is left as it is."""
+        async with self._write() as conn:
+            now = await self._now(conn)
+            values = {
+                "job_request_id": job.job_request_id,
+                "connection_id": job.connection_id,
+                "audience_id": job.audience_id,
+                "audience": job.audience,
+                "records": job.records,
+                "adds": job.adds,
+                "removes": job.removes,
+                "state": PENDING,
+                "created_at": now,
+                "next_poll_at": now + first_poll_after_s,
+                "polls": 0,
+                "invalid_records": 0,
+                "invalid_reasons": {},
+            }
+            dialect_insert = pg_insert if self._postgres else sqlite_insert
+            await conn.execute(dialect_insert(jobs).values(values).on_conflict_do_nothing())
+
+    async def claim_due_jobs(self, owner: str, limit: int, lease_s: float) -> list[JobRow]:
+        """Atomically claim up to `limit` due PENDING jobs for `lease_s` seconds: no other owner
+        gets them until `record_poll` or the lease runs out."""
+        async with self._write() as conn:
+            now = await self._now(conn)
+            due = (
+                select(jobs.c.job_request_id)
+                .where(
+                    jobs.c.state == PENDING,
+                    jobs.c.next_poll_at <= now,
+                    (jobs.c.claimed_until.is_(None)) | (jobs.c.claimed_until <= now),
+                )
+                .order_by(jobs.c.next_poll_at)
+                .limit(limit)
+            )
+            if self._postgres:
+                due = due.with_for_update(skip_locked=True)
+            result = await conn.execute(
+                update(jobs)
+                .where(jobs.c.job_request_id.in_(due.scalar_subquery()))
+                .values(owner=owner, claimed_until=now + lease_s)
+                .returning(*jobs.c)
+            )
+            rows = [JobRow.from_mapping(r) for r in result.mappings()]
+        return sorted(rows, key=lambda r: r.next_poll_at)
+
+    async def record_poll(
+        self,
+        job_request_id: str,
+        status: JobStatus | None,
+        *,
+        next_poll_in_s: float,
+        error: str | None = None,
+    ) -> None:
+        """Record one poll and release the claim. `status` None = the GET failed (`error` says
+        why). A terminal status ends the job: it is never claimed again. A job that became
+        terminal meanwhile (e.g. expired) is left as it is."""
+        async with self._write() as conn:
+            now = await self._now(conn)
+            values: dict[str, Any] = {
+                "polls": jobs.c.polls + 1,
+                "last_polled_at": now,
+                "next_poll_at": now + next_poll_in_s,
+                "owner": None,
+                "claimed_until": None,
+                "error": None if error is None else error[:_MAX_ERROR_CHARS],
+            }
+            if status is not None and status.terminal:
+                reasons = Counter(r.error[:_MAX_REASON_CHARS] for r in status.invalid_records)
+                values |= {
+                    "state": status.job_state,
+                    "terminal_at": now,
+                    "processed_rate": status.processed_rate,
+                    "invalid_records": len(status.invalid_records),
+                    "invalid_reasons": dict(reasons),
+                    "audience_size": status.dsp_audience_size,
+                    "received_records": status.received_record_size,
+                }
+            await conn.execute(
+                update(jobs)
+                .where(jobs.c.job_request_id == job_request_id, jobs.c.state == PENDING)
+                .values(values)
+            )
+
+    async def expire_jobs(self, max_age_s: float) -> int:
+        """Mark PENDING jobs created more than `max_age_s` ago EXPIRED (terminal); how many."""
+        async with self._write() as conn:
+            now = await self._now(conn)
+            result = await conn.execute(
+                update(jobs)
+                .where(jobs.c.state == PENDING, jobs.c.created_at <= now - max_age_s)
+                .values(state=EXPIRED, terminal_at=now, owner=None, claimed_until=None)
+            )
+        return int(result.rowcount)
+
+    async def next_due_in(self) -> float | None:
+        """Seconds until some PENDING job is due and unclaimed (0 if one is now); None if none."""
+        due_at = case(
+            (jobs.c.claimed_until > jobs.c.next_poll_at, jobs.c.claimed_until),
+            else_=jobs.c.next_poll_at,
+        )
+        async with self._read() as conn:
+            now = await self._now(conn)
+            first = await conn.scalar(select(func.min(due_at)).where(jobs.c.state == PENDING))
+        return None if first is None else max(0.0, float(first) - now)
+
+    async def job_counts(self) -> dict[str, int]:
+        async with self._read() as conn:
+            result = await conn.execute(
+                select(jobs.c.state, func.count()).group_by(jobs.c.state).order_by(jobs.c.state)
+            )
+            return {row[0]: int(row[1]) for row in result}
+
+    async def list_jobs(self, state: str | None = None, limit: int = 50) -> list[JobRow]:
+        """The most recently created jobs, newest first, optionally of one state."""
+        query = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.job_request_id).limit(limit)
+        if state is not None:
+            query = query.where(jobs.c.state == state)
+        async with self._read() as conn:
+            result = await conn.execute(query)
+            return [JobRow.from_mapping(r) for r in result.mappings()]
+
+    async def job_states(self, ids: Iterable[str]) -> dict[str, str]:
+        """{job_request_id: state} for the ids that are stored."""
+        wanted = list(dict.fromkeys(ids))
+        states: dict[str, str] = {}
+        async with self._read() as conn:
+            for start in range(0, len(wanted), _IDS_PER_QUERY):
+                chunk = wanted[start : start + _IDS_PER_QUERY]
+                result = await conn.execute(
+                    select(jobs.c.job_request_id, jobs.c.state).where(
+                        jobs.c.job_request_id.in_(chunk)
+                    )
+                )
+                states.update({row[0]: row[1] for row in result})
+        return states
+
+    # -- budget ----------------------------------------------------------------------------------
+    async def reserve(
+        self, connection_id: str, records: int, limit: int, window_s: float
+    ) -> tuple[int | None, float]:
+        """Atomically reserve `records` of `connection_id`'s `limit` per rolling `window_s`.
+
+        Returns (reservation id, 0.0), or (None, seconds until enough reserved records have
+        left the window) when the reservation would exceed the limit."""
+        if records > limit:
+            raise ValueError(f"{records} records can never fit a budget of {limit} per window")
+        r = budget_reservations
+        async with self._write() as conn:
+            if self._postgres:
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext(:c))"), {"c": connection_id}
+                )
+            now = await self._now(conn)
+            await conn.execute(
+                delete(r).where(
+                    r.c.connection_id == connection_id, r.c.stamped_at <= now - 2 * window_s
+                )
+            )
+            leaves = _leaves_at(window_s)
+            in_window = (r.c.connection_id == connection_id) & (leaves > now)
+            used = int(
+                await conn.scalar(select(func.coalesce(func.sum(r.c.records), 0)).where(in_window))
+                or 0
+            )
+            if used + records <= limit:
+                new_id = await conn.scalar(
+                    insert(r)
+                    .values(
+                        connection_id=connection_id,
+                        records=records,
+                        stamped_at=now,
+                        confirmed=False,
+                    )
+                    .returning(r.c.id)
+                )
+                return int(new_id), 0.0
+            # The moment when the oldest rows that free enough records have all left the window.
+            freed = func.sum(r.c.records).over(order_by=(leaves, r.c.id))
+            ranked = (
+                select(leaves.label("leaves"), freed.label("freed")).where(in_window).subquery()
+            )
+            resume_at = await conn.scalar(
+                select(func.min(ranked.c.leaves)).where(ranked.c.freed >= used + records - limit)
+            )
+        return None, (window_s if resume_at is None else max(0.0, float(resume_at) - now))
+
+    async def release(self, reservation_id: int) -> None:
+        """Drop a reservation whose POST never happened."""
+        r = budget_reservations
+        async with self._write() as conn:
+            await conn.execute(delete(r).where(r.c.id == reservation_id))
+
+    async def confirm(self, reservation_id: int) -> None:
+        """Re-stamp a reservation at now (Amazon accepted its POST): it counts one window from
+        here."""
+        r = budget_reservations
+        async with self._write() as conn:
+            now = await self._now(conn)
+            await conn.execute(
+                update(r).where(r.c.id == reservation_id).values(stamped_at=now, confirmed=True)
+            )
+
+    async def budget_used(self, connection_id: str, window_s: float) -> int:
+        """Records of `connection_id` counted in the rolling window that ends now."""
+        r = budget_reservations
+        async with self._read() as conn:
+            now = await self._now(conn)
+            used = await conn.scalar(
+                select(func.coalesce(func.sum(r.c.records), 0)).where(
+                    r.c.connection_id == connection_id, _leaves_at(window_s) > now
+                )
+            )
+        return int(used or 0)
+
+    # -- plumbing --------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction; on SQLite it holds the write lock from its first statement."""
+        if self._write_lock is None:
+            async with self._engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self._engine.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        """One read-only transaction (a plain, deferred BEGIN on SQLite)."""
+        async with self._engine.connect() as conn:
+            await conn.execution_options(syncd_read_only=True)
+            yield conn
+
+    async def _now(self, conn: AsyncConnection) -> float:
+        if self._clock is not None:
+            return self._clock()
+        if self._postgres:
+            now = await conn.scalar(
+                text("SELECT CAST(extract(epoch FROM clock_timestamp()) AS double precision)")
+            )
+            return float(now)
+        return time.time()
+
+
+def _leaves_at(window_s: float) -> ColumnElement[float]:
+    """When a reservation row stops counting: one window after a confirmed stamp, two after an
+    unconfirmed one."""
+    r = budget_reservations
+    return r.c.stamped_at + case((r.c.confirmed, window_s), else_=2 * window_s)
+
+
+def _upgrade_to_head(connection: Connection) -> None:
+    cfg = alembic_config()
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "head")
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    """WAL, busy timeout, and SQLAlchemy (not the driver) in charge of BEGIN, so that writes
+    take the lock up front (`BEGIN IMMEDIATE`) and reads see one snapshot (`BEGIN`)."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
+        _enable_wal(cursor)
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        read_only = conn.get_execution_options().get("syncd_read_only", False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switch the file to WAL (persistent, so later connections find it done). Connections racing
+        to switch a new file can get "database is locked" without SQLite's busy handler being asked,
+        so retry for as long as the busy timeout (sleeping on the event loop: this runs in
+    SQLAlchemy's greenlet)."""
+    deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        await_only(asyncio.sleep(delay))
+        delay = min(delay * 2, 0.2)

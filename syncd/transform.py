@@ -1,0 +1,144 @@
+"""Transform: raw message values -> hashed, encoded records per destination, a chunk at a time.
+
+    decode (canonical / segment) -> route (audience key -> destination) -> hash -> encode
+
+This is where the daemon's CPU goes (Amazon-exact normalization and SHA-256 of every
+identifier), and it is pure, so it runs in `[transform] workers` worker processes: the event
+loop keeps fetching, batching, sending and storing while the workers hash. `workers = 0` runs it
+inline, on the event loop. Chunks come back in the order they were submitted.
+
+Raw PII crosses into a worker inside the message bytes and comes back hashed; nothing is logged
+or kept there. What routing counts travels back with each chunk (`RouteCounts`) and is
+published by the daemon, whose registry is the one `/metrics` serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import signal
+from collections.abc import Awaitable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+from syncd.events import DecodeError, decode
+from syncd.model import Action, Destination, MemberRecord
+from syncd.routing import RouteCounts, Router, Unusable
+from syncd.runtime import tune_process
+
+Outcome = str | list[tuple[int, MemberRecord]]
+"""Per message: a dead-letter reason, or (index into `Spec.destinations`, record) per part."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """Everything a worker needs to transform (picklable)."""
+
+    destinations: tuple[Destination, ...]
+    input_format: str
+    max_bytes: int
+    strict_reference: bool
+
+
+class Transform:
+    """The pure function, with its tables built once."""
+
+    def __init__(self, spec: Spec) -> None:
+        self._spec = spec
+        self._router = Router(spec.destinations, strict_reference=spec.strict_reference)
+        self._index = {d.audience: i for i, d in enumerate(spec.destinations)}
+
+    def run(self, values: Sequence[bytes | None]) -> tuple[list[Outcome], RouteCounts]:
+        spec, route, index = self._spec, self._router.route, self._index
+        out: list[Outcome] = []
+        for raw in values:
+            try:
+                change = decode(raw or b"", spec.input_format, max_bytes=spec.max_bytes)
+                parts = route(change)
+            except (DecodeError, Unusable) as exc:
+                out.append(exc.reason)
+                continue
+            out.append([(index[p.destination.audience], p.record) for p in parts])
+        return out, self._router.take_counts()
+
+
+_worker: Transform | None = None
+
+
+def _start_worker(spec: Spec) -> None:
+    global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
+    tune_process()
+    _worker = Transform(spec)
+
+
+_Wire = str | list[tuple[int, str, str, bytes, float | None]]
+_ACTIONS = {action.value: action for action in Action}
+
+
+def _run_in_worker(values: list[bytes | None]) -> tuple[list[_Wire], RouteCounts]:
+    """Records travel back as plain tuples: unpickling them costs the daemon a quarter of what
+    dataclass instances cost (its threads that unpickle hold the event loop's GIL)."""
+    assert _worker is not None, "worker not initialised"
+    outcomes, counts = _worker.run(values)
+    wire: list[_Wire] = [
+        o
+        if isinstance(o, str)
+        else [(i, r.external_user_id, r.action.value, r.json, r.occurred_at) for i, r in o]
+        for o in outcomes
+    ]
+    return wire, counts
+
+
+def _from_wire(wire: list[_Wire]) -> list[Outcome]:
+    return [
+        w
+        if isinstance(w, str)
+        else [
+            (i, MemberRecord(user, _ACTIONS[action], json, at)) for i, user, action, json, at in w
+        ]
+        for w in wire
+    ]
+
+
+class Transformer:
+    """Runs `Transform` on `workers` processes (or inline for 0); `submit` keeps the order."""
+
+    def __init__(self, spec: Spec, workers: int) -> None:
+        self._inline = Transform(spec) if workers == 0 else None
+        self._pool = (
+            ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("spawn"),  # no fork of a threaded loop
+                initializer=_start_worker,
+                initargs=(spec,),
+            )
+            if workers
+            else None
+        )
+
+    def submit(self, values: list[bytes | None]) -> Awaitable[tuple[list[Outcome], RouteCounts]]:
+        """Start transforming `values`; await the result (in submission order, if you like)."""
+        if self._pool is None:
+            assert self._inline is not None
+            done: asyncio.Future[tuple[list[Outcome], RouteCounts]] = (
+                asyncio.get_running_loop().create_future()
+            )
+            done.set_result(self._inline.run(values))
+            return done
+        return asyncio.ensure_future(
+            self._from_pool(
+                asyncio.get_running_loop().run_in_executor(self._pool, _run_in_worker, values)
+            )
+        )
+
+    @staticmethod
+    async def _from_pool(
+        future: asyncio.Future[tuple[list[_Wire], RouteCounts]],
+    ) -> tuple[list[Outcome], RouteCounts]:
+        wire, counts = await future
+        return _from_wire(wire), counts
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

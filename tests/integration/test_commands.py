@@ -1,0 +1,104 @@
+"""The console script as users run it: check-config, db upgrade, jobs, run on an outdated
+schema, and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from syncd.store import NewJob, Store
+from tests.harness import daemon_config, to_toml
+
+pytestmark = pytest.mark.integration
+
+
+def syncd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "syncd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def write_config(tmp_path: Path, **sections: dict[str, object]) -> Path:
+    raw = daemon_config(
+        bootstrap="127.0.0.1:1",
+        topic="t",
+        sandbox_url="http://127.0.0.1:1",
+        token_url="http://127.0.0.1:1/auth/o2/token",
+        store_url=f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}",
+        **sections,
+    )
+    path = tmp_path / "syncd.toml"
+    path.write_text(to_toml(raw))
+    return path
+
+
+def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path: Path) -> None:
+    done = syncd("check-config", "--config", str(write_config(tmp_path)))
+    assert done.returncode == 0, done.stderr
+    effective = orjson.loads(done.stdout)
+    assert effective["batch"]["max_records"] == 6000
+    assert effective["amazon"]["client_secret"] == "***"
+    assert "sandbox-client-secret" not in done.stdout
+    assert "sandbox-refresh-token" not in done.stdout
+
+
+def test_check_config_names_a_bad_key_and_exits_2(tmp_path: Path) -> None:
+    done = syncd("check-config", "--config", str(write_config(tmp_path, batch={"max_rec": 5})))
+    assert done.returncode == 2
+    assert "batch.max_rec" in done.stderr
+
+
+def test_run_refuses_an_outdated_schema_until_db_upgrade(tmp_path: Path) -> None:
+    config = write_config(tmp_path, store={"auto_upgrade": False})
+    refused = syncd("run", "--config", str(config))
+    assert refused.returncode == 1
+    assert "syncd db upgrade" in refused.stderr
+    upgraded = syncd("db", "upgrade", "--config", str(config))
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "upgraded" in upgraded.stdout
+    again = syncd("db", "upgrade", "--config", str(config))
+    assert "already at revision" in again.stdout
+
+
+def test_jobs_lists_tracked_jobs_as_a_table_and_as_json(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    assert syncd("db", "upgrade", "--config", str(config)).returncode == 0
+
+    async def add_jobs() -> None:
+        store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}")
+        try:
+            for i in range(3):
+                job = NewJob(f"job-{i}", "conn", 413642381039213536, "vip", 100, 60, 40)
+                await store.add_job(job, first_poll_after_s=30)
+        finally:
+            await store.close()
+
+    asyncio.run(add_jobs())
+    as_json = syncd("jobs", "--config", str(config), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    doc = orjson.loads(as_json.stdout)
+    assert doc["counts"] == {"PENDING": 3}
+    assert sorted(j["job_request_id"] for j in doc["jobs"]) == ["job-0", "job-1", "job-2"]
+    assert {j["audience_id"] for j in doc["jobs"]} == {413642381039213536}
+    table = syncd("jobs", "--config", str(config), "--state", "PENDING")
+    assert table.returncode == 0, table.stderr
+    assert "PENDING" in table.stdout
+    assert "job-1" in table.stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline_and_summarizes() -> None:
+    done = syncd("demo", "--events", "3000", "--no-progress", timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for line in ("events produced", "records sent", "jobs by state", "dead letters", "budget"):
+        assert line in done.stdout
+    assert "PENDING" not in done.stdout  # the demo waits until every job is terminal

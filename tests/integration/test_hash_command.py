@@ -1,0 +1,105 @@
+"""`syncd hash`, run as the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.vectors import VECTORS
+
+pytestmark = pytest.mark.integration
+
+SYNCD = Path(sys.executable).parent / "syncd"
+
+
+def run_hash(stdin: bytes, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [str(SYNCD), "hash", *args], input=stdin, capture_output=True, timeout=60, check=False
+    )
+
+
+def lines(output: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in output.decode().splitlines()]
+
+
+def test_every_public_vector() -> None:
+    stdin = "".join(
+        json.dumps({"field": v["field"], "country": v["country"], "value": v["input"]}) + "\n"
+        for v in VECTORS
+    ).encode()
+    done = run_hash(stdin)
+    assert done.returncode == 0, done.stderr
+    assert lines(done.stdout) == [
+        {"normalized": v["normalized"], "sha256": v["sha256"]} for v in VECTORS
+    ]
+
+
+def test_bad_lines_are_answered_in_place_without_the_value() -> None:
+    secret = "jane.secret@example.com"
+    stdin = b"\n".join(
+        [
+            json.dumps({"field": "email", "value": secret}).encode(),  # country absent
+            b"{not json",
+            json.dumps([secret]).encode(),
+            json.dumps({"field": "ssn", "value": secret}).encode(),
+            json.dumps({"field": "email", "country": "XX", "value": secret}).encode(),
+            json.dumps({"field": "email", "value": 42}).encode(),
+            json.dumps({"field": "email", "country": None, "value": None}).encode(),
+            b"",
+            b"\xff\xfe",
+            json.dumps({"field": "postal", "country": "uk", "value": "sw1a 1aa"}).encode(),
+        ]
+    )
+    done = run_hash(stdin + b"\n")
+    assert done.returncode == 1
+    answers = lines(done.stdout)
+    assert len(answers) == 10
+    assert secret.encode() not in done.stderr
+    assert all(secret not in json.dumps(answer) for answer in answers[1:])
+    assert answers[0]["normalized"] == secret
+    errors = [a.get("error") for a in answers]
+    assert errors[1] == errors[7] == errors[8] == "line is not valid UTF-8 JSON"
+    assert errors[2] == "line is not a JSON object"
+    assert (
+        errors[3]
+        == "field must be one of: email phone firstname lastname address city state postal"
+    )
+    assert errors[4] == "country is not an ISO 3166-1 alpha-2 code"
+    assert errors[5] == "value must be a string or null"
+    assert answers[6] == {"normalized": None, "sha256": None}
+    assert answers[9]["normalized"] == "SW1A1AA"
+
+
+def test_strict_reference_flag() -> None:
+    stdin = json.dumps({"field": "state", "country": "CA", "value": "Québec"}).encode() + b"\n"
+    default = run_hash(stdin)
+    strict = run_hash(stdin, "--strict-reference")
+    assert default.returncode == strict.returncode == 0
+    assert lines(default.stdout)[0]["normalized"] == "qc"
+    assert lines(strict.stdout)[0]["normalized"] == "qu"
+
+
+def test_answers_stream_line_by_line() -> None:
+    """Each answer is written before the next line is read: usable as a co-process."""
+    with subprocess.Popen(
+        [str(SYNCD), "hash"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        for city in ("Oslo", "Bergen"):
+            proc.stdin.write(json.dumps({"field": "city", "value": city}).encode() + b"\n")
+            proc.stdin.flush()
+            assert json.loads(proc.stdout.readline())["normalized"] == city.lower()
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+
+
+def test_unknown_flag_is_a_usage_error() -> None:
+    done = run_hash(b"", "--no-such-flag")
+    assert done.returncode == 2
+    assert b"--no-such-flag" in done.stderr

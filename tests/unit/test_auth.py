@@ -1,0 +1,168 @@
+"""TokenProvider: caching, refresh ahead of expiry, single flight, fatal LwA refusals."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from syncd.amazon.auth import TokenProvider
+from syncd.amazon.retry import Retrier, RetryPolicy
+from syncd.errors import AmazonError, AuthError, RetryableError
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class FakeLwa:
+    """Answers token requests from a script of (status, body); then issues tokens t1, t2, ..."""
+
+    def __init__(self, *script: tuple[int, dict[str, object]], expires_in: int = 3600) -> None:
+        self.script = list(script)
+        self.expires_in = expires_in
+        self.calls = 0
+        self.gate: asyncio.Event | None = None  # when set, requests wait for it
+        self.entered = asyncio.Event()
+
+    async def __call__(self) -> tuple[int, bytes, str | None]:
+        self.calls += 1
+        self.entered.set()
+        if self.gate is not None:
+            await asyncio.wait_for(self.gate.wait(), timeout=5)
+        if self.script:
+            status, body = self.script.pop(0)
+            return status, orjson.dumps(body), None
+        token = {"access_token": f"t{self.calls}", "token_type": "bearer"}
+        return 200, orjson.dumps({**token, "expires_in": self.expires_in}), None
+
+
+def provider(lwa: FakeLwa, fake: FakeTime, attempts: int = 5) -> TokenProvider:
+    retrier = Retrier(
+        RetryPolicy(max_attempts=attempts, base_s=1, max_s=1),
+        clock=fake.clock,
+        sleep=fake.sleep,
+        rng=lambda: 1.0,
+    )
+    return TokenProvider(lwa, retrier=retrier, clock=fake.clock)
+
+
+async def test_token_is_cached() -> None:
+    fake, lwa = FakeTime(), FakeLwa()
+    auth = provider(lwa, fake)
+    assert not auth.held
+    assert await auth.token() == "t1"
+    assert await auth.token() == "t1"
+    assert lwa.calls == 1
+    assert auth.held
+
+
+async def test_twenty_concurrent_callers_share_one_token_request() -> None:
+    fake, lwa = FakeTime(), FakeLwa()
+    lwa.gate = asyncio.Event()
+    auth = provider(lwa, fake)
+    callers = [asyncio.ensure_future(auth.token()) for _ in range(20)]
+    # One caller is inside the (blocked) request; the other 19 ran before this test resumed.
+    await asyncio.wait_for(lwa.entered.wait(), timeout=5)
+    lwa.gate.set()
+    tokens = await asyncio.wait_for(asyncio.gather(*callers), timeout=5)
+    assert tokens == ["t1"] * 20
+    assert lwa.calls == 1
+
+
+async def test_refreshes_ahead_of_expiry() -> None:
+    fake, lwa = FakeTime(), FakeLwa(expires_in=3600)
+    auth = provider(lwa, fake)
+    assert await auth.token() == "t1"
+    fake.now += 3600 - 61  # more than a minute left: keep it
+    assert await auth.token() == "t1"
+    fake.now += 2  # less than a minute left, still valid: refresh now
+    assert auth.held
+    assert await auth.token() == "t2"
+    assert lwa.calls == 2
+
+
+async def test_short_lived_tokens_refresh_at_ninety_percent() -> None:
+    fake, lwa = FakeTime(), FakeLwa(expires_in=10)
+    auth = provider(lwa, fake)
+    await auth.token()
+    fake.now += 8.9
+    assert await auth.token() == "t1"
+    fake.now += 0.2
+    assert await auth.token() == "t2"
+
+
+async def test_failed_early_refresh_keeps_the_still_valid_token() -> None:
+    fake, lwa = FakeTime(), FakeLwa()
+    auth = provider(lwa, fake, attempts=1)
+    assert await auth.token() == "t1"
+    fake.now += 3590
+    lwa.script = [(503, {"error": "server_error"})]
+    assert await auth.token() == "t1"
+    fake.now += 20  # expired now: the next failure must surface
+    lwa.script = [(503, {"error": "server_error"})]
+    with pytest.raises(RetryableError):
+        await auth.token()
+    assert not auth.held
+
+
+@pytest.mark.parametrize("code", ["invalid_grant", "invalid_client", "unauthorized_client"])
+async def test_refused_credentials_are_fatal_and_not_retried(code: str) -> None:
+    fake, lwa = FakeTime(), FakeLwa((400, {"error": code, "error_description": "nope"}))
+    auth = provider(lwa, fake)
+    with pytest.raises(AuthError, match=code) as info:
+        await auth.token()
+    assert info.value.status == 400
+    assert auth.fatal_error is info.value
+    assert lwa.calls == 1
+    assert fake.sleeps == []
+    with pytest.raises(AuthError) as again:  # remembered: no second request
+        await auth.refresh(stale="t0")
+    assert again.value is info.value
+    assert lwa.calls == 1
+
+
+async def test_server_errors_of_the_token_endpoint_are_retried() -> None:
+    fake = FakeTime()
+    lwa = FakeLwa((500, {"error": "server_error"}), (503, {}))
+    auth = provider(lwa, fake)
+    assert await auth.token() == "t3"
+    assert fake.sleeps == [1.0, 1.0]
+    assert auth.fatal_error is None
+
+
+async def test_concurrent_401s_cause_one_refresh() -> None:
+    fake, lwa = FakeTime(), FakeLwa()
+    auth = provider(lwa, fake)
+    stale = await auth.token()
+    fresh = await asyncio.gather(*[auth.refresh(stale=stale) for _ in range(10)])
+    assert fresh == ["t2"] * 10
+    assert lwa.calls == 2
+
+
+async def test_mark_fatal_keeps_the_first_error() -> None:
+    auth = provider(FakeLwa(), FakeTime())
+    first = AuthError("first", status=401)
+    auth.mark_fatal(first)
+    auth.mark_fatal(AuthError("second", status=401))
+    assert auth.fatal_error is first
+    with pytest.raises(AuthError, match="first"):
+        await auth.token()
+
+
+async def test_a_body_without_access_token_is_an_error() -> None:
+    fake, lwa = FakeTime(), FakeLwa((200, {"token_type": "bearer"}))
+    auth = provider(lwa, fake)
+    with pytest.raises(AmazonError, match="access_token"):
+        await auth.token()
+    assert auth.fatal_error is None

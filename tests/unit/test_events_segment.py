@@ -1,0 +1,206 @@
+"""The Segment Engage adapter: audience track and identify events -> ProfileChange."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncd.events import DecodeError, decode
+from tests.unit.test_events_canonical import assert_safe_error, json_values, leaves
+
+TRAITS = {
+    "email": "jane.doe@example.com",
+    "phone": "+1 206 266 1000",
+    "first_name": "Jane",
+    "last_name": "Doe",
+    "address": {
+        "street": "123 Main Street",
+        "city": "Seattle",
+        "state": "WA",
+        "postal_code": "98101",
+        "country": "US",
+    },
+}
+
+
+def track(name: str = "Audience Entered", **fields: Any) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "event": name,
+        "userId": "u-1",
+        "anonymousId": "anon-1",
+        "messageId": "msg-1",
+        "timestamp": "2026-11-22T10:00:00.000Z",
+        "properties": {"audience_key": "vip", "vip": name == "Audience Entered"},
+        "context": {
+            "traits": TRAITS,
+            "personas": {"computation_class": "audience", "computation_key": "vip"},
+        },
+        **fields,
+    }
+
+
+def identify(member: object = True, **fields: Any) -> dict[str, Any]:
+    return {
+        "type": "identify",
+        "userId": "u-1",
+        "traits": {**TRAITS, "vip": member},
+        "context": {"personas": {"computation_class": "audience", "computation_key": "vip"}},
+        **fields,
+    }
+
+
+def seg(doc: dict[str, Any]) -> Any:
+    return decode(orjson.dumps(doc), "segment")
+
+
+def reason_of(doc: Any) -> str:
+    with pytest.raises(DecodeError) as info:
+        decode(orjson.dumps(doc), "segment")
+    return info.value.reason
+
+
+EXPECTED_IDENTIFIERS = {
+    "email": ["jane.doe@example.com"],
+    "phone": ["+1 206 266 1000"],
+    "firstname": ["Jane"],
+    "lastname": ["Doe"],
+    "address": ["123 Main Street"],
+    "city": ["Seattle"],
+    "state": ["WA"],
+    "postal": ["98101"],
+}
+
+
+def test_audience_entered_is_an_add() -> None:
+    change = seg(track())
+    assert (change.adds, change.removes) == (("vip",), ())
+    assert change.profile_id == "u-1"
+    assert change.identifiers == EXPECTED_IDENTIFIERS
+    assert change.country == "US"
+    assert change.occurred_at == 1795341600.0
+    assert change.event_id == "msg-1"
+    assert change.consent is None
+
+
+def test_audience_exited_is_a_remove() -> None:
+    change = seg(track("Audience Exited"))
+    assert (change.adds, change.removes) == ((), ("vip",))
+
+
+def test_track_falls_back_to_the_computation_key() -> None:
+    change = seg(track(properties={}))
+    assert change.adds == ("vip",)
+
+
+def test_identify_with_an_audience_computation() -> None:
+    entered, exited = seg(identify(True)), seg(identify(False))
+    assert (entered.adds, entered.removes) == (("vip",), ())
+    assert (exited.adds, exited.removes) == ((), ("vip",))
+    assert entered.identifiers == EXPECTED_IDENTIFIERS
+
+
+def test_anonymous_id_when_there_is_no_user_id() -> None:
+    assert seg(track(userId=None)).profile_id == "anon-1"
+    assert seg(track(userId="")).profile_id == "anon-1"
+    assert seg(track(userId=42)).profile_id == "42"
+    assert reason_of(track(userId=None, anonymousId=None)) == "no_profile_id"
+    assert reason_of(track(userId=["u"])) == "bad_profile_id"
+
+
+def test_traits_and_context_traits_merge_and_camel_case_names_are_accepted() -> None:
+    doc = identify(
+        traits={"vip": True, "email": "a@example.com", "firstName": "Ann"},
+        context={
+            "traits": {
+                "email": ["a@example.com", "b@example.com"],
+                "lastName": "Lee",
+                "address": {"postalCode": "SW1A 1AA", "country": "GB"},
+            },
+            "personas": {"computation_class": "audience", "computation_key": "vip"},
+        },
+    )
+    change = seg(doc)
+    assert change.identifiers == {
+        "email": ["a@example.com", "b@example.com"],
+        "firstname": ["Ann"],
+        "lastname": ["Lee"],
+        "postal": ["SW1A 1AA"],
+    }
+    assert change.country == "GB"
+
+
+def test_a_string_address_is_the_street() -> None:
+    change = seg(identify(traits={"vip": True, "address": "10 Downing Street"}))
+    assert change.identifiers == {"address": ["10 Downing Street"]}
+    assert change.country is None
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"type": "page", "userId": "u-1", "name": "Home"},
+        {"type": "screen", "userId": "u-1"},
+        {"type": "group", "userId": "u-1", "groupId": "g"},
+        {"type": "track", "userId": "u-1", "event": "Order Completed"},
+        {"type": "track", "userId": "u-1", "event": ["Audience Entered"]},
+        {"type": "identify", "userId": "u-1", "traits": {"email": "a@example.com"}},
+        identify(context={"personas": {"computation_class": "trait", "computation_key": "x"}}),
+        identify(context={"personas": "audience"}),
+        identify(context=[]),
+        {"userId": "u-1"},
+    ],
+)
+def test_other_events_are_not_audience_events(doc: dict[str, Any]) -> None:
+    assert reason_of(doc) == "not_an_audience_event"
+
+
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        (track(properties={"audience_key": 7}), "bad_audiences"),
+        (track(properties={"audience_key": " "}), "bad_audiences"),
+        (track(properties="vip"), "bad_audiences"),
+        (
+            track(properties={}, context={"personas": {"computation_class": "audience"}}),
+            "bad_audiences",
+        ),
+        (identify("yes"), "bad_audiences"),
+        (identify(None), "bad_audiences"),
+        (
+            identify(context={"personas": {"computation_class": "audience"}}),
+            "bad_audiences",
+        ),
+        (identify(traits=["vip"]), "bad_identifiers"),
+        (track(context={"traits": {"email": 5}}), "bad_identifiers"),
+        (track(context={"traits": {"address": {"city": ["Paris", 1]}}}), "bad_identifiers"),
+        (track(context={"traits": {"address": 12}}), "bad_identifiers"),
+        (track(context={"traits": {"address": {"country": 840}}}), "bad_country"),
+        (track(timestamp="noon"), "bad_occurred_at"),
+        ([track()], "not_object"),
+    ],
+)
+def test_segment_errors(doc: Any, reason: str) -> None:
+    assert reason_of(doc) == reason
+
+
+SEGMENT_FIELDS = ["type", "event", "userId", "anonymousId", "timestamp", "properties", "traits"]
+
+
+def hostile_segment(field: str) -> st.SearchStrategy[dict[str, Any]]:
+    base = identify() if field == "traits" else track()
+    values = st.dictionaries(
+        st.sampled_from(["vip", "audience_key", "email", "address", "first_name"]),
+        leaves | st.dictionaries(st.sampled_from(["street", "city", "country"]), leaves),
+    )
+    return (values | json_values).map(lambda value: {**base, field: value})
+
+
+@settings(max_examples=500)
+@given(st.sampled_from(SEGMENT_FIELDS).flatmap(hostile_segment) | json_values)
+def test_hostile_segment_events_only_raise_decode_error_and_never_echo_a_value(doc: Any) -> None:
+    assert_safe_error(doc, "segment")
