@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test check lint typecheck fmt demo bench clean tools
+.PHONY: test check lint typecheck fmt demo bench clean tools chart-files
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: $(STAMP)
 	$(PY) bench/bench_transform.py
 	$(PY) bench/bench_e2e.py
 	$(PY) bench/bench_budget.py
+
+# The chart can only read files inside itself: it ships copies of the deploy/ originals.
+chart-files:
+	cp deploy/alerts/syncd-rules.yml deploy/grafana/syncd.json helm/syncd/files/
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -5,8 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.harness import DaemonProcess
+
+# Tests do not time things: a property example slowed by a busy CI machine is not a failure.
+settings.register_profile("syncd", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("syncd")
 
 pytest_plugins = [
     "tests.fixtures.kafka",

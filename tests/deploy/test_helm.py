@@ -291,7 +291,7 @@ def test_dashboard_configmap_is_labelled_for_the_grafana_sidecar(chart: helm.Cha
     assert dashboard["data"]["syncd.json"] == shipped.rstrip("\n")
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(
     drain=st.floats(min_value=0, max_value=3600, allow_nan=False),
     margin=st.integers(min_value=0, max_value=120),

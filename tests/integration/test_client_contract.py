@@ -30,6 +30,9 @@ CREDENTIALS = {
     "refresh_token": "sandbox-refresh-token",
 }
 EMAIL_HASH = hashlib.sha256(b"someone@example.com").hexdigest()
+# Client timeout for tests where the sandbox hangs a request: short, yet far above what a loopback
+# request costs on a busy machine (the setup requests before the fault share it).
+SHORT_TIMEOUT_S = 1.0
 
 
 class RecordingSleep:
@@ -268,7 +271,7 @@ async def test_bad_request_is_not_retried_and_leaks_no_body(sandbox: RunningSand
 
 async def test_timeout_is_retried(sandbox: RunningSandbox) -> None:
     sleep = RecordingSleep(then=lambda: sandbox.state.set_faults({"timeout_rate": 0}))
-    cfg = config(sandbox, request_timeout_s=0.3)
+    cfg = config(sandbox, request_timeout_s=SHORT_TIMEOUT_S)
     async with AmazonClient(cfg, sleep=sleep) as client:
         connection_id, audience_id = await setup_destination(client)
         job_id = await client.post_records(
@@ -289,7 +292,9 @@ async def test_a_records_post_with_unknown_outcome_is_not_resent(
 ) -> None:
     """Amazon may have accepted it: the sender resends it under a new budget reservation."""
     sleep = RecordingSleep()
-    async with AmazonClient(config(sandbox, request_timeout_s=0.3), sleep=sleep) as client:
+    async with AmazonClient(
+        config(sandbox, request_timeout_s=SHORT_TIMEOUT_S), sleep=sleep
+    ) as client:
         connection_id, audience_id = await setup_destination(client)
         sandbox.state.set_faults({fault: 1.0})
         with pytest.raises(RetryableError, match=message) as info:
@@ -316,7 +321,9 @@ async def test_connection_reset_is_retried(sandbox: RunningSandbox) -> None:
 
 async def test_timeout_of_a_create_is_not_resent(sandbox: RunningSandbox) -> None:
     sleep = RecordingSleep()
-    async with AmazonClient(config(sandbox, request_timeout_s=0.3), sleep=sleep) as client:
+    async with AmazonClient(
+        config(sandbox, request_timeout_s=SHORT_TIMEOUT_S), sleep=sleep
+    ) as client:
         await client.ensure_token()
         sandbox.state.set_faults({"reset_rate": 1.0})
         with pytest.raises(RetryableError, match="connection error"):

@@ -585,7 +585,7 @@ async def test_sigkill_at_random_points_loses_nothing(
     assert all(j.terminal for j in rows)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, suppress_health_check=list(HealthCheck))
 @given(
     payload=st.one_of(
         st.binary(max_size=300),

@@ -109,7 +109,7 @@ def test_a_record_larger_than_a_batch_is_refused() -> None:
     assert b.flush_all() == []
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(
     ops=st.lists(
         st.tuples(st.integers(0, 30), st.sampled_from(list(Action)), st.booleans()),

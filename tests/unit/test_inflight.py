@@ -66,7 +66,7 @@ def test_rejected_batch_releases_its_members() -> None:
     assert g.readmit(held) is True
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80)
 @given(
     st.lists(
         st.tuples(st.integers(0, 3), st.sampled_from(list(Action)), st.booleans()), max_size=60

@@ -404,7 +404,8 @@ OPS = st.lists(
 
 
 @settings(
-    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=50,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(ops=OPS)
 async def test_rolling_window_never_exceeded_and_waits_are_exact(
