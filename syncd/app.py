@@ -48,8 +48,8 @@ log = get_logger("syncd.app")
 Partition = tuple[str, int]
 Chunk = tuple[list[Message], Awaitable[tuple[list[Outcome], RouteCounts]]]
 HEALTH_INTERVAL_S = 2.0
-CHUNK_EVENTS = 5000  # messages per fetch, transformed as one chunk (fewer when less is buffered)
-MAX_CHUNKS = 4  # chunks fetched and not yet applied (in the transform, or waiting for their turn)
+CHUNK_EVENTS = 2000  # messages per fetch, transformed as one chunk (fewer when less is buffered)
+MAX_CHUNKS = 3  # chunks fetched and not yet applied (in the transform, or waiting for their turn)
 
 
 class Pipeline:
@@ -232,13 +232,16 @@ class Pipeline:
 
     # -- backpressure ----------------------------------------------------------------------
     def _apply_backpressure(self) -> None:
-        """Pause what must wait: everything at `max_pending_events`; otherwise the partitions
-        that feed only connections which are out of budget or have a sending backlog. A
-        partition that also feeds a flowing connection is read on: the waiting connection's
-        records wait in memory, up to `max_pending_events`."""
+        """Pause what must wait: everything at `max_pending_events` (and flush what is open);
+        otherwise the partitions that feed only connections which are out of budget or have a
+        sending backlog. A partition that also feeds a flowing connection is read on: the
+        waiting connection's records wait in memory, up to `max_pending_events`."""
         assigned = self._source.assigned
         if self.pending >= self._cfg.kafka.max_pending_events:
             want = set(assigned)
+            # Reading stops until acknowledgements come in, so open batches cannot fill by
+            # waiting out their linger: send them now.
+            self.flush(self._batcher.flush_all())
         else:
             waiting = {
                 conn

@@ -42,6 +42,11 @@ DETAIL_HEADER = "syncd-detail"
 VALUE_DROPPED_HEADER = "syncd-value-dropped"
 DLQ_RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 DLQ_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # the broker applies its own limit (see _send_dead_letter)
+# Fetch responses are buffered whole until read: bound them (aiokafka's default allows 50 MiB per
+# response, and brokers that do not apply the per-partition limit fill it). 4 MiB is ~8,000
+# typical events, more than one read takes; a batch larger than the limit still comes through.
+FETCH_MAX_BYTES = 4 * 1024 * 1024
+MAX_PARTITION_FETCH_BYTES = 1024 * 1024
 COMMIT_TIMEOUT_S = 10.0  # aiokafka retries a commit forever while the coordinator is unknown
 STOP_TIMEOUT_S = 5.0  # leaving the group: a stuck rebalance must not block the shutdown
 # Paused partitions get no fetch responses, so aiokafka's high watermark freezes for them; their
@@ -248,6 +253,8 @@ class KafkaSource:
             group_id=self._cfg.group_id,
             enable_auto_commit=False,
             auto_offset_reset=self._cfg.auto_offset_reset,
+            fetch_max_bytes=FETCH_MAX_BYTES,
+            max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
             **options,
         )
         if self._cfg.dead_letter_topic:

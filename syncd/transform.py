@@ -15,8 +15,11 @@ published by the daemon, whose registry is the one `/metrics` serves.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import multiprocessing
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -63,13 +66,24 @@ class Transform:
 
 
 _worker: Transform | None = None
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
-def _start_worker(spec: Spec) -> None:
+def _start_worker(spec: Spec, daemon_pid: int) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
+    _die_with(daemon_pid)
     tune_process()
     _worker = Transform(spec)
+
+
+def _die_with(daemon_pid: int) -> None:
+    """A daemon killed outright (SIGKILL, OOM) cannot stop its pool: have the kernel end this
+    worker with it (Linux), rather than leave it idle forever."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != daemon_pid:  # the daemon died before the request took effect
+        os._exit(1)
 
 
 _Wire = str | list[tuple[int, str, str, bytes, float | None]]
@@ -111,7 +125,7 @@ class Transformer:
                 max_workers=workers,
                 mp_context=multiprocessing.get_context("spawn"),  # no fork of a threaded loop
                 initializer=_start_worker,
-                initargs=(spec,),
+                initargs=(spec, os.getpid()),
             )
             if workers
             else None

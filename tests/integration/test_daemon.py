@@ -248,6 +248,36 @@ async def test_batches_respect_max_records_and_max_bytes(
     assert max(sizes) > 1  # batching did happen
 
 
+async def test_open_batches_are_sent_at_once_when_reading_stops_at_max_pending_events(
+    kafka: Any, sandbox: Any, tmp_path: Path, topics: tuple[str, str]
+) -> None:
+    """Open batches cannot fill while reading is paused at `kafka.max_pending_events`: they go
+    out then, not after their (here hour-long) linger. (The backlog is a multiple of the cap:
+    a remainder below it would wait for the linger, as it should.)"""
+    topic, _ = topics
+    await kafka.create_topic(topic, partitions=2)
+    await produce(kafka.bootstrap, topic, list(synth.events(1600, seed=8, audiences=("vip",))))
+    raw = daemon_config(
+        bootstrap=kafka.bootstrap,
+        topic=topic,
+        sandbox_url=sandbox.url,
+        token_url=sandbox.token_url,
+        store_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
+        kafka={"max_pending_events": 400},
+        batch={"max_records": 6000, "linger_ms": 3_600_000},
+    )
+    daemon = DaemonProcess(tmp_path, raw).start()
+
+    async def delivered() -> bool:
+        daemon.check_alive()
+        return len(sandbox.state.ledger(CONNECTION)) >= 1600
+
+    await wait_for(delivered, 60, "1600 records delivered long before the linger")
+    assert await daemon.terminate() == 0
+    jobs = Counter(e["jobRequestId"] for e in sandbox.state.ledger(CONNECTION))
+    assert max(jobs.values()) <= 400
+
+
 async def test_restart_resumes_without_loss_and_commits_never_pass_unsent_events(
     kafka: Any, sandbox: Any, store_url: str, tmp_path: Path, topics: tuple[str, str]
 ) -> None:

@@ -495,6 +495,47 @@ async def test_a_killed_transform_worker_stops_syncd_and_a_restart_loses_nothing
         assert await restarted.terminate() == 0
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for its parent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_transform_workers_end_with_a_killed_syncd(kafka: Any, tmp_path: Path) -> None:
+    """SIGKILL gives syncd no chance to stop its pool: the workers must not outlive it."""
+    topic = f"orphans-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=1)
+    async with running_sandbox(SandboxSettings(job_delay_s=0.2)) as sb:
+        raw = daemon_config(
+            bootstrap=kafka.bootstrap,
+            topic=topic,
+            sandbox_url=sb.url,
+            token_url=sb.token_url,
+            store_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
+        )
+        daemon = DaemonProcess(tmp_path, raw).start()
+        assert daemon.proc is not None
+        await daemon.wait_ready()
+        changes = list(synth.events(50, seed=43))
+        await produce(kafka.bootstrap, topic, changes)
+
+        async def all_delivered() -> bool:  # the pool starts its worker with the first chunk
+            daemon.check_alive()
+            return expected(changes) <= delivered(sb)
+
+        await wait_for(all_delivered, 60, "the changes delivered")
+        workers = [p for p in child_processes(daemon.proc.pid) if is_transform_worker(p)]
+        assert len(workers) == 1
+        daemon.kill()
+
+        async def workers_gone() -> bool:
+            return not any(map(alive, workers))
+
+        await wait_for(workers_gone, 30, "the transform workers to end with syncd")
+
+
 async def test_sigkill_at_random_points_loses_nothing(
     kafka: Any, pg_url: str, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
