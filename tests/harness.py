@@ -119,6 +119,20 @@ def daemon_config(
     return raw
 
 
+def sqlite_daemon_config(
+    bootstrap: str, sandbox: Any, topic: str, tmp_path: Path, **sections: dict[str, Any]
+) -> dict[str, Any]:
+    """`daemon_config` for the common case: `sandbox` as Amazon, an SQLite store in tmp_path."""
+    return daemon_config(
+        bootstrap=bootstrap,
+        topic=topic,
+        sandbox_url=sandbox.url,
+        token_url=sandbox.token_url,
+        store_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
+        **sections,
+    )
+
+
 class DaemonProcess:
     """One `syncd run` child process with its config file and log file. Every process started
     is killed at the end of its test if it is still running (see `kill_leftovers`)."""
@@ -299,6 +313,14 @@ def child_processes(pid: int) -> list[int]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         out += [int(c) for c in (task / "children").read_text().split()]
     return out
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for its parent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def is_transform_worker(pid: int) -> bool:

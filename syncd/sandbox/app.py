@@ -219,7 +219,8 @@ def check_country_code(value: Any, where: str) -> Check:
     return None
 
 
-_DIGESTS = re.compile(r"[0-9a-f]{64}(?:,[0-9a-f]{64})*")  # comma-joined SHA-256 hex digests
+_DIGEST = api.SHA256_HEX.pattern.strip("^$")
+_DIGESTS = re.compile(f"{_DIGEST}(?:,{_DIGEST})*")  # comma-joined SHA-256 hex digests
 
 
 def check_pii_object(obj: Any) -> Check:

@@ -23,6 +23,7 @@ from tests.harness import (
     end_offsets,
     produce,
     read_topic,
+    sqlite_daemon_config,
     wait_for,
 )
 
@@ -257,12 +258,11 @@ async def test_open_batches_are_sent_at_once_when_reading_stops_at_max_pending_e
     topic, _ = topics
     await kafka.create_topic(topic, partitions=2)
     await produce(kafka.bootstrap, topic, list(synth.events(1600, seed=8, audiences=("vip",))))
-    raw = daemon_config(
-        bootstrap=kafka.bootstrap,
-        topic=topic,
-        sandbox_url=sandbox.url,
-        token_url=sandbox.token_url,
-        store_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
+    raw = sqlite_daemon_config(
+        kafka.bootstrap,
+        sandbox,
+        topic,
+        tmp_path,
         kafka={"max_pending_events": 400},
         batch={"max_records": 6000, "linger_ms": 3_600_000},
     )

@@ -24,6 +24,7 @@ from tests.harness import (
     daemon_config,
     end_offsets,
     produce,
+    sqlite_daemon_config,
     wait_for,
 )
 from tests.integration.test_reliability import delivered, expected, holds_for
@@ -273,12 +274,11 @@ async def test_a_throttled_backlog_keeps_memory_bounded(kafka: Any, tmp_path: Pa
     max_pending = 2000
     # Amazon answers 429 to almost everything: the backlog cannot drain
     async with running_sandbox(SandboxSettings(job_delay_s=0.2, rate_per_s=0.5, burst=1)) as sb:
-        raw = daemon_config(
-            bootstrap=kafka.bootstrap,
-            topic=topic,
-            sandbox_url=sb.url,
-            token_url=sb.token_url,
-            store_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
+        raw = sqlite_daemon_config(
+            kafka.bootstrap,
+            sb,
+            topic,
+            tmp_path,
             kafka={"max_pending_events": max_pending},
             batch={"max_records": 500, "linger_ms": 50},
         )

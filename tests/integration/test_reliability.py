@@ -28,6 +28,7 @@ from tests.harness import (
     CONNECTION,
     OTHER_CONNECTION,
     DaemonProcess,
+    alive,
     child_processes,
     committed_offsets,
     daemon_config,
@@ -35,6 +36,7 @@ from tests.harness import (
     is_transform_worker,
     produce,
     read_topic,
+    sqlite_daemon_config,
     wait_for,
 )
 
@@ -223,12 +225,11 @@ async def test_no_pii_or_secrets_in_logs_metrics_or_store_of_a_full_run(
     await kafka.create_topic(topic, partitions=2)
     messages = list(synth.events(500, seed=32, bad_ratio=0.05))
     await produce(kafka.bootstrap, topic, messages)
-    raw = daemon_config(
-        bootstrap=kafka.bootstrap,
-        topic=topic,
-        sandbox_url=sandbox.url,
-        token_url=sandbox.token_url,
-        store_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
+    raw = sqlite_daemon_config(
+        kafka.bootstrap,
+        sandbox,
+        topic,
+        tmp_path,
         log={"level": "debug"},
     )
     daemon = DaemonProcess(tmp_path, raw).start()
@@ -359,12 +360,11 @@ async def test_amazon_faults_lose_nothing(kafka: Any, tmp_path: Path, fault: str
     # a token bucket that never throttles: every 429 is the storm's; seeded fault draws
     settings = SandboxSettings(job_delay_s=0.2, rate_per_s=1000, burst=1000, seed=34)
     async with running_sandbox(settings) as sb:
-        raw = daemon_config(
-            bootstrap=kafka.bootstrap,
-            topic=topic,
-            sandbox_url=sb.url,
-            token_url=sb.token_url,
-            store_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
+        raw = sqlite_daemon_config(
+            kafka.bootstrap,
+            sb,
+            topic,
+            tmp_path,
             amazon={
                 "max_attempts": 30,
                 "backoff_base_s": 0.05,
@@ -415,12 +415,11 @@ async def test_revoked_refresh_token_is_a_clear_fatal_error(kafka: Any, tmp_path
     topic = f"revoked-{uuid.uuid4().hex[:8]}"
     await kafka.create_topic(topic, partitions=1)
     async with running_sandbox(SandboxSettings(job_delay_s=0.2, token_ttl_s=2.0)) as sb:
-        raw = daemon_config(
-            bootstrap=kafka.bootstrap,
-            topic=topic,
-            sandbox_url=sb.url,
-            token_url=sb.token_url,
-            store_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
+        raw = sqlite_daemon_config(
+            kafka.bootstrap,
+            sb,
+            topic,
+            tmp_path,
         )
         daemon = DaemonProcess(tmp_path, raw).start()
         await daemon.wait_ready()
@@ -457,12 +456,11 @@ async def test_a_killed_transform_worker_stops_syncd_and_a_restart_loses_nothing
     first = list(synth.events(300, seed=41))
     later = list(synth.events(300, seed=42, id_prefix="later-"))
     async with running_sandbox(SandboxSettings(job_delay_s=0.2)) as sb:
-        raw = daemon_config(
-            bootstrap=kafka.bootstrap,
-            topic=topic,
-            sandbox_url=sb.url,
-            token_url=sb.token_url,
-            store_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
+        raw = sqlite_daemon_config(
+            kafka.bootstrap,
+            sb,
+            topic,
+            tmp_path,
         )
         daemon = DaemonProcess(tmp_path, raw).start()
         assert daemon.proc is not None
@@ -495,25 +493,16 @@ async def test_a_killed_transform_worker_stops_syncd_and_a_restart_loses_nothing
         assert await restarted.terminate() == 0
 
 
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie waiting for its parent."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 async def test_transform_workers_end_with_a_killed_syncd(kafka: Any, tmp_path: Path) -> None:
     """SIGKILL gives syncd no chance to stop its pool: the workers must not outlive it."""
     topic = f"orphans-{uuid.uuid4().hex[:8]}"
     await kafka.create_topic(topic, partitions=1)
     async with running_sandbox(SandboxSettings(job_delay_s=0.2)) as sb:
-        raw = daemon_config(
-            bootstrap=kafka.bootstrap,
-            topic=topic,
-            sandbox_url=sb.url,
-            token_url=sb.token_url,
-            store_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
+        raw = sqlite_daemon_config(
+            kafka.bootstrap,
+            sb,
+            topic,
+            tmp_path,
         )
         daemon = DaemonProcess(tmp_path, raw).start()
         assert daemon.proc is not None
