@@ -357,7 +357,10 @@ class Daemon:
 
         for sender in senders.values():
             spawn(sender.run(), f"sender:{sender.connection_id}")
-        spawn(Poller(store, client, cfg.poll, owner=self.owner).run(poll_stop), "poller")
+        # a GET with all its retries ends within max_retry_time_s + one attempt (+ a token refresh)
+        lease_s = cfg.amazon.max_retry_time_s + 2 * cfg.amazon.request_timeout_s
+        poller = Poller(store, client, cfg.poll, owner=self.owner, lease_s=lease_s)
+        spawn(poller.run(poll_stop), "poller")
         spawn(pipeline.linger(halt), "linger")
         spawn(pipeline.release_finished(store, halt), "inflight-guard")
         spawn(self._commit_loop(source, halt), "commit")

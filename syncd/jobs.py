@@ -27,7 +27,6 @@ from syncd.store.schema import EXPIRED
 
 log = get_logger("syncd.jobs")
 
-LEASE_S = 300.0  # a claim outlives any single GET with its retries; a crashed owner's jobs return
 IDLE_MAX_S = 1.0  # longest sleep between rounds: jobs added meanwhile (any replica) are noticed
 COUNTS_EVERY_S = 10.0  # how often the jobs-by-state gauge is refreshed from the store
 _MAX_LABEL_CHARS = 200
@@ -68,12 +67,16 @@ class Poller:
         cfg: PollConfig,
         *,
         owner: str,
+        lease_s: float = 330.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`lease_s`: how long a claim holds. It must outlive one GET with all its retries; a
+        crashed owner's jobs come back to the others when it runs out."""
         self._store = store
         self._client = client
         self._cfg = cfg
         self._owner = owner
+        self._lease_s = lease_s
         self._clock = clock
         self._auth_error: AuthError | None = None
         self._counts_at: float | None = None
@@ -103,7 +106,9 @@ class Poller:
                 jobs=expired,
                 max_job_age_s=self._cfg.max_job_age_s,
             )
-        claimed = await self._store.claim_due_jobs(self._owner, self._cfg.claim_batch, LEASE_S)
+        claimed = await self._store.claim_due_jobs(
+            self._owner, self._cfg.claim_batch, self._lease_s
+        )
         if claimed:
             limit = asyncio.Semaphore(self._cfg.concurrency)
             async with asyncio.TaskGroup() as tg:

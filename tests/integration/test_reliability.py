@@ -552,6 +552,9 @@ async def test_sigkill_at_random_points_loses_nothing(
             store_url=pg_url,
             kafka={"max_pending_events": max_pending},
             batch={"max_records": 200, "linger_ms": 50},
+            # a job a killed run had claimed returns to the next run when the claim's lease
+            # (max_retry_time_s + 2 request timeouts) runs out
+            amazon={"max_retry_time_s": 5.0, "request_timeout_s": 5.0},
         )
         group = raw["kafka"]["group_id"]
         for run in range(kills):
