@@ -123,7 +123,7 @@ async def main(events: int, partitions: int, workers: int) -> None:
             store_url=f"sqlite+aiosqlite:///{tmp / 'bench.db'}",
             group="bench",
             kafka={"commit_interval_ms": 500},
-            batch={"linger_ms": 500},
+            batch={},
             poll={"first_delay_s": 1.0, "max_interval_s": 5.0},
             log={"level": "warning"},
             transform={"workers": workers},

@@ -115,5 +115,6 @@ class Router:
 
     def _hash(self, change: ProfileChange, country: str) -> HashedPII:
         pii = build_hashed_pii(change.identifiers, country, strict_reference=self._strict)
-        self.counts.dropped.update(pii.dropped)
+        if pii.dropped:  # mostly empty: skip Counter.update's Python-level call
+            self.counts.dropped.update(pii.dropped)
         return pii
