@@ -157,9 +157,10 @@ class OffsetTracker:
 
 
 # --- kafka ------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
-    """One consumed record: where it came from, its original bytes, its timestamp."""
+    """One consumed record: where it came from, its original bytes, its timestamp (one per
+    event: not frozen, see `SourceRef`)."""
 
     ref: SourceRef
     value: bytes | None

@@ -21,7 +21,7 @@ import secrets
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,29 +198,43 @@ def check_records_list(value: Any, max_records: int) -> Check:
     return None
 
 
-def check_external_user_id(value: Any, where: str) -> Check:
+# The record checks return the rest of a message that starts with the record's path
+# (`records[i]`), which `check_record` puts in front: nothing is formatted for a valid record.
+
+
+def check_external_user_id(value: Any) -> Check:
     if value is None:
-        return f"{where}.externalUserId is required"
+        return ".externalUserId is required"
     if not isinstance(value, str) or not api.EXTERNAL_USER_ID.fullmatch(value):
-        return f"{where}.externalUserId must match {api.EXTERNAL_USER_ID.pattern}"
+        return f".externalUserId must match {api.EXTERNAL_USER_ID.pattern}"
     return None
 
 
-def check_action(value: Any, where: str) -> Check:
+def check_action(value: Any) -> Check:
     if value not in ACTIONS or not isinstance(value, str):
-        return f"{where}.action must be one of {', '.join(ACTIONS)}"
+        return f".action must be one of {', '.join(ACTIONS)}"
     return None
 
 
-def check_country_code(value: Any, where: str) -> Check:
+def check_country_code(value: Any, where: str = "") -> Check:
     """Optional; when present an ISO 3166-1 alpha-2 code (2 upper-case letters)."""
     if value is not None and (not isinstance(value, str) or not COUNTRY_CODE.fullmatch(value)):
         return f"{where}.countryCode must be an ISO 3166-1 alpha-2 code (2 upper-case letters)"
     return None
 
 
-_DIGEST = api.SHA256_HEX.pattern.strip("^$")
-_DIGESTS = re.compile(f"{_DIGEST}(?:,{_DIGEST})*")  # comma-joined SHA-256 hex digests
+_HEX = b"0123456789abcdef"
+
+
+def _all_digests(values: Collection[Any]) -> bool:
+    """Every value matches `api.SHA256_HEX` (64 lower-case hex characters), checked for all of
+    them at once: a third of what the regex costs. `translate` deletes the hex bytes and so
+    keeps anything else (non-ASCII text encodes to bytes that are not hex)."""
+    try:
+        joined = "".join(values).encode("utf-8", "surrogatepass")
+    except TypeError:  # a value that is not a string
+        return False
+    return set(map(len, values)) == {64} and not joined.translate(None, _HEX)
 
 
 def check_pii_object(obj: Any) -> Check:
@@ -230,75 +244,78 @@ def check_pii_object(obj: Any) -> Check:
     error = check_keys(obj, PII_KEYS, "")
     if error:
         return error
-    with contextlib.suppress(TypeError):  # a value that is not a string: found below
-        if _DIGESTS.fullmatch(",".join(obj.values())):  # one regex call for the common case
-            return None
+    if _all_digests(obj.values()):  # the common case
+        return None
     for key, digest in obj.items():
         if not isinstance(digest, str) or not api.SHA256_HEX.fullmatch(digest):
             return f".{key} must be a 64-character lowercase hex SHA-256 digest"
     return None
 
 
-def check_hashed_pii(value: Any, where: str) -> Check:
+def check_hashed_pii(value: Any) -> Check:
     limit = api.MAX_HASHED_PII_OBJECTS
     if not isinstance(value, list) or not 1 <= len(value) <= limit:
-        return f"{where}.hashedPII must be an array of 1 to {limit} objects"
+        return f".hashedPII must be an array of 1 to {limit} objects"
+    total = 0
     for j, obj in enumerate(value):
         error = check_pii_object(obj)
         if error:
-            return f"{where}.hashedPII[{j}]{error}"
-    total = sum(len(obj) for obj in value)
+            return f".hashedPII[{j}]{error}"
+        total += len(obj)
     if total > api.MAX_HASHED_VALUES_PER_MEMBER:
         return (
-            f"{where}.hashedPII holds {total} hashed values; "
+            f".hashedPII holds {total} hashed values; "
             f"at most {api.MAX_HASHED_VALUES_PER_MEMBER} per member"
         )
     return None
 
 
-def check_user_consent(value: Any, where: str) -> Check:
-    here = f"{where}.userConsent"
+def check_user_consent(value: Any) -> Check:
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) != {"consent"}:
-        return f"{here} must be an object with exactly one key, consent"
+    if not isinstance(value, dict) or value.keys() != {"consent"}:
+        return ".userConsent must be an object with exactly one key, consent"
     consent = value["consent"]
     if not isinstance(consent, dict):
-        return f"{here}.consent must be an object"
-    error = check_keys(consent, CONSENT_KEYS, f"{here}.consent")
+        return ".userConsent.consent must be an object"
+    error = check_keys(consent, CONSENT_KEYS, ".userConsent.consent")
     if error:
         return error
     for key in ("tcf", "gpp"):
         if key in consent and not isinstance(consent[key], str):
-            return f"{here}.consent.{key} must be a string"
+            return f".userConsent.consent.{key} must be a string"
     amzn = consent.get("amzn")
     if amzn is None:
         return None
     if not isinstance(amzn, dict):
-        return f"{here}.consent.amzn must be an object"
-    error = check_keys(amzn, AMZN_CONSENT_KEYS, f"{here}.consent.amzn")
+        return ".userConsent.consent.amzn must be an object"
+    error = check_keys(amzn, AMZN_CONSENT_KEYS, ".userConsent.consent.amzn")
     if error:
         return error
     for key, grant in amzn.items():
         if not isinstance(grant, str) or grant not in api.CONSENT_VALUES:
-            return f"{here}.consent.amzn.{key} must be one of {', '.join(api.CONSENT_VALUES)}"
+            return f".userConsent.consent.amzn.{key} must be one of {', '.join(api.CONSENT_VALUES)}"
     return None
 
 
 def check_record(record: Any, index: int) -> Check:
-    where = f"records[{index}]"
+    error = _record_error(record)
+    return None if error is None else f"records[{index}]{error}"
+
+
+def _record_error(record: Any) -> Check:
     if not isinstance(record, dict):
-        return f"{where} must be an object, got {_json_type(record)}"
+        return f" must be an object, got {_json_type(record)}"
     measurements = record.get("measurements")
     if measurements is not None and not isinstance(measurements, dict):
-        return f"{where}.measurements must be an object"
+        return ".measurements must be an object"
     return (
-        check_keys(record, RECORD_KEYS, where)
-        or check_external_user_id(record.get("externalUserId"), where)
-        or check_action(record.get("action"), where)
-        or check_country_code(record.get("countryCode"), where)
-        or check_hashed_pii(record.get("hashedPII"), where)
-        or check_user_consent(record.get("userConsent"), where)
+        check_keys(record, RECORD_KEYS, "")
+        or check_external_user_id(record.get("externalUserId"))
+        or check_action(record.get("action"))
+        or check_country_code(record.get("countryCode"))
+        or check_hashed_pii(record.get("hashedPII"))
+        or check_user_consent(record.get("userConsent"))
     )
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from syncd.amazon import api
 from syncd.cli import build_parser
-from syncd.sandbox.app import RollingWindow, SandboxSettings, TokenBucket
+from syncd.sandbox.app import RollingWindow, SandboxSettings, TokenBucket, _all_digests
 from syncd.sandbox.server import RunningSandbox, running_sandbox, settings_from_args
 
 CONNECTION = "5a523424-e8b3-4da5-9a32-24a861aea576"
@@ -284,6 +284,22 @@ async def test_country_code_is_optional_and_any_alpha_2(client: Client) -> None:
     records = [record(0, countryCode=REMOVE), record(1, countryCode="ZZ")]
     status, data, _ = await client.post_records(body(records))
     assert status == 202, data
+
+
+_DIGEST_TEXT = st.from_regex(r"[0-9a-f]{64}", fullmatch=True)
+_NEAR_DIGEST = st.from_regex(r"[0-9a-fA-Fg é\n]{63,65}", fullmatch=True)
+
+
+@given(
+    st.lists(
+        st.one_of(_DIGEST_TEXT, _NEAR_DIGEST, st.text(), st.none(), st.integers()),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_the_one_pass_digest_check_agrees_with_the_api_pattern(values: list[Any]) -> None:
+    expected = all(isinstance(v, str) and api.SHA256_HEX.fullmatch(v) for v in values)
+    assert _all_digests(values) is expected
 
 
 @pytest.mark.parametrize(
