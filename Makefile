@@ -2,19 +2,26 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test check lint typecheck fmt demo bench clean tools chart-files
+.PHONY: test check lint typecheck fmt demo bench clean tools chart-files compiled
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The mypyc-compiled modules (setup.py) are rebuilt when a source is newer than its compiled
+# module: Python imports the compiled one first.
+compiled: $(STAMP)
+	@for so in $$(find syncd -name '*.so'); do \
+		if [ "$${so%%.*}.py" -nt "$$so" ]; then $(PY) -m pip install -q -e . && break; fi; \
+	done
+
 # promtool (for the alert-rule tests), extracted from Debian's prometheus package
 tools:
 	bash .ci/tools.sh
 
-test: $(STAMP) tools
+test: compiled tools
 	$(PY) -m pytest -n 2 --dist loadgroup
 
 lint: $(STAMP)
@@ -30,10 +37,10 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-demo: $(STAMP)
+demo: compiled
 	$(VENV)/bin/syncd demo
 
-bench: $(STAMP)
+bench: compiled
 	$(PY) bench/bench_pii.py
 	$(PY) bench/bench_transform.py
 	$(PY) bench/bench_e2e.py
@@ -44,4 +51,5 @@ chart-files:
 	cp deploy/alerts/syncd-rules.yml deploy/grafana/syncd.json helm/syncd/files/
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build syncd__mypyc.*.so
+	find syncd -name '*.so' -delete

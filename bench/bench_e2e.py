@@ -26,7 +26,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from syncd import synth
+from syncd import runtime, synth
 from syncd.embedded import EmbeddedBroker, free_port
 from tests.harness import (
     DaemonProcess,
@@ -161,7 +161,10 @@ async def main(events: int, partitions: int, workers: int) -> None:
         }
         await daemon.terminate()
         steady = finished - first_accepted
-        print(f"machine: {os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}")
+        print(
+            f"machine: {os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}"
+            f" (transform compiled: {'yes' if runtime.compiled() else 'no'})"
+        )
         print(f"events: {events:,}  records accepted by the sandbox: {records:,}")
         print(f"transform workers: {workers}")
         print(

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable
 
+from syncd import runtime
 from syncd.model import PII_KEYS
 from syncd.pii import build_hashed_pii, normalize
 
@@ -115,6 +116,7 @@ def main() -> None:
 
     engine_s = min(_timed(engine) for _ in range(3))
     bare_s = min(_timed(bare) for _ in range(3))
+    print(f"compiled (mypyc):      {'yes' if runtime.compiled() else 'no'}")
     print(f"records:               {len(records):,} (countries {' '.join(PLACES)})")
     print(f"hashed values:         {len(normalized):,}")
     print(f"engine:                {len(records) / engine_s:,.0f} records/s (one core)")

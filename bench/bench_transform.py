@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from syncd import synth
+from syncd import runtime, synth
 from syncd.events import decode
 from syncd.model import Destination
 from syncd.routing import Router
@@ -85,7 +85,10 @@ def main() -> None:
     decode_s = best_of(args.repeats, decode_all)
     route_s = best_of(args.repeats, route_all)
     both_s = best_of(args.repeats, both)
-    print(f"machine:  {cpu_model()}, Python {platform.python_version()}, one core")
+    print(
+        f"machine:  {cpu_model()}, Python {platform.python_version()}, one core"
+        f" (compiled: {'yes' if runtime.compiled() else 'no'})"
+    )
     print(f"events:   {n:,} (seed {args.seed}), {records:,} records")
     for name, seconds in (("decode", decode_s), ("route", route_s), ("both", both_s)):
         print(f"{name + ':':9} {n / seconds:10,.0f} events/s  {seconds / n * 1e6:6.1f} us/event")

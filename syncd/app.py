@@ -38,7 +38,7 @@ from syncd.observability.http import bound_port, start_http
 from syncd.observability.logging import configure as configure_logging
 from syncd.observability.logging import get_logger
 from syncd.routing import RouteCounts
-from syncd.runtime import tune_process
+from syncd.runtime import compiled, tune_process
 from syncd.source import KafkaSource, Message, OffsetTracker
 from syncd.store import Store
 from syncd.transform import Outcome, Spec, Transformer
@@ -343,6 +343,7 @@ class Daemon:
             destinations=len(cfg.destinations),
             connections=len(senders),
             metrics_port=self.http_port,
+            transform_compiled=compiled(),
         )
         halt = asyncio.Event()  # stop consuming: shutdown or a fatal error
         poll_stop = asyncio.Event()

@@ -17,3 +17,10 @@ def tune_process() -> None:
     exempts the objects of start-up (modules, config) from every later collection."""
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
+
+
+def compiled() -> bool:
+    """Whether the transform's hot modules run compiled by mypyc (setup.py) or interpreted."""
+    from syncd import routing
+
+    return not routing.__file__.endswith(".py")

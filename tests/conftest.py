@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -12,6 +13,22 @@ from tests.harness import DaemonProcess
 # Tests do not time things: a property example slowed by a busy CI machine is not a failure.
 settings.register_profile("syncd", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("syncd")
+
+
+def _stale_compiled_modules() -> list[str]:
+    """Sources newer than their mypyc-compiled module (setup.py): Python would import the old
+    compiled code, and the tests would test that."""
+    package = Path(__file__).resolve().parents[1] / "syncd"
+    return [
+        str(source.relative_to(package.parent))
+        for compiled in package.rglob("*.so")
+        if (source := compiled.with_name(compiled.name.split(".")[0] + ".py")).exists()
+        and source.stat().st_mtime > compiled.stat().st_mtime
+    ]
+
+
+if stale := _stale_compiled_modules():
+    pytest.exit(f"changed since compiled: {', '.join(stale)}; run `make test` to rebuild", 2)
 
 pytest_plugins = [
     "tests.fixtures.kafka",
