@@ -228,7 +228,7 @@ _HEX = b"0123456789abcdef"
 
 def _all_digests(values: Collection[Any]) -> bool:
     """Every value matches `api.SHA256_HEX` (64 lower-case hex characters), checked for all of
-    them at once: a third of what the regex costs. `translate` deletes the hex bytes and so
+    them at once: half of what the regex cost. `translate` deletes the hex bytes and so
     keeps anything else (non-ASCII text encodes to bytes that are not hex)."""
     try:
         joined = "".join(values).encode("utf-8", "surrogatepass")
