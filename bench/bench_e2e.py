@@ -147,6 +147,9 @@ async def main(events: int, partitions: int, workers: int) -> None:
         finished = time.monotonic()
         stats = await sandbox_stats(url)
         records = sum(stats["records"].values())
+        posts = sum(
+            n for key, n in stats["requests"].items() if key == "POST /amc/audiences/records 202"
+        )
         workers_pids = child_processes(daemon.proc.pid)
         rss = {"event loop": peak_rss_mb(daemon.proc.pid)}
         rss |= {
@@ -167,6 +170,7 @@ async def main(events: int, partitions: int, workers: int) -> None:
         )
         print(f"events: {events:,}  records accepted by the sandbox: {records:,}")
         print(f"transform workers: {workers}")
+        print(f"record POSTs accepted: {posts:,} ({records / max(posts, 1):,.0f} records each)")
         print(
             f"sustained: {records / steady:,.0f} records/s over {steady:.1f}s "
             f"(whole run, with {first_accepted - started:.1f}s of start-up and group join: "

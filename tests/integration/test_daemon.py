@@ -249,33 +249,46 @@ async def test_batches_respect_max_records_and_max_bytes(
     assert max(sizes) > 1  # batching did happen
 
 
-async def test_open_batches_are_sent_at_once_when_reading_stops_at_max_pending_events(
+async def test_open_batches_are_sent_when_reading_stops_at_max_pending_events(
     kafka: Any, sandbox: Any, tmp_path: Path, topics: tuple[str, str]
 ) -> None:
     """Open batches cannot fill while reading is paused at `kafka.max_pending_events`: they go
-    out then, not after their (here hour-long) linger. (The backlog is a multiple of the cap:
-    a remainder below it would wait for the linger, as it should.)"""
+    out then, the largest first, not after their (here hour-long) linger. Two audiences, so
+    that two batches are open at the cap. Only the end of the backlog, fewer events than the
+    cap, waits for the linger (as it should); the shutdown sends it."""
     topic, _ = topics
+    cap = 400
     await kafka.create_topic(topic, partitions=2)
-    await produce(kafka.bootstrap, topic, list(synth.events(1600, seed=8, audiences=("vip",))))
+    events = list(synth.events(1600, seed=8, audiences=("vip", "lapsed")))
+    assert all(b'"vip"' in value or b'"lapsed"' in value for _, value in events)
+    await produce(kafka.bootstrap, topic, events)
     raw = sqlite_daemon_config(
         kafka.bootstrap,
         sandbox,
         topic,
         tmp_path,
-        kafka={"max_pending_events": 400},
+        kafka={"max_pending_events": cap},
         batch={"max_records": 6000, "linger_ms": 3_600_000},
     )
     daemon = DaemonProcess(tmp_path, raw).start()
 
     async def delivered() -> bool:
         daemon.check_alive()
-        return len(sandbox.state.ledger(CONNECTION)) >= 1600
+        return len(sandbox.state.ledger(CONNECTION)) >= len(events) - cap
 
-    await wait_for(delivered, 60, "1600 records delivered long before the linger")
+    await wait_for(delivered, 60, "all but the last cap's worth delivered long before the linger")
+
+    async def all_read() -> bool:
+        return await daemon.metric("syncd_events_consumed_total") >= len(events)
+
+    await wait_for(all_read, 60, "every event read")
     assert await daemon.terminate() == 0
-    jobs = Counter(e["jobRequestId"] for e in sandbox.state.ledger(CONNECTION))
-    assert max(jobs.values()) <= 400
+    ledger = sandbox.state.ledger(CONNECTION)
+    assert {e["record"]["externalUserId"] for e in ledger} == {
+        orjson.loads(value)["profile_id"] for _, value in events
+    }
+    jobs = Counter(e["jobRequestId"] for e in ledger)
+    assert max(jobs.values()) <= cap
 
 
 async def test_restart_resumes_without_loss_and_commits_never_pass_unsent_events(
