@@ -240,11 +240,8 @@ class Pipeline:
         if self.pending >= self._cfg.kafka.max_pending_events:
             want = set(assigned)
             # Reading stops until acknowledgements come in, so open batches cannot fill by
-            # waiting out their linger: send the largest now, and the next one on the next
-            # check (every fetch timeout) while reading still waits. One at a time, so the
-            # others go on filling once its acknowledgement lets reading resume: flushing all
-            # at once sent ~1,200-record batches on a backlog, ~6x the POSTs and store writes.
-            self.flush(self._batcher.flush_largest())
+            # waiting out their linger: send them now.
+            self.flush(self._batcher.flush_all())
         else:
             waiting = {
                 conn

@@ -127,12 +127,6 @@ class Batcher:
     def flush_all(self) -> list[EncodedBatch]:
         return [self._close(k) for k in list(self._open)]
 
-    def flush_largest(self) -> list[EncodedBatch]:
-        """The open batch with the most records (none when nothing is open)."""
-        if not self._open:
-            return []
-        return [self._close(max(self._open, key=lambda k: len(self._open[k].members)))]
-
     def next_due_in(self) -> float | None:
         """Seconds until the oldest open batch lingers out, or None when nothing is open."""
         if not self._open:

@@ -253,8 +253,8 @@ async def test_open_batches_are_sent_when_reading_stops_at_max_pending_events(
     kafka: Any, sandbox: Any, tmp_path: Path, topics: tuple[str, str]
 ) -> None:
     """Open batches cannot fill while reading is paused at `kafka.max_pending_events`: they go
-    out then, the largest first, not after their (here hour-long) linger. Two audiences, so
-    that two batches are open at the cap. Only the end of the backlog, fewer events than the
+    out then, not after their (here hour-long) linger. Two audiences, so that two batches are
+    open at the cap. Only the end of the backlog, fewer events than the
     cap, waits for the linger (as it should); the shutdown sends it."""
     topic, _ = topics
     cap = 400

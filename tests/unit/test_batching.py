@@ -109,18 +109,6 @@ def test_a_record_larger_than_a_batch_is_refused() -> None:
     assert b.flush_all() == []
 
 
-def test_flush_largest_sends_the_fullest_open_batch_only() -> None:
-    b = make()
-    assert b.flush_largest() == []
-    b.add(DEST, rec("a", Action.ADD), SourceRef("t", 0, 0))
-    for offset, member in enumerate(("b", "c"), start=1):
-        b.add(OTHER, rec(member, Action.ADD), SourceRef("t", 0, offset))
-    [largest] = b.flush_largest()
-    assert largest.batch.destination == OTHER
-    assert [m.external_user_id for m in largest.batch.records] == ["b", "c"]
-    assert [o.batch.destination for o in b.flush_all()] == [DEST]
-
-
 @settings(max_examples=60)
 @given(
     ops=st.lists(
