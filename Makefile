@@ -13,9 +13,8 @@ $(STAMP): pyproject.toml setup.py
 # The mypyc-compiled modules (setup.py) are rebuilt when a source is newer than its compiled
 # module: Python imports the compiled one first.
 compiled: $(STAMP)
-	@for so in $$(find syncd -name '*.so'); do \
-		if [ "$${so%%.*}.py" -nt "$$so" ]; then $(PY) -m pip install -q -e . && break; fi; \
-	done
+	@$(PY) -c 'import sys, syncd.runtime as r; sys.exit(bool(r.stale_compiled_modules()))' \
+		|| $(PY) -m pip install -q -e .
 
 # promtool (for the alert-rule tests), extracted from Debian's prometheus package
 tools:

@@ -4,6 +4,7 @@ and the sandbox."""
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 
 def tune_process() -> None:
@@ -24,3 +25,15 @@ def compiled() -> bool:
     from syncd import routing
 
     return not routing.__file__.endswith(".py")
+
+
+def stale_compiled_modules() -> list[str]:
+    """Sources newer than their compiled module beside them (an editable install): Python
+    would import the old compiled code. `make` rebuilds then; a test session refuses to run."""
+    package = Path(__file__).resolve().parent
+    return [
+        str(source.relative_to(package.parent))
+        for built in package.rglob("*.so")
+        if (source := built.with_name(built.name.split(".")[0] + ".py")).exists()
+        and source.stat().st_mtime > built.stat().st_mtime
+    ]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from syncd.runtime import stale_compiled_modules
 from tests.harness import DaemonProcess
 
 # Tests do not time things: a property example slowed by a busy CI machine is not a failure.
@@ -15,19 +15,7 @@ settings.register_profile("syncd", deadline=None, suppress_health_check=[HealthC
 settings.load_profile("syncd")
 
 
-def _stale_compiled_modules() -> list[str]:
-    """Sources newer than their mypyc-compiled module (setup.py): Python would import the old
-    compiled code, and the tests would test that."""
-    package = Path(__file__).resolve().parents[1] / "syncd"
-    return [
-        str(source.relative_to(package.parent))
-        for compiled in package.rglob("*.so")
-        if (source := compiled.with_name(compiled.name.split(".")[0] + ".py")).exists()
-        and source.stat().st_mtime > compiled.stat().st_mtime
-    ]
-
-
-if stale := _stale_compiled_modules():
+if stale := stale_compiled_modules():
     pytest.exit(f"changed since compiled: {', '.join(stale)}; run `make test` to rebuild", 2)
 
 pytest_plugins = [

@@ -17,7 +17,7 @@ try:
     # CPython's own SHA-256, hashlib's fallback: same digests, but for values this short a call
     # costs ~40% less than OpenSSL's (whose per-call setup dominates). 3.11: _sha256, 3.12+: _sha2.
     from _sha256 import sha256 as _sha256  # type: ignore[import-not-found,unused-ignore]
-except ImportError:  # pragma: no cover - other interpreters
+except ImportError:  # other interpreters
     try:
         from _sha2 import sha256 as _sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
     except ImportError:
