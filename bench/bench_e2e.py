@@ -27,6 +27,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from syncd import runtime, synth
+from syncd.config import BatchConfig
 from syncd.embedded import EmbeddedBroker, free_port
 from tests.harness import (
     DaemonProcess,
@@ -102,7 +103,7 @@ def start_sandbox(port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-async def main(events: int, partitions: int, workers: int) -> None:
+async def main(events: int, partitions: int, workers: int, max_pending: int | None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="syncd-bench-"))
     broker = EmbeddedBroker()
     await broker.start()
@@ -122,8 +123,9 @@ async def main(events: int, partitions: int, workers: int) -> None:
             token_url=url + "/auth/o2/token",
             store_url=f"sqlite+aiosqlite:///{tmp / 'bench.db'}",
             group="bench",
-            kafka={"commit_interval_ms": 500},
-            batch={},
+            kafka={"commit_interval_ms": 500}
+            | ({"max_pending_events": max_pending} if max_pending else {}),
+            batch={"linger_ms": BatchConfig().linger_ms},  # syncd's default, not the tests'
             poll={"first_delay_s": 1.0, "max_interval_s": 5.0},
             log={"level": "warning"},
             transform={"workers": workers},
@@ -195,5 +197,8 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1, help="[transform] workers")
+    parser.add_argument(
+        "--max-pending", type=int, help="[kafka] max_pending_events (default: syncd's)"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.partitions, args.workers))
+    asyncio.run(main(args.events, args.partitions, args.workers, args.max_pending))

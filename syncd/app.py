@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import uuid
+from asyncio import FIRST_COMPLETED
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -50,6 +51,7 @@ Chunk = tuple[list[Message], Awaitable[tuple[list[Outcome], RouteCounts]]]
 HEALTH_INTERVAL_S = 2.0
 CHUNK_EVENTS = 2000  # messages per fetch, transformed as one chunk (fewer when less is buffered)
 MAX_CHUNKS = 3  # chunks fetched and not yet applied (in the transform, or waiting for their turn)
+CAP_PAUSE_AFTER_S = 1.0  # at max_pending_events: wait this long unpaused (see _wait_for_room)
 
 
 class Pipeline:
@@ -85,6 +87,7 @@ class Pipeline:
         self._guard = InflightGuard()
         self._dead_letters: set[asyncio.Task[None]] = set()
         self._unapplied = 0  # events fetched whose chunk is not applied yet
+        self._acked = asyncio.Event()  # set by every acknowledgement
 
     # -- consume ---------------------------------------------------------------------------
     async def consume(self, stop: asyncio.Event) -> None:
@@ -99,6 +102,8 @@ class Pipeline:
     async def _fetch(self, stop: asyncio.Event, chunks: asyncio.Queue[Chunk | None]) -> None:
         limit = self._cfg.kafka.max_pending_events
         while not stop.is_set():
+            if self.pending >= limit:
+                await self._wait_for_room(limit, stop)
             self._apply_backpressure()
             room = max(1, min(CHUNK_EVENTS, limit - self.pending))  # all paused when none
             messages = await self._source.fetch(timeout_ms=200, max_records=room)
@@ -187,6 +192,7 @@ class Pipeline:
         self._done(batch.destination.connection_id, batch.refs)
 
     def _done(self, connection_id: str, refs: list[SourceRef]) -> None:
+        self._acked.set()
         feeds = self._feeds[connection_id]
         for ref in refs:
             self._tracker.done(ref)
@@ -209,9 +215,12 @@ class Pipeline:
 
     def _dead_letter(self, message: Message, reason: str) -> None:
         self._tracker.track(message.ref, 1)
-        self._in_background(
-            self._source.dead_letter(message, reason), lambda: self._tracker.done(message.ref)
-        )
+
+        def done() -> None:
+            self._tracker.done(message.ref)
+            self._acked.set()
+
+        self._in_background(self._source.dead_letter(message, reason), done)
 
     def _in_background(self, send: Awaitable[None], then: Callable[[], None]) -> None:
         """Send a dead letter without holding up the partition; `then` acknowledges it."""
@@ -231,17 +240,32 @@ class Pipeline:
             await asyncio.gather(*self._dead_letters, return_exceptions=True)
 
     # -- backpressure ----------------------------------------------------------------------
+    async def _wait_for_room(self, limit: int, stop: asyncio.Event) -> None:
+        """At `max_pending_events`: send the open batches (they cannot fill while reading
+        waits), then wait for acknowledgements, up to `CAP_PAUSE_AFTER_S`, before
+        `_apply_backpressure` pauses every partition. Acknowledgements usually come sooner, and
+        waiting unpaused keeps what aiokafka has fetched: pausing drops a partition's fetched
+        records (to fetch them again on resume), and their buffers, several MB each, stay in
+        memory until the cycle collector finds them."""
+        self.flush(self._batcher.flush_all())
+        metrics.PENDING_EVENTS.set(self.pending)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CAP_PAUSE_AFTER_S
+        while self.pending >= limit and not stop.is_set() and (left := deadline - loop.time()) > 0:
+            self._acked.clear()
+            waits = {asyncio.ensure_future(self._acked.wait()), asyncio.ensure_future(stop.wait())}
+            _, waiting = await asyncio.wait(waits, timeout=left, return_when=FIRST_COMPLETED)
+            for task in waiting:
+                task.cancel()
+
     def _apply_backpressure(self) -> None:
-        """Pause what must wait: everything at `max_pending_events` (and flush what is open);
-        otherwise the partitions that feed only connections which are out of budget or have a
-        sending backlog. A partition that also feeds a flowing connection is read on: the
-        waiting connection's records wait in memory, up to `max_pending_events`."""
+        """Pause what must wait: everything at `max_pending_events`; otherwise the partitions
+        that feed only connections which are out of budget or have a sending backlog. A
+        partition that also feeds a flowing connection is read on: the waiting connection's
+        records wait in memory, up to `max_pending_events`."""
         assigned = self._source.assigned
         if self.pending >= self._cfg.kafka.max_pending_events:
-            want = set(assigned)
-            # Reading stops until acknowledgements come in, so open batches cannot fill by
-            # waiting out their linger: send them now.
-            self.flush(self._batcher.flush_all())
+            want = set(assigned)  # _wait_for_room has sent the open batches
         else:
             waiting = {
                 conn
