@@ -241,17 +241,22 @@ class Pipeline:
 
     # -- backpressure ----------------------------------------------------------------------
     async def _wait_for_room(self, limit: int, stop: asyncio.Event) -> None:
-        """At `max_pending_events`: send the open batches (they cannot fill while reading
-        waits), then wait for acknowledgements, up to `CAP_PAUSE_AFTER_S`, before
-        `_apply_backpressure` pauses every partition. Acknowledgements usually come sooner, and
-        waiting unpaused keeps what aiokafka has fetched: pausing drops a partition's fetched
-        records (to fetch them again on resume), and their buffers, several MB each, stay in
-        memory until the cycle collector finds them."""
-        self.flush(self._batcher.flush_all())
+        """At `max_pending_events`: wait until acknowledgements leave room for a whole chunk
+        again, sending the open batches once nothing else is on its way to Amazon (they cannot
+        fill while reading waits; sent any earlier, they would go out small every time the cap
+        is reached). Gives up after `CAP_PAUSE_AFTER_S`, and `_apply_backpressure` pauses every
+        partition then. Waiting unpaused first keeps what aiokafka has fetched: pausing drops a
+        partition's fetched records (to fetch them again on resume), and their buffers, several
+        MB each, stay in memory until the cycle collector finds them."""
+        resume_at = limit - min(CHUNK_EVENTS, limit // 2)
         metrics.PENDING_EVENTS.set(self.pending)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CAP_PAUSE_AFTER_S
-        while self.pending >= limit and not stop.is_set() and (left := deadline - loop.time()) > 0:
+        while (
+            self.pending > resume_at and not stop.is_set() and (left := deadline - loop.time()) > 0
+        ):
+            if not any(sender.backlog for sender in self._senders.values()):
+                self.flush(self._batcher.flush_all())
             self._acked.clear()
             waits = {asyncio.ensure_future(self._acked.wait()), asyncio.ensure_future(stop.wait())}
             _, waiting = await asyncio.wait(waits, timeout=left, return_when=FIRST_COMPLETED)
@@ -265,7 +270,8 @@ class Pipeline:
         records wait in memory, up to `max_pending_events`."""
         assigned = self._source.assigned
         if self.pending >= self._cfg.kafka.max_pending_events:
-            want = set(assigned)  # _wait_for_room has sent the open batches
+            want = set(assigned)
+            self.flush(self._batcher.flush_all())  # reading stops: they cannot fill
         else:
             waiting = {
                 conn
