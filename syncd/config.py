@@ -44,7 +44,7 @@ class KafkaConfig:
     ssl_cafile: str = ""
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
-    max_pending_events: int = 20000  # backpressure: pause fetching above this many open events
+    max_pending_events: int = 20000  # backpressure: stop reading at this many open events
     commit_interval_ms: int = 1000
     max_message_bytes: int = 1_000_000  # larger messages are dead-lettered unread
 
