@@ -111,8 +111,9 @@ class ProfileChange:
 class MemberRecord:
     """One member change for one destination, hashed and encoded: safe to hold and send.
 
-    `json` is the API's record object (`member_record` builds it); batching concatenates these
-    bytes into request bodies, so a record is encoded once, wherever it was hashed."""
+    `json` is the API's record object (`member_record` builds it, and the router's
+    `encode_record` the same bytes faster); batching concatenates these bytes into request
+    bodies, so a record is encoded once, wherever it was hashed."""
 
     external_user_id: str
     action: Action

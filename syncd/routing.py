@@ -79,7 +79,7 @@ def _consent_json(consent: Consent | None) -> str:
         return cached
     user_consent = consent.to_api()
     encoded = orjson.dumps(user_consent).decode() if user_consent is not None else ""
-    if consent.tcf is None and consent.gpp is None:  # bounded: 25 values
+    if consent.tcf is None and consent.gpp is None and len(_CONSENT_JSON) < 64:  # 25 valid ones
         _CONSENT_JSON[consent] = encoded
     return encoded
 
