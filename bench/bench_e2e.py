@@ -160,10 +160,12 @@ async def main(events: int, partitions: int, workers: int, max_pending: int | No
             )
             for pid in workers_pids
         }
-        cpu = {
-            "syncd": cpu_seconds(daemon.proc.pid) + sum(map(cpu_seconds, workers_pids)),
+        us = {  # CPU per record
+            "loop": cpu_seconds(daemon.proc.pid),
+            "workers": sum(map(cpu_seconds, workers_pids)),
             "sandbox": cpu_seconds(sandbox.pid),
         }
+        us = {name: 1e6 * seconds / records for name, seconds in us.items()}
         await daemon.terminate()
         steady = finished - first_accepted
         print(
@@ -184,8 +186,9 @@ async def main(events: int, partitions: int, workers: int, max_pending: int | No
             + f" (sum {sum(rss.values()):.0f} MB); peak PSS of all, sampled: {peak_pss:.0f} MB"
         )
         print(
-            "CPU per record: "
-            + ", ".join(f"{name} {1e6 * s / records:.0f} us" for name, s in cpu.items())
+            f"CPU per record: syncd {us['loop'] + us['workers']:.0f} us (event loop"
+            f" {us['loop']:.0f}, transform workers {us['workers']:.0f}),"
+            f" sandbox {us['sandbox']:.0f} us"
         )
     finally:
         sandbox.terminate()

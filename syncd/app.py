@@ -506,7 +506,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
     configure_logging(cfg.log.level)
-    tune_process()
+    tune_process(daemon=True)
     return asyncio.run(run_until_signalled(cfg))
 
 

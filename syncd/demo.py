@@ -264,7 +264,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         raise UsageError("--events must be >= 1")
     configure_logging("warning")
-    tune_process()
+    tune_process(daemon=True)
     console = Console()
     summary = asyncio.run(
         run_demo(args.events, seed=args.seed, show_progress=not args.no_progress, console=console)

@@ -4,10 +4,18 @@ and the sandbox."""
 from __future__ import annotations
 
 import gc
+import sys
 from pathlib import Path
 
+# The daemon's event loop shares the GIL with the threads that carry chunks to and from the
+# transform workers (multiprocessing's queue feeder and the pool's result reader) and with
+# aiosqlite's thread. A thread that wants the GIL while the loop runs Python code waits for the
+# switch interval, 5 ms by default, and the data it moves waits with it. bench/bench_e2e.py, 400k
+# events, 1 worker, 5 runs each way alternated: 0.5 ms was ahead every time (README, Benchmarks).
+DAEMON_SWITCH_INTERVAL_S = 0.0005
 
-def tune_process() -> None:
+
+def tune_process(*, daemon: bool = False) -> None:
     """Call once at start-up, after the imports, in every process that handles events.
 
     Each event (each record, in the sandbox) allocates dozens of short-lived objects; with
@@ -15,9 +23,13 @@ def tune_process() -> None:
     6.1 s of a 34 s run of bench/bench_e2e.py. Reference counting frees nearly all of them, so
     collect young objects less often (0.9 s in the same run), yet still run a full collection
     every ~10M allocations so that cyclic garbage cannot pile up over a long run. `freeze`
-    exempts the objects of start-up (modules, config) from every later collection."""
+    exempts the objects of start-up (modules, config) from every later collection.
+
+    `daemon`: the process runs the daemon's event loop (see DAEMON_SWITCH_INTERVAL_S)."""
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
+    if daemon:
+        sys.setswitchinterval(DAEMON_SWITCH_INTERVAL_S)
 
 
 def compiled() -> bool:
