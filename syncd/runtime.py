@@ -10,8 +10,10 @@ from pathlib import Path
 # The daemon's event loop shares the GIL with the threads that carry chunks to and from the
 # transform workers (multiprocessing's queue feeder and the pool's result reader) and with
 # aiosqlite's thread. A thread that wants the GIL while the loop runs Python code waits for the
-# switch interval, 5 ms by default, and the data it moves waits with it. bench/bench_e2e.py, 400k
-# events, 1 worker, 5 runs each way alternated: 0.5 ms was ahead every time (README, Benchmarks).
+# switch interval, 5 ms by default. bench/bench_e2e.py, 400k events, 1 worker, 5 runs each way
+# alternated: 0.5 ms was ahead in every pair (README, Benchmarks). Which waits it shortens is not
+# isolated: the worker's time blocked on sending its results stayed at 6-10% (see
+# transform._widen_pipes for what shortened those).
 DAEMON_SWITCH_INTERVAL_S = 0.0005
 
 

@@ -3,6 +3,8 @@ encoded exactly as orjson would."""
 
 from __future__ import annotations
 
+import fcntl
+import sys
 from collections import Counter
 
 import orjson
@@ -15,7 +17,7 @@ from syncd.amazon.api import EXTERNAL_USER_ID
 from syncd.model import CONSENT_VALUES, PII_KEYS, Action, Consent, Destination, member_record
 from syncd.pii.normalize import _ISO_ALPHA2
 from syncd.routing import RouteCounts, encode_record
-from syncd.transform import Spec, Transform, Transformer
+from syncd.transform import PIPE_BYTES, Spec, Transform, Transformer
 
 DESTINATIONS = (
     Destination("vip", "conn-1", 413642381039213536, "US"),
@@ -88,6 +90,18 @@ async def test_worker_processes_give_the_inline_outcomes_in_submission_order(
         for _, counts in results:
             merged.update(getattr(counts, kind))
         assert merged == getattr(expected_counts, kind), kind
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pipe sizes are set on Linux only")
+def test_the_worker_pipes_hold_a_chunks_results() -> None:
+    transformer = Transformer(SPEC, workers=1)
+    pool = transformer._pool
+    try:
+        readers = [pool._call_queue._reader, pool._result_queue._reader]
+        sizes = [fcntl.fcntl(r.fileno(), fcntl.F_GETPIPE_SZ) for r in readers]
+    finally:
+        transformer.close()
+    assert sizes == [PIPE_BYTES, PIPE_BYTES]
 
 
 _HEX = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
