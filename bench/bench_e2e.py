@@ -160,12 +160,12 @@ async def main(events: int, partitions: int, workers: int, max_pending: int | No
             )
             for pid in workers_pids
         }
-        us = {  # CPU per record
+        cpu_s = {
             "loop": cpu_seconds(daemon.proc.pid),
             "workers": sum(map(cpu_seconds, workers_pids)),
             "sandbox": cpu_seconds(sandbox.pid),
         }
-        us = {name: 1e6 * seconds / records for name, seconds in us.items()}
+        us = {name: 1e6 * seconds / records for name, seconds in cpu_s.items()}  # per record
         await daemon.terminate()
         steady = finished - first_accepted
         print(
