@@ -94,6 +94,21 @@ def raw_identifier_values(messages: list[tuple[bytes, bytes]]) -> set[str]:
     return values
 
 
+def own_fields_removed(logs: str) -> str:
+    """syncd's log lines without the values that are the run's own, not data: its clock and its
+    port may spell a postcode (a run failed on the timestamp "…20.106537Z" holding "10653")."""
+    return re.sub(r'"(timestamp|metrics_port)": ("[^"]*"|\d+)', "", logs)
+
+
+def appears(value: str, text: str) -> bool:
+    """Whether `value` is in `text`; a number only as a whole one. Random ids (consumer groups,
+    jobs) are hex: a postcode turns up inside one by chance (a run failed on the group id
+    "syncd-test-9d10339e" holding "10339")."""
+    if value.isdigit():
+        return re.search(rf"(?<![0-9A-Za-z]){value}(?![0-9A-Za-z])", text) is not None
+    return value in text
+
+
 def sqlite_bytes(db: Path) -> bytes:
     """Every byte of an SQLite store: the file, and its WAL and shared-memory files if any."""
     return b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
@@ -214,8 +229,8 @@ async def test_hostile_input_is_dead_lettered_without_pii_and_the_rest_flows(
     for reason in reasons:
         assert len(reason) < 200
         assert not any(s in reason for s in secrets)
-    logs = daemon.logs()
-    leaked = sorted(s for s in secrets | raw_identifier_values(good) if s in logs)
+    logs = own_fields_removed(daemon.logs())
+    leaked = sorted(s for s in secrets | raw_identifier_values(good) if appears(s, logs))
     assert leaked == []
 
 
@@ -245,13 +260,11 @@ async def test_no_pii_or_secrets_in_logs_metrics_or_store_of_a_full_run(
     await wait_for(done, 60, "records delivered")
     _, exposition = await daemon.get("/metrics")
     assert await daemon.terminate() == 0
-    # Each line's timestamp is syncd's own clock, not data; its microseconds may spell a
-    # postcode (a run failed on "…20.106537Z" holding "10653").
-    logs = re.sub(r'"timestamp": "[^"]*"', "", daemon.logs())
-    store = sqlite_bytes(tmp_path / "s.db")
+    logs = own_fields_removed(daemon.logs())
+    store = sqlite_bytes(tmp_path / "s.db").decode("latin-1")
     for value in raw_identifier_values(messages):
-        assert value not in logs
-        assert value.encode() not in store
+        assert not appears(value, logs)
+        assert not appears(value, store)
         if any(c.isalpha() for c in value):  # a number (a postal code) may be a bucket bound
             assert value not in exposition
     hashes = {
