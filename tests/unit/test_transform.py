@@ -93,7 +93,7 @@ async def test_worker_processes_give_the_inline_outcomes_in_submission_order(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="pipe sizes are set on Linux only")
-def test_the_worker_pipes_hold_a_chunks_results() -> None:
+def test_the_worker_pipes_are_widened() -> None:
     transformer = Transformer(SPEC, workers=1)
     pool = transformer._pool
     try:
