@@ -165,6 +165,14 @@ BUDGET_RESUME_AT = Gauge(
     registry=REGISTRY,
 )
 
+CONNECTION_BLOCKED = Gauge(
+    "syncd_connection_blocked",
+    "1 while a connection's sending is stopped (cause: unauthorized, forbidden, not_found, "
+    "throttled, failing); its records and offsets wait, nothing is dropped",
+    ["connection", "cause"],
+    registry=REGISTRY,
+)
+
 # --- jobs --------------------------------------------------------------------------------------
 JOBS = Gauge("syncd_jobs", "Tracked jobs in the store by state", ["state"], registry=REGISTRY)
 JOBS_FINISHED = Counter(
