@@ -38,6 +38,7 @@ from syncd.observability import metrics
 from syncd.observability.http import bound_port, start_http
 from syncd.observability.logging import configure as configure_logging
 from syncd.observability.logging import get_logger
+from syncd.preflight import AmazonUnreachableError, Finding, check_client_config, check_online
 from syncd.routing import RouteCounts
 from syncd.runtime import compiled, tune_process
 from syncd.source import KafkaSource, Message, OffsetTracker
@@ -493,6 +494,11 @@ def add_parser(sub: Any) -> None:
     run.set_defaults(func=_cmd_run)
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("--config", required=True, help="TOML config file")
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also check credentials, terms, connections and audiences against Amazon",
+    )
     check.set_defaults(func=_cmd_check_config)
 
 
@@ -500,6 +506,32 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
     sys.stdout.write(orjson.dumps(config_mod.masked(cfg), option=orjson.OPT_INDENT_2).decode())
     sys.stdout.write("\n")
+    return asyncio.run(_check_online(cfg)) if args.online else 0
+
+
+async def _check_online(cfg: Config) -> int:
+    """Report each online check on stderr; 2 naming the first failed item, 1 unreachable."""
+    config_mod.require_credentials(cfg)
+    config_mod.require_destinations(cfg)
+    first_failure: Finding | None = None
+    async with AmazonClient(check_client_config(cfg.amazon)) as client:
+        try:
+            async for finding in check_online(cfg, client):
+                print(
+                    f"{'ok  ' if finding.ok else 'FAIL'} {finding.item}: {finding.detail}",
+                    file=sys.stderr,
+                )
+                if not finding.ok and first_failure is None:
+                    first_failure = finding
+        except AmazonUnreachableError as exc:
+            print(f"syncd: amazon could not be checked: {exc}", file=sys.stderr)
+            return 1
+    if first_failure is not None:
+        print(
+            f"syncd: check-config --online: {first_failure.item}: {first_failure.detail}",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 
