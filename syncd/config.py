@@ -35,6 +35,7 @@ class KafkaConfig:
     topics: tuple[str, ...] = ("profile-changes",)
     group_id: str = "syncd"
     auto_offset_reset: str = "earliest"
+    isolation_level: str = "read_committed"  # aborted transactional writes are never synced
     input_format: str = "canonical"
     dead_letter_topic: str = ""
     client_id: str = "syncd"
@@ -343,6 +344,11 @@ def _validate(cfg: Config) -> None:
         k.auto_offset_reset in ("earliest", "latest"),
         "kafka.auto_offset_reset",
         "must be 'earliest' or 'latest'",
+    )
+    need(
+        k.isolation_level in ("read_committed", "read_uncommitted"),
+        "kafka.isolation_level",
+        "must be 'read_committed' or 'read_uncommitted'",
     )
     need(
         k.input_format in ("canonical", "segment"),

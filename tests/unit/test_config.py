@@ -219,19 +219,37 @@ def test_config_errors_do_not_echo_a_url_secret() -> None:
 
 def test_logs_mask_url_secrets(capsys: pytest.CaptureFixture[str]) -> None:
     """Whatever a log line carries (an exception's text, say), URL secrets come out masked."""
+    import structlog
+
     from syncd.observability import logging as syncd_logging
 
-    syncd_logging.configure("info")
-    log = syncd_logging.get_logger("test")
-    url = "postgresql+asyncpg://u:hunter2@h/db?password=s3kr1t"
-    log.warning("store failed", error=repr(OSError(url)), detail={"url": url})
+    before = structlog.get_config()
+    syncd_logging.configure("info")  # prints to the captured stdout: restored below
     try:
-        raise RuntimeError(url)
-    except RuntimeError:
-        log.exception("crashed")
+        log = syncd_logging.get_logger("test")
+        url = "postgresql+asyncpg://u:hunter2@h/db?password=s3kr1t"
+        log.warning("store failed", error=repr(OSError(url)), detail={"url": url})
+        try:
+            raise RuntimeError(url)
+        except RuntimeError:
+            log.exception("crashed")
+    finally:
+        structlog.configure(**before)
     out = capsys.readouterr().out
     assert "store failed" in out
     assert "crashed" in out
     assert "hunter2" not in out
     assert "s3kr1t" not in out
     assert "u:***@h/db?password=***" in out
+
+
+def test_kafka_reads_committed_messages_by_default() -> None:
+    """Aborted transactional writes are never synced unless read_uncommitted is chosen."""
+    assert config.from_mapping({}).kafka.isolation_level == "read_committed"
+    chosen = config.from_mapping({"kafka": {"isolation_level": "read_uncommitted"}})
+    assert chosen.kafka.isolation_level == "read_uncommitted"
+    from_env = config.from_mapping({}, {"SYNCD_KAFKA__ISOLATION_LEVEL": "read_uncommitted"})
+    assert from_env.kafka.isolation_level == "read_uncommitted"
+    for bad in ("READ_COMMITTED", "committed", ""):
+        with pytest.raises(ConfigError, match=r"kafka\.isolation_level.*read_committed"):
+            config.from_mapping({"kafka": {"isolation_level": bad}})
