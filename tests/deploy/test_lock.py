@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 RUNTIME = ROOT / "deploy" / "requirements.lock"
 BUILD = ROOT / "deploy" / "build-requirements.lock"
+DIRECT = re.compile(r"#\s+(via\s+)?syncd \(pyproject\.toml(::build-system\.requires)?\)")
 ENTRY = re.compile(r"^([A-Za-z0-9._-]+)==(\S+) \\$", re.M)
 
 
@@ -28,7 +29,7 @@ def direct(lock: Path) -> set[str]:
     out: set[str] = set()
     for block in re.split(r"\n(?=[A-Za-z0-9])", lock.read_text()):
         match = ENTRY.match(block)
-        if match and re.search(r"#\s+(via\s+)?syncd \(pyproject\.toml(::build-system\.requires)?\)", block):
+        if match and DIRECT.search(block):
             out.add(canonicalize_name(match[1]))
     return out
 
