@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test check lint typecheck fmt demo bench clean tools chart-files compiled
+.PHONY: test check lint typecheck fmt demo bench clean tools chart-files compiled lock
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,10 +45,22 @@ bench: compiled
 	$(PY) bench/bench_e2e.py
 	$(PY) bench/bench_budget.py
 
+# The image's hash-locked requirements (deploy/Dockerfile), from pyproject.toml: run after changing
+# a dependency (tests/deploy/test_lock.py fails on a stale lock). pip-tools runs in its own venv.
+LOCK_VENV := $(VENV)-lock
+LOCK := $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras \
+	--no-emit-index-url --no-emit-find-links --allow-unsafe
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || python3 -m venv $(LOCK_VENV)
+	test -x $(LOCK_VENV)/bin/pip-compile || $(LOCK_VENV)/bin/pip install -q 'pip-tools>=7.4'
+	$(LOCK) --upgrade --output-file deploy/requirements.lock pyproject.toml
+	$(LOCK) --upgrade --all-build-deps --only-build-deps \
+		--output-file deploy/build-requirements.lock pyproject.toml
+
 # The chart can only read files inside itself: it ships copies of the deploy/ originals.
 chart-files:
 	cp deploy/alerts/syncd-rules.yml deploy/grafana/syncd.json helm/syncd/files/
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build syncd__mypyc.*.so
+	rm -rf $(VENV) $(LOCK_VENV) .mypy_cache .pytest_cache .ruff_cache build syncd__mypyc.*.so
 	find syncd -name '*.so' -delete

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -34,6 +35,7 @@ class KafkaConfig:
     topics: tuple[str, ...] = ("profile-changes",)
     group_id: str = "syncd"
     auto_offset_reset: str = "earliest"
+    isolation_level: str = "read_committed"  # aborted transactional writes are never synced
     input_format: str = "canonical"
     dead_letter_topic: str = ""
     client_id: str = "syncd"
@@ -285,7 +287,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
 def _show(key: str, value: Any) -> str:
     if key.rsplit(".", 1)[-1] in SECRET_KEYS:
         return f"a {type(value).__name__}"
-    return repr(value) if not isinstance(value, _EnvText) else repr(str(value))
+    return mask_urls(repr(value) if not isinstance(value, _EnvText) else repr(str(value)))
 
 
 def _build_destinations(items: Any) -> tuple[Destination, ...]:
@@ -342,6 +344,11 @@ def _validate(cfg: Config) -> None:
         k.auto_offset_reset in ("earliest", "latest"),
         "kafka.auto_offset_reset",
         "must be 'earliest' or 'latest'",
+    )
+    need(
+        k.isolation_level in ("read_committed", "read_uncommitted"),
+        "kafka.isolation_level",
+        "must be 'read_committed' or 'read_uncommitted'",
     )
     need(
         k.input_format in ("canonical", "segment"),
@@ -438,10 +445,47 @@ def masked(cfg: Config) -> dict[str, Any]:
         return obj
 
     out: dict[str, Any] = conv(cfg)
-    out["store"]["url"] = mask_url(cfg.store.url)
+    out["store"]["url"] = mask_urls(cfg.store.url)
     return out
 
 
-def mask_url(url: str) -> str:
-    """Hide the password of a database URL (`user:***@host`)."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+# A URL as SQLAlchemy parses a store URL (sqlalchemy.engine.url._parse_url), so that whatever it
+# would hand the driver as a password is found; re.S: a secret never hides behind a newline.
+_URL = re.compile(
+    r"""[\w+]+://
+    (?:[^:/]*(?::(?P<password>[^@]*))?@)?
+    (?:(?:\[[^/?]+\]|[^/:?]+)?(?::[^/?]*)?)?
+    (?:/[^?]*)?
+    (?:\?(?P<query>.*))?""",
+    re.X | re.S,
+)
+_URL_START = re.compile(r"[\w+]+://")
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token", re.I)  # password, sslpassword, passwd...
+
+
+def mask_urls(text: str) -> str:
+    """`text` (a URL, a log line, an error message) with every URL secret replaced by '***':
+    userinfo passwords and the values of password-like query parameters (`?password=`,
+    `?sslpassword=`...). Each URL runs to the end of the text, so a URL nested in another's
+    password or query is masked too; too much text masked is better than a secret shown."""
+    pos = 0
+    while start := _URL_START.search(text, pos):
+        text = text[: start.start()] + _mask_url(text[start.start() :])
+        pos = start.end()
+    return text
+
+
+def _mask_url(url: str) -> str:
+    match = _URL.match(url)
+    assert match is not None  # every group is optional after the scheme, which matched
+    if match["query"] is not None:
+        params = url[match.start("query") :].split("&")  # parse_qsl's separator
+        url = url[: match.start("query")] + "&".join(map(_mask_param, params))
+    if match["password"] is not None:
+        url = url[: match.start("password")] + "***" + url[match.end("password") :]
+    return url
+
+
+def _mask_param(param: str) -> str:
+    name, _, value = param.partition("=")
+    return f"{name}=***" if value and _SECRET_PARAM.search(unquote_plus(name)) else param

@@ -254,6 +254,7 @@ class KafkaSource:
             group_id=self._cfg.group_id,
             enable_auto_commit=False,
             auto_offset_reset=self._cfg.auto_offset_reset,
+            isolation_level=self._cfg.isolation_level,
             fetch_max_bytes=FETCH_MAX_BYTES,
             max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
             **options,

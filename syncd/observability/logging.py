@@ -6,6 +6,9 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+from syncd.config import mask_urls
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -22,6 +25,7 @@ def configure(level: str = "info", *, json: bool = True) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _mask_url_secrets,
             structlog.processors.JSONRenderer()
             if json
             else structlog.dev.ConsoleRenderer(colors=False),
@@ -30,6 +34,21 @@ def configure(level: str = "info", *, json: bool = True) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=False,
     )
+
+
+def _mask_url_secrets(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    """A store URL's password may turn up in any value (an exception's text, say): mask it."""
+    return {key: _masked(value) for key, value in event.items()}
+
+
+def _masked(value: object) -> object:
+    if isinstance(value, str):
+        return mask_urls(value)
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(v) for v in value]
+    return value
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -298,7 +298,13 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "Dead letters by reason",
         "Match outcome: processed rate",
         "Invalid records",
+        "Blocked connections",
     } <= titles
+    [blocked] = [p for p in panels() if p["title"] == "Blocked connections"]
+    assert [names_in(parse(t["expr"])) for t in blocked["targets"]] == [
+        {"syncd_connection_blocked"}
+    ]
+    assert "{{cause}}" in blocked["targets"][0]["legendFormat"]
     assert len({p["id"] for p in dashboard()["panels"]}) == len(dashboard()["panels"])
     assert dashboard()["uid"] == "syncd"
 

@@ -51,16 +51,39 @@ def test_hadolint_passes() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_multi_stage_on_a_pinned_slim_python() -> None:
+def test_multi_stage_on_a_slim_python_pinned_by_digest() -> None:
+    """The base image is the one reviewed: a tag can be moved to another image, a digest not."""
     args = dict(a.split("=", 1) for op, a in instructions() if op == "ARG" and "=" in a)
     assert re.fullmatch(
-        r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", args["PYTHON_IMAGE"]
+        r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}", args["PYTHON_IMAGE"]
     )
     build, final = stages()
     assert build[0] == ("FROM", "${PYTHON_IMAGE} AS build")
     assert final[0] == ("FROM", "${PYTHON_IMAGE}")
     copies = [a for op, a in final if op == "COPY"]
     assert "--from=build /opt/syncd /opt/syncd" in copies
+
+
+def test_dependencies_come_from_the_hash_locked_requirements() -> None:
+    """Every third-party file the build installs (build backend and runtime dependencies) is
+    pinned and checked against its hash; syncd's own wheel is built without build isolation
+    (which would fetch unpinned build tools) and checked against the lock afterwards."""
+    build = stages()[0]
+    runs = [a for op, a in build if op == "RUN"]
+    body = " ".join(runs)
+    assert "pip install --require-hashes -r deploy/build-requirements.lock" in body
+    assert (
+        "pip --python /opt/syncd/bin/python install --require-hashes --no-compile"
+        " -r deploy/requirements.lock" in body
+    )
+    assert "pip wheel --no-deps --no-build-isolation" in body
+    assert "pip --python /opt/syncd/bin/python check" in body
+    # pip installs nothing else: every install is from a lock or the wheel built from syncd
+    for command in re.findall(r"pip(?: --python \S+)? install [^&]*", body):
+        assert "--require-hashes" in command or "--no-deps" in command, command
+    copies = [a for op, a in build if op == "COPY"]
+    locks = "deploy/requirements.lock deploy/build-requirements.lock ./deploy/"
+    assert copies.index(locks) < copies.index("syncd ./syncd")  # cached apart from the sources
 
 
 def test_final_image_runs_syncd_as_a_non_root_user_without_build_tools() -> None:

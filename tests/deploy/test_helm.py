@@ -169,7 +169,7 @@ def test_rendered_config_loads_in_syncd(
     contents = {
         "client-secret": "lwa-secret",
         "refresh-token": "Atzr|token",
-        "store-url": "postgresql+asyncpg://syncd:pw@db:5432/syncd",
+        "store-url": "postgresql+asyncpg://syncd:pw@db:5432/syncd?ssl=verify-full",
         "kafka-sasl-password": "sasl-pw",
     }
     for section in raw.values():
@@ -237,7 +237,7 @@ def test_every_value_in_the_schema_has_a_description(chart: helm.Chart) -> None:
     assert chart.schema is not None
     values = dict(schema_values(chart.schema))
     assert ".resources.requests" in values
-    assert ".networkPolicy.egress[].ports[].protocol" in values
+    assert ".networkPolicy.egress.extra[].ports[].protocol" in values
     assert [path for path, sub in values.items() if not sub.get("description")] == []
 
 
@@ -342,6 +342,27 @@ def test_grace_period_and_port_follow_the_config(
             "storeUrl",
         ),
         ({"replicas": 1}, helm.HelmValuesError, "replicas"),
+        (
+            {"store": {"sqlite": {"volume": "emptyDir", "existingClaim": "pvc"}}},
+            helm.HelmRenderError,
+            "store.sqlite.existingClaim",
+        ),
+        (
+            {**PRODUCTION, "store": {"engine": "postgresql", "sqlite": {"existingClaim": "pvc"}}},
+            helm.HelmRenderError,
+            "store.sqlite.existingClaim",
+        ),
+        (
+            {"store": {"postgresql": {"caSecret": "ca"}}},
+            helm.HelmRenderError,
+            "store.postgresql.caSecret",
+        ),
+        ({"store": {"sqlite": {"volume": "hostPath"}}}, helm.HelmValuesError, "volume"),
+        (
+            {"networkPolicy": {"egress": {"extra": [{"to": []}]}}},
+            helm.HelmValuesError,
+            "ports",
+        ),
     ],
     ids=[
         "sqlite-3-replicas",
@@ -355,6 +376,11 @@ def test_grace_period_and_port_follow_the_config(
         "postgresql-without-url",
         "url-without-postgresql",
         "unknown-key",
+        "claim-on-an-emptydir",
+        "claim-with-postgresql",
+        "postgresql-ca-with-sqlite",
+        "unknown-volume",
+        "egress-rule-without-ports",
     ],
 )
 def test_bad_values_are_refused(
@@ -372,3 +398,146 @@ def test_production_values_scale_out_with_postgresql(chart: helm.Chart) -> None:
         "auto_upgrade": False,
         "url_file": "/var/run/secrets/syncd/store-url",
     }
+
+
+def test_sqlite_store_lives_on_a_persistent_volume_claim_by_default(chart: helm.Chart) -> None:
+    """A replaced pod keeps the budget window and the tracked jobs: the SQLite file is on a
+    ReadWriteOnce claim, written by one pod at a time (one replica, Recreate)."""
+    docs = render(chart, {})
+    [claim] = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert "storageClassName" not in claim["spec"]  # the cluster's default class
+    deployment = only(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}} in (
+        pod["volumes"]
+    )
+    for container in pod["containers"] + pod["initContainers"]:
+        assert {"name": "data", "mountPath": "/var/lib/syncd"} in container["volumeMounts"]
+    assert config_toml(docs)["store"]["url"] == "sqlite+aiosqlite:////var/lib/syncd/syncd.db"
+
+    sized = render(chart, {"store": {"sqlite": {"size": "5Gi", "storageClassName": "ssd"}}})
+    [claim] = [d for d in sized if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert claim["spec"]["storageClassName"] == "ssd"
+
+    existing = render(chart, {"store": {"sqlite": {"existingClaim": "syncd-data"}}})
+    assert not [d for d in existing if d["kind"] == "PersistentVolumeClaim"]
+    volumes = only(existing, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "syncd-data"}} in volumes
+
+
+def test_an_empty_dir_store_only_when_asked_for(chart: helm.Chart) -> None:
+    docs = render(chart, {"store": {"sqlite": {"volume": "emptyDir"}}})
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    volumes = only(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "data", "emptyDir": {"sizeLimit": "1Gi"}} in volumes
+    notes = chart.render(
+        {"store": {"sqlite": {"volume": "emptyDir"}}}, name="rel", namespace="syncd"
+    )
+    assert "WARNING: the SQLite store lives in an emptyDir" in notes["syncd/templates/NOTES.txt"]
+    assert (
+        "emptyDir"
+        not in chart.render({}, name="rel", namespace="syncd")["syncd/templates/NOTES.txt"]
+    )
+    production = render(chart, PRODUCTION)  # PostgreSQL: nothing to keep in the pod
+    assert not [d for d in production if d["kind"] == "PersistentVolumeClaim"]
+
+
+def egress_ports(policy: dict[str, Any]) -> set[tuple[int, str]]:
+    rules = policy["spec"]["egress"]
+    assert all(rule.get("ports") for rule in rules)  # a rule without ports opens every port
+    return {(p["port"], p["protocol"]) for rule in rules for p in rule["ports"]}
+
+
+DNS = {(53, "UDP"), (53, "TCP")}
+
+
+@pytest.mark.parametrize(
+    ("values", "ports"),
+    [
+        ({}, DNS | {(9092, "TCP"), (443, "TCP")}),
+        (
+            {"config": {"kafka": {"bootstrap_servers": "k-0:9093, k-1:9094,k-2:9093,k-3"}}},
+            DNS | {(9093, "TCP"), (9094, "TCP"), (9092, "TCP"), (443, "TCP")},
+        ),
+        (
+            {"networkPolicy": {"egress": {"kafka": {"ports": [19092]}}}},
+            DNS | {(19092, "TCP"), (443, "TCP")},
+        ),
+        (
+            {
+                "store": {"engine": "postgresql"},
+                "secrets": {"storeUrl": "postgresql+asyncpg://u:p@db/syncd"},
+                "networkPolicy": {"egress": {"store": {"ports": [6432]}}},
+            },
+            DNS | {(9092, "TCP"), (6432, "TCP"), (443, "TCP")},
+        ),
+        (PRODUCTION, DNS | {(9093, "TCP"), (5432, "TCP"), (443, "TCP")}),
+    ],
+    ids=["default", "bootstrap-ports", "kafka-ports", "postgresql", "production"],
+)
+def test_network_policy_is_on_and_egress_goes_to_dns_broker_store_and_https_only(
+    chart: helm.Chart, values: dict[str, Any], ports: set[tuple[int, str]]
+) -> None:
+    docs = render(chart, values)
+    policy = only(docs, "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert egress_ports(policy) == ports
+    [ingress] = policy["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+
+
+def test_production_egress_names_its_peers(chart: helm.Chart) -> None:
+    rules = only(render(chart, PRODUCTION), "NetworkPolicy")["spec"]["egress"]
+    assert all(rule.get("to") for rule in rules)
+    [https] = [r for r in rules if r["ports"] == [{"port": 443, "protocol": "TCP"}]]
+    assert https["to"][0]["ipBlock"]["cidr"] == "0.0.0.0/0"
+    assert "10.0.0.0/8" in https["to"][0]["ipBlock"]["except"]
+    extra = render(
+        chart,
+        {
+            "networkPolicy": {
+                "egress": {
+                    "extra": [
+                        {
+                            "to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}],
+                            "ports": [{"port": 3128, "protocol": "TCP"}],
+                        }
+                    ]
+                }
+            }
+        },
+    )
+    policy = only(extra, "NetworkPolicy")
+    assert (3128, "TCP") in egress_ports(policy)
+    assert policy["spec"]["egress"][-1]["to"] == [{"ipBlock": {"cidr": "10.1.2.3/32"}}]
+
+
+def test_production_verifies_postgresql_tls_with_a_mounted_ca(chart: helm.Chart) -> None:
+    """The production example connects to PostgreSQL with sslmode verify-full against the CA
+    in the postgres-ca Secret, in the migration container too."""
+    pod = only(render(chart, PRODUCTION), "Deployment")["spec"]["template"]["spec"]
+    [ca] = [v for v in pod["volumes"] if v["name"] == "postgresql-ca"]
+    assert ca["secret"]["secretName"] == PRODUCTION["store"]["postgresql"]["caSecret"]
+    assert ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    for container in pod["containers"] + pod["initContainers"]:
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["PGSSLMODE"] == "verify-full"
+        [mount] = [m for m in container["volumeMounts"] if m["name"] == "postgresql-ca"]
+        assert mount["readOnly"] is True
+        assert env["PGSSLROOTCERT"] == f"{mount['mountPath']}/ca.crt"
+    comment = (CHART / "ci" / "production-values.yaml").read_text()
+    assert "?ssl=verify-full" in comment  # the store URL the Secret holds
+    default = only(render(chart, {}), "Deployment")["spec"]["template"]["spec"]
+    assert "env" not in default["containers"][0]
+
+
+def test_extra_env_reaches_both_containers(chart: helm.Chart) -> None:
+    env = [{"name": "SYNCD_LOG__LEVEL", "value": "debug"}]
+    pod = only(render(chart, {"extraEnv": env}), "Deployment")["spec"]["template"]["spec"]
+    assert pod["containers"][0]["env"] == env
+    assert pod["initContainers"][0]["env"] == env

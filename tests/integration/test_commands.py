@@ -51,6 +51,29 @@ def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path: 
     assert "sandbox-refresh-token" not in done.stdout
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+asyncpg://syncd:hunter2@db:5432/syncd?password=s3kr1t",
+        "postgresql+asyncpg://syncd@db/syncd?ssl=verify-full&sslpassword=s3kr1t&x=hunter2x",
+    ],
+    ids=["password", "sslpassword"],
+)
+def test_check_config_shows_no_store_url_secret(tmp_path: Path, url: str) -> None:
+    """Secrets in the store URL (userinfo or password-like parameters) never reach the output,
+    nor an error about the URL."""
+    done = syncd("check-config", "--config", str(write_config(tmp_path, store={"url": url})))
+    assert done.returncode == 0, done.stderr
+    shown = orjson.loads(done.stdout)["store"]["url"]
+    assert "s3kr1t" not in done.stdout + done.stderr
+    assert shown.startswith("postgresql+asyncpg://syncd")
+    assert "password=***" in shown
+    refused = syncd("check-config", "--config", str(write_config(tmp_path, store={"url": [url]})))
+    assert refused.returncode == 2
+    assert "store.url" in refused.stderr
+    assert "s3kr1t" not in refused.stdout + refused.stderr
+
+
 def test_check_config_names_a_bad_key_and_exits_2(tmp_path: Path) -> None:
     done = syncd("check-config", "--config", str(write_config(tmp_path, batch={"max_rec": 5})))
     assert done.returncode == 2

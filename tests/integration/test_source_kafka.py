@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.consumer.fetcher import READ_COMMITTED, READ_UNCOMMITTED
 
 from syncd.config import KafkaConfig
 from syncd.model import SourceRef
@@ -373,6 +374,29 @@ def test_own_broker_stops_and_restarts_on_the_same_port(own_broker: TansuBroker)
     own_broker.start()
     assert own_broker.running
     assert metadata_answered("127.0.0.1", own_broker.port)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("overrides", "level"),
+    [({}, READ_COMMITTED), ({"isolation_level": "read_uncommitted"}, READ_UNCOMMITTED)],
+    ids=["default-read-committed", "read-uncommitted"],
+)
+async def test_the_consumer_fetches_at_the_configured_isolation_level(
+    kafka: KafkaCluster, topic: str, overrides: dict[str, str], level: int
+) -> None:
+    """Aborted transactional writes must never be synced: by default the consumer fetches
+    committed messages only (the broker stops it at the last stable offset and names the
+    aborted transactions to skip). tansu 0.6 (memory storage) answers InitProducerId with an
+    error, so no transaction can be written here: the test checks the level the started
+    consumer fetches with (aiokafka's fetcher puts it in every Fetch request) and that plain
+    messages still flow at it."""
+    await kafka.create_topic(topic)
+    await kafka.produce(topic, [b"a", b"b"])
+    async with running(config(kafka, topic, **overrides)) as source:
+        assert source._consumer._fetcher._isolation_level == level
+        messages = await fetch_until(source, lambda m: len(m) >= 2, "both messages")
+        assert [m.value for m in messages] == [b"a", b"b"]
 
 
 # --- options (no broker) ---------------------------------------------------------------------

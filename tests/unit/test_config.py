@@ -1,6 +1,8 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from syncd import config
 from syncd.errors import ConfigError
@@ -108,3 +110,146 @@ def test_postgresql_tls_is_set_in_the_store_url() -> None:
     engine = create_async_engine(cfg.store.url)
     _, kwargs = engine.dialect.create_connect_args(engine.url)
     assert kwargs["ssl"] == "require"
+
+
+# -- secrets in URLs --------------------------------------------------------------------------
+URL_CHARS = "abcAB09:/?&=@%#+[]._-~;' "
+SECRET_PARAMS = ("password", "sslpassword", "PASSWORD", "pass%77ord", "ssl+password", "pwd")
+url_part = st.text(alphabet=URL_CHARS, max_size=12)
+query_name = st.one_of(st.sampled_from(SECRET_PARAMS), st.text(alphabet="abc_%+", max_size=6))
+
+
+def secret_param(name: str) -> bool:
+    """The rule, in its own words: a parameter whose (decoded) name holds 'pass', 'pwd',
+    'secret' or 'token', in any case."""
+    low = name.lower()
+    return any(word in low for word in ("pass", "pwd", "secret", "token"))
+
+
+@settings(max_examples=400)
+@given(
+    scheme=st.sampled_from(["postgresql+asyncpg", "sqlite+aiosqlite", "x"]),
+    user=url_part,
+    password=st.none() | url_part,
+    host=url_part,
+    database=url_part,
+    query=st.lists(st.tuples(query_name, url_part), max_size=4),
+)
+def test_mask_urls_leaves_no_secret_sqlalchemy_would_read(
+    scheme: str,
+    user: str,
+    password: str | None,
+    host: str,
+    database: str,
+    query: list[tuple[str, str]],
+) -> None:
+    """SQLAlchemy parses the store URL: whatever it would take for the password or a
+    password-like parameter reads '***' after masking; everything else parses unchanged."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    userinfo = user + (f":{password}" if password is not None else "") + "@"
+    url = f"{scheme}://{userinfo}{host}/{database}"
+    if query:
+        url += "?" + "&".join(f"{k}={v}" for k, v in query)
+    try:
+        before = make_url(url)
+    except (ArgumentError, ValueError):  # not a URL SQLAlchemy (hence syncd) could use
+        return
+    after = make_url(config.mask_urls(url))
+    assert after.password in (None, "***")
+    assert (after.password is None) == (before.password is None)
+    for name, value in after.query.items():
+        if secret_param(name):
+            assert set(value if isinstance(value, tuple) else [value]) == {"***"}, name
+    visible = {k: v for k, v in after.query.items() if not secret_param(k)}
+    assert visible == {k: v for k, v in before.query.items() if not secret_param(k)}
+    assert set(after.query) == set(before.query)
+    for part in ("drivername", "username", "host", "port", "database"):
+        assert getattr(after, part) == getattr(before, part), part
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (
+            "postgresql+asyncpg://u:pw@h/db?password=secret",
+            "postgresql+asyncpg://u:***@h/db?password=***",
+        ),
+        (
+            "postgresql+asyncpg://u@h/db?ssl=verify-full&sslpassword=secret&x=1",
+            "postgresql+asyncpg://u@h/db?ssl=verify-full&sslpassword=***&x=1",
+        ),
+        ("sqlite+aiosqlite:///syncd.db", "sqlite+aiosqlite:///syncd.db"),
+        (
+            "error=OSError('postgresql+asyncpg://u:p@ss@h/db') and x://v:secret@w",
+            "error=OSError('postgresql+asyncpg://u:***@ss@h/db') and x://v:***@w",
+        ),
+        (  # a URL inside the query of another one
+            "a://h/db?next=b://u:secret@h",
+            "a://h/db?next=b://u:***@h",
+        ),
+    ],
+)
+def test_mask_urls_examples(text: str, shown: str) -> None:
+    assert config.mask_urls(text) == shown
+
+
+def test_check_config_masks_query_passwords() -> None:
+    cfg = config.from_mapping(
+        {"store": {"url": "postgresql+asyncpg://u:hunter2@h/db?password=s3kr1t&sslpassword=k3y"}}
+    )
+    dump = repr(config.masked(cfg))
+    for secret in ("hunter2", "s3kr1t", "k3y"):
+        assert secret not in dump
+    assert config.masked(cfg)["store"]["url"] == (
+        "postgresql+asyncpg://u:***@h/db?password=***&sslpassword=***"
+    )
+
+
+def test_config_errors_do_not_echo_a_url_secret() -> None:
+    """A store URL of the wrong type is named in the error, its secrets masked."""
+    url = "postgresql+asyncpg://u:hunter2@h/db?sslpassword=s3kr1t"
+    with pytest.raises(ConfigError, match=r"store\.url") as err:
+        config.from_mapping({"store": {"url": [url]}})
+    assert "hunter2" not in str(err.value)
+    assert "s3kr1t" not in str(err.value)
+    assert "u:***@h" in str(err.value)
+
+
+def test_logs_mask_url_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    """Whatever a log line carries (an exception's text, say), URL secrets come out masked."""
+    import structlog
+
+    from syncd.observability import logging as syncd_logging
+
+    before = structlog.get_config()
+    syncd_logging.configure("info")  # prints to the captured stdout: restored below
+    try:
+        log = syncd_logging.get_logger("test")
+        url = "postgresql+asyncpg://u:hunter2@h/db?password=s3kr1t"
+        log.warning("store failed", error=repr(OSError(url)), detail={"url": url})
+        try:
+            raise RuntimeError(url)
+        except RuntimeError:
+            log.exception("crashed")
+    finally:
+        structlog.configure(**before)
+    out = capsys.readouterr().out
+    assert "store failed" in out
+    assert "crashed" in out
+    assert "hunter2" not in out
+    assert "s3kr1t" not in out
+    assert "u:***@h/db?password=***" in out
+
+
+def test_kafka_reads_committed_messages_by_default() -> None:
+    """Aborted transactional writes are never synced unless read_uncommitted is chosen."""
+    assert config.from_mapping({}).kafka.isolation_level == "read_committed"
+    chosen = config.from_mapping({"kafka": {"isolation_level": "read_uncommitted"}})
+    assert chosen.kafka.isolation_level == "read_uncommitted"
+    from_env = config.from_mapping({}, {"SYNCD_KAFKA__ISOLATION_LEVEL": "read_uncommitted"})
+    assert from_env.kafka.isolation_level == "read_uncommitted"
+    for bad in ("READ_COMMITTED", "committed", ""):
+        with pytest.raises(ConfigError, match=r"kafka\.isolation_level.*read_committed"):
+            config.from_mapping({"kafka": {"isolation_level": bad}})

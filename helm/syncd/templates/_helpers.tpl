@@ -65,6 +65,41 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.secrets.storeUrl (ne .Values.store.engine "postgresql") }}
 {{- fail "secrets.storeUrl is set but store.engine is not postgresql" }}
 {{- end }}
+{{- if and .Values.store.postgresql.caSecret (ne .Values.store.engine "postgresql") }}
+{{- fail "store.postgresql.caSecret is set but store.engine is not postgresql" }}
+{{- end }}
+{{- if and .Values.store.sqlite.existingClaim (or (ne .Values.store.engine "sqlite") (ne .Values.store.sqlite.volume "persistentVolumeClaim")) }}
+{{- fail "store.sqlite.existingClaim is set but the store is not SQLite on a persistentVolumeClaim (store.engine=sqlite, store.sqlite.volume=persistentVolumeClaim)" }}
+{{- end }}
+{{- end }}
+
+{{/* The broker ports of the NetworkPolicy, as a JSON list: networkPolicy.egress.kafka.ports, or
+the ports of config.kafka.bootstrap_servers (Kafka's 9092 where one names none). */}}
+{{- define "syncd.kafkaPorts" -}}
+{{- $ports := .Values.networkPolicy.egress.kafka.ports }}
+{{- if not $ports }}
+{{- range splitList "," .Values.config.kafka.bootstrap_servers }}
+{{- $port := regexFind ":[0-9]+$" (trim .) | trimPrefix ":" | default "9092" }}
+{{- $ports = append $ports (int $port) }}
+{{- end }}
+{{- end }}
+{{- uniq $ports | toJson }}
+{{- end }}
+
+{{- define "syncd.pgCaDir" -}}/var/run/secrets/syncd-postgresql-ca{{- end }}
+
+{{/* Environment of both containers: verified TLS to PostgreSQL (asyncpg reads PGSSLMODE and
+PGSSLROOTCERT when the store URL names no ssl mode), then extraEnv. */}}
+{{- define "syncd.env" -}}
+{{- if and (eq .Values.store.engine "postgresql") .Values.store.postgresql.caSecret }}
+- name: PGSSLMODE
+  value: verify-full
+- name: PGSSLROOTCERT
+  value: {{ include "syncd.pgCaDir" . }}/ca.crt
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* One TOML value: string, boolean, number (integral numbers as integers) or list. */}}
@@ -130,6 +165,11 @@ seccompProfile:
   mountPath: /tmp
 - name: data
   mountPath: /var/lib/syncd
+{{- if and (eq .Values.store.engine "postgresql") .Values.store.postgresql.caSecret }}
+- name: postgresql-ca
+  mountPath: {{ include "syncd.pgCaDir" . }}
+  readOnly: true
+{{- end }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
