@@ -6,7 +6,11 @@ run the same statements. Atomicity:
 - SQLite: every write is one `BEGIN IMMEDIATE` transaction (the database-wide write lock), WAL
   journal, `busy_timeout` so that other processes wait instead of failing.
 - PostgreSQL: jobs are claimed with `UPDATE .. WHERE id IN (SELECT .. FOR UPDATE SKIP LOCKED)`;
-  budget reservations of one connection are serialized by `pg_advisory_xact_lock`.
+  budget reservations of one connection are serialized by `pg_advisory_xact_lock`. Every
+  transaction runs at READ COMMITTED, whatever the database's `default_transaction_isolation`:
+  the algorithms need each statement to see what committed before it (a repeatable-read
+  snapshot taken before the advisory lock is granted misses the reservations of the transaction
+  that held it), and READ COMMITTED never fails a transaction for serialization.
 
 Times are unix epoch seconds from one clock: PostgreSQL's `clock_timestamp()`, so replicas with
 skewed clocks agree; the process clock for SQLite (one host). Tests may inject a clock.
@@ -46,6 +50,7 @@ from syncd.amazon.api import JobStatus
 from syncd.errors import SchemaOutdatedError
 from syncd.store.schema import EXPIRED, PENDING, budget_reservations, jobs
 
+_PG_ISOLATION = "READ COMMITTED"  # pinned: see the module docstring
 _MIGRATION_LOCK = 0x73796E6364  # pg_advisory_xact_lock key: "syncd" in hex
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
 _PING_TIMEOUT_S = 5.0
@@ -131,7 +136,13 @@ class Store:
             engine = create_async_engine(url)
             _configure_sqlite(engine)
         else:
-            engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+            engine = create_async_engine(
+                url,
+                pool_size=10,
+                max_overflow=10,
+                pool_pre_ping=True,
+                isolation_level=_PG_ISOLATION,
+            )
         return cls(engine, clock=clock)
 
     async def close(self) -> None:
