@@ -172,9 +172,7 @@ async def test_replicas_polling_and_expiring_at_once_stay_consistent(replica_url
             for job in await store.claim_due_jobs(owner, 5, 60):
                 n = int(job.job_request_id.split("-")[1])
                 state = "SUCCEEDED" if n % 3 == 0 else "PENDING"
-                await store.record_poll(
-                    job.job_request_id, JobStatus(job.job_request_id, state), next_poll_in_s=0
-                )
+                await store.record_poll(job, JobStatus(job.job_request_id, state), next_poll_in_s=0)
 
         expired = 0
         for _ in range(8):
