@@ -94,6 +94,7 @@ class PollConfig:
     max_job_age_s: float = 7 * 86400.0
     concurrency: int = 4
     claim_batch: int = 50
+    retention_days: float = 7.0  # terminal jobs are deleted from the store this long after
 
 
 @dataclass(frozen=True)
@@ -399,6 +400,11 @@ def _validate(cfg: Config) -> None:
     need(cfg.poll.max_job_age_s > 0, "poll.max_job_age_s", "must be > 0")
     need(cfg.poll.concurrency >= 1, "poll.concurrency", "must be >= 1")
     need(cfg.poll.claim_batch >= 1, "poll.claim_batch", "must be >= 1")
+    need(
+        0 < cfg.poll.retention_days < float("inf"),
+        "poll.retention_days",
+        "must be a number of days > 0 (and finite)",
+    )
     host, sep, port = cfg.http.listen.rpartition(":")
     need(
         bool(sep) and bool(host) and port.isdigit() and int(port) < 65536,

@@ -1,11 +1,16 @@
 """The job poller: follows every stored job until Amazon reports a terminal state.
 
-Each round: expire jobs older than `poll.max_job_age_s` (EXPIRED, terminal), claim due jobs
-(atomically, leased, so replicas share the work and no job is polled by two at once), GET each
-job's status (at most `poll.concurrency` at a time) and record it. A PENDING job is polled again
-after an interval that doubles from `poll.first_delay_s` up to `poll.max_interval_s`; a terminal
-job is never claimed, so never polled, again. A failed GET is retried on the same schedule; a
-refused credential (AuthError) stops the poller.
+Each round claims due jobs, no more than it GETs at once (`poll.concurrency`; atomically and
+leased, so replicas share the work), GETs each one's status at once and records it. The lease
+therefore starts at the GET, and a GET still under way when the lease would run out is given up
+(a failed poll): no other replica can claim a job while its GET is under way. A result is
+recorded through `persist` (a store hiccup delays it, never loses it), fenced on the claim (see
+Store.record_poll). A PENDING job is polled again after an interval that doubles from
+`poll.first_delay_s` up to `poll.max_interval_s`; a terminal job is never claimed, so never
+polled, again. A failed GET is retried on the same schedule; a refused credential (AuthError)
+stops the poller. Every HOUSEKEEPING_EVERY_S: jobs older than `poll.max_job_age_s` are expired
+(EXPIRED, terminal), terminal jobs older than `poll.retention_days` deleted, and the
+jobs-by-state gauge refreshed.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
@@ -22,14 +26,16 @@ from syncd.config import PollConfig
 from syncd.errors import AmazonError, AuthError
 from syncd.observability import metrics
 from syncd.observability.logging import get_logger
-from syncd.store import JobRow
+from syncd.store import JobRow, persist
+from syncd.store.reasons import invalid_reason_counts
 from syncd.store.schema import EXPIRED
 
 log = get_logger("syncd.jobs")
 
 IDLE_MAX_S = 1.0  # longest sleep between rounds: jobs added meanwhile (any replica) are noticed
-COUNTS_EVERY_S = 10.0  # how often the jobs-by-state gauge is refreshed from the store
-_MAX_LABEL_CHARS = 200
+HOUSEKEEPING_EVERY_S = 10.0  # expiry, retention and the jobs-by-state gauge
+GET_SHARE_OF_LEASE = 0.9  # a GET is given up after this share of the lease (the rest: margin)
+DAY_S = 86400.0
 
 
 class JobClient(Protocol):
@@ -41,12 +47,13 @@ class JobStore(Protocol):
     async def claim_due_jobs(self, owner: str, limit: int, lease_s: float) -> list[JobRow]: ...
     async def record_poll(
         self,
-        job_request_id: str,
+        claim: JobRow,
         status: JobStatus | None,
         *,
         next_poll_in_s: float,
         error: str | None = None,
-    ) -> None: ...
+    ) -> bool: ...
+    async def purge_jobs(self, older_than_s: float) -> int: ...
     async def next_due_in(self) -> float | None: ...
     async def job_counts(self) -> dict[str, int]: ...
 
@@ -70,8 +77,9 @@ class Poller:
         lease_s: float = 330.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`lease_s`: how long a claim holds. It must outlive one GET with all its retries; a
-        crashed owner's jobs come back to the others when it runs out."""
+        """`lease_s`: how long a claim holds. It should outlive one GET with all its retries (a
+        GET is given up at GET_SHARE_OF_LEASE of it); a crashed owner's jobs come back to the
+        others when it runs out."""
         self._store = store
         self._client = client
         self._cfg = cfg
@@ -79,7 +87,7 @@ class Poller:
         self._lease_s = lease_s
         self._clock = clock
         self._auth_error: AuthError | None = None
-        self._counts_at: float | None = None
+        self._housekept_at: float | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll rounds until `stop` is set. Refused credentials (AuthError) end the loop with
@@ -98,71 +106,64 @@ class Poller:
 
     async def poll_once(self) -> float:
         """One round. Returns the seconds until the next round is due (0 = more are due now)."""
-        expired = await self._store.expire_jobs(self._cfg.max_job_age_s)
-        if expired:
-            metrics.JOBS_FINISHED.labels(EXPIRED).inc(expired)
-            log.warning(
-                "jobs expired without a terminal state; no longer polled",
-                jobs=expired,
-                max_job_age_s=self._cfg.max_job_age_s,
-            )
-        claimed = await self._store.claim_due_jobs(
-            self._owner, self._cfg.claim_batch, self._lease_s
-        )
+        limit = min(self._cfg.claim_batch, self._cfg.concurrency)
+        claimed = await self._store.claim_due_jobs(self._owner, limit, self._lease_s)
         if claimed:
-            limit = asyncio.Semaphore(self._cfg.concurrency)
             async with asyncio.TaskGroup() as tg:
                 for job in claimed:
-                    tg.create_task(self._poll(job, limit))
+                    tg.create_task(self._poll(job))
             if self._auth_error is not None:
                 raise self._auth_error
-        await self._update_counts()
-        if len(claimed) >= self._cfg.claim_batch:
+        await self._housekeeping()
+        if len(claimed) >= limit:
             return 0.0
         due_in = await self._store.next_due_in()
         return IDLE_MAX_S if due_in is None else min(due_in, IDLE_MAX_S)
 
-    async def _poll(self, job: JobRow, limit: asyncio.Semaphore) -> None:
-        polls = job.polls + 1
-        async with limit:
-            if self._auth_error is not None:
-                return
-            try:
+    async def _poll(self, job: JobRow) -> None:
+        next_poll_in_s = poll_interval(job.polls + 1, self._cfg)
+        try:
+            async with asyncio.timeout(self._lease_s * GET_SHARE_OF_LEASE):
                 status = await self._client.get_job(job.job_request_id)
-            except AuthError as exc:
-                self._auth_error = exc
-                return
-            except AmazonError as exc:
-                metrics.JOB_POLLS.labels("error").inc()
-                log.warning(
-                    "job poll failed; will retry",
-                    job_request_id=job.job_request_id,
-                    status=exc.status,
-                    error=str(exc),
-                )
-                await self._store.record_poll(
-                    job.job_request_id,
-                    None,
-                    next_poll_in_s=poll_interval(polls, self._cfg),
-                    error=str(exc),
-                )
-                return
-        await self._store.record_poll(
-            job.job_request_id, status, next_poll_in_s=poll_interval(polls, self._cfg)
-        )
+        except AuthError as exc:
+            self._auth_error = exc
+            return
+        except (AmazonError, TimeoutError) as exc:
+            error = str(exc) if isinstance(exc, AmazonError) else "no answer within the lease"
+            metrics.JOB_POLLS.labels("error").inc()
+            log.warning(
+                "job poll failed; will retry",
+                job_request_id=job.job_request_id,
+                status=getattr(exc, "status", None),
+                error=error,
+            )
+            await self._record(job, None, next_poll_in_s, error)
+            return
+        stored = await self._record(job, status, next_poll_in_s)
         if status.terminal:
             metrics.JOB_POLLS.labels("terminal").inc()
-            self._finished(job, status)
+            if stored:  # else another replica stored the end first (and counted it)
+                self._finished(job, status)
         else:
             metrics.JOB_POLLS.labels("pending").inc()
+
+    async def _record(
+        self, job: JobRow, status: JobStatus | None, next_poll_in_s: float, error: str | None = None
+    ) -> bool:
+        """Store one poll's result, retried until the store takes it."""
+        return await persist(
+            lambda: self._store.record_poll(
+                job, status, next_poll_in_s=next_poll_in_s, error=error
+            ),
+            what="job poll result",
+        )
 
     def _finished(self, job: JobRow, status: JobStatus) -> None:
         metrics.JOBS_FINISHED.labels(status.job_state).inc()
         metrics.JOB_COMPLETION.observe(max(0.0, self._clock() - job.created_at))
         if status.processed_rate is not None:
             metrics.JOB_PROCESSED_RATE.observe(status.processed_rate)
-        reasons = Counter(r.error[:_MAX_LABEL_CHARS] for r in status.invalid_records)
-        for reason, n in reasons.items():
+        for reason, n in invalid_reason_counts(status.invalid_records).items():
             metrics.INVALID_RECORDS.labels(reason).inc(n)
         log.info(
             "job finished",
@@ -176,11 +177,27 @@ class Poller:
             invalid_records=len(status.invalid_records),
         )
 
-    async def _update_counts(self) -> None:
+    async def _housekeeping(self) -> None:
+        """Expire, delete past retention and refresh the gauge, every HOUSEKEEPING_EVERY_S."""
         now = time.monotonic()
-        if self._counts_at is not None and now - self._counts_at < COUNTS_EVERY_S:
+        if self._housekept_at is not None and now - self._housekept_at < HOUSEKEEPING_EVERY_S:
             return
-        self._counts_at = now
+        self._housekept_at = now
+        expired = await self._store.expire_jobs(self._cfg.max_job_age_s)
+        if expired:
+            metrics.JOBS_FINISHED.labels(EXPIRED).inc(expired)
+            log.warning(
+                "jobs expired without a terminal state; no longer polled",
+                jobs=expired,
+                max_job_age_s=self._cfg.max_job_age_s,
+            )
+        deleted = await self._store.purge_jobs(self._cfg.retention_days * DAY_S)
+        if deleted:
+            log.info(
+                "terminal jobs past retention deleted",
+                jobs=deleted,
+                retention_days=self._cfg.retention_days,
+            )
         counts = await self._store.job_counts()
         for state in {*JOB_STATES, EXPIRED, *counts}:
             metrics.JOBS.labels(state).set(counts.get(state, 0))

@@ -174,7 +174,12 @@ CONNECTION_BLOCKED = Gauge(
 )
 
 # --- jobs --------------------------------------------------------------------------------------
-JOBS = Gauge("syncd_jobs", "Tracked jobs in the store by state", ["state"], registry=REGISTRY)
+JOBS = Gauge(
+    "syncd_jobs",
+    "Jobs in the store by state (terminal ones for poll.retention_days)",
+    ["state"],
+    registry=REGISTRY,
+)
 JOBS_FINISHED = Counter(
     "syncd_jobs_finished_total",
     "Jobs that reached a terminal state (incl. EXPIRED)",
@@ -198,7 +203,7 @@ JOB_PROCESSED_RATE = Histogram(
 )
 INVALID_RECORDS = Counter(
     "syncd_invalid_records_total",
-    "invalidRecords reported by Amazon, by reason",
+    "invalidRecords reported by Amazon, by reason class (syncd.store.reasons)",
     ["reason"],
     registry=REGISTRY,
 )

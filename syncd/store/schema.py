@@ -42,7 +42,8 @@ jobs = Table(
     Column("terminal_at", Float),
     Column("processed_rate", Float),
     Column("invalid_records", Integer, nullable=False, default=0),
-    Column("invalid_reasons", JSON, nullable=False),  # {reason: count}; never external ids
+    # {reason class (syncd.store.reasons): count}; never Amazon's text, never external ids
+    Column("invalid_reasons", JSON, nullable=False),
     Column("audience_size", BigInteger),
     Column("received_records", Integer),
     Column("error", Text),  # short summary of the last failed poll
@@ -50,6 +51,16 @@ jobs = Table(
     Column("claimed_until", Float),
     Index("ix_jobs_due", "state", "next_poll_at"),
     Index("ix_jobs_created_at", "created_at"),
+    Index("ix_jobs_terminal_at", "terminal_at"),  # finds terminal jobs past their retention
+)
+
+# Jobs per state, kept by the same transactions that add, end and delete jobs: the counts are
+# read every few seconds and must not scan the jobs table.
+job_counts = Table(
+    "job_counts",
+    metadata,
+    Column("state", String(32), primary_key=True),
+    Column("jobs", BigInteger, nullable=False),
 )
 
 budget_reservations = Table(

@@ -6,10 +6,20 @@ run the same statements. Atomicity:
 - SQLite: every write is one `BEGIN IMMEDIATE` transaction (the database-wide write lock), WAL
   journal, `busy_timeout` so that other processes wait instead of failing.
 - PostgreSQL: jobs are claimed with `UPDATE .. WHERE id IN (SELECT .. FOR UPDATE SKIP LOCKED)`;
-  budget reservations of one connection are serialized by `pg_advisory_xact_lock`.
+  budget reservations of one connection are serialized by `pg_advisory_xact_lock`. Every
+  transaction runs at READ COMMITTED, whatever the database's `default_transaction_isolation`:
+  the algorithms need each statement to see what committed before it (a repeatable-read
+  snapshot taken before the advisory lock is granted misses the reservations of the transaction
+  that held it), and READ COMMITTED never fails a transaction for serialization.
 
 Times are unix epoch seconds from one clock: PostgreSQL's `clock_timestamp()`, so replicas with
 skewed clocks agree; the process clock for SQLite (one host). Tests may inject a clock.
+
+Job counts per state live in `job_counts`, changed by the transaction that adds, ends or deletes
+jobs, so that counting never scans `jobs`. A poll result other than a terminal state is stored
+only by the claim that polled it (owner and lease unchanged): a poller whose lease ran out and
+whose job another poller claimed cannot overwrite the newer claim. A terminal state is stored
+by whoever learns it first.
 
 Budget rows: a reservation is stamped when it is made and re-stamped when its POST was
 accepted (`confirm`). A confirmed row counts for `window_s` after its stamp. An unconfirmed row
@@ -44,13 +54,15 @@ from sqlalchemy.util import await_only
 
 from syncd.amazon.api import JobStatus
 from syncd.errors import SchemaOutdatedError
-from syncd.store.schema import EXPIRED, PENDING, budget_reservations, jobs
+from syncd.store.reasons import invalid_reason_counts
+from syncd.store.schema import EXPIRED, PENDING, budget_reservations, job_counts, jobs
 
+_PG_ISOLATION = "READ COMMITTED"  # pinned: see the module docstring
 _MIGRATION_LOCK = 0x73796E6364  # pg_advisory_xact_lock key: "syncd" in hex
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
 _PING_TIMEOUT_S = 5.0
 _IDS_PER_QUERY = 500
-_MAX_REASON_CHARS = 200
+_PURGE_BATCH = 1000  # terminal jobs deleted per purge_jobs call: short transactions
 _MAX_ERROR_CHARS = 500
 
 
@@ -131,7 +143,13 @@ class Store:
             engine = create_async_engine(url)
             _configure_sqlite(engine)
         else:
-            engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+            engine = create_async_engine(
+                url,
+                pool_size=10,
+                max_overflow=10,
+                pool_pre_ping=True,
+                isolation_level=_PG_ISOLATION,
+            )
         return cls(engine, clock=clock)
 
     async def close(self) -> None:
@@ -197,8 +215,14 @@ class Store:
                 "invalid_records": 0,
                 "invalid_reasons": {},
             }
-            dialect_insert = pg_insert if self._postgres else sqlite_insert
-            await conn.execute(dialect_insert(jobs).values(values).on_conflict_do_nothing())
+            added = await conn.scalar(
+                self._insert(jobs)
+                .values(values)
+                .on_conflict_do_nothing()
+                .returning(jobs.c.job_request_id)
+            )
+            if added is not None:
+                await self._count(conn, {PENDING: 1})
 
     async def claim_due_jobs(self, owner: str, limit: int, lease_s: float) -> list[JobRow]:
         """Atomically claim up to `limit` due PENDING jobs for `lease_s` seconds: no other owner
@@ -228,15 +252,21 @@ class Store:
 
     async def record_poll(
         self,
-        job_request_id: str,
+        claim: JobRow,
         status: JobStatus | None,
         *,
         next_poll_in_s: float,
         error: str | None = None,
-    ) -> None:
-        """Record one poll and release the claim. `status` None = the GET failed (`error` says
-        why). A terminal status ends the job: it is never claimed again. A job that became
-        terminal meanwhile (e.g. expired) is left as it is."""
+    ) -> bool:
+        """Record one poll of a job `claim_due_jobs` returned, and release the claim. `status`
+        None = the GET failed (`error` says why). A terminal status ends the job: it is never
+        claimed again. Returns whether it was stored: a job that is terminal meanwhile (e.g.
+        expired) is left as it is, and so is a job claimed since by someone else, unless
+        `status` is terminal."""
+        where = [jobs.c.job_request_id == claim.job_request_id, jobs.c.state == PENDING]
+        terminal = status is not None and status.terminal
+        if not terminal:
+            where += [jobs.c.owner == claim.owner, jobs.c.claimed_until == claim.claimed_until]
         async with self._write() as conn:
             now = await self._now(conn)
             values: dict[str, Any] = {
@@ -247,22 +277,21 @@ class Store:
                 "claimed_until": None,
                 "error": None if error is None else error[:_MAX_ERROR_CHARS],
             }
-            if status is not None and status.terminal:
-                reasons = Counter(r.error[:_MAX_REASON_CHARS] for r in status.invalid_records)
+            if status is not None and terminal:
                 values |= {
                     "state": status.job_state,
                     "terminal_at": now,
                     "processed_rate": status.processed_rate,
                     "invalid_records": len(status.invalid_records),
-                    "invalid_reasons": dict(reasons),
+                    "invalid_reasons": invalid_reason_counts(status.invalid_records),
                     "audience_size": status.dsp_audience_size,
                     "received_records": status.received_record_size,
                 }
-            await conn.execute(
-                update(jobs)
-                .where(jobs.c.job_request_id == job_request_id, jobs.c.state == PENDING)
-                .values(values)
-            )
+            result = await conn.execute(update(jobs).where(*where).values(values))
+            stored = result.rowcount == 1
+            if stored and status is not None and terminal:
+                await self._count(conn, {PENDING: -1, status.job_state: 1})
+        return stored
 
     async def expire_jobs(self, max_age_s: float) -> int:
         """Mark PENDING jobs created more than `max_age_s` ago EXPIRED (terminal); how many."""
@@ -273,7 +302,31 @@ class Store:
                 .where(jobs.c.state == PENDING, jobs.c.created_at <= now - max_age_s)
                 .values(state=EXPIRED, terminal_at=now, owner=None, claimed_until=None)
             )
-        return int(result.rowcount)
+            expired = int(result.rowcount)
+            if expired:
+                await self._count(conn, {PENDING: -expired, EXPIRED: expired})
+        return expired
+
+    async def purge_jobs(self, older_than_s: float) -> int:
+        """Delete jobs terminal for more than `older_than_s` (a bounded batch per call: call
+        again while it returns a full batch); how many."""
+        async with self._write() as conn:
+            now = await self._now(conn)
+            old = (
+                select(jobs.c.job_request_id)
+                .where(jobs.c.terminal_at <= now - older_than_s, jobs.c.state != PENDING)
+                .limit(_PURGE_BATCH)
+            )
+            if self._postgres:
+                old = old.with_for_update(skip_locked=True)
+            result = await conn.execute(
+                delete(jobs)
+                .where(jobs.c.job_request_id.in_(old.scalar_subquery()))
+                .returning(jobs.c.state)
+            )
+            gone = Counter(row[0] for row in result)
+            await self._count(conn, {state: -n for state, n in gone.items()})
+        return gone.total()
 
     async def next_due_in(self) -> float | None:
         """Seconds until some PENDING job is due and unclaimed (0 if one is now); None if none."""
@@ -287,9 +340,12 @@ class Store:
         return None if first is None else max(0.0, float(first) - now)
 
     async def job_counts(self) -> dict[str, int]:
+        """{state: jobs in the store} for the states that have jobs (no scan of the jobs)."""
         async with self._read() as conn:
             result = await conn.execute(
-                select(jobs.c.state, func.count()).group_by(jobs.c.state).order_by(jobs.c.state)
+                select(job_counts.c.state, job_counts.c.jobs)
+                .where(job_counts.c.jobs > 0)
+                .order_by(job_counts.c.state)
             )
             return {row[0]: int(row[1]) for row in result}
 
@@ -396,6 +452,24 @@ class Store:
         return int(used or 0)
 
     # -- plumbing --------------------------------------------------------------------------------
+    def _insert(self, table: Any) -> Any:
+        """INSERT with the dialect's ON CONFLICT."""
+        return (pg_insert if self._postgres else sqlite_insert)(table)
+
+    async def _count(self, conn: AsyncConnection, changes: Mapping[str, int]) -> None:
+        """Add `changes` ({state: +-jobs}) to the job counts, in one statement, rows in state
+        order (concurrent writers lock them in the same order: no deadlock)."""
+        rows = [{"state": k, "jobs": n} for k, n in sorted(changes.items()) if n]
+        if not rows:
+            return
+        upsert = self._insert(job_counts).values(rows)
+        await conn.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[job_counts.c.state],
+                set_={"jobs": job_counts.c.jobs + upsert.excluded.jobs},
+            )
+        )
+
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
         """One transaction; on SQLite it holds the write lock from its first statement."""

@@ -18,6 +18,7 @@ def test_defaults_match_the_contract() -> None:
     assert cfg.budget.records_per_hour == 15_000_000
     assert cfg.store.url == "sqlite+aiosqlite:///syncd.db"
     assert cfg.http.listen == "0.0.0.0:9108"
+    assert cfg.poll.retention_days == 7
 
 
 def test_audience_id_keeps_all_18_digits() -> None:
@@ -37,6 +38,9 @@ def test_audience_id_keeps_all_18_digits() -> None:
         ({"destinations": [{**DEST, "country_code": "USA"}]}, "destinations[0].country_code"),
         ({"destinations": [{**DEST, "colour": "red"}]}, "destinations[0].colour"),
         ({"destinations": [DEST, DEST]}, "destinations[1].audience"),
+        ({"poll": {"retention_days": 0}}, "poll.retention_days"),
+        ({"poll": {"retention_days": float("nan")}}, "poll.retention_days"),
+        ({"poll": {"retention_days": float("inf")}}, "poll.retention_days"),
     ],
 )
 def test_errors_name_the_key(raw: dict[str, object], key: str) -> None:

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib
+import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from syncd.amazon.api import InvalidRecord, JobStatus
 from syncd.config import PollConfig
 from syncd.errors import AmazonError, AuthError, RetryableError
 from syncd.jobs import IDLE_MAX_S, Poller, poll_interval
 from syncd.observability.metrics import REGISTRY
-from syncd.store import NewJob, Store
+from syncd.store import JobRow, NewJob, Store
+from syncd.store.reasons import INVALID_REASONS
 from tests.unit.test_store import T0, FakeClock
 
 CFG = PollConfig(
@@ -23,7 +30,9 @@ CFG = PollConfig(
 
 
 class FakeClient:
-    """Answers from a script per job (default PENDING); records every GET."""
+    """Answers from a script per job (default PENDING); records every GET. `during_get` runs
+    inside each GET (e.g. to look at the store, or to let the clock run as a throttled GET
+    would); `in_flight` and `peak_per_job` count GETs of one job under way at once."""
 
     def __init__(self) -> None:
         self.script: dict[str, list[JobStatus | AmazonError]] = {}
@@ -31,14 +40,24 @@ class FakeClient:
         self.active = 0
         self.peak = 0
         self.called = asyncio.Event()
+        self.during_get: Callable[[str], Awaitable[None]] | None = None
+        self.in_flight: Counter[str] = Counter()
+        self.peak_per_job = 0
 
     async def get_job(self, job_request_id: str) -> JobStatus:
         self.calls.append(job_request_id)
         self.called.set()
         self.active += 1
         self.peak = max(self.peak, self.active)
-        await asyncio.sleep(0)  # let other polls start: the concurrency bound is observable
-        self.active -= 1
+        self.in_flight[job_request_id] += 1
+        self.peak_per_job = max(self.peak_per_job, self.in_flight[job_request_id])
+        try:
+            await asyncio.sleep(0)  # let other polls start: the concurrency bound is observable
+            if self.during_get is not None:
+                await self.during_get(job_request_id)
+        finally:
+            self.active -= 1
+            self.in_flight[job_request_id] -= 1
         queue = self.script.get(job_request_id, [])
         answer = queue.pop(0) if queue else JobStatus(job_request_id, "PENDING")
         if isinstance(answer, AmazonError):
@@ -106,9 +125,9 @@ async def test_backoff_grows_and_terminal_job_is_never_polled_again(
 async def test_terminal_job_records_metrics_and_reasons(
     store: Store, client: FakeClient, poller: Poller, clock: FakeClock
 ) -> None:
-    reason = "unit-test-reason-42"
+    reason = "INVALID_HASHED_PII: unit test 42"  # Amazon's text: its class is the label
     before_finished = sample("syncd_jobs_finished_total", state="PARTIALLYSUCCEEDED")
-    before_invalid = sample("syncd_invalid_records_total", reason=reason)
+    before_invalid = sample("syncd_invalid_records_total", reason="invalid_pii")
     before_rate = sample("syncd_job_processed_rate_percent_count")
     await add(store, "job-1", after=0)
     client.script["job-1"] = [
@@ -122,11 +141,12 @@ async def test_terminal_job_records_metrics_and_reasons(
     clock.advance(5)
     await poller.poll_once()
     assert sample("syncd_jobs_finished_total", state="PARTIALLYSUCCEEDED") == before_finished + 1
-    assert sample("syncd_invalid_records_total", reason=reason) == before_invalid + 2
+    assert sample("syncd_invalid_records_total", reason="invalid_pii") == before_invalid + 2
+    assert sample("syncd_invalid_records_total", reason=reason) == 0
     assert sample("syncd_job_processed_rate_percent_count") == before_rate + 1
     assert sample("syncd_jobs", state="PARTIALLYSUCCEEDED") >= 1
     [row] = await store.list_jobs()
-    assert row.invalid_reasons == {reason: 2}
+    assert row.invalid_reasons == {"invalid_pii": 2}
     clock.advance(10_000)
     for _ in range(3):
         await poller.poll_once()
@@ -169,10 +189,11 @@ async def test_concurrency_is_bounded_and_full_batches_loop_at_once(
 ) -> None:
     for i in range(7):
         await add(store, f"job-{i}", after=0)
-    assert await poller.poll_once() == 0.0  # a full claim batch: more may be due
-    assert len(client.calls) == CFG.claim_batch
+    assert await poller.poll_once() == 0.0  # a full claim: more may be due
+    assert len(client.calls) == CFG.concurrency  # it claims only what it can poll at once
     assert client.peak == CFG.concurrency
-    assert await poller.poll_once() == IDLE_MAX_S
+    while await poller.poll_once() == 0.0:
+        pass
     assert Counter(client.calls) == {f"job-{i}": 1 for i in range(7)}
 
 
@@ -208,3 +229,192 @@ async def test_run_polls_until_stopped(store: Store, client: FakeClient, poller:
     assert client.calls == ["job-1"]
     [row] = await store.list_jobs()
     assert row.polls == 1
+
+
+async def owned_by(store: Store, owner: str) -> list[JobRow]:
+    return [j for j in await store.list_jobs(limit=1000) if j.owner == owner]
+
+
+async def test_it_claims_no_more_jobs_than_it_polls_at_once(
+    store: Store, client: FakeClient, poller: Poller
+) -> None:
+    """A job claimed but waiting for a free slot would spend its lease waiting."""
+    for i in range(12):
+        await add(store, f"job-{i}", after=0)
+    held: list[int] = []
+
+    async def look(_job: str) -> None:
+        held.append(len(await owned_by(store, "replica-a")))
+
+    client.during_get = look
+    while await poller.poll_once() == 0.0:
+        pass
+    assert len(client.calls) == 12
+    assert max(held) <= CFG.concurrency
+
+
+async def test_the_lease_never_runs_out_while_a_get_is_under_way(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """Throttled GETs take long (here 40 s of a 100 s lease each, one at a time): every job is
+    still leased to the poller when its GET starts and when it ends."""
+    cfg = dataclasses.replace(CFG, concurrency=1)
+    poller = Poller(store, client, cfg, owner="a", lease_s=100, clock=clock)
+    for i in range(5):
+        await add(store, f"job-{i}", after=0)
+        client.script[f"job-{i}"] = [JobStatus(f"job-{i}", "SUCCEEDED")]
+    leases: list[bool] = []
+
+    async def throttled(job_id: str) -> None:
+        for _ in range(2):
+            [row] = [j for j in await store.list_jobs() if j.job_request_id == job_id]
+            leases.append(row.owner == "a" and (row.claimed_until or 0) > clock.now)
+            clock.advance(40)
+
+    client.during_get = throttled
+    while await poller.poll_once() == 0.0:
+        pass
+    assert len(client.calls) == 5
+    assert all(leases), leases
+
+
+async def test_throttled_pollers_never_poll_one_job_at_once_nor_after_it_ended(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """Two pollers whose GETs are slow (the store's clock runs 45 s of a 100 s lease per GET,
+    and the other poller gets its turn meanwhile): no job is polled by both at once, and none
+    is polled again once its terminal state is stored."""
+    cfg = dataclasses.replace(CFG, claim_batch=50, concurrency=4)
+    a = Poller(store, client, cfg, owner="a", lease_s=100, clock=clock)
+    b = Poller(store, client, cfg, owner="b", lease_s=100, clock=clock)
+    ids = [f"job-{i}" for i in range(30)]
+    for job_id in ids:
+        await add(store, job_id, after=0)
+        client.script[job_id] = [JobStatus(job_id, "SUCCEEDED", processed_rate=100.0)]
+    polled_after_end: list[str] = []
+
+    async def throttled(job_id: str) -> None:
+        if (await store.job_states([job_id]))[job_id] != "PENDING":
+            polled_after_end.append(job_id)
+        for _ in range(3):
+            clock.advance(15)
+            await asyncio.sleep(0)  # the other poller runs: claims, GETs, records
+
+    async def ended() -> bool:
+        return set((await store.job_states(ids)).values()) == {"SUCCEEDED"}
+
+    async def drive(poller: Poller) -> None:  # both loop at once, as two replicas would
+        for _ in range(200):
+            if await ended():
+                return
+            await poller.poll_once()
+
+    client.during_get = throttled
+    await asyncio.gather(drive(a), drive(b))
+    assert await ended()
+    assert client.peak_per_job == 1
+    assert polled_after_end == []
+    assert Counter(client.calls) == dict.fromkeys(ids, 1)
+
+
+async def test_a_get_that_outlasts_the_lease_is_given_up(store: Store, client: FakeClient) -> None:
+    """A GET still under way when the lease would run out is abandoned (a failed poll, retried
+    later): past the lease another replica may claim and poll the job."""
+    poller = Poller(store, client, CFG, owner="a", lease_s=0.2)
+    await add(store, "job-1", after=0)
+
+    async def hang(_job: str) -> None:
+        await asyncio.Event().wait()
+
+    client.during_get = hang
+    await asyncio.wait_for(poller.poll_once(), timeout=10)
+    [row] = await store.list_jobs()
+    assert (row.state, row.polls, row.owner) == ("PENDING", 1, None)
+    assert row.error is not None
+    assert "lease" in row.error
+
+
+class FlakyStore:
+    """The store, but the next `failures` record_poll calls fail (a store hiccup)."""
+
+    def __init__(self, store: Store, failures: int) -> None:
+        self.store = store
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def record_poll(self, *args: Any, **kwargs: Any) -> bool:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("store unreachable")
+        return await self.store.record_poll(*args, **kwargs)
+
+
+async def test_a_poll_result_survives_a_store_hiccup(
+    store: Store, client: FakeClient, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # syncd.store.persist is also the name of the function: reach the module itself
+    monkeypatch.setattr(importlib.import_module("syncd.store.persist"), "FIRST_PAUSE_S", 0.001)
+    poller = Poller(FlakyStore(store, 3), client, CFG, owner="a", clock=clock)
+    await add(store, "job-1", after=0)
+    client.script["job-1"] = [JobStatus("job-1", "SUCCEEDED", processed_rate=100.0)]
+    await poller.poll_once()
+    assert await store.job_states(["job-1"]) == {"job-1": "SUCCEEDED"}
+    assert client.calls == ["job-1"]
+
+
+async def test_a_job_ended_by_another_replica_is_counted_once(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """A result stored after the job ended elsewhere (the other replica's terminal answer won)
+    changes nothing and is not counted again."""
+    before = sample("syncd_jobs_finished_total", state="FAILED")
+    a = Poller(store, client, CFG, owner="a", lease_s=100, clock=clock)
+    await add(store, "job-1", after=0)
+    client.script["job-1"] = [JobStatus("job-1", "FAILED")]
+
+    async def ended_elsewhere(_job: str) -> None:
+        clock.advance(150)  # a's lease ran out; b claims, polls and stores the end
+        [job] = await store.claim_due_jobs("b", 10, 100)
+        assert await store.record_poll(job, JobStatus("job-1", "SUCCEEDED"), next_poll_in_s=0)
+
+    client.during_get = ended_elsewhere
+    await a.poll_once()
+    assert await store.job_states(["job-1"]) == {"job-1": "SUCCEEDED"}
+    assert sample("syncd_jobs_finished_total", state="FAILED") == before
+
+
+HOSTILE = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=300
+) | st.sampled_from(
+    ["jane.doe@example.com", "+44 20 7946 0958", "x" * 10_000, '\x00\n\r{}"', "INVALID_\u202e"]
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(texts=st.lists(HOSTILE, min_size=1, max_size=8))
+async def test_invalid_record_reasons_stay_a_small_fixed_set(
+    store: Store, client: FakeClient, poller: Poller, texts: list[str]
+) -> None:
+    """Whatever Amazon writes in invalidRecords[].error, the metric's reason labels and the
+    stored reason keys stay within the few classes, and the text itself is kept nowhere."""
+    job_id = f"job-{uuid.uuid4().hex}"
+    await add(store, job_id, after=0)
+    invalid = tuple(InvalidRecord(f"p{i}", t) for i, t in enumerate(texts))
+    client.script[job_id] = [JobStatus(job_id, "PARTIALLYSUCCEEDED", 90.0, invalid)]
+    await poller.poll_once()
+    [row] = [j for j in await store.list_jobs(limit=1000) if j.job_request_id == job_id]
+    assert set(row.invalid_reasons) <= set(INVALID_REASONS)
+    assert sum(row.invalid_reasons.values()) == len(texts)
+    labels = {
+        s.labels["reason"]
+        for m in REGISTRY.collect()
+        if m.name == "syncd_invalid_records"
+        for s in m.samples
+    }
+    assert labels <= set(INVALID_REASONS)

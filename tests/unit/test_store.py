@@ -10,13 +10,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from alembic import command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import func, insert, inspect, select
+from sqlalchemy.engine import Connection
 
 from syncd import cli
 from syncd.amazon.api import InvalidRecord, JobStatus
 from syncd.errors import SchemaOutdatedError
-from syncd.store import NewJob, Store
+from syncd.store import JobRow, NewJob, Store
+from syncd.store import store as store_mod
+from syncd.store.schema import jobs
+from syncd.store.store import alembic_config, head_revision
 
 T0 = 1_800_000_000.0
 
@@ -34,6 +40,11 @@ class FakeClock:
 
 def new_job(job_id: str, records: int = 10, connection: str = "conn-1") -> NewJob:
     return NewJob(job_id, connection, 413642381039213536, "vip", records, records - 3, 3)
+
+
+async def claimed(store: Store, owner: str = "a") -> dict[str, JobRow]:
+    """Claim every due job; {job_request_id: the claim}."""
+    return {j.job_request_id: j for j in await store.claim_due_jobs(owner, 1000, 60)}
 
 
 @pytest.fixture
@@ -60,7 +71,7 @@ async def test_empty_database_is_outdated_unless_auto_upgrade(store_db_url: str)
     try:
         current, head = await s.schema_status()
         assert current is None
-        assert head == "0001"
+        assert head == "0002"
         with pytest.raises(SchemaOutdatedError) as err:
             await s.ensure_schema(auto_upgrade=False)
         assert "syncd db upgrade" in str(err.value)
@@ -103,18 +114,18 @@ def test_db_upgrade_then_jobs_command(
     assert cli.main(["jobs", "--config", str(config)]) == 1
     assert "syncd db upgrade" in capsys.readouterr().err
     assert cli.main(["db", "upgrade", "--config", str(config)]) == 0
-    assert "upgraded from empty to revision 0001" in capsys.readouterr().out
+    assert "upgraded from empty to revision 0002" in capsys.readouterr().out
     assert cli.main(["db", "upgrade", "--config", str(config)]) == 0
-    assert "already at revision 0001" in capsys.readouterr().out
+    assert "already at revision 0002" in capsys.readouterr().out
 
     async def fill() -> None:
         s = await Store.connect(store_db_url)
         try:
             for i in range(3):
                 await s.add_job(new_job(f"job-{i}"), first_poll_after_s=0)
-            await s.claim_due_jobs("a", 10, 60)
+            claims = await claimed(s)
             done = JobStatus("job-1", "SUCCEEDED", 99.0, (InvalidRecord("p", "BAD_HASH"),))
-            await s.record_poll("job-1", done, next_poll_in_s=0)
+            await s.record_poll(claims["job-1"], done, next_poll_in_s=0)
         finally:
             await s.close()
 
@@ -125,11 +136,11 @@ def test_db_upgrade_then_jobs_command(
     assert {j["job_request_id"] for j in doc["jobs"]} == {"job-0", "job-1", "job-2"}
     assert cli.main(["jobs", "--config", str(config), "--json", "--state", "SUCCEEDED"]) == 0
     [job] = json.loads(capsys.readouterr().out)["jobs"]
-    assert (job["job_request_id"], job["invalid_reasons"]) == ("job-1", {"BAD_HASH": 1})
+    assert (job["job_request_id"], job["invalid_reasons"]) == ("job-1", {"invalid_pii": 1})
     assert cli.main(["jobs", "--config", str(config)]) == 0
     table = capsys.readouterr().out
     assert "Jobs by state" in table
-    assert "BAD_HASH" in table
+    assert "invalid_pii" in table
     assert "job-2" in table
 
 
@@ -183,9 +194,9 @@ async def test_record_pending_poll_releases_claim_and_reschedules(
     store: Store, clock: FakeClock
 ) -> None:
     await store.add_job(new_job("job-1"), first_poll_after_s=0)
-    assert len(await store.claim_due_jobs("a", 10, 60)) == 1
+    [job] = await store.claim_due_jobs("a", 10, 60)
     clock.advance(1)
-    await store.record_poll("job-1", JobStatus("job-1", "PENDING"), next_poll_in_s=30)
+    assert await store.record_poll(job, JobStatus("job-1", "PENDING"), next_poll_in_s=30)
     [row] = await store.list_jobs()
     assert (row.state, row.polls, row.owner, row.claimed_until) == ("PENDING", 1, None, None)
     assert row.last_polled_at == T0 + 1
@@ -198,8 +209,8 @@ async def test_record_pending_poll_releases_claim_and_reschedules(
 
 async def test_failed_poll_keeps_error_summary(store: Store, clock: FakeClock) -> None:
     await store.add_job(new_job("job-1"), first_poll_after_s=0)
-    await store.claim_due_jobs("a", 10, 60)
-    await store.record_poll("job-1", None, next_poll_in_s=60, error="HTTP 503 " + "x" * 900)
+    [job] = await store.claim_due_jobs("a", 10, 60)
+    await store.record_poll(job, None, next_poll_in_s=60, error="HTTP 503 " + "x" * 900)
     [row] = await store.list_jobs()
     assert row.state == "PENDING"
     assert row.polls == 1
@@ -210,28 +221,28 @@ async def test_failed_poll_keeps_error_summary(store: Store, clock: FakeClock) -
 
 async def test_terminal_job_is_never_claimed_again(store: Store, clock: FakeClock) -> None:
     await store.add_job(new_job("job-1", records=6000), first_poll_after_s=0)
-    await store.claim_due_jobs("a", 10, 60)
+    [job] = await store.claim_due_jobs("a", 10, 60)
     clock.advance(42)
     status = JobStatus(
         "job-1",
         "PARTIALLYSUCCEEDED",
         processed_rate=99.5,
         invalid_records=(
-            InvalidRecord("cdp-user-7", "INVALID_HASH"),
-            InvalidRecord("cdp-user-8", "INVALID_HASH"),
+            InvalidRecord("cdp-user-7", "INVALID_HASHED_PII: cdp-user-7 has no identifier"),
+            InvalidRecord("cdp-user-8", "INVALID_HASHED_PII: cdp-user-8 has no identifier"),
             InvalidRecord(None, "MISSING_COUNTRY"),
         ),
         received_record_size=6000,
         dsp_audience_size=120000,
     )
-    await store.record_poll("job-1", status, next_poll_in_s=30)
+    assert await store.record_poll(job, status, next_poll_in_s=30)
     [row] = await store.list_jobs()
     assert row.terminal
     assert row.state == "PARTIALLYSUCCEEDED"
     assert row.terminal_at == T0 + 42
     assert row.processed_rate == 99.5
     assert row.invalid_records == 3
-    assert row.invalid_reasons == {"INVALID_HASH": 2, "MISSING_COUNTRY": 1}
+    assert row.invalid_reasons == {"invalid_pii": 2, "invalid_country": 1}
     assert row.audience_size == 120000
     assert row.received_records == 6000
     assert "cdp-user" not in repr(row)  # external ids are not stored
@@ -240,16 +251,18 @@ async def test_terminal_job_is_never_claimed_again(store: Store, clock: FakeCloc
     assert await store.claim_due_jobs("b", 10, 60) == []
     assert await store.next_due_in() is None
     # a late answer from a poll that raced with the terminal one does not revive the job
-    await store.record_poll("job-1", JobStatus("job-1", "PENDING"), next_poll_in_s=0)
+    assert not await store.record_poll(job, JobStatus("job-1", "PENDING"), next_poll_in_s=0)
+    assert not await store.record_poll(job, JobStatus("job-1", "FAILED"), next_poll_in_s=0)
     assert await store.job_states(["job-1"]) == {"job-1": "PARTIALLYSUCCEEDED"}
+    assert await store.job_counts() == {"PARTIALLYSUCCEEDED": 1}
     assert await store.claim_due_jobs("b", 10, 60) == []
 
 
 async def test_expire_old_pending_jobs(store: Store, clock: FakeClock) -> None:
     await store.add_job(new_job("old"), first_poll_after_s=0)
     await store.add_job(new_job("done"), first_poll_after_s=0)
-    await store.claim_due_jobs("a", 10, 60)
-    await store.record_poll("done", JobStatus("done", "SUCCEEDED"), next_poll_in_s=0)
+    claims = await claimed(store)
+    await store.record_poll(claims["done"], JobStatus("done", "SUCCEEDED"), next_poll_in_s=0)
     clock.advance(50)
     await store.add_job(new_job("young"), first_poll_after_s=0)
     clock.advance(50)
@@ -272,8 +285,8 @@ async def test_list_jobs_newest_first_with_state_filter_and_limit(
     for i in range(4):
         await store.add_job(new_job(f"job-{i}"), first_poll_after_s=0)
         clock.advance(1)
-    await store.claim_due_jobs("a", 10, 60)
-    await store.record_poll("job-1", JobStatus("job-1", "FAILED"), next_poll_in_s=0)
+    claims = await claimed(store)
+    await store.record_poll(claims["job-1"], JobStatus("job-1", "FAILED"), next_poll_in_s=0)
     assert [j.job_request_id for j in await store.list_jobs(limit=3)] == [
         "job-3",
         "job-2",
@@ -462,3 +475,119 @@ async def test_rolling_window_never_exceeded_and_waits_are_exact(
                 await store.release(rid)
     for end, _ in sent:
         assert sum(n for t, n in sent if end - window < t <= end) <= limit
+
+
+# -- claims, counts, retention -------------------------------------------------------------------
+async def test_a_stale_claim_cannot_overwrite_a_newer_one(store: Store, clock: FakeClock) -> None:
+    """A poller whose lease ran out and whose job was claimed again stores nothing but a
+    terminal state (the first terminal state stored wins)."""
+    await store.add_job(new_job("job-1"), first_poll_after_s=0)
+    [stale] = await store.claim_due_jobs("a", 10, 60)
+    clock.advance(61)
+    [newer] = await store.claim_due_jobs("b", 10, 60)
+    assert not await store.record_poll(stale, JobStatus("job-1", "PENDING"), next_poll_in_s=0)
+    assert not await store.record_poll(stale, None, next_poll_in_s=0, error="HTTP 503")
+    [row] = await store.list_jobs()
+    assert (row.owner, row.polls, row.error) == ("b", 0, None)
+    assert await store.record_poll(newer, JobStatus("job-1", "PENDING"), next_poll_in_s=0)
+    [third] = await store.claim_due_jobs("c", 10, 60)
+    assert await store.record_poll(stale, JobStatus("job-1", "SUCCEEDED"), next_poll_in_s=0)
+    assert not await store.record_poll(third, JobStatus("job-1", "PENDING"), next_poll_in_s=0)
+    assert not await store.record_poll(third, JobStatus("job-1", "FAILED"), next_poll_in_s=0)
+    assert await store.job_states(["job-1"]) == {"job-1": "SUCCEEDED"}
+    assert await store.job_counts() == {"SUCCEEDED": 1}
+
+
+async def scanned_counts(store: Store) -> dict[str, int]:
+    """Jobs per state, counted the slow way (a scan), to check the kept counts against."""
+    async with store._engine.connect() as conn:
+        result = await conn.execute(
+            select(jobs.c.state, func.count()).group_by(jobs.c.state).order_by(jobs.c.state)
+        )
+        return {row[0]: int(row[1]) for row in result}
+
+
+async def test_job_counts_follow_adds_ends_expiry_and_deletion(
+    store: Store, clock: FakeClock
+) -> None:
+    for i in range(6):
+        await store.add_job(new_job(f"job-{i}"), first_poll_after_s=0)
+    await store.add_job(new_job("job-0"), first_poll_after_s=0)  # already stored: not counted
+    assert await store.job_counts() == {"PENDING": 6} == await scanned_counts(store)
+    claims = await claimed(store)
+    for job_id, state in [("job-0", "SUCCEEDED"), ("job-1", "FAILED"), ("job-2", "SUCCEEDED")]:
+        assert await store.record_poll(claims[job_id], JobStatus(job_id, state), next_poll_in_s=0)
+    await store.record_poll(claims["job-3"], JobStatus("job-3", "PENDING"), next_poll_in_s=0)
+    clock.advance(100)
+    assert await store.expire_jobs(max_age_s=50) == 3
+    expected = {"EXPIRED": 3, "FAILED": 1, "SUCCEEDED": 2}
+    assert await store.job_counts() == expected == await scanned_counts(store)
+    assert await store.purge_jobs(older_than_s=50) == 3  # terminal at T0: past retention
+    assert await store.job_counts() == {"EXPIRED": 3} == await scanned_counts(store)
+
+
+async def test_terminal_jobs_are_deleted_after_their_retention_only(
+    store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_mod, "_PURGE_BATCH", 2)
+    for i in range(5):
+        await store.add_job(new_job(f"old-{i}"), first_poll_after_s=0)
+    await store.add_job(new_job("pending"), first_poll_after_s=10**9)
+    claims = await claimed(store)
+    for i in range(5):
+        await store.record_poll(claims[f"old-{i}"], JobStatus("x", "SUCCEEDED"), next_poll_in_s=0)
+    clock.advance(1000)
+    await store.add_job(new_job("young"), first_poll_after_s=0)
+    [young] = await store.claim_due_jobs("a", 10, 60)
+    await store.record_poll(young, JobStatus("young", "FAILED"), next_poll_in_s=0)
+    assert await store.purge_jobs(older_than_s=1000) == 2  # a bounded batch per call
+    assert await store.purge_jobs(older_than_s=1000) == 2
+    assert await store.purge_jobs(older_than_s=1000) == 1
+    assert await store.purge_jobs(older_than_s=1000) == 0
+    # a PENDING job is never deleted, however old; a job terminal for less than 1000 s stays
+    assert {j.job_request_id for j in await store.list_jobs()} == {"pending", "young"}
+    assert await store.job_counts() == {"FAILED": 1, "PENDING": 1}
+
+
+async def test_upgrading_a_store_with_jobs_counts_them_and_indexes_terminal_at(
+    store_db_url: str, clock: FakeClock
+) -> None:
+    """A store at revision 0001 (before job counts) with jobs in it, upgraded to head."""
+    s = await Store.connect(store_db_url, clock=clock)
+    try:
+
+        def to_0001(sync: Connection) -> None:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = sync
+            command.upgrade(cfg, "0001")
+
+        async with s._engine.begin() as conn:
+            await conn.run_sync(to_0001)
+            for i, state in enumerate(["PENDING", "PENDING", "SUCCEEDED", "FAILED", "SUCCEEDED"]):
+                await conn.execute(
+                    insert(jobs).values(
+                        job_request_id=f"job-{i}",
+                        connection_id="c",
+                        audience_id=7,
+                        audience="vip",
+                        records=1,
+                        adds=1,
+                        removes=0,
+                        state=state,
+                        created_at=T0,
+                        next_poll_at=T0,
+                        polls=0,
+                        invalid_records=0,
+                        invalid_reasons={},
+                    )
+                )
+        assert await s.schema_status() == ("0001", head_revision())
+        await s.ensure_schema(auto_upgrade=True)
+        assert await s.job_counts() == {"FAILED": 1, "PENDING": 2, "SUCCEEDED": 2}
+        async with s._engine.connect() as conn:
+            indexes = await conn.run_sync(lambda sync: inspect(sync).get_indexes("jobs"))
+        assert ["terminal_at"] in [ix["column_names"] for ix in indexes]
+        await s.add_job(new_job("job-5"), first_poll_after_s=0)
+        assert await s.job_counts() == {"FAILED": 1, "PENDING": 3, "SUCCEEDED": 2}
+    finally:
+        await s.close()
