@@ -317,7 +317,7 @@ def _build_destinations(items: Any) -> tuple[Destination, ...]:
         if not isinstance(audience_id, int) or isinstance(audience_id, bool) or audience_id <= 0:
             raise ConfigError(f"{where}.audience_id", "must be a positive integer")
         country = item.get("country_code", "US")
-        if not isinstance(country, str) or not _COUNTRY.match(country.upper()):
+        if not isinstance(country, str) or not _COUNTRY.fullmatch(country.upper()):
             raise ConfigError(f"{where}.country_code", "must be an ISO 3166-1 alpha-2 code")
         country = country.upper()
         out.append(
