@@ -181,7 +181,7 @@ def from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str] | None = Non
         sections[name] = _build_section(name, cls, value)
     cfg = Config(**sections, destinations=_build_destinations(raw.get("destinations", [])))
     _validate(cfg)
-    return cfg
+    return _effective(cfg)
 
 
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -405,6 +405,16 @@ def _validate(cfg: Config) -> None:
         "log.level",
         "must be debug, info, warning or error",
     )
+
+
+def _effective(cfg: Config) -> Config:
+    """The settings as they work together: a POST never holds more records than one budget
+    window allows (such a batch could never be sent), so a budget below `batch.max_records`
+    lowers it. `check-config` prints the result."""
+    if cfg.batch.max_records <= cfg.budget.records_per_hour:
+        return cfg
+    batch = dataclasses.replace(cfg.batch, max_records=cfg.budget.records_per_hour)
+    return dataclasses.replace(cfg, batch=batch)
 
 
 def require_credentials(cfg: Config) -> None:
