@@ -40,14 +40,16 @@ class _Open:
 
 @dataclass(slots=True)
 class EncodedBatch:
-    """A batch ready to send: the model batch plus its exact request body."""
+    """A batch ready to send: the model batch, its exact request body and the records it was
+    joined from (kept, so that dead-lettering a batch never has to parse a body)."""
 
     batch: Batch
     body: bytes
+    records: list[bytes]
 
     def records_json(self) -> list[bytes]:
         """Each record of the body as JSON, in `batch.records` order (for dead letters)."""
-        return [orjson.dumps(r) for r in orjson.loads(self.body)["records"]]
+        return self.records
 
 
 def envelope_size(destination: Destination, target_types: tuple[str, ...]) -> int:
@@ -99,12 +101,14 @@ class Batcher:
             if _is_older(record.occurred_at, previous.occurred_at):
                 previous.refs.extend(refs)  # superseded on arrival: answered for by the newer
                 return ready
+            # the newer change replaces it, and may be larger: it must fit like any other
             acc.size_bytes -= len(previous.encoded) + _SEP
             carried = previous.refs
             del acc.members[key]
-        elif (
+        # `envelope + size_bytes + len` is the body's exact size with this record added
+        if acc.members and (
             len(acc.members) >= self._max_records
-            or envelope + acc.size_bytes + len(encoded) + _SEP > self._max_bytes
+            or envelope + acc.size_bytes + len(encoded) > self._max_bytes
         ):
             ready.append(self._close(destination.audience))
             acc = self._open[destination.audience] = _Open(destination, self._clock())
@@ -153,7 +157,8 @@ class Batcher:
                 acc.destination.audience_id, acc.destination.connection_id, [], self._target_types
             )
         )[:-2]  # strip the closing `]}` of the empty records list
-        body = b"".join((prefix, b",".join(e.encoded for e in entries), b"]}"))
+        records = [e.encoded for e in entries]
+        body = b"".join((prefix, b",".join(records), b"]}"))
         batch = Batch(
             destination=acc.destination,
             records=[e.member for e in entries],
@@ -161,7 +166,7 @@ class Batcher:
             size_bytes=len(body),
             first_event_at=acc.first_event_at,
         )
-        return EncodedBatch(batch, body)
+        return EncodedBatch(batch, body, records)
 
 
 class RecordTooLargeError(ValueError):

@@ -184,7 +184,7 @@ def from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str] | None = Non
         sections[name] = _build_section(name, cls, value)
     cfg = Config(**sections, destinations=_build_destinations(raw.get("destinations", [])))
     _validate(cfg)
-    return cfg
+    return _effective(cfg)
 
 
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -320,7 +320,7 @@ def _build_destinations(items: Any) -> tuple[Destination, ...]:
         if not isinstance(audience_id, int) or isinstance(audience_id, bool) or audience_id <= 0:
             raise ConfigError(f"{where}.audience_id", "must be a positive integer")
         country = item.get("country_code", "US")
-        if not isinstance(country, str) or not _COUNTRY.match(country.upper()):
+        if not isinstance(country, str) or not _COUNTRY.fullmatch(country.upper()):
             raise ConfigError(f"{where}.country_code", "must be an ISO 3166-1 alpha-2 code")
         country = country.upper()
         out.append(
@@ -418,6 +418,16 @@ def _validate(cfg: Config) -> None:
         "log.level",
         "must be debug, info, warning or error",
     )
+
+
+def _effective(cfg: Config) -> Config:
+    """The settings as they work together: a POST never holds more records than one budget
+    window allows (such a batch could never be sent), so a budget below `batch.max_records`
+    lowers it. `check-config` prints the result."""
+    if cfg.batch.max_records <= cfg.budget.records_per_hour:
+        return cfg
+    batch = dataclasses.replace(cfg.batch, max_records=cfg.budget.records_per_hour)
+    return dataclasses.replace(cfg, batch=batch)
 
 
 def require_credentials(cfg: Config) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -111,9 +112,8 @@ class ProfileChange:
 class MemberRecord:
     """One member change for one destination, hashed and encoded: safe to hold and send.
 
-    `json` is the API's record object (`member_record` builds it, and the router's
-    `encode_record` the same bytes faster); batching concatenates these bytes into request
-    bodies, so a record is encoded once, wherever it was hashed."""
+    `json` is the API's record object (`member_record` builds it); batching concatenates these
+    bytes into request bodies, so a record is encoded once, wherever it was hashed."""
 
     external_user_id: str
     action: Action
@@ -129,15 +129,38 @@ def member_record(
     consent: Consent | None = None,
     occurred_at: float | None = None,
 ) -> MemberRecord:
+    return MemberRecord(
+        external_user_id,
+        action,
+        encode_record(external_user_id, country_code, action, hashed_pii, consent),
+        occurred_at,
+    )
+
+
+def encode_record(
+    external_user_id: str,
+    country_code: str,
+    action: Action,
+    hashed_pii: list[dict[str, str]],
+    consent: Consent | None = None,
+) -> bytes:
+    """The API's record object as JSON. orjson escapes every string, so no id, country, digest
+    or consent text can break the request body it is spliced into (a lone surrogate, which no
+    decoded event holds, raises `orjson.JSONEncodeError` instead)."""
     body: dict[str, Any] = {
         "externalUserId": external_user_id,
         "countryCode": country_code,
         "action": action.value,
         "hashedPII": hashed_pii,
     }
-    if consent is not None and (user_consent := consent.to_api()) is not None:
+    if consent is not None and (user_consent := _user_consent(consent)) is not None:
         body["userConsent"] = user_consent
-    return MemberRecord(external_user_id, action, orjson.dumps(body), occurred_at)
+    return orjson.dumps(body)
+
+
+@lru_cache(maxsize=64)  # a few consents make up most events; their objects are only read
+def _user_consent(consent: Consent) -> dict[str, Any] | None:
+    return consent.to_api()
 
 
 @dataclass(slots=True)

@@ -31,8 +31,10 @@ CLIENT_ID_HEADER = "Amazon-Advertising-API-ClientId"
 MAX_RECORDS_PER_REQUEST = 10_000  # OpenAPI bound; Amazon's guidance (and our maximum) is 6000
 MAX_HASHED_PII_OBJECTS = 100
 MAX_HASHED_VALUES_PER_MEMBER = 100
-EXTERNAL_USER_ID = re.compile(r"^[0-9a-zA-Z_-]{1,128}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# Whole-string patterns: use `fullmatch` (`match` would accept a prefix, and with `$` also a
+# trailing newline).
+EXTERNAL_USER_ID = re.compile(r"[0-9a-zA-Z_-]{1,128}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 TTL_MAX_SECONDS = 34_300_800
 JOB_STATES = ("PENDING", "SUCCEEDED", "PARTIALLYSUCCEEDED", "FAILED", "COMPLETED")
 CONSENT_VALUES = ("GRANTED", "DENIED", "NOT_APPLICABLE", "UNKNOWN")

@@ -220,10 +220,12 @@ def _city(value: str, country: str, strict: bool) -> str:
 
 def _state(value: str, country: str, strict: bool) -> str:
     folded = value.lower()
-    if not folded.isascii():
+    # D5: fold German letters and accents before the map lookup. The reference does neither:
+    # the A-Z filter below drops such letters (strict: `Baden-Württemberg` is `ba`, not `bw`).
+    if not strict and not folded.isascii():
         folded = _fold_germanic(folded)
-        if not strict and not folded.isascii():
-            # NFKD splits accents off their letters; the A-Z filter below drops the marks (D5).
+        if not folded.isascii():
+            # NFKD splits accents off their letters; the A-Z filter below drops the marks.
             folded = unicodedata.normalize("NFKD", folded)
     letters = folded.upper().encode("ascii", "ignore").translate(None, _NOT_UPPER).decode()
     code = _STATE_CODES.get(country, _NO_STATE_CODES).get(letters)

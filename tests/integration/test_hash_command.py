@@ -75,13 +75,20 @@ def test_bad_lines_are_answered_in_place_without_the_value() -> None:
     assert answers[9]["normalized"] == "SW1A1AA"
 
 
-def test_strict_reference_flag() -> None:
-    stdin = json.dumps({"field": "state", "country": "CA", "value": "Québec"}).encode() + b"\n"
-    default = run_hash(stdin)
-    strict = run_hash(stdin, "--strict-reference")
-    assert default.returncode == strict.returncode == 0
-    assert lines(default.stdout)[0]["normalized"] == "qc"
-    assert lines(strict.stdout)[0]["normalized"] == "qu"
+@pytest.mark.parametrize(
+    ("country", "state", "default", "strict"),
+    [
+        ("CA", "Québec", "qc", "qu"),  # D5: accent folding
+        ("DE", "Baden-Württemberg", "bw", "ba"),  # D5: the six letter replacements
+    ],
+)
+def test_strict_reference_flag(country: str, state: str, default: str, strict: str) -> None:
+    stdin = json.dumps({"field": "state", "country": country, "value": state}).encode() + b"\n"
+    by_default = run_hash(stdin)
+    by_reference = run_hash(stdin, "--strict-reference")
+    assert by_default.returncode == by_reference.returncode == 0
+    assert lines(by_default.stdout)[0]["normalized"] == default
+    assert lines(by_reference.stdout)[0]["normalized"] == strict
 
 
 def test_answers_stream_line_by_line() -> None:

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from syncd.amazon.api import records_body
 from syncd.batching import Batcher, RecordTooLargeError
 from syncd.model import Action, Destination, MemberRecord, SourceRef, member_record
 
@@ -44,6 +45,15 @@ def test_a_sent_batch_keeps_members_and_gives_back_each_record_as_json() -> None
         ("m2", Action.REMOVE),
     ]
     assert out.records_json() == [r.json for r in records]
+
+
+def test_records_json_gives_back_the_records_without_parsing_the_body() -> None:
+    """Dead-lettering a batch Amazon refused cannot fail on the body, whatever it holds."""
+    b = make()
+    odd = MemberRecord("m1", Action.ADD, b'{"externalUserId":"m1\n}')  # not JSON
+    b.add(DEST, odd, SourceRef("t", 0, 0))
+    [out] = b.flush_all()
+    assert out.records_json() == [odd.json]
 
 
 def test_body_is_the_api_document_with_integer_audience_id() -> None:
@@ -141,3 +151,66 @@ def test_batches_respect_limits_and_answer_for_every_event(
         for r in o.batch.records:
             final[(o.batch.destination.audience, r.external_user_id)] = r.action
     assert final == last
+
+
+def test_a_larger_replacement_that_no_longer_fits_goes_into_the_next_batch() -> None:
+    b = make(max_bytes=10_000)
+    small, large = [{"email": HEX}], [{"email": HEX}] * 40  # 151 and 3154 bytes
+    for offset in range(60):  # ~9,200 bytes: room for one more small record, not a large one
+        record = member_record(f"m{offset}", "US", Action.ADD, small)
+        assert b.add(DEST, record, SourceRef("t", 0, offset)) == []
+    offset = 60
+    replaced = member_record("m0", "US", Action.REMOVE, large)
+    [full] = b.add(DEST, replaced, SourceRef("t", 0, offset))
+    [rest] = b.flush_all()
+    assert len(full.body) <= 10_000
+    assert "m0" not in {m.external_user_id for m in full.batch.records}  # superseded
+    assert [(m.external_user_id, m.action) for m in rest.batch.records] == [("m0", Action.REMOVE)]
+    assert rest.batch.refs == [SourceRef("t", 0, 0), SourceRef("t", 0, offset)]
+    assert rest.records_json() == [replaced.json]
+
+
+@settings(max_examples=200)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.integers(0, 12),  # member
+            st.integers(1, 60),  # hashedPII objects: records of ~90 to ~5000 bytes
+            st.booleans(),  # the other destination
+            st.one_of(st.none(), st.integers(0, 5)),  # occurred_at
+        ),
+        max_size=200,
+    ),
+    max_records=st.integers(1, 12),
+    max_bytes=st.integers(1_000, 12_000),
+)
+def test_every_body_respects_both_limits_and_is_the_json_of_its_records(
+    ops: list[tuple[int, int, bool, int | None]], max_records: int, max_bytes: int
+) -> None:
+    """With replacements by larger or smaller changes, older and newer ones."""
+    b = make(max_records=max_records, max_bytes=max_bytes)
+    outs = []
+    refused = set()
+    for offset, (member, objects, other, at) in enumerate(ops):
+        dest = OTHER if other else DEST
+        action = Action.ADD if offset % 2 else Action.REMOVE
+        record = member_record(
+            f"m{member}", "US", action, [{"email": HEX}] * objects, occurred_at=at
+        )
+        try:
+            outs += b.add(dest, record, SourceRef("t", 0, offset))
+        except RecordTooLargeError:
+            refused.add(offset)
+    outs += b.flush_all()
+    for o in outs:
+        assert 1 <= len(o.batch.records) <= max_records
+        assert len(o.body) <= max_bytes
+        assert o.batch.size_bytes == len(o.body)
+        records = [orjson.loads(r) for r in o.records_json()]
+        dest = o.batch.destination
+        assert orjson.loads(o.body) == records_body(dest.audience_id, dest.connection_id, records)
+        assert [r["externalUserId"] for r in records] == [
+            m.external_user_id for m in o.batch.records
+        ]
+    refs = Counter(r.offset for o in outs for r in o.batch.refs)
+    assert refs == Counter(set(range(len(ops))) - refused)

@@ -36,6 +36,7 @@ def test_audience_id_keeps_all_18_digits() -> None:
         ({"amazon": {"region": "XX"}}, "amazon.region"),
         ({"store": {"url": "mysql://x"}}, "store.url"),
         ({"destinations": [{**DEST, "country_code": "USA"}]}, "destinations[0].country_code"),
+        ({"destinations": [{**DEST, "country_code": "DE\n"}]}, "destinations[0].country_code"),
         ({"destinations": [{**DEST, "colour": "red"}]}, "destinations[0].colour"),
         ({"destinations": [DEST, DEST]}, "destinations[1].audience"),
         ({"poll": {"retention_days": 0}}, "poll.retention_days"),
@@ -48,6 +49,23 @@ def test_errors_name_the_key(raw: dict[str, object], key: str) -> None:
         config.from_mapping(raw)
     assert err.value.key == key
     assert repr(key) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("max_records", "records_per_hour", "effective"),
+    [(6000, 100, 100), (6000, 6000, 6000), (50, 100, 50), (6000, 1, 1)],
+)
+def test_a_batch_never_holds_more_records_than_one_budget_window_allows(
+    max_records: int, records_per_hour: int, effective: int
+) -> None:
+    raw = {
+        "batch": {"max_records": max_records},
+        "budget": {"records_per_hour": records_per_hour},
+    }
+    cfg = config.from_mapping(raw)
+    assert cfg.batch.max_records == effective
+    assert config.masked(cfg)["batch"]["max_records"] == effective  # what check-config prints
+    assert cfg.budget.records_per_hour == records_per_hour
 
 
 def test_env_overrides_convert_to_the_field_type() -> None:

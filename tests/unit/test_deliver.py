@@ -206,18 +206,18 @@ def encoded(connection: str, members: int = 3) -> EncodedBatch:
         records=[Member(f"m{i}", action) for i, action in enumerate(actions)],
         sources=[[SourceRef("t", 0, i)] for i in range(members)],
     )
+    records = [
+        {"externalUserId": m.external_user_id, "action": m.action.value} for m in batch.records
+    ]
     body = orjson.dumps(
         {
             "audienceId": dest.audience_id,
             "targetResource": {"connectionId": connection},
-            "records": [
-                {"externalUserId": m.external_user_id, "action": m.action.value}
-                for m in batch.records
-            ],
+            "records": records,
         }
     )
     batch.size_bytes = len(body)
-    return EncodedBatch(batch, body)
+    return EncodedBatch(batch, body, [orjson.dumps(r) for r in records])
 
 
 @pytest.fixture

@@ -96,6 +96,8 @@ STRICT_EXAMPLES = [
     ("email", "US", "josé@example.com", "josé@example.com"),
     ("phone", "US", "206-266-1000", "2062661000"),  # read as +20 (Egypt): no "1"
     ("state", "CA", "Québec", "qu"),
+    ("state", "DE", "Baden-Württemberg", "ba"),  # D5 off: no ü->ue, so no map hit
+    ("state", "DE", "Thüringen", "th"),  # the map key is THUERINGEN: the first two letters
     ("address", "US", "500 West Oak Boulevard", "500woakblvd"),  # US map has BOULEVARD
     ("address", "DE", "12 Goethe Boulevard", "12goetheboulevard"),  # BOULED typo
     ("address", "NL", "Damrak 1", None),  # no maps for the country

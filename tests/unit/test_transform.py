@@ -1,5 +1,4 @@
-"""The transform stage: the same outcomes, in order, inline and in worker processes; records
-encoded exactly as orjson would."""
+"""The transform stage: the same outcomes, in order, inline and in worker processes."""
 
 from __future__ import annotations
 
@@ -9,14 +8,10 @@ from collections import Counter
 
 import orjson
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from syncd import synth
-from syncd.amazon.api import EXTERNAL_USER_ID
-from syncd.model import CONSENT_VALUES, PII_KEYS, Action, Consent, Destination, member_record
-from syncd.pii.normalize import _ISO_ALPHA2
-from syncd.routing import RouteCounts, encode_record
+from syncd.model import Action, Destination
+from syncd.routing import RouteCounts
 from syncd.transform import PIPE_BYTES, Spec, Transform, Transformer
 
 DESTINATIONS = (
@@ -102,42 +97,3 @@ def test_the_worker_pipes_are_widened() -> None:
     finally:
         transformer.close()
     assert sizes == [PIPE_BYTES, PIPE_BYTES]
-
-
-_HEX = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
-_CONSENT_SIGNAL = st.sampled_from([None, *sorted(CONSENT_VALUES)])
-
-
-@settings(max_examples=300)
-@given(
-    external_user_id=st.one_of(
-        st.from_regex(EXTERNAL_USER_ID.pattern, fullmatch=True), _HEX.map(str.upper), _HEX
-    ),
-    country=st.sampled_from(sorted(_ISO_ALPHA2)),
-    action=st.sampled_from(Action),
-    hashed_pii=st.lists(
-        st.dictionaries(st.sampled_from(PII_KEYS), _HEX, max_size=len(PII_KEYS)), max_size=4
-    ),
-    consent=st.one_of(
-        st.none(),
-        st.builds(
-            Consent,
-            _CONSENT_SIGNAL,
-            _CONSENT_SIGNAL,
-            st.one_of(st.none(), st.text()),
-            st.one_of(st.none(), st.text()),
-        ),
-    ),
-)
-def test_the_fast_record_encoder_equals_the_orjson_one(
-    external_user_id: str,
-    country: str,
-    action: Action,
-    hashed_pii: list[dict[str, str]],
-    consent: Consent | None,
-) -> None:
-    """The router's encoder joins records from parts it knows need no escaping; byte for byte
-    what `member_record` (orjson) makes, on every input the router can give it."""
-    reference = member_record(external_user_id, country, action, hashed_pii, consent).json
-    for _ in range(2):  # the second time with the consent's cached encoding
-        assert encode_record(external_user_id, country, action, hashed_pii, consent) == reference

@@ -1,0 +1,139 @@
+"""Routing's output is always a valid API record: a profile id becomes the externalUserId only
+when all of it fits Amazon's pattern (else its SHA-256 hex), and the record encoder escapes
+every string, whatever the id, country, digest or consent text holds."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from syncd.model import CONSENT_VALUES, Action, Consent, Destination, ProfileChange, encode_record
+from syncd.routing import Router, external_user_id
+
+# Amazon's externalUserId pattern, written out here as the oracle (not imported from syncd).
+API_ID = re.compile(r"[0-9a-zA-Z_-]{1,128}")
+
+# Any code point, lone surrogates and control characters included.
+ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()))
+# What a decoded event can hold: JSON strings never carry a lone surrogate.
+EVENT_TEXT = st.text(st.characters(exclude_categories=("Cs",)))
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("profile_id", "kept"),
+    [
+        ("cdp-user-1", True),
+        ("cdp-user-1\n", False),  # `match` with `$` accepted this
+        ("cdp-user-1\r\n", False),
+        ("\ncdp-user-1", False),
+        ('cdp"1', False),
+        ("cdp\\1", False),
+        ("cdp\x00\x01\x1f\x7f1", False),
+        ("cdp user", False),
+        ("é", False),
+        ("a" * 128, True),
+        ("a" * 129, False),
+        ("", False),
+    ],
+)
+def test_only_a_whole_id_of_the_api_pattern_is_kept(profile_id: str, kept: bool) -> None:
+    assert external_user_id(profile_id) == (profile_id if kept else sha(profile_id))
+
+
+@given(profile_id=st.one_of(ANY_TEXT, st.from_regex(API_ID, fullmatch=True)))
+@example(profile_id="\ud800")
+def test_external_user_id_is_the_id_exactly_when_it_fits_the_pattern(profile_id: str) -> None:
+    got = external_user_id(profile_id)
+    if API_ID.fullmatch(profile_id):
+        assert got == profile_id
+    else:
+        assert got == sha(profile_id)
+        assert re.fullmatch(r"[0-9a-f]{64}", got)
+
+
+_SIGNAL = st.one_of(st.none(), st.sampled_from(sorted(CONSENT_VALUES)), ANY_TEXT)
+
+
+@settings(max_examples=300)
+@given(
+    member=ANY_TEXT,
+    country=ANY_TEXT,
+    action=st.sampled_from(Action),
+    hashed_pii=st.lists(st.dictionaries(ANY_TEXT, ANY_TEXT, max_size=4), max_size=3),
+    consent=st.one_of(
+        st.none(),
+        st.builds(
+            Consent,
+            _SIGNAL,
+            _SIGNAL,
+            st.one_of(st.none(), ANY_TEXT),
+            st.one_of(st.none(), ANY_TEXT),
+        ),
+    ),
+)
+@example(
+    member='x","countryCode":"US',
+    country="D\nE",
+    action=Action.ADD,
+    hashed_pii=[{'em"ail': "\\", "\U0001f600": "\u2028"}],
+    consent=Consent(tcf="\x00\x1f"),
+)
+def test_an_encoded_record_is_the_json_of_its_fields(
+    member: str,
+    country: str,
+    action: Action,
+    hashed_pii: list[dict[str, str]],
+    consent: Consent | None,
+) -> None:
+    """The encoded record parses and equals the plain dict; text no JSON document can hold (a
+    lone surrogate) raises instead of producing bytes."""
+    plain: dict[str, Any] = {
+        "externalUserId": member,
+        "countryCode": country,
+        "action": action.value,
+        "hashedPII": hashed_pii,
+    }
+    user_consent = consent.to_api() if consent is not None else None
+    if user_consent is not None:
+        plain["userConsent"] = user_consent
+    try:
+        expected = orjson.loads(orjson.dumps(plain))
+    except orjson.JSONEncodeError:  # a lone surrogate somewhere
+        with pytest.raises(orjson.JSONEncodeError):
+            encode_record(member, country, action, hashed_pii, consent)
+        return
+    for _ in range(2):  # the second time with the consent's cached object
+        assert orjson.loads(encode_record(member, country, action, hashed_pii, consent)) == expected
+
+
+ROUTER_DESTINATIONS = (Destination("vip", "conn-1", 413642381039213536, "US"),)
+
+
+@settings(max_examples=200)
+@given(profile_id=EVENT_TEXT.filter(bool), tcf=st.one_of(st.none(), EVENT_TEXT))
+@example(profile_id="cdp-user-1\n", tcf=None)
+@example(profile_id='cdp"1\\', tcf='"\\\n')
+def test_a_routed_record_is_valid_json_for_any_profile_id(profile_id: str, tcf: str | None) -> None:
+    change = ProfileChange(
+        profile_id,
+        {"email": ["jane@example.com"]},
+        adds=("vip",),
+        consent=Consent(amzn_user_data="GRANTED", tcf=tcf),
+    )
+    [part] = Router(ROUTER_DESTINATIONS, strict_reference=False).route(change)
+    record = orjson.loads(part.record.json)
+    want_id = profile_id if API_ID.fullmatch(profile_id) else sha(profile_id)
+    assert part.record.external_user_id == record["externalUserId"] == want_id
+    assert record["countryCode"] == "US"
+    assert record["hashedPII"] == [{"email": sha("jane@example.com")}]
+    assert record["userConsent"]["consent"].get("tcf") == (tcf or None)
