@@ -26,6 +26,7 @@ from syncd.model import Destination
 SECRET_KEYS = frozenset({"client_secret", "refresh_token", "sasl_password", "password"})
 REGIONS = ("NA", "EU", "FE")
 MAX_RECORDS_PER_POST = 6000
+MAX_AUDIENCE_ID = 2**63 - 1  # a signed 64-bit integer: the store's BIGINT and every JSON encoder
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 
 
@@ -317,8 +318,14 @@ def _build_destinations(items: Any) -> tuple[Destination, ...]:
         audience_id = item["audience_id"]
         if isinstance(audience_id, str) and audience_id.isdigit():
             audience_id = int(audience_id)
-        if not isinstance(audience_id, int) or isinstance(audience_id, bool) or audience_id <= 0:
-            raise ConfigError(f"{where}.audience_id", "must be a positive integer")
+        if (
+            not isinstance(audience_id, int)
+            or isinstance(audience_id, bool)
+            or not 0 < audience_id <= MAX_AUDIENCE_ID
+        ):
+            raise ConfigError(
+                f"{where}.audience_id", f"must be a positive integer up to {MAX_AUDIENCE_ID}"
+            )
         country = item.get("country_code", "US")
         if not isinstance(country, str) or not _COUNTRY.fullmatch(country.upper()):
             raise ConfigError(f"{where}.country_code", "must be an ISO 3166-1 alpha-2 code")

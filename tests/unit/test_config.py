@@ -38,6 +38,8 @@ def test_audience_id_keeps_all_18_digits() -> None:
         ({"destinations": [{**DEST, "country_code": "USA"}]}, "destinations[0].country_code"),
         ({"destinations": [{**DEST, "country_code": "DE\n"}]}, "destinations[0].country_code"),
         ({"destinations": [{**DEST, "colour": "red"}]}, "destinations[0].colour"),
+        ({"destinations": [{**DEST, "audience_id": 2**64}]}, "destinations[0].audience_id"),
+        ({"destinations": [{**DEST, "audience_id": 2**63}]}, "destinations[0].audience_id"),
         ({"destinations": [DEST, DEST]}, "destinations[1].audience"),
         ({"poll": {"retention_days": 0}}, "poll.retention_days"),
         ({"poll": {"retention_days": float("nan")}}, "poll.retention_days"),
