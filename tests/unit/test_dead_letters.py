@@ -8,7 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import orjson
 import pytest
@@ -97,7 +97,7 @@ async def test_an_event_is_acknowledged_only_after_the_broker_acknowledged_its_d
     source, tracker = FakeSource(failures=2), OffsetTracker()
     p = pipeline(source, tracker)
     message = Message(SourceRef("t", 0, 0), b"not json", 0)
-    p._dead_letter(message, "invalid_json")  # noqa: SLF001 - the path a bad event takes
+    p._dead_letter(message, "invalid_json")  # the path of an unusable event
     await until(lambda: source.attempts == 3, "two failed sends retried")
     assert tracker.pending() == 1  # failed twice, the third still waits for the broker
     assert tracker.committable().get(("t", 0), 0) == 0  # nothing past offset 0
@@ -112,10 +112,10 @@ async def test_a_cancelled_dead_letter_leaves_its_event_unacknowledged() -> None
     """The drain budget runs out at shutdown: the send is cancelled, nothing is committed."""
     source, tracker = FakeSource(), OffsetTracker()
     p = pipeline(source, tracker)
-    p._dead_letter(Message(SourceRef("t", 0, 0), b"x", 0), "invalid_json")  # noqa: SLF001
+    p._dead_letter(Message(SourceRef("t", 0, 0), b"x", 0), "invalid_json")
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(p.dead_letters_sent(), 0.05)  # as Daemon._drain does
-    await until(lambda: not p._dead_letters, "the send cancelled")  # noqa: SLF001
+    await until(lambda: not p._dead_letters, "the send cancelled")
     assert tracker.pending() == 1
     assert tracker.committable().get(("t", 0), 0) == 0  # nothing past offset 0
     assert source.sent == []
@@ -127,7 +127,7 @@ async def test_refused_records_are_dead_lettered_then_acknowledged_one_by_one() 
     encoded, refs = refused_batch(3)
     for ref in refs:
         tracker.track(ref, 1)
-    p._guard.register(encoded.batch)  # noqa: SLF001 - as flush() does before sending
+    p._guard.register(encoded.batch)  # as flush() does before sending
     p.reject(encoded, "amazon_rejected status=400: records[0].externalUserId invalid")
     await until(lambda: source.attempts == 4, "one failed send retried")
     assert tracker.pending() == 3  # no broker ack yet
@@ -148,10 +148,8 @@ async def test_rejecting_a_body_that_cannot_be_read_back_never_raises(body: byte
     encoded, refs = refused_batch(2, body)
     for ref in refs:
         tracker.track(ref, 1)
-    p._guard.register(encoded.batch)  # noqa: SLF001
-    result: Any = p.reject(encoded, "amazon_rejected status=400: body is not valid JSON")
-    if asyncio.iscoroutine(result):  # the old reject was a coroutine
-        await result
+    p._guard.register(encoded.batch)
+    p.reject(encoded, "amazon_rejected status=400: body is not valid JSON")
     await asyncio.wait_for(p.dead_letters_sent(), DEADLINE_S)
     assert tracker.pending() == 0
     assert sorted(orjson.loads(v or b"")["externalUserId"] for v, _, _ in source.sent) == [
