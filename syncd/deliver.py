@@ -227,6 +227,8 @@ class ConnectionSender:
         self._blocked_at = 0.0
         self._open = asyncio.Event()
         self._open.set()
+        for cause in ADVICE:  # every cause is a series from the start: 0 until it blocks
+            metrics.CONNECTION_BLOCKED.labels(connection_id, cause).set(0)
 
     def submit(self, batch: EncodedBatch) -> None:
         self._queue.put_nowait(batch)
