@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import uuid
 from asyncio import FIRST_COMPLETED
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -41,7 +43,7 @@ from syncd.observability.logging import get_logger
 from syncd.preflight import AmazonUnreachableError, Finding, check_client_config, check_online
 from syncd.routing import RouteCounts
 from syncd.runtime import compiled, tune_process
-from syncd.source import KafkaSource, Message, OffsetTracker
+from syncd.source import DLQ_RETRY_BACKOFF_S, KafkaSource, Message, OffsetTracker
 from syncd.store import Store
 from syncd.transform import Outcome, Spec, Transformer
 
@@ -53,6 +55,7 @@ HEALTH_INTERVAL_S = 2.0
 CHUNK_EVENTS = 2000  # messages per fetch, transformed as one chunk (fewer when less is buffered)
 MAX_CHUNKS = 3  # chunks fetched and not yet applied (in the transform, or waiting for their turn)
 CAP_PAUSE_AFTER_S = 1.0  # at max_pending_events: wait this long unpaused (see _wait_for_room)
+BLOCKED_PROBE_FACTOR = 5  # a blocked connection's probes back off to 5 x amazon.backoff_max_s
 
 
 class Pipeline:
@@ -145,10 +148,13 @@ class Pipeline:
         try:
             full = self._batcher.add(destination, record, *refs)
         except RecordTooLargeError as exc:
-            send = self._source.dead_letter_payload(
-                record.json, "record_too_large", refs[-1], detail=str(exc)
+            detail = str(exc)
+            self._in_background(
+                lambda: self._source.dead_letter_payload(
+                    record.json, "record_too_large", refs[-1], detail=detail
+                ),
+                lambda: self._done(destination.connection_id, refs),
             )
-            self._in_background(send, lambda: self._done(destination.connection_id, refs))
             return
         self.flush(full)
 
@@ -202,17 +208,24 @@ class Pipeline:
             if feeds[partition] <= 0:
                 del feeds[partition]
 
-    async def reject(self, encoded: EncodedBatch, reason: str) -> None:
-        """Amazon refused a batch for good: dead-letter its (hashed) records, then acknowledge."""
+    def split(self, batch: Batch, parts: list[Batch]) -> None:
+        """A refused batch goes on as `parts` (the sender's bisect): each becomes a job alone."""
+        self._guard.split(batch, parts)
+
+    def reject(self, encoded: EncodedBatch, reason: str) -> None:
+        """Amazon refused these records alone: dead-letter each (hashed) record; its events are
+        acknowledged once the broker has the dead letter. Never raises: a sender calls it."""
         batch = encoded.batch
-        for record, refs in zip(encoded.records_json(), batch.sources, strict=True):
-            await self._source.dead_letter_payload(
-                record, "amazon_rejected", refs[-1], detail=reason[:300]
+        connection_id = batch.destination.connection_id
+        detail = reason[:300]
+        for record, refs in zip(_refused_records(encoded), batch.sources, strict=True):
+            send = partial(
+                self._source.dead_letter_payload, record, "amazon_rejected", refs[-1], detail=detail
             )
+            self._in_background(send, partial(self._done, connection_id, refs))
         for held in self._guard.forget(batch):
             if self._guard.readmit(held):
                 self._batch(held.destination, held.record, held.refs)
-        self._done(batch.destination.connection_id, batch.refs)
 
     def _dead_letter(self, message: Message, reason: str) -> None:
         self._tracker.track(message.ref, 1)
@@ -221,16 +234,26 @@ class Pipeline:
             self._tracker.done(message.ref)
             self._acked.set()
 
-        self._in_background(self._source.dead_letter(message, reason), done)
+        self._in_background(lambda: self._source.dead_letter(message, reason), done)
 
-    def _in_background(self, send: Awaitable[None], then: Callable[[], None]) -> None:
-        """Send a dead letter without holding up the partition; `then` acknowledges it."""
+    def _in_background(self, send: Callable[[], Awaitable[None]], then: Callable[[], None]) -> None:
+        """Send a dead letter without holding up the partition; `then` acknowledges it, only
+        once the broker has it. A failed send is retried with backoff; a cancelled one (the
+        drain budget ran out) stays unacknowledged, so its event is read again."""
 
         async def run() -> None:
-            try:
-                await send
-            finally:
-                then()
+            for attempt in itertools.count():
+                try:
+                    await send()
+                except Exception as exc:  # the source retries broker errors; this is the rest
+                    delay = DLQ_RETRY_BACKOFF_S[min(attempt, len(DLQ_RETRY_BACKOFF_S) - 1)]
+                    log.warning(
+                        "dead letter not sent; retrying", error=repr(exc)[:300], retry_in_s=delay
+                    )
+                    await asyncio.sleep(delay)
+                else:
+                    then()
+                    return
 
         task = asyncio.create_task(run())
         self._dead_letters.add(task)
@@ -266,7 +289,8 @@ class Pipeline:
 
     def _apply_backpressure(self) -> None:
         """Pause what must wait: everything at `max_pending_events`; otherwise the partitions
-        that feed only connections which are out of budget or have a sending backlog. A
+        that feed only connections which are out of budget, blocked (a setup fault, a long
+        Retry-After, failing POSTs) or have a sending backlog. A
         partition that also feeds a flowing connection is read on: the waiting connection's
         records wait in memory, up to `max_pending_events`."""
         assigned = self._source.assigned
@@ -278,6 +302,7 @@ class Pipeline:
                 conn
                 for conn, sender in self._senders.items()
                 if self._budget.is_waiting(conn)
+                or sender.blocked
                 or sender.backlog > 2 * self._cfg.amazon.max_concurrency
             }
             want = {
@@ -296,6 +321,22 @@ class Pipeline:
     def pending(self) -> int:
         """Events read and not yet acknowledged (`kafka.max_pending_events` at most)."""
         return self._tracker.pending() + self._unapplied
+
+
+def _refused_records(encoded: EncodedBatch) -> list[bytes]:
+    """Each refused record as JSON, for its dead letter. A body that cannot be read back (it
+    should not happen: syncd made it) still gives one dead letter per record, naming the
+    member and its action."""
+    try:
+        records = encoded.records_json()
+    except (ValueError, KeyError, TypeError):  # orjson's decode error is a ValueError
+        records = []
+    if len(records) == len(encoded.batch.records):
+        return records
+    return [
+        orjson.dumps({"externalUserId": m.external_user_id, "action": m.action.value})
+        for m in encoded.batch.records
+    ]
 
 
 class Daemon:
@@ -362,8 +403,13 @@ class Daemon:
                 jobs=store,
                 ack=pipeline.ack,
                 reject=pipeline.reject,
+                split=pipeline.split,
                 max_concurrency=cfg.amazon.max_concurrency,
                 first_poll_after_s=cfg.poll.first_delay_s,
+                # a blocked connection is probed more rarely than a request is retried
+                pause_s=cfg.amazon.backoff_base_s,
+                max_pause_s=BLOCKED_PROBE_FACTOR * cfg.amazon.backoff_max_s,
+                failing_after_s=cfg.amazon.max_retry_time_s,
             )
         runner = await start_http(cfg.http.address, self.readiness)
         self.http_port = bound_port(runner)

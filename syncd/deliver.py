@@ -1,20 +1,30 @@
 """Deliver: per connection, send batches under the budget and an adaptive concurrency limit,
 store each job row, then acknowledge the batch's source events.
 
-    queue -> [limit slot] -> budget.acquire -> POST -> budget.confirm -> store job -> ack
+    queue -> [connection open?] -> budget.acquire -> [limit slot] -> POST -> settle -> ...
 
-- A batch Amazon rejects (400/403/404: the data or setup is wrong) releases its reservation, is
-  dead-lettered with Amazon's reason, and is acknowledged: the rest flows on.
-- A batch that did not get through is sent again after a pause, under a new reservation: it is
-  never dropped and never acknowledged early. Its old reservation is released when Amazon
-  answered (429/5xx after the client's retries: nothing was accepted) and kept when the outcome
-  is unknown (a timeout or a dropped connection: Amazon may have accepted it). The client never
-  resends a records POST itself after an unknown outcome, so every POST Amazon may count has a
-  reservation of its own.
-- The job row is stored before the acknowledgement; a store outage holds the acknowledgement
-  (and so the Kafka commit) back until the row is written.
-- 429s halve the connection's concurrency (AIMD); successes grow it back, so throttling slows the
-  whole connection, not only the one request.
+Every POST has a reservation of its own, settled by what the answer proves: confirmed when
+Amazon accepted it or may have (202, 5xx: re-stamped now), kept unconfirmed when no answer came
+(a timeout: it counts two windows), released only when nothing was accepted (429, 400/401/403/
+404/413, a connection that could not be opened). Then, per outcome:
+
+- 202: store the job row (a store outage holds the ack back), acknowledge.
+- 400 (the records): bisect. The part is split in halves, each POSTed on its own, level by
+  level, until the refused records stand alone; only those are rejected (dead-lettered with
+  Amazon's message), the rest is delivered. Bounded: once `BISECT_LIMIT` parts of two or more
+  records were refused and none accepted, refusals are not about single records (a bad
+  audienceId): a setup fault, cause `bad_request`.
+- 401 (after a fresh token), 403, 404: a setup fault. The connection is blocked: the worker
+  that met it holds its batch and probes with it after a pause (doubling up to `max_pause_s`),
+  the other workers wait; nothing is dead-lettered or acknowledged, so the offsets wait too.
+  syncd_connection_blocked{connection,cause} is 1 until a probe is accepted.
+- 429 the client could not wait out (a Retry-After longer than its retry time): the connection
+  pauses for the Retry-After (cause `throttled`), then resends.
+- 5xx, timeouts, anything unexpected: resent after a pause; failing for longer than
+  `failing_after_s`, the connection is blocked the same way (cause `failing`).
+LwA refusing the refresh token (AuthError) is not the connection's: it stops the sender and
+makes the daemon fatal (unready, waiting for new credentials); nothing is acknowledged.
+429s also halve the connection's concurrency (AIMD) and successes grow it back.
 """
 
 from __future__ import annotations
@@ -22,11 +32,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import orjson
+
+from syncd.amazon.retry import nothing_accepted, retry_reason
 from syncd.batching import EncodedBatch
-from syncd.errors import AmazonError, AuthError, FatalError
+from syncd.errors import AmazonError, AuthError, RejectedError, RetryableError, ThrottledError
 from syncd.model import Action, Batch
 from syncd.observability import metrics
 from syncd.observability.logging import get_logger
@@ -56,7 +71,66 @@ class JobSink(Protocol):
 
 
 Ack = Callable[[Batch, str], None]  # (batch, jobRequestId)
-Reject = Callable[[EncodedBatch, str], Awaitable[None]]
+Reject = Callable[[EncodedBatch, str], None]  # dead-letter and acknowledge; must not raise
+Split = Callable[[Batch, list[Batch]], None]  # a batch goes on as these parts
+
+RECORD_REFUSALS = frozenset({400, 413})  # about the records: bisect
+SETUP_FAULTS = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
+# Refused parts of 2+ records, with nothing of the batch accepted, that make a bisect a setup
+# fault: a bad audienceId costs 15 POSTs (every eighth of the batch refused), not thousands.
+BISECT_LIMIT = 15
+ADVICE = {
+    "unauthorized": "Amazon refuses requests for this connection even with a fresh access "
+    "token: check that the user of the refresh token still has access to it",
+    "forbidden": "Amazon forbids sending to this connection: accept the AMC terms (`syncd "
+    "terms accept`) or restore the user's permission on the connection",
+    "not_found": "the audience or the connection is gone: check the destination's audience_id "
+    "and connection_id (`syncd connections list`)",
+    "bad_request": "Amazon refuses every part of the batch, not single records: check the "
+    "destination's audience_id and connection_id",
+    "throttled": "Amazon asked to wait (Retry-After); sending resumes after it",
+    "failing": "record POSTs keep failing (5xx, timeouts): check Amazon's status and the network",
+}
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """One batch on its way: its parts still to send (level by level) and what they met."""
+
+    parts: deque[EncodedBatch]
+    accepted: int = 0  # parts Amazon accepted
+    refused_groups: int = 0  # parts of 2+ records Amazon refused
+    failures: int = 0  # pauses in a row (sets the next one)
+    failing_since: float | None = None
+
+
+def split_in_two(encoded: EncodedBatch) -> tuple[EncodedBatch, EncodedBatch] | None:
+    """The batch's two halves, each with its own body, or None when the body cannot be split
+    (not the JSON syncd makes, or records that do not match the batch's)."""
+    batch = encoded.batch
+    try:
+        document = orjson.loads(encoded.body)
+        records = document["records"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if not isinstance(records, list) or len(records) != len(batch.records) or len(records) < 2:
+        return None
+    middle = len(records) // 2
+
+    def part(lo: int, hi: int | None) -> EncodedBatch:
+        body = orjson.dumps({**document, "records": records[lo:hi]})
+        return EncodedBatch(
+            Batch(
+                destination=batch.destination,
+                records=batch.records[lo:hi],
+                sources=batch.sources[lo:hi],
+                size_bytes=len(body),
+                first_event_at=batch.first_event_at,
+            ),
+            body,
+        )
+
+    return part(0, middle), part(middle, None)
 
 
 class AdaptiveLimit:
@@ -109,7 +183,8 @@ class AdaptiveLimit:
 
 
 class ConnectionSender:
-    """Sends one connection's batches; `run()` owns the worker tasks."""
+    """Sends one connection's batches; `run()` owns the worker tasks. The connection is open,
+    or blocked while one worker (the prober) waits out a fault and resends to find its end."""
 
     def __init__(
         self,
@@ -120,9 +195,14 @@ class ConnectionSender:
         jobs: JobSink,
         ack: Ack,
         reject: Reject,
+        split: Split,
         max_concurrency: int,
         first_poll_after_s: float,
-        retry_pause_s: float = 5.0,
+        pause_s: float = 5.0,
+        max_pause_s: float = 300.0,
+        failing_after_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.connection_id = connection_id
         self._poster = poster
@@ -130,13 +210,25 @@ class ConnectionSender:
         self._jobs = jobs
         self._ack = ack
         self._reject = reject
+        self._split = split
         self._first_poll_after_s = first_poll_after_s
-        self._retry_pause_s = retry_pause_s
+        self._pause_s = pause_s
+        self._max_pause_s = max_pause_s
+        self._failing_after_s = failing_after_s
+        self._clock = clock
+        self._sleep = sleep
         self._queue: asyncio.Queue[EncodedBatch] = asyncio.Queue()
         self._limit = AdaptiveLimit(max_concurrency, label=connection_id)
         self._workers = max_concurrency
         self._busy = 0
         self._inflight = metrics.INFLIGHT_REQUESTS.labels(connection_id)
+        self._prober: asyncio.Task[Any] | None = None  # set while the connection is blocked
+        self._cause = ""
+        self._blocked_at = 0.0
+        self._open = asyncio.Event()
+        self._open.set()
+        for cause in ADVICE:  # every cause is a series from the start: 0 until it blocks
+            metrics.CONNECTION_BLOCKED.labels(connection_id, cause).set(0)
 
     def submit(self, batch: EncodedBatch) -> None:
         self._queue.put_nowait(batch)
@@ -145,6 +237,11 @@ class ConnectionSender:
     def backlog(self) -> int:
         """Batches queued or being delivered."""
         return self._queue.qsize() + self._busy
+
+    @property
+    def blocked(self) -> str:
+        """The cause the connection is blocked for, or "" while it is open."""
+        return self._cause
 
     async def run(self) -> None:
         """Run the workers until cancelled."""
@@ -161,66 +258,194 @@ class ConnectionSender:
             encoded = await self._queue.get()
             self._busy += 1
             try:
-                async with self._limit:
-                    self._inflight.inc()
-                    try:
-                        await self._deliver(encoded)
-                    finally:
-                        self._inflight.dec()
+                await self._deliver(encoded)
             finally:
                 self._busy -= 1
                 self._queue.task_done()
 
     async def _deliver(self, encoded: EncodedBatch) -> None:
-        batch = encoded.batch
-        dest = batch.destination
-        labels = (dest.connection_id, dest.audience)
-        while True:
-            reservation = await self._budget.acquire(dest.connection_id, len(batch.records))
+        """Send the batch until each of its records is accepted or rejected on its own."""
+        delivery = _Delivery(deque([encoded]))
+        while delivery.parts:
+            part = delivery.parts[0]
+            await self._wait_until_open()
+            outcome = await self._attempt(part)
+            if isinstance(outcome, str):
+                delivery.parts.popleft()
+                delivery.accepted += 1
+                delivery.failures = 0
+                delivery.failing_since = None
+                self._resume()
+                await self._accepted(part, outcome)
+            else:
+                await self._failed(delivery, part, outcome)
+
+    async def _attempt(self, part: EncodedBatch) -> str | AmazonError:
+        """One POST under a reservation of its own, settled by what the answer proves. Returns
+        the jobRequestId or the error; raises only AuthError (LwA refused the credentials)."""
+        dest = part.batch.destination
+        async with self._limit:
+            reservation = await self._budget.acquire(dest.connection_id, len(part.batch.records))
+            self._inflight.inc()
             try:
                 job_id = await self._poster.post_records(
-                    encoded.body,
-                    connection_id=dest.connection_id,
-                    on_throttle=self._limit.on_throttle,
+                    part.body, connection_id=dest.connection_id, on_throttle=self._limit.on_throttle
                 )
             except AuthError:
                 await self._budget.release(reservation)
                 raise
-            except FatalError as exc:
-                await self._budget.release(reservation)
-                metrics.BATCHES_SENT.labels(*labels, "rejected").inc()
-                log.error(
-                    "batch rejected by amazon",
-                    connection=dest.connection_id,
-                    audience=dest.audience,
-                    records=len(batch.records),
-                    status=exc.status,
-                    error=str(exc),
-                )
-                await self._reject(encoded, f"amazon_rejected status={exc.status}: {exc}")
-                return
             except AmazonError as exc:
-                outcome_unknown = exc.status is None
-                if not outcome_unknown:
-                    await self._budget.release(reservation)
-                metrics.BATCHES_SENT.labels(*labels, "failed").inc()
-                log.warning(
-                    "batch not delivered; will resend",
-                    connection=dest.connection_id,
-                    audience=dest.audience,
-                    records=len(batch.records),
-                    error=str(exc),
-                    outcome_unknown=outcome_unknown,
-                    retry_in_s=self._retry_pause_s,
-                )
-                await asyncio.sleep(self._retry_pause_s)
-                continue
-            break
-        self._limit.on_success()
-        await self._budget.confirm(reservation)
-        await self._store_job(batch, job_id)
-        self._record_sent(batch, len(encoded.body))
-        self._ack(batch, job_id)
+                error = exc
+            except Exception as exc:  # a sender survives any answer: outcome unknown, resent
+                log.error("records POST failed unexpectedly", error=repr(exc)[:300])
+                error = AmazonError(f"records_post: unexpected failure ({type(exc).__name__})")
+            else:
+                self._limit.on_success()
+                await self._budget.confirm(reservation)
+                return job_id
+            finally:
+                self._inflight.dec()
+        if nothing_accepted(error):
+            await self._budget.release(reservation)
+        elif error.status is not None:
+            await self._budget.confirm(reservation)  # answered: whatever Amazon did is done
+        # else no answer: Amazon may still take it in; unconfirmed, it counts two windows
+        outcome = "rejected" if isinstance(error, RejectedError) else "failed"
+        metrics.BATCHES_SENT.labels(dest.connection_id, dest.audience, outcome).inc()
+        return error
+
+    async def _failed(self, delivery: _Delivery, part: EncodedBatch, exc: AmazonError) -> None:
+        status = exc.status if isinstance(exc, RejectedError) else None
+        if status in RECORD_REFUSALS:
+            await self._refused(delivery, part, exc)
+        elif status in SETUP_FAULTS:
+            await self._hold(SETUP_FAULTS[status], exc, self._pause(delivery))
+        elif isinstance(exc, ThrottledError):
+            # the client could not wait this out: the whole connection waits the Retry-After
+            await self._hold("throttled", exc, max(exc.retry_after or 0.0, self._pause(delivery)))
+        else:  # 5xx, no answer, another refusal: resent; reported once it lasts
+            now = self._clock()
+            if delivery.failing_since is None:
+                delivery.failing_since = now
+            pause = self._pause(delivery)
+            if isinstance(exc, RetryableError):
+                metrics.REQUEST_RETRIES.labels("records_post", retry_reason(exc)).inc()
+            if now - delivery.failing_since >= self._failing_after_s:
+                await self._hold("failing", exc, pause)
+                return
+            log.warning(
+                "batch not delivered; will resend",
+                connection=self.connection_id,
+                audience=part.batch.destination.audience,
+                records=len(part.batch.records),
+                status=exc.status,
+                error=str(exc),
+                retry_in_s=round(pause, 3),
+            )
+            await self._sleep(pause)
+
+    async def _refused(self, delivery: _Delivery, part: EncodedBatch, exc: AmazonError) -> None:
+        """Amazon refused the part's records (400): bisect down to the refusing records."""
+        if self._is_prober() and self._cause == "bad_request":
+            delivery.parts.rotate(-1)  # still refused: probe with another part next time
+            await self._hold("bad_request", exc, self._pause(delivery))
+            return
+        records = len(part.batch.records)
+        if records > 1:
+            delivery.refused_groups += 1
+            if delivery.accepted == 0 and delivery.refused_groups >= BISECT_LIMIT:
+                await self._hold("bad_request", exc, self._pause(delivery))
+                return
+            halves = split_in_two(part)
+            if halves is not None:
+                self._resume()  # Amazon read the request: the setup is not what fails
+                delivery.parts.popleft()
+                delivery.parts.extend(halves)
+                self._split(part.batch, [half.batch for half in halves])
+                return
+        self._resume()
+        delivery.parts.popleft()
+        dest = part.batch.destination
+        log.warning(
+            "records refused by amazon; dead-lettered",
+            connection=dest.connection_id,
+            audience=dest.audience,
+            records=records,
+            status=exc.status,
+            error=str(exc),
+        )
+        self._reject(part, f"amazon_rejected status={exc.status}: {exc}")
+
+    def _pause(self, delivery: _Delivery) -> float:
+        """The next pause of this delivery: `pause_s`, doubling up to `max_pause_s`."""
+        pause = min(self._max_pause_s, self._pause_s * 2.0 ** min(delivery.failures, 30))
+        delivery.failures += 1
+        return pause
+
+    # -- blocking ------------------------------------------------------------------------------
+
+    def _is_prober(self) -> bool:
+        return self._prober is not None and self._prober is asyncio.current_task()
+
+    async def _wait_until_open(self) -> None:
+        while self._prober is not None and not self._is_prober():
+            await self._open.wait()
+
+    async def _hold(self, cause: str, exc: AmazonError, pause_s: float) -> None:
+        """Block the connection for `cause`. The first worker to block it probes: it waits
+        `pause_s` and returns to resend its part; any other waits until the connection opens."""
+        if self._prober is not None and not self._is_prober():
+            await self._wait_until_open()
+            return
+        if self._prober is None:
+            self._prober = asyncio.current_task()
+            self._open.clear()
+            self._blocked_at = self._clock()
+        if cause != self._cause:
+            if self._cause:
+                metrics.CONNECTION_BLOCKED.labels(self.connection_id, self._cause).set(0)
+            metrics.CONNECTION_BLOCKED.labels(self.connection_id, cause).set(1)
+            self._cause = cause
+            level = log.warning if cause == "throttled" else log.error
+            level(
+                f"connection blocked ({cause}): its records and offsets wait; {ADVICE[cause]}",
+                connection=self.connection_id,
+                cause=cause,
+                status=exc.status,
+                error=str(exc),
+                retry_in_s=round(pause_s, 3),
+            )
+        else:
+            log.info(
+                "connection still blocked; will probe again",
+                connection=self.connection_id,
+                cause=cause,
+                status=exc.status,
+                retry_in_s=round(pause_s, 3),
+            )
+        await self._sleep(pause_s)
+
+    def _resume(self) -> None:
+        """The prober got through: open the connection again."""
+        if not self._is_prober():
+            return
+        metrics.CONNECTION_BLOCKED.labels(self.connection_id, self._cause).set(0)
+        log.info(
+            "connection resumed",
+            connection=self.connection_id,
+            cause=self._cause,
+            blocked_for_s=round(self._clock() - self._blocked_at, 3),
+        )
+        self._prober = None
+        self._cause = ""
+        self._open.set()
+
+    # -- accepted ------------------------------------------------------------------------------
+
+    async def _accepted(self, part: EncodedBatch, job_id: str) -> None:
+        await self._store_job(part.batch, job_id)
+        self._record_sent(part.batch, len(part.body))
+        self._ack(part.batch, job_id)
 
     async def _store_job(self, batch: Batch, job_id: str) -> None:
         adds = sum(1 for r in batch.records if r.action is Action.ADD)

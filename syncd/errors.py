@@ -6,10 +6,13 @@
     ├── SchemaOutdatedError    the store's schema is behind the code (run `syncd db upgrade`)
     └── AmazonError            anything the Amazon side said or failed to say
         ├── RetryableError     429, 5xx (not 501), timeouts, connection errors
-        │   └── ThrottledError 429, carries Retry-After
+        │   ├── ThrottledError 429, carries Retry-After
+        │   └── NotSentError   the connection could not be opened: nothing reached Amazon
         └── FatalError         never retried in a loop
-            ├── AuthError      LwA refused the refresh token (invalid_grant, ...) or 401 twice
-            └── RejectedError  400/403/404/501...: the request itself is wrong
+            ├── AuthError      LwA refused the refresh token (invalid_grant, invalid_client)
+            └── RejectedError  400/401 after a fresh token/403/404/501...: the request or the
+                               setup is wrong (the records sender blocks its connection for
+                               401/403/404 and bisects a 400; see syncd/deliver.py)
 
 Messages never contain raw PII: only ids, counts, keys and Amazon's own error text.
 """
@@ -61,13 +64,20 @@ class ThrottledError(RetryableError):
         self.retry_after = retry_after
 
 
+class NotSentError(RetryableError):
+    """The request never left: the connection to Amazon could not be opened (refused, DNS,
+    TLS handshake). Proves that nothing was accepted, so even a records POST may be resent."""
+
+
 class FatalError(AmazonError):
     """Not retryable: retrying the same request cannot succeed."""
 
 
 class AuthError(FatalError):
-    """Credentials refused (LwA `invalid_grant`, `invalid_client`, ... or 401 after a refresh)."""
+    """LwA refused the credentials (`invalid_grant`, `invalid_client`, ...): no API call can
+    succeed until someone replaces them."""
 
 
 class RejectedError(FatalError):
-    """The request was rejected (400, 403, 404, 501, ...): the data or the setup is wrong."""
+    """The request was rejected (400, 403, 404, 501, ..., or 401 although the access token was
+    just refreshed): the data or the setup is wrong."""

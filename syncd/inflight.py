@@ -72,6 +72,21 @@ class InflightGuard:
         """Amazon accepted the batch as `job_request_id`; it stays in flight until terminal."""
         self._jobs[job_request_id] = self._unbound.pop(id(batch))
 
+    def split(self, batch: Batch, parts: list[Batch]) -> None:
+        """The batch goes on as `parts` (a bisect of a refused batch): each part is in flight
+        under a token of its own, so each member is released when its own part's job ends."""
+        token = self._unbound.pop(id(batch))
+        self._batches.pop(token, None)
+        for part in parts:
+            self._next_token += 1
+            new = self._unbound[id(part)] = self._next_token
+            keys = [(part.destination.audience, r.external_user_id) for r in part.records]
+            for key in keys:
+                entry = self._members.get(key)
+                if entry is not None and entry[1] == token:  # not taken over by a later batch
+                    self._members[key] = (entry[0], new)
+            self._batches[new] = keys
+
     def forget(self, batch: Batch) -> list[Held]:
         """The batch never became a job (rejected): release its members."""
         return self._release(self._unbound.pop(id(batch)))

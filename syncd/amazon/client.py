@@ -1,9 +1,10 @@
 """The client of the Amazon Ads "Advertiser audiences" API (all ten operations) and of LwA.
 
 One aiohttp session per client (pooled connections), bounded concurrency, per-request timeout,
-retries per RetryPolicy, one forced token refresh + one resend on a 401. JSON is parsed with
-orjson so an 18-digit `audienceId` stays an exact int. Error messages carry the operation, the
-HTTP status and Amazon's own message, never a request body.
+retries per RetryPolicy, one forced token refresh + one resend on a 401 (a second 401 is a
+RejectedError of that call, not a credential failure: LwA just issued the token). JSON is
+parsed with orjson so an 18-digit `audienceId` stays an exact int. Error messages carry the
+operation, the HTTP status and Amazon's own message, never a request body.
 """
 
 from __future__ import annotations
@@ -44,10 +45,18 @@ from syncd.amazon.retry import (
     Rng,
     Sleep,
     classify,
+    nothing_accepted,
     parse_retry_after,
 )
 from syncd.config import AmazonConfig
-from syncd.errors import AmazonError, AuthError, RetryableError, ThrottledError
+from syncd.errors import (
+    AmazonError,
+    AuthError,
+    NotSentError,
+    RejectedError,
+    RetryableError,
+    ThrottledError,
+)
 from syncd.observability import metrics
 
 OnThrottle = Callable[[float | None], None]
@@ -130,9 +139,10 @@ class AmazonClient:
         """POST an encoded records body; returns the jobRequestId. `connection_id` names the
         body's target (for errors/logs); `on_throttle(retry_after)` is called on every 429.
 
-        Resent after an HTTP status that proves nothing was accepted (429, 5xx), never after a
-        timeout or a dropped connection: Amazon may have accepted that POST, and each one it
-        counts must be covered by a budget reservation of its own (see syncd/deliver.py)."""
+        Resent only after an answer that proves nothing was accepted (429, a connection that
+        could not be opened; a 401 once, after a token refresh), never after a 5xx, a timeout or
+        a dropped connection: Amazon may have accepted that POST, and each one it counts must be
+        covered by a budget reservation of its own (the sender resends, see syncd/deliver.py)."""
         operation = "records_post"
         data = await self._call(
             "POST",
@@ -141,7 +151,7 @@ class AmazonClient:
             media_type=AUDIENCES_MEDIA_TYPE,
             body=body,
             on_throttle=on_throttle,
-            idempotent=False,
+            resend_if=nothing_accepted,
         )
         job_id = _field(data, "jobRequestId", operation)
         if not isinstance(job_id, str) or not job_id:
@@ -196,7 +206,7 @@ class AmazonClient:
             operation=operation,
             media_type=AUDIENCES_MEDIA_TYPE,
             body=orjson.dumps(payload),
-            idempotent=False,
+            resend_if=_answered,
         )
         return _audience(data, operation)
 
@@ -292,7 +302,7 @@ class AmazonClient:
             operation=operation,
             media_type=CONNECTIONS_MEDIA_TYPE,
             body=orjson.dumps(payload),
-            idempotent=False,
+            resend_if=_answered,
         )
         cid = _field(data, "connectionId", operation)
         if not isinstance(cid, str) or not cid:
@@ -350,11 +360,11 @@ class AmazonClient:
         body: bytes | None = None,
         params: Mapping[str, str] | None = None,
         on_throttle: OnThrottle | None = None,
-        idempotent: bool = True,
+        resend_if: Callable[[RetryableError], bool] = lambda _exc: True,
     ) -> Any:
         """One API operation with auth, retries and error mapping; returns the parsed JSON body
-        (None when empty). A non-idempotent call is not resent after a timeout or a dropped
-        connection (outcome unknown), only after an HTTP status that proves it was not done."""
+        (None when empty). A retryable failure is resent only if `resend_if` allows it: a
+        non-idempotent call passes a narrower test than the default "always"."""
         if self.fatal_error is not None:
             raise self.fatal_error
         url = self.api_url + path
@@ -369,14 +379,12 @@ class AmazonClient:
                 status, raw, retry_after = await self._send_api(
                     method, url, operation, media_type, token, body, params
                 )
-                if status == 401:
-                    exc = AuthError(
-                        f"{operation}: HTTP 401 even after a token refresh: {_message(raw)}",
+                if status == 401:  # LwA just issued the token: Amazon refuses this request
+                    raise RejectedError(
+                        f"{operation} failed: HTTP 401 even after a token refresh: {_message(raw)}",
                         status=401,
                         operation=operation,
                     )
-                    self._auth.mark_fatal(exc)
-                    raise exc
             if 200 <= status < 300:
                 return _loads(raw, operation)
             error = _api_error(status, raw, parse_retry_after(retry_after), operation)
@@ -389,7 +397,7 @@ class AmazonClient:
         def retry_if(exc: RetryableError) -> bool:
             if exc.operation == TOKEN_OPERATION:
                 return False  # the token request already ran its own retries
-            return idempotent or exc.status is not None
+            return resend_if(exc)
 
         return await self._retrier.call(attempt, endpoint=operation, retry_if=retry_if)
 
@@ -453,6 +461,10 @@ class AmazonClient:
                     "(outcome unknown)",
                     operation=endpoint,
                 ) from exc
+            except aiohttp.ClientConnectorError as exc:  # before anything was sent
+                raise NotSentError(
+                    f"{endpoint}: cannot connect: {type(exc).__name__}", operation=endpoint
+                ) from exc
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 raise RetryableError(
                     f"{endpoint}: connection error: {type(exc).__name__}", operation=endpoint
@@ -461,6 +473,12 @@ class AmazonClient:
                 metrics.REQUEST_DURATION.labels(endpoint, status_label).observe(
                     time.perf_counter() - started
                 )
+
+
+def _answered(exc: RetryableError) -> bool:
+    """Resend test of a non-idempotent call: Amazon answered (or never got it), so it was not
+    done; after a timeout or a dropped connection it may have been."""
+    return exc.status is not None or isinstance(exc, NotSentError)
 
 
 # -- parsing helpers ---------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 Retryable: 429 (honouring `Retry-After`), 5xx except 501, 408, timeouts and connection errors.
 Everything else is fatal for the request: retrying the same request cannot succeed.
+`nothing_accepted` tells which failures prove that Amazon did not take the request in: only
+those may be resent under the same budget reservation (or release it).
 Backoff is exponential with full jitter (AWS "Exponential Backoff And Jitter"), bounded both by
 a number of attempts and by total elapsed time. Clock, sleep and randomness are injectable so
 tests can drive the policy without waiting.
@@ -19,7 +21,13 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from syncd.config import AmazonConfig
-from syncd.errors import AmazonError, RejectedError, RetryableError, ThrottledError
+from syncd.errors import (
+    AmazonError,
+    NotSentError,
+    RejectedError,
+    RetryableError,
+    ThrottledError,
+)
 from syncd.observability import metrics
 from syncd.observability.logging import get_logger
 
@@ -38,6 +46,19 @@ def classify(status: int) -> type[AmazonError]:
     if status == 408 or (500 <= status <= 599 and status != 501):
         return RetryableError
     return RejectedError
+
+
+# Refusals Amazon gives before it processes a request: the request was not taken in.
+REFUSED_BEFORE_PROCESSING = frozenset({400, 401, 403, 404, 413})
+
+
+def nothing_accepted(exc: AmazonError) -> bool:
+    """Whether the failure proves Amazon accepted nothing: a 429, a refusal before processing
+    (400/401/403/404/413) or a request that never left. A 5xx, a timeout, a dropped connection or
+    an unreadable answer may hide an accepted POST."""
+    if isinstance(exc, ThrottledError | NotSentError):
+        return True
+    return isinstance(exc, RejectedError) and exc.status in REFUSED_BEFORE_PROCESSING
 
 
 def parse_retry_after(value: str | None) -> float | None:

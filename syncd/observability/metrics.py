@@ -168,7 +168,7 @@ BUDGET_RESUME_AT = Gauge(
 CONNECTION_BLOCKED = Gauge(
     "syncd_connection_blocked",
     "1 while a connection's sending is stopped (cause: unauthorized, forbidden, not_found, "
-    "throttled, failing); its records and offsets wait, nothing is dropped",
+    "bad_request, throttled, failing); its records and offsets wait, nothing is dropped",
     ["connection", "cause"],
     registry=REGISTRY,
 )

@@ -5,7 +5,8 @@ bodies, status codes and media types, and validates requests the way a careful s
 (Amazon-like 400 `{"message": ...}` naming the problem). Around that it adds what tests need:
 a token bucket per client id (429 + Retry-After), a rolling per-connection record window with a
 budget, fault injection (latency, 5xx, dropped connections, hangs, 429 storms, expired tokens,
-a revoked refresh token), counters, and a ledger of every accepted record.
+a revoked refresh token, one status for one connection's record POSTs for a while, records
+refused by an externalUserId marker), counters, and a ledger of every accepted record.
 
 Validation error messages name fields and rules, never the values: a request may carry PII.
 """
@@ -106,6 +107,8 @@ FAULT_KEYS = frozenset(
         "latency_s",
         "expire_tokens",
         "revoke_refresh_token",
+        "connection_status",
+        "refuse_records_prefix",
     }
 )
 
@@ -557,6 +560,9 @@ class Faults:
     timeout_rate: float = 0.0
     latency_s: float = 0.0
     revoke_refresh_token: bool = False
+    # connectionId -> (status, monotonic until, Retry-After seconds or None) for record POSTs
+    connection_status: dict[str, tuple[int, float, float | None]] = field(default_factory=dict)
+    refuse_records_prefix: str = ""  # 400 for a record POST holding such an externalUserId
 
 
 class ConnectionDropped(Exception):
@@ -659,6 +665,33 @@ class SandboxState:
             self.faults.revoke_refresh_token = bool(faults["revoke_refresh_token"])
         if faults.get("expire_tokens"):
             self.tokens.clear()
+        if "connection_status" in faults:
+            self._set_connection_status(faults["connection_status"])
+        if "refuse_records_prefix" in faults:
+            self.faults.refuse_records_prefix = str(faults["refuse_records_prefix"])
+
+    def _set_connection_status(self, spec: Any) -> None:
+        """`{"connection_id": ..., "status": 403, "for_s": 30, "retry_after_s": 8}`: record POSTs
+        for that connection get `status` for `for_s` seconds (with a Retry-After if given)."""
+        if not isinstance(spec, dict) or not isinstance(spec.get("connection_id"), str):
+            raise ValueError("connection_status needs a connection_id, a status and for_s")
+        status = int(spec["status"])
+        if not 400 <= status <= 599:
+            raise ValueError("connection_status.status must be an HTTP error status")
+        retry = spec.get("retry_after_s")
+        until = time.monotonic() + float(spec["for_s"])
+        self.faults.connection_status[spec["connection_id"]] = (
+            status,
+            until,
+            None if retry is None else float(retry),
+        )
+
+    def connection_fault(self, connection_id: str) -> tuple[int, float | None] | None:
+        """(status, Retry-After) while a connection_status fault holds for the connection."""
+        fault = self.faults.connection_status.get(connection_id)
+        if fault is None or fault[1] <= time.monotonic():
+            return None
+        return fault[0], fault[2]
 
     def faults_view(self) -> dict[str, Any]:
         f = self.faults
@@ -669,6 +702,11 @@ class SandboxState:
             "timeout_rate": f.timeout_rate,
             "latency_s": f.latency_s,
             "revoke_refresh_token": f.revoke_refresh_token,
+            "connection_status": {
+                c: {"status": st, "remaining_s": max(0.0, until - time.monotonic())}
+                for c, (st, until, _) in f.connection_status.items()
+            },
+            "refuse_records_prefix": f.refuse_records_prefix,
         }
 
     def chance(self, rate: float) -> bool:
@@ -985,6 +1023,10 @@ async def _guarded(
     wait = state.throttle_wait(client_id)
     if wait > 0:
         return error(request, 429, "Too Many Requests", retry_after(wait))
+    if faults.connection_status and request.method == "POST" and request.path == api.RECORDS_PATH:
+        injected = await _connection_fault(request, state)
+        if injected is not None:
+            return injected
     media_type = media_type_of(request.path)
     accept = request.headers.get("Accept")
     if accept and not accepts(accept, media_type):
@@ -995,6 +1037,21 @@ async def _guarded(
         if request.content_type != media_type:
             return error(request, 415, f"Content-Type must be {media_type}")
     return await handler(request)
+
+
+async def _connection_fault(request: web.Request, state: SandboxState) -> web.Response | None:
+    """The injected answer for a record POST to a connection under a connection_status fault."""
+    try:
+        body = orjson.loads(await request.read())
+        connection_id = body["targetResource"]["connectionId"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None  # the handler reports what is wrong with the body
+    fault = state.connection_fault(connection_id) if isinstance(connection_id, str) else None
+    if fault is None:
+        return None
+    status, wait = fault
+    headers = {"Retry-After": str(math.ceil(wait))} if wait is not None else None
+    return error(request, status, f"injected HTTP {status} for this connection", headers)
 
 
 def _drop(request: web.Request) -> None:
@@ -1052,6 +1109,11 @@ async def post_records(request: web.Request) -> web.Response:
         return error(request, 400, message)
     if body["audienceId"] == state.settings.records_error_for_audience:
         return error(request, 400, f"audienceId {body['audienceId']} is not a valid audience")
+    prefix = state.faults.refuse_records_prefix
+    if prefix:
+        for index, record in enumerate(body["records"]):
+            if record["externalUserId"].startswith(prefix):
+                return error(request, 400, f"records[{index}].externalUserId is not valid")
     wait = state.budget_wait(body["targetResource"]["connectionId"], len(body["records"]))
     if wait is not None:
         return error(request, 429, "records per connection per hour exceeded", retry_after(wait))

@@ -39,6 +39,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "4m33s", "$job": ".+", "$connection": "
 ALERTS = {
     "SyncdConsumerLagGrowing",
     "SyncdBudgetExhausted",
+    "SyncdConnectionBlocked",
     "SyncdJobsFailing",
     "SyncdJobsStuckPending",
     "SyncdTokenRefreshFailing",

@@ -18,7 +18,8 @@ from syncd import cli
 from syncd.amazon.api import records_body
 from syncd.amazon.client import AmazonClient
 from syncd.config import AmazonConfig
-from syncd.errors import AuthError, RejectedError, RetryableError
+from syncd.embedded import free_port
+from syncd.errors import AuthError, NotSentError, RejectedError, RetryableError
 from syncd.sandbox.app import SandboxSettings
 from syncd.sandbox.server import RunningSandbox, running_sandbox
 
@@ -228,15 +229,61 @@ async def test_401_refreshes_once_and_succeeds(sandbox: RunningSandbox) -> None:
 async def test_server_errors_are_retried_then_succeed(sandbox: RunningSandbox) -> None:
     sleep = RecordingSleep(then=lambda: sandbox.state.set_faults({"error_rate": 0}))
     async with AmazonClient(config(sandbox), sleep=sleep, rng=lambda: 1.0) as client:
+        await client.ensure_token()
+        sandbox.state.set_faults({"error_rate": 1.0})
+        terms = await client.get_terms()
+    assert terms.agreement_token
+    assert sleep.delays == [0.5]  # attempt 1 backoff ceiling with rng at its maximum
+    assert requests(sandbox, "GET /amc/audiences/connections/terms 5") == 1
+    assert requests(sandbox, "GET /amc/audiences/connections/terms 200") == 1
+
+
+async def test_a_records_post_answered_5xx_is_not_resent(sandbox: RunningSandbox) -> None:
+    """Amazon may have accepted it before failing: the sender resends it under a reservation
+    of its own, so that every POST Amazon may count is counted."""
+    sleep = RecordingSleep()
+    async with AmazonClient(config(sandbox), sleep=sleep) as client:
         connection_id, audience_id = await setup_destination(client)
         sandbox.state.set_faults({"error_rate": 1.0})
-        job_id = await client.post_records(
-            encoded_records(audience_id, connection_id), connection_id=connection_id
-        )
-    assert job_id
-    assert sleep.delays == [0.5]  # attempt 1 backoff ceiling with rng at its maximum
-    assert requests(sandbox, "POST /amc/audiences/records 5") == 1
-    assert requests(sandbox, "POST /amc/audiences/records 202") == 1
+        with pytest.raises(RetryableError) as info:
+            await client.post_records(
+                encoded_records(audience_id, connection_id), connection_id=connection_id
+            )
+    assert info.value.status in (500, 502, 503, 504)
+    assert sleep.delays == []
+    assert requests(sandbox, "POST /amc/audiences/records") == 1
+
+
+async def test_a_401_after_a_fresh_token_refuses_that_call_and_is_not_fatal(
+    sandbox: RunningSandbox,
+) -> None:
+    """LwA just issued the token: Amazon refuses this connection, not the credentials. The
+    records sender blocks that connection alone; the client goes on for everything else."""
+    async with AmazonClient(config(sandbox), sleep=RecordingSleep()) as client:
+        connection_id, audience_id = await setup_destination(client)
+        fault = {"connection_id": connection_id, "status": 401, "for_s": 60}
+        sandbox.state.set_faults({"connection_status": fault})
+        tokens = sandbox.state.stats()["token_requests"]
+        with pytest.raises(RejectedError) as info:
+            await client.post_records(
+                encoded_records(audience_id, connection_id), connection_id=connection_id
+            )
+        assert info.value.status == 401
+        assert "even after a token refresh" in str(info.value)
+        assert client.fatal_error is None
+        assert (await client.get_terms()).agreement_token  # other calls go on
+    assert sandbox.state.stats()["token_requests"] == tokens + 1  # one refresh
+    assert requests(sandbox, "POST /amc/audiences/records 401") == 2
+
+
+async def test_a_records_post_that_cannot_connect_is_resent(sandbox: RunningSandbox) -> None:
+    """Nothing reached Amazon, so even a records POST may be resent (same reservation)."""
+    sleep = RecordingSleep()
+    cfg = config(sandbox, api_url=f"http://127.0.0.1:{free_port()}", max_attempts=3)
+    async with AmazonClient(cfg, sleep=sleep) as client:
+        with pytest.raises(NotSentError, match="cannot connect"):
+            await client.post_records(encoded_records(413642381039213536, "c"), connection_id="c")
+    assert len(sleep.delays) == 2  # three attempts
 
 
 async def test_retries_exhausted_raise_the_last_retryable_error(sandbox: RunningSandbox) -> None:

@@ -281,9 +281,13 @@ async def test_no_pii_or_secrets_in_logs_metrics_or_store_of_a_full_run(
         assert secret not in logs
 
 
-async def test_a_rejected_batch_is_dead_lettered_and_the_rest_flows(
+async def test_a_bad_audience_blocks_its_connection_without_dead_letters_and_resumes(
     kafka: Any, tmp_path: Path
 ) -> None:
+    """Every POST for one audience answers 400 (its audienceId is wrong): the bisect finds no
+    single refusing record and stops after a bounded number of POSTs; the connection is blocked
+    (cause bad_request), nothing is dead-lettered, the other connection flows. Once the audience
+    is fixed, everything is delivered and committed."""
     topic, dlq = f"reject-{uuid.uuid4().hex[:8]}", f"dlq-{uuid.uuid4().hex[:8]}"
     await kafka.create_topic(topic, partitions=1)
     await kafka.create_topic(dlq, partitions=1)
@@ -300,26 +304,36 @@ async def test_a_rejected_batch_is_dead_lettered_and_the_rest_flows(
             sandbox_url=sb.url,
             token_url=sb.token_url,
             store_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
+            batch={"linger_ms": 2000},  # one batch per audience: large enough to bisect
         )
         daemon = DaemonProcess(tmp_path, raw).start()
         newsletter = {p for p, _ in expected([m for m in messages if b'"newsletter"' in m[1]])}
-        vip = len([m for m in messages if b'"vip"' in m[1]])
+        blocked = {"connection": CONNECTION, "cause": "bad_request"}
 
-        async def flowed() -> bool:
+        async def flowed_and_blocked() -> bool:
             daemon.check_alive()
             got = {e["record"]["externalUserId"] for e in sb.state.ledger(OTHER_CONNECTION)}
-            return newsletter <= got
+            return newsletter <= got and await daemon.metric("syncd_connection_blocked", blocked)
 
-        await wait_for(flowed, 60, "the other audience's records delivered")
-        dead = await read_topic(kafka.bootstrap, dlq, vip)
-        assert len(dead) == vip
-        assert {dict(m.headers)["syncd-reason"].decode() for m in dead} == {"amazon_rejected"}
+        await wait_for(flowed_and_blocked, 60, "the other audience delivered, vip's blocked")
+        refused = sb.state.stats()["requests"]["POST /amc/audiences/records 400"]
+        assert refused < 40  # bounded: not one POST per record
+        assert await daemon.metric("syncd_events_dead_lettered_total") == 0
+        assert await read_topic(kafka.bootstrap, dlq, 1, timeout=2.0) == []
+        sb.state.settings.records_error_for_audience = None  # the audience is fixed
+
+        async def all_sent() -> bool:
+            daemon.check_alive()
+            return expected(messages) <= delivered(sb)
+
+        await wait_for(all_sent, 60, "vip delivered once the audience is fixed")
+        assert await daemon.metric("syncd_connection_blocked", blocked) == 0
         ends = await end_offsets(kafka.bootstrap, topic)
 
         async def committed() -> bool:
             return await committed_offsets(kafka.bootstrap, topic, raw["kafka"]["group_id"]) == ends
 
-        await wait_for(committed, 30, "offsets committed past the rejected batch")
+        await wait_for(committed, 30, "offsets committed once the connection resumed")
         assert await daemon.terminate() == 0
 
 

@@ -1,5 +1,7 @@
 """Deliver: the AIMD concurrency limit (429 slows the whole connection) and ConnectionSender with
-fakes for the poster, the budget and the job store (the order of budget, POST, job row, ack)."""
+fakes for the poster, the budget and the job store: the order of budget, POST, job row, ack; how
+each answer settles its reservation; the bisect of a 400 and its bound; a connection blocked by a
+setup fault, a long Retry-After or failing POSTs, and resumed."""
 
 from __future__ import annotations
 
@@ -12,10 +14,19 @@ from dataclasses import dataclass, field
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from syncd.batching import EncodedBatch
-from syncd.deliver import AdaptiveLimit, ConnectionSender, cancel_and_wait
-from syncd.errors import AuthError, RejectedError, RetryableError
+from syncd.deliver import BISECT_LIMIT, AdaptiveLimit, ConnectionSender, cancel_and_wait
+from syncd.errors import (
+    AmazonError,
+    AuthError,
+    NotSentError,
+    RejectedError,
+    RetryableError,
+    ThrottledError,
+)
 from syncd.model import Action, Batch, Destination, Member, SourceRef
 from syncd.observability.metrics import REGISTRY
 from syncd.store import NewJob
@@ -140,11 +151,18 @@ class Fakes:
     outcomes: list[Callable[[Callable[[float | None], None] | None], Awaitable[str]]] = field(
         default_factory=list
     )
+    answer: Callable[[bytes], Awaitable[str]] | None = None  # when `outcomes` is empty
     store_failures: int = 0
     posting: int = 0
     peak_posting: int = 0
     acked: list[str] = field(default_factory=list)
+    acked_batches: list[Batch] = field(default_factory=list)
     rejected: list[tuple[EncodedBatch, str]] = field(default_factory=list)
+    splits: list[tuple[Batch, list[Batch]]] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    pauses: list[float] = field(default_factory=list)
+    clock: Clock = field(default_factory=Clock)
+    pause_gate: asyncio.Event | None = None  # when set: each pause waits for it
 
     # poster
     async def post_records(
@@ -155,11 +173,14 @@ class Fakes:
         on_throttle: Callable[[float | None], None] | None = None,
     ) -> str:
         self.events.append(("post", connection_id))
+        self.bodies.append(body)
         self.posting += 1
         self.peak_posting = max(self.peak_posting, self.posting)
         try:
             if self.outcomes:
                 return await self.outcomes.pop(0)(on_throttle)
+            if self.answer is not None:
+                return await self.answer(body)
             return f"job-{uuid.uuid4().hex[:8]}"
         finally:
             self.posting -= 1
@@ -188,10 +209,22 @@ class Fakes:
     def ack(self, batch: Batch, job_id: str) -> None:
         self.events.append(("ack", job_id))
         self.acked.append(job_id)
+        self.acked_batches.append(batch)
 
-    async def reject(self, encoded: EncodedBatch, reason: str) -> None:
+    def reject(self, encoded: EncodedBatch, reason: str) -> None:
         self.events.append(("reject", reason))
         self.rejected.append((encoded, reason))
+
+    def split(self, batch: Batch, parts: list[Batch]) -> None:
+        self.splits.append((batch, parts))
+
+    # the sender's pauses: recorded, and the clock moves on by them
+    async def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.clock.now += seconds
+        if self.pause_gate is not None:
+            await self.pause_gate.wait()
+        await asyncio.sleep(0)
 
     def kinds(self) -> list[str]:
         return [kind for kind, _ in self.events]
@@ -223,20 +256,29 @@ def encoded(connection: str, members: int = 3) -> EncodedBatch:
 @pytest.fixture
 async def sender() -> AsyncIterator[tuple[ConnectionSender, Fakes]]:
     fakes = Fakes()
-    s = ConnectionSender(
+    s = make_sender(fakes)
+    task = asyncio.create_task(s.run())
+    yield s, fakes
+    await cancel_and_wait(task)
+
+
+def make_sender(fakes: Fakes, max_concurrency: int = 4) -> ConnectionSender:
+    return ConnectionSender(
         uuid.uuid4().hex,
         poster=fakes,
         budget=fakes,
         jobs=fakes,
         ack=fakes.ack,
         reject=fakes.reject,
-        max_concurrency=4,
+        split=fakes.split,
+        max_concurrency=max_concurrency,
         first_poll_after_s=0.2,
-        retry_pause_s=0.0,
+        pause_s=1.0,
+        max_pause_s=8.0,
+        failing_after_s=30.0,
+        clock=fakes.clock,
+        sleep=fakes.sleep,
     )
-    task = asyncio.create_task(s.run())
-    yield s, fakes
-    await cancel_and_wait(task)
 
 
 async def drained(s: ConnectionSender) -> None:
@@ -269,16 +311,16 @@ async def test_a_store_outage_holds_the_ack_until_the_job_row_is_written(
     assert fakes.kinds() == ["acquire", "post", "confirm", "add_job failed", "add_job", "ack"]
 
 
-async def test_a_rejected_batch_releases_its_reservation_and_is_rejected_not_acked(
+async def test_a_refused_single_record_releases_its_reservation_and_is_rejected_not_acked(
     sender: tuple[ConnectionSender, Fakes],
 ) -> None:
     s, fakes = sender
 
     async def bad_request(_: object) -> str:
-        raise RejectedError("audienceId must be an integer", status=400)
+        raise RejectedError("records[0].externalUserId is invalid", status=400)
 
     fakes.outcomes.append(bad_request)
-    batch = encoded(s.connection_id)
+    batch = encoded(s.connection_id, members=1)
     s.submit(batch)
     await drained(s)
     assert fakes.kinds() == ["acquire", "post", "release", "reject"]
@@ -286,7 +328,7 @@ async def test_a_rejected_batch_releases_its_reservation_and_is_rejected_not_ack
     [(rejected, reason)] = fakes.rejected
     assert rejected is batch
     assert "status=400" in reason
-    assert "audienceId must be an integer" in reason
+    assert "records[0].externalUserId is invalid" in reason
     assert fakes.acked == []
     # the rest flows: the next batch is delivered normally
     s.submit(encoded(s.connection_id))
@@ -320,16 +362,7 @@ async def test_an_auth_error_releases_the_reservation_and_stops_the_sender() -> 
         raise AuthError("invalid_grant", status=400)
 
     fakes.outcomes.append(revoked)
-    s = ConnectionSender(
-        uuid.uuid4().hex,
-        poster=fakes,
-        budget=fakes,
-        jobs=fakes,
-        ack=fakes.ack,
-        reject=fakes.reject,
-        max_concurrency=2,
-        first_poll_after_s=0.2,
-    )
+    s = make_sender(fakes, max_concurrency=2)
     s.submit(encoded(s.connection_id))
     with pytest.raises(ExceptionGroup) as info:
         await asyncio.wait_for(s.run(), DEADLINE_S)
@@ -381,3 +414,280 @@ async def test_a_429_storm_reduces_the_connections_concurrency(
     after.set()
     await drained(s)
     assert len(fakes.acked) == 8
+
+
+# -- the sender's state machine ------------------------------------------------------------------
+
+
+def member_ids(body: bytes) -> list[str]:
+    return [r["externalUserId"] for r in orjson.loads(body)["records"]]
+
+
+def refusing(bad: set[str]) -> Callable[[bytes], Awaitable[str]]:
+    """Amazon's 400 for any body holding one of the `bad` members; other bodies are accepted."""
+
+    async def answer(body: bytes) -> str:
+        if bad & set(member_ids(body)):
+            raise RejectedError("records_post failed: HTTP 400: externalUserId invalid", status=400)
+        return f"job-{uuid.uuid4().hex[:8]}"
+
+    return answer
+
+
+def settled(fakes: Fakes) -> dict[int, str]:
+    """Each reservation and how it was settled ("release", "confirm"); unsettled ones absent."""
+    return {int(str(rid)): kind for kind, rid in fakes.events if kind in ("release", "confirm")}
+
+
+def blocked(connection: str, cause: str) -> float | None:
+    return REGISTRY.get_sample_value(
+        "syncd_connection_blocked", {"connection": connection, "cause": cause}
+    )
+
+
+async def test_a_400_is_bisected_down_to_the_refused_records_and_the_rest_delivered(
+    sender: tuple[ConnectionSender, Fakes],
+) -> None:
+    s, fakes = sender
+    fakes.answer = refusing({"m2", "m13"})
+    batch = encoded(s.connection_id, members=16)
+    s.submit(batch)
+    await drained(s)
+    # only the two refusing records are rejected, each alone, with Amazon's message
+    assert sorted(member_ids(e.body)[0] for e, _ in fakes.rejected) == ["m13", "m2"]
+    assert all(len(e.batch.records) == 1 for e, _ in fakes.rejected)
+    assert all("status=400" in r and "externalUserId invalid" in r for _, r in fakes.rejected)
+    # every other record was accepted, exactly once, with its own source events
+    accepted = [m.external_user_id for b in fakes.acked_batches for m in b.records]
+    assert sorted(accepted) == sorted(f"m{i}" for i in range(16) if i not in (2, 13))
+    for part in fakes.acked_batches:
+        index = [int(m.external_user_id[1:]) for m in part.records]
+        assert part.sources == [[SourceRef("t", 0, i)] for i in index]
+    # every POST had a reservation of its own: refused ones released, accepted ones confirmed
+    posts = fakes.kinds().count("post")
+    assert fakes.kinds().count("acquire") == posts
+    assert list(settled(fakes).values()).count("confirm") == len(fakes.acked)
+    assert len(settled(fakes)) == posts
+    # the pipeline was told how the batch went on: halves, each split again where refused
+    first, parts = fakes.splits[0]
+    assert first is batch.batch
+    assert [len(p.records) for p in parts] == [8, 8]
+    # bounded: 2 refused records cost a few POSTs per level, not one per record
+    assert posts <= 2 * 2 * 4 + 1
+    assert blocked(s.connection_id, "bad_request") in (None, 0.0)
+
+
+async def test_a_bisect_where_every_part_is_refused_becomes_a_setup_fault(
+    sender: tuple[ConnectionSender, Fakes],
+) -> None:
+    """A bad audienceId: every POST is refused. The bisect stops after BISECT_LIMIT refused
+    parts (not thousands of one-record POSTs), nothing is rejected, the connection is blocked
+    until Amazon accepts again; then everything is delivered."""
+    s, fakes = sender
+    fakes.answer = refusing({f"m{i}" for i in range(64)})
+    fakes.pause_gate = asyncio.Event()
+    s.submit(encoded(s.connection_id, members=64))
+    await until(lambda: blocked(s.connection_id, "bad_request") == 1, "blocked: bad_request")
+    assert fakes.kinds().count("post") == BISECT_LIMIT
+    assert fakes.rejected == []
+    assert fakes.acked == []
+    fakes.pause_gate.set()
+    await until(lambda: len(fakes.pauses) >= 3, "a few probes")
+    assert fakes.rejected == []  # probes refused again: still nothing dead-lettered
+    assert fakes.pauses[:3] == [1.0, 2.0, 4.0]  # the probes back off
+    fakes.answer = None  # the audience was fixed
+    await drained(s)
+    assert blocked(s.connection_id, "bad_request") == 0
+    assert fakes.rejected == []
+    accepted = [m.external_user_id for b in fakes.acked_batches for m in b.records]
+    assert sorted(accepted) == sorted(f"m{i}" for i in range(64))
+
+
+@pytest.mark.parametrize(
+    ("status", "cause"), [(401, "unauthorized"), (403, "forbidden"), (404, "not_found")]
+)
+async def test_a_setup_fault_blocks_the_connection_holds_its_batches_and_resumes(
+    sender: tuple[ConnectionSender, Fakes], status: int, cause: str
+) -> None:
+    s, fakes = sender
+    refuse = True
+
+    async def answer(body: bytes) -> str:
+        if refuse:
+            raise RejectedError(f"records_post failed: HTTP {status}: no", status=status)
+        return f"job-{uuid.uuid4().hex[:8]}"
+
+    fakes.answer = answer
+    s.submit(encoded(s.connection_id))
+    await until(lambda: blocked(s.connection_id, cause) == 1, f"blocked: {cause}")
+    assert s.blocked == cause
+    for _ in range(5):  # more batches while blocked: none of them is POSTed, only the probe
+        s.submit(encoded(s.connection_id))
+    await until(lambda: len(fakes.pauses) >= 6, "six probes")
+    assert fakes.kinds().count("post") == len(fakes.pauses)  # one POST per probe, no more
+    assert fakes.pauses[:6] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]  # doubling, capped
+    assert fakes.rejected == []  # not bad data: nothing dead-lettered ...
+    assert fakes.acked == []  # ... nor acknowledged
+    assert set(settled(fakes).values()) == {"release"}  # a refusal proves nothing was taken
+    assert s.backlog == 6
+    refuse = False
+    await drained(s)
+    assert len(fakes.acked) == 6
+    assert fakes.rejected == []
+    assert blocked(s.connection_id, cause) == 0
+    assert s.blocked == ""
+
+
+# answer -> how its reservation is settled ("release", "confirm", or kept: None)
+SETTLEMENTS: dict[str, tuple[Exception, str | None]] = {
+    "429": (ThrottledError("HTTP 429", retry_after=1.0), "release"),
+    "not-sent": (NotSentError("cannot connect"), "release"),
+    "400": (RejectedError("HTTP 400", status=400), "release"),
+    "403": (RejectedError("HTTP 403", status=403), "release"),
+    "503": (RetryableError("HTTP 503", status=503), "confirm"),
+    "500-after-processing": (RetryableError("HTTP 500", status=500), "confirm"),
+    "501": (RejectedError("HTTP 501", status=501), "confirm"),
+    "timeout": (RetryableError("no answer (outcome unknown)"), None),
+    "no-jobRequestId": (AmazonError("unexpected response (no jobRequestId)"), None),
+    "unexpected-exception": (ValueError("a bug in parsing"), None),
+}
+
+
+@pytest.mark.parametrize("answer", list(SETTLEMENTS))
+async def test_each_answer_settles_its_reservation_by_what_it_proves(
+    sender: tuple[ConnectionSender, Fakes], answer: str
+) -> None:
+    """Only an answer that proves nothing was accepted releases; one that may hide an accepted
+    POST confirms (Amazon answered) or keeps it (no answer). The resend has its own."""
+    s, fakes = sender
+    error, settlement = SETTLEMENTS[answer]
+
+    async def fail(_: object) -> str:
+        raise error
+
+    fakes.outcomes.append(fail)
+    s.submit(encoded(s.connection_id, members=1))
+    await drained(s)
+    expected = {} if settlement is None else {1: settlement}
+    if answer == "400":
+        assert len(fakes.rejected) == 1  # a single record refused: dead-lettered
+        assert settled(fakes) == expected
+        return
+    assert settled(fakes) == {**expected, 2: "confirm"}  # the resend, accepted
+    assert len(fakes.acked) == 1
+
+
+async def test_a_long_retry_after_pauses_the_whole_connection_until_it_is_over(
+    sender: tuple[ConnectionSender, Fakes],
+) -> None:
+    s, fakes = sender
+    release = fakes.pause_gate = asyncio.Event()  # the pause stays open while the test looks
+
+    async def throttled(_: object) -> str:
+        raise ThrottledError("HTTP 429", retry_after=900.0)
+
+    fakes.outcomes.append(throttled)
+    s.submit(encoded(s.connection_id))
+    await until(lambda: fakes.pauses == [900.0], "the Retry-After waited out")
+    assert blocked(s.connection_id, "throttled") == 1
+    s.submit(encoded(s.connection_id))
+    await settle()
+    assert fakes.kinds().count("post") == 1  # nothing is POSTed while the connection waits
+    release.set()
+    await drained(s)
+    assert len(fakes.acked) == 2
+    assert blocked(s.connection_id, "throttled") == 0
+    assert settled(fakes)[1] == "release"
+
+
+async def test_failing_posts_back_off_and_are_reported_after_failing_after_s(
+    sender: tuple[ConnectionSender, Fakes],
+) -> None:
+    s, fakes = sender
+    failing = True
+
+    async def answer(body: bytes) -> str:
+        if failing:
+            raise RetryableError("records_post failed: HTTP 503", status=503)
+        return f"job-{uuid.uuid4().hex[:8]}"
+
+    fakes.answer = answer
+    s.submit(encoded(s.connection_id))
+    # resent after 1, 2, 4, 8, 8 ... s; after 30 s of failing the connection is reported
+    await until(lambda: blocked(s.connection_id, "failing") == 1, "blocked: failing")
+    assert fakes.pauses[:5] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert sum(fakes.pauses[:-1]) >= 30.0
+    assert fakes.rejected == []
+    assert fakes.acked == []
+    failing = False
+    await drained(s)
+    assert len(fakes.acked) == 1
+    assert blocked(s.connection_id, "failing") == 0
+    # every failed POST may have been accepted: each kept its own reservation, confirmed
+    assert set(settled(fakes).values()) == {"confirm"}
+    assert len(settled(fakes)) == fakes.kinds().count("post")
+
+
+async def test_an_unsplittable_refused_batch_is_rejected_and_the_sender_lives_on(
+    sender: tuple[ConnectionSender, Fakes],
+) -> None:
+    """A body syncd cannot read back (it should not happen) is rejected whole instead of
+    crashing the sender; the next batch flows."""
+    s, fakes = sender
+    bad = encoded(s.connection_id)
+    bad = EncodedBatch(bad.batch, bad.body.replace(b'"m1"', b'"m1\n'))  # not JSON any more
+
+    async def bad_request(_: object) -> str:
+        raise RejectedError("request body is not valid JSON", status=400)
+
+    fakes.outcomes.append(bad_request)
+    s.submit(bad)
+    await drained(s)
+    [(rejected, _)] = fakes.rejected
+    assert rejected is bad
+    s.submit(encoded(s.connection_id))
+    await drained(s)
+    assert len(fakes.acked) == 1
+
+
+@settings(max_examples=40)
+@given(
+    answers=st.lists(
+        st.sampled_from(
+            [
+                *(e for e, _ in SETTLEMENTS.values()),
+                RejectedError("HTTP 404", status=404),
+                RejectedError("HTTP 401", status=401),
+                KeyError("x"),
+                RuntimeError("boom"),
+            ]
+        ),
+        max_size=12,
+    ),
+    members=st.integers(1, 9),
+)
+async def test_no_answer_stops_the_sender_and_every_record_ends_accepted_or_rejected(
+    answers: list[Exception], members: int
+) -> None:
+    fakes = Fakes()
+    s = make_sender(fakes, max_concurrency=2)
+    task = asyncio.create_task(s.run())
+    try:
+        for error in answers:
+
+            async def fail(_: object, error: Exception = error) -> str:
+                raise error
+
+            fakes.outcomes.append(fail)
+        s.submit(encoded(s.connection_id, members=members))
+        s.submit(encoded(s.connection_id, members=members))
+        await drained(s)
+        assert not task.done()
+        ended = [m for b in fakes.acked_batches for m in b.records]
+        ended += [m for e, _ in fakes.rejected for m in e.batch.records]
+        assert sorted(m.external_user_id for m in ended) == sorted(
+            f"m{i}" for i in range(members) for _ in range(2)
+        )
+        assert s.blocked == ""
+    finally:
+        await cancel_and_wait(task)

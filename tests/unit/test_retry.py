@@ -14,10 +14,17 @@ from syncd.amazon.retry import (
     Retrier,
     RetryPolicy,
     classify,
+    nothing_accepted,
     parse_retry_after,
     retry_reason,
 )
-from syncd.errors import AmazonError, RejectedError, RetryableError, ThrottledError
+from syncd.errors import (
+    AmazonError,
+    NotSentError,
+    RejectedError,
+    RetryableError,
+    ThrottledError,
+)
 
 
 class FakeTime:
@@ -196,3 +203,22 @@ def test_retry_reason_labels() -> None:
     reset = RetryableError("x")
     reset.__cause__ = ConnectionResetError()
     assert retry_reason(reset) == "connection"
+
+
+@pytest.mark.parametrize(
+    ("error", "proves"),
+    [
+        (ThrottledError("429", retry_after=3.0), True),
+        (NotSentError("cannot connect"), True),
+        *((RejectedError(f"{s}", status=s), True) for s in (400, 401, 403, 404, 413)),
+        (RejectedError("501", status=501), False),
+        (RejectedError("409", status=409), False),
+        *((RetryableError(f"{s}", status=s), False) for s in (408, 500, 502, 503, 504)),
+        (RetryableError("no answer"), False),  # a timeout or a dropped connection
+        (AmazonError("no jobRequestId in a 202"), False),
+    ],
+)
+def test_only_answers_that_prove_nothing_was_accepted_release_a_records_post(
+    error: AmazonError, proves: bool
+) -> None:
+    assert nothing_accepted(error) is proves

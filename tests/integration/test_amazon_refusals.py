@@ -1,0 +1,215 @@
+"""Amazon refusing on purpose, against real processes (broker, sandbox, `syncd run`): a setup
+fault on one connection, a Retry-After longer than syncd's retry time, a 400 for some records.
+Nothing of a blocked connection is dead-lettered or lost, the other connection flows, and only
+the records Amazon refused are dead-lettered."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from syncd import synth
+from syncd.sandbox.app import SandboxSettings
+from syncd.sandbox.server import running_sandbox
+from tests.harness import (
+    CONNECTION,
+    DESTINATIONS,
+    OTHER_CONNECTION,
+    DaemonProcess,
+    committed_offsets,
+    end_offsets,
+    produce,
+    read_topic,
+    sqlite_daemon_config,
+    wait_for,
+)
+from tests.integration.test_reliability import delivered, expected
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def audiences_of(connection: str) -> set[str]:
+    return {d["audience"] for d in DESTINATIONS if d["connection_id"] == connection}
+
+
+def changes_for(messages: list[tuple[bytes, bytes]], connection: str) -> set[tuple[str, str]]:
+    """(externalUserId, action) of the changes the events make on `connection`'s audiences."""
+    mine = audiences_of(connection)
+    out = set()
+    for _, value in messages:
+        event = orjson.loads(value)
+        for action, api in (("add", "CREATE"), ("remove", "DELETE")):
+            if mine & set(event["audiences"].get(action) or ()):
+                out.add((event["profile_id"], api))
+    return out
+
+
+def delivered_to(sandbox: Any, connection: str) -> set[tuple[str, str]]:
+    return {
+        (e["record"]["externalUserId"], e["record"]["action"])
+        for e in sandbox.state.ledger(connection)
+    }
+
+
+def records_made(messages: list[tuple[bytes, bytes]]) -> int:
+    """Member records the events make: one per audience an event adds to or removes from."""
+    known = {d["audience"] for d in DESTINATIONS}
+    total = 0
+    for _, value in messages:
+        audiences = orjson.loads(value)["audiences"]
+        total += len(known & {*(audiences.get("add") or ()), *(audiences.get("remove") or ())})
+    return total
+
+
+async def all_committed(daemon: DaemonProcess, bootstrap: str, topic: str) -> None:
+    ends = await end_offsets(bootstrap, topic)
+    group = daemon.raw["kafka"]["group_id"]
+
+    async def committed() -> bool:
+        daemon.check_alive()
+        return await committed_offsets(bootstrap, topic, group) == ends
+
+    await wait_for(committed, 60, "every offset committed")
+
+
+async def test_a_403_blocks_one_connection_the_other_flows_and_it_resumes_losing_nothing(
+    kafka: Any, tmp_path: Path
+) -> None:
+    topic, dlq = f"forbidden-{uuid.uuid4().hex[:8]}", f"dlq-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=2)
+    await kafka.create_topic(dlq, partitions=1)
+    before = list(synth.events(100, seed=70, id_prefix="before-"))
+    during = list(synth.events(200, seed=71, id_prefix="during-"))
+    settings = SandboxSettings(job_delay_s=0.2, rate_per_s=1000, burst=1000)
+    async with running_sandbox(settings) as sb:
+        raw = sqlite_daemon_config(
+            kafka.bootstrap, sb, topic, tmp_path, batch={"max_records": 50, "linger_ms": 100}
+        )
+        raw["kafka"]["dead_letter_topic"] = dlq
+        daemon = DaemonProcess(tmp_path, raw).start()
+        await produce(kafka.bootstrap, topic, before)
+
+        async def arrived(events: list[tuple[bytes, bytes]]) -> bool:
+            daemon.check_alive()
+            return expected(events) <= delivered(sb)
+
+        await wait_for(lambda: arrived(before), 60, "the events before the fault delivered")
+        # the AMC terms are withdrawn for one connection, for 30 s
+        fault = {"connection_id": CONNECTION, "status": 403, "for_s": 30}
+        sb.state.set_faults({"connection_status": fault})
+        await produce(kafka.bootstrap, topic, during)
+        forbidden = {"connection": CONNECTION, "cause": "forbidden"}
+
+        async def other_flowed_while_blocked() -> bool:
+            daemon.check_alive()
+            return (
+                changes_for(during, OTHER_CONNECTION) <= delivered_to(sb, OTHER_CONNECTION)
+                and await daemon.metric("syncd_connection_blocked", forbidden) == 1
+            )
+
+        await wait_for(other_flowed_while_blocked, 25, "the other connection flowing, one blocked")
+        assert sb.state.connection_fault(CONNECTION) is not None  # measured inside the fault
+        assert not changes_for(during, CONNECTION) & delivered_to(sb, CONNECTION)
+        assert await daemon.metric("syncd_events_dead_lettered_total") == 0
+
+        async def resumed() -> bool:
+            daemon.check_alive()
+            return await arrived(during)
+
+        await wait_for(resumed, 90, "the blocked connection resumed and caught up")
+        assert await daemon.metric("syncd_connection_blocked", forbidden) == 0
+        await all_committed(daemon, kafka.bootstrap, topic)
+        assert await daemon.metric("syncd_events_dead_lettered_total") == 0
+        assert await read_topic(kafka.bootstrap, dlq, 1, timeout=2.0) == []
+        assert "accept the AMC terms" in daemon.logs()  # the log says what to do
+        assert await daemon.terminate() == 0
+
+
+async def test_a_retry_after_longer_than_the_retry_time_is_waited_out(
+    kafka: Any, tmp_path: Path
+) -> None:
+    """Amazon asks for 12 s, syncd may retry for 2 s: the connection pauses for the whole
+    Retry-After (visible as blocked, cause throttled) instead of re-POSTing every few seconds
+    under a new reservation; then everything is delivered, within the budget."""
+    topic = f"retry-after-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=1)
+    # one connection only (vip, lapsed), one POST at a time: every records 429 is its own
+    events = list(synth.events(200, seed=72, audiences=("vip", "lapsed")))
+    budget = records_made(events)
+    settings = SandboxSettings(job_delay_s=0.2, rate_per_s=1000, burst=1000, window_budget=budget)
+    async with running_sandbox(settings) as sb:
+        raw = sqlite_daemon_config(
+            kafka.bootstrap,
+            sb,
+            topic,
+            tmp_path,
+            amazon={"max_retry_time_s": 2.0, "max_concurrency": 1},
+            budget={"records_per_hour": budget},
+            batch={"max_records": 50, "linger_ms": 100},
+        )
+        daemon = DaemonProcess(tmp_path, raw).start()
+        await daemon.wait_ready()
+        fault = {"connection_id": CONNECTION, "status": 429, "for_s": 12, "retry_after_s": 12}
+        sb.state.set_faults({"connection_status": fault})
+        await produce(kafka.bootstrap, topic, events)
+        throttled = {"connection": CONNECTION, "cause": "throttled"}
+
+        async def paused() -> bool:
+            daemon.check_alive()
+            return await daemon.metric("syncd_connection_blocked", throttled) == 1
+
+        await wait_for(paused, 30, "the connection paused for the Retry-After")
+
+        async def arrived() -> bool:
+            daemon.check_alive()
+            return expected(events) <= delivered(sb)
+
+        await wait_for(arrived, 60, "every event delivered after the Retry-After")
+        stats = sb.state.stats()
+        # one 429, waited out: not a re-POST every 5 s (which would have met the fault twice more)
+        assert stats["requests"].get("POST /amc/audiences/records 429") == 1
+        assert stats["budget_exceeded"] == {}
+        assert stats["max_window_records"][CONNECTION] <= budget
+        assert await daemon.metric("syncd_connection_blocked", throttled) == 0
+        assert await daemon.terminate() == 0
+
+
+async def test_only_the_records_amazon_refuses_are_dead_lettered_and_the_rest_delivered(
+    kafka: Any, tmp_path: Path
+) -> None:
+    topic, dlq = f"refused-{uuid.uuid4().hex[:8]}", f"dlq-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=2)
+    await kafka.create_topic(dlq, partitions=1)
+    good = list(synth.events(400, seed=73, id_prefix="ok-"))
+    bad = list(synth.events(6, seed=74, id_prefix="refuse-"))
+    messages = good[:100] + bad[:2] + good[100:250] + bad[2:] + good[250:]
+    settings = SandboxSettings(job_delay_s=0.2, rate_per_s=1000, burst=1000)
+    async with running_sandbox(settings) as sb:
+        sb.state.set_faults({"refuse_records_prefix": "refuse-"})
+        raw = sqlite_daemon_config(
+            kafka.bootstrap, sb, topic, tmp_path, batch={"max_records": 100, "linger_ms": 200}
+        )
+        raw["kafka"]["dead_letter_topic"] = dlq
+        daemon = DaemonProcess(tmp_path, raw).start()
+        await produce(kafka.bootstrap, topic, messages)
+
+        async def good_arrived() -> bool:
+            daemon.check_alive()
+            return expected(good) <= delivered(sb)
+
+        await wait_for(good_arrived, 90, "every record Amazon does not refuse delivered")
+        refused = records_made(bad)
+        dead = await read_topic(kafka.bootstrap, dlq, refused)
+        ids = sorted(orjson.loads(m.value)["externalUserId"] for m in dead)
+        assert len(dead) == refused
+        assert set(ids) == {orjson.loads(v)["profile_id"] for _, v in bad}
+        assert {dict(m.headers)["syncd-reason"].decode() for m in dead} == {"amazon_rejected"}
+        assert all(b"externalUserId is not valid" in dict(m.headers)["syncd-detail"] for m in dead)
+        assert not any(pid.startswith("refuse-") for pid, _ in delivered(sb))
+        await all_committed(daemon, kafka.bootstrap, topic)
+        assert await read_topic(kafka.bootstrap, dlq, refused + 1, timeout=2.0) == dead
+        assert await daemon.terminate() == 0
