@@ -218,7 +218,7 @@ class Pipeline:
         batch = encoded.batch
         connection_id = batch.destination.connection_id
         detail = reason[:300]
-        for record, refs in zip(_refused_records(encoded), batch.sources, strict=True):
+        for record, refs in zip(encoded.records, batch.sources, strict=True):
             send = partial(
                 self._source.dead_letter_payload, record, "amazon_rejected", refs[-1], detail=detail
             )
@@ -321,22 +321,6 @@ class Pipeline:
     def pending(self) -> int:
         """Events read and not yet acknowledged (`kafka.max_pending_events` at most)."""
         return self._tracker.pending() + self._unapplied
-
-
-def _refused_records(encoded: EncodedBatch) -> list[bytes]:
-    """Each refused record as JSON, for its dead letter. A body that cannot be read back (it
-    should not happen: syncd made it) still gives one dead letter per record, naming the
-    member and its action."""
-    try:
-        records = encoded.records_json()
-    except (ValueError, KeyError, TypeError):  # orjson's decode error is a ValueError
-        records = []
-    if len(records) == len(encoded.batch.records):
-        return records
-    return [
-        orjson.dumps({"externalUserId": m.external_user_id, "action": m.action.value})
-        for m in encoded.batch.records
-    ]
 
 
 class Daemon:

@@ -19,6 +19,7 @@ from syncd.amazon.api import records_body
 from syncd.model import Batch, Destination, Member, MemberRecord, SourceRef
 
 _SEP = 1  # the comma between two records in the body
+_CLOSE = b"]}"  # closes the records list and the body
 
 
 @dataclass(slots=True)
@@ -40,16 +41,34 @@ class _Open:
 
 @dataclass(slots=True)
 class EncodedBatch:
-    """A batch ready to send: the model batch, its exact request body and the records it was
-    joined from (kept, so that dead-lettering a batch never has to parse a body)."""
+    """A batch ready to send: the model batch, its exact request body and each record's JSON in
+    `batch.records` order (kept, so that dead-lettering or splitting never parses a body)."""
 
     batch: Batch
     body: bytes
     records: list[bytes]
 
-    def records_json(self) -> list[bytes]:
-        """Each record of the body as JSON, in `batch.records` order (for dead letters)."""
-        return self.records
+    def halves(self) -> tuple[EncodedBatch, EncodedBatch] | None:
+        """The batch in two, each with its exact body (a refused batch is bisected); None for
+        a single record."""
+        count = len(self.records)
+        if count < 2:
+            return None
+        joined = sum(map(len, self.records)) + count - 1
+        prefix = self.body[: len(self.body) - joined - len(_CLOSE)]
+        middle = count // 2
+        return self._part(prefix, slice(0, middle)), self._part(prefix, slice(middle, None))
+
+    def _part(self, prefix: bytes, part: slice) -> EncodedBatch:
+        batch = self.batch
+        return _encoded(
+            batch.destination,
+            prefix,
+            self.records[part],
+            batch.records[part],
+            batch.sources[part],
+            batch.first_event_at,
+        )
 
 
 def envelope_size(destination: Destination, target_types: tuple[str, ...]) -> int:
@@ -156,17 +175,29 @@ class Batcher:
             records_body(
                 acc.destination.audience_id, acc.destination.connection_id, [], self._target_types
             )
-        )[:-2]  # strip the closing `]}` of the empty records list
-        records = [e.encoded for e in entries]
-        body = b"".join((prefix, b",".join(records), b"]}"))
-        batch = Batch(
-            destination=acc.destination,
-            records=[e.member for e in entries],
-            sources=[e.refs for e in entries],
-            size_bytes=len(body),
-            first_event_at=acc.first_event_at,
+        )[: -len(_CLOSE)]  # the empty records list's closing `]}` comes after the records
+        return _encoded(
+            acc.destination,
+            prefix,
+            [e.encoded for e in entries],
+            [e.member for e in entries],
+            [e.refs for e in entries],
+            acc.first_event_at,
         )
-        return EncodedBatch(batch, body, records)
+
+
+def _encoded(
+    destination: Destination,
+    prefix: bytes,
+    records: list[bytes],
+    members: list[Member],
+    sources: list[list[SourceRef]],
+    first_event_at: float | None,
+) -> EncodedBatch:
+    """The batch of `records` (JSON each) behind the body's `prefix` (`{..,"records":[`)."""
+    body = b"".join((prefix, b",".join(records), _CLOSE))
+    batch = Batch(destination, members, sources, len(body), first_event_at)
+    return EncodedBatch(batch, body, records)
 
 
 class RecordTooLargeError(ValueError):

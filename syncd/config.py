@@ -504,7 +504,7 @@ def _mask_url(url: str) -> str:
     if match["query"] is not None:
         params = url[match.start("query") :].split("&")  # parse_qsl's separator
         url = url[: match.start("query")] + "&".join(map(_mask_param, params))
-    if match["password"] is not None:
+    if match["password"]:  # an empty password hides nothing
         url = url[: match.start("password")] + "***" + url[match.end("password") :]
     return url
 

@@ -37,8 +37,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import orjson
-
 from syncd.amazon.retry import nothing_accepted, retry_reason
 from syncd.batching import EncodedBatch
 from syncd.errors import AmazonError, AuthError, RejectedError, RetryableError, ThrottledError
@@ -102,35 +100,6 @@ class _Delivery:
     refused_groups: int = 0  # parts of 2+ records Amazon refused
     failures: int = 0  # pauses in a row (sets the next one)
     failing_since: float | None = None
-
-
-def split_in_two(encoded: EncodedBatch) -> tuple[EncodedBatch, EncodedBatch] | None:
-    """The batch's two halves, each with its own body, or None when the body cannot be split
-    (not the JSON syncd makes, or records that do not match the batch's)."""
-    batch = encoded.batch
-    try:
-        document = orjson.loads(encoded.body)
-        records = document["records"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return None
-    if not isinstance(records, list) or len(records) != len(batch.records) or len(records) < 2:
-        return None
-    middle = len(records) // 2
-
-    def part(lo: int, hi: int | None) -> EncodedBatch:
-        body = orjson.dumps({**document, "records": records[lo:hi]})
-        return EncodedBatch(
-            Batch(
-                destination=batch.destination,
-                records=batch.records[lo:hi],
-                sources=batch.sources[lo:hi],
-                size_bytes=len(body),
-                first_event_at=batch.first_event_at,
-            ),
-            body,
-        )
-
-    return part(0, middle), part(middle, None)
 
 
 class AdaptiveLimit:
@@ -356,7 +325,7 @@ class ConnectionSender:
             if delivery.accepted == 0 and delivery.refused_groups >= BISECT_LIMIT:
                 await self._hold("bad_request", exc, self._pause(delivery))
                 return
-            halves = split_in_two(part)
+            halves = part.halves()
             if halves is not None:
                 self._resume()  # Amazon read the request: the setup is not what fails
                 delivery.parts.popleft()

@@ -181,7 +181,7 @@ def test_mask_urls_leaves_no_secret_sqlalchemy_would_read(
     except (ArgumentError, ValueError):  # not a URL SQLAlchemy (hence syncd) could use
         return
     after = make_url(config.mask_urls(url))
-    assert after.password in (None, "***")
+    assert after.password == ("***" if before.password else before.password)
     assert (after.password is None) == (before.password is None)
     for name, value in after.query.items():
         if secret_param(name):
@@ -190,7 +190,9 @@ def test_mask_urls_leaves_no_secret_sqlalchemy_would_read(
     assert visible == {k: v for k, v in before.query.items() if not secret_param(k)}
     assert set(after.query) == set(before.query)
     for part in ("drivername", "username", "host", "port", "database"):
-        assert getattr(after, part) == getattr(before, part), part
+        value = getattr(before, part)
+        if not (isinstance(value, str) and "://" in value):  # a nested URL is masked too
+            assert getattr(after, part) == value, part
 
 
 @pytest.mark.parametrize(

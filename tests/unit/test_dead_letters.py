@@ -79,16 +79,11 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 def refused_batch(members: int, body: bytes | None = None) -> tuple[EncodedBatch, list[SourceRef]]:
     refs = [SourceRef("t", 0, i) for i in range(members)]
     records = [Member(f"p{i}", Action.ADD) for i in range(members)]
+    encoded = [orjson.dumps({"externalUserId": m.external_user_id}) for m in records]
     if body is None:
-        body = orjson.dumps(
-            {
-                "audienceId": DEST.audience_id,
-                "targetResource": {"connectionId": DEST.connection_id},
-                "records": [{"externalUserId": m.external_user_id} for m in records],
-            }
-        )
+        body = b'{"records":[' + b",".join(encoded) + b"]}"
     batch = Batch(DEST, records, [[r] for r in refs], len(body))
-    return EncodedBatch(batch, body), refs
+    return EncodedBatch(batch, body, encoded), refs
 
 
 async def test_an_event_is_acknowledged_only_after_the_broker_acknowledged_its_dead_letter() -> (

@@ -628,28 +628,6 @@ async def test_failing_posts_back_off_and_are_reported_after_failing_after_s(
     assert len(settled(fakes)) == fakes.kinds().count("post")
 
 
-async def test_an_unsplittable_refused_batch_is_rejected_and_the_sender_lives_on(
-    sender: tuple[ConnectionSender, Fakes],
-) -> None:
-    """A body syncd cannot read back (it should not happen) is rejected whole instead of
-    crashing the sender; the next batch flows."""
-    s, fakes = sender
-    bad = encoded(s.connection_id)
-    bad = EncodedBatch(bad.batch, bad.body.replace(b'"m1"', b'"m1\n'))  # not JSON any more
-
-    async def bad_request(_: object) -> str:
-        raise RejectedError("request body is not valid JSON", status=400)
-
-    fakes.outcomes.append(bad_request)
-    s.submit(bad)
-    await drained(s)
-    [(rejected, _)] = fakes.rejected
-    assert rejected is bad
-    s.submit(encoded(s.connection_id))
-    await drained(s)
-    assert len(fakes.acked) == 1
-
-
 @settings(max_examples=40)
 @given(
     answers=st.lists(

@@ -281,9 +281,10 @@ async def test_the_lease_never_runs_out_while_a_get_is_under_way(
 async def test_throttled_pollers_never_poll_one_job_at_once_nor_after_it_ended(
     store: Store, client: FakeClient, clock: FakeClock
 ) -> None:
-    """Two pollers whose GETs are slow (the store's clock runs 45 s of a 100 s lease per GET,
-    and the other poller gets its turn meanwhile): no job is polled by both at once, and none
-    is polled again once its terminal state is stored."""
+    """Two pollers whose GETs are slow (each GET lasts 45 s of a 100 s lease on the store's
+    clock, GETs under way at once overlapping in time, and the other poller gets its turn
+    meanwhile): no job is polled by both at once, and none is polled again once its terminal
+    state is stored."""
     cfg = dataclasses.replace(CFG, claim_batch=50, concurrency=4)
     a = Poller(store, client, cfg, owner="a", lease_s=100, clock=clock)
     b = Poller(store, client, cfg, owner="b", lease_s=100, clock=clock)
@@ -296,8 +297,9 @@ async def test_throttled_pollers_never_poll_one_job_at_once_nor_after_it_ended(
     async def throttled(job_id: str) -> None:
         if (await store.job_states([job_id]))[job_id] != "PENDING":
             polled_after_end.append(job_id)
-        for _ in range(3):
-            clock.advance(15)
+        started = clock()
+        for step in (1, 2, 3):  # 45 s from its own start, whatever else is under way
+            clock.advance(max(0.0, started + 15 * step - clock()))
             await asyncio.sleep(0)  # the other poller runs: claims, GETs, records
 
     async def ended() -> bool:
