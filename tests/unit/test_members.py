@@ -90,12 +90,13 @@ def due_keys(claims: list[Claim]) -> set[tuple[int, str]]:
 
 # -- digest ---------------------------------------------------------------------------------------
 def test_digest_covers_content_not_order_action_or_ip() -> None:
-    def rec(pii: list[dict[str, str]], **kw: object) -> bytes:
-        action = kw.pop("action", Action.ADD)
-        consent = kw.pop("consent", None)
-        country = kw.pop("country", "DE")
-        assert not kw
-        return member_record("u1", country, action, pii, consent).json  # type: ignore[arg-type]
+    def rec(
+        pii: list[dict[str, str]],
+        consent: Consent | None = None,
+        action: Action = Action.ADD,
+        country: str = "DE",
+    ) -> bytes:
+        return member_record("u1", country, action, pii, consent).json
 
     consent = Consent(amzn_user_data="GRANTED", amzn_ad_storage="GRANTED")
     base = rec([{"email": sha("a"), "phone": sha("p")}, {"email": sha("b")}], consent=consent)
