@@ -60,7 +60,7 @@ async def test_empty_database_is_outdated_unless_auto_upgrade(store_db_url: str)
     try:
         current, head = await s.schema_status()
         assert current is None
-        assert head == "0001"
+        assert head == "0003_members"
         with pytest.raises(SchemaOutdatedError) as err:
             await s.ensure_schema(auto_upgrade=False)
         assert "syncd db upgrade" in str(err.value)
