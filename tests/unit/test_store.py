@@ -103,7 +103,7 @@ def test_db_upgrade_then_jobs_command(
     assert cli.main(["jobs", "--config", str(config)]) == 1
     assert "syncd db upgrade" in capsys.readouterr().err
     assert cli.main(["db", "upgrade", "--config", str(config)]) == 0
-    assert "upgraded from empty to revision 0001" in capsys.readouterr().out
+    assert "upgraded from empty to revision 0003_members" in capsys.readouterr().out
     assert cli.main(["db", "upgrade", "--config", str(config)]) == 0
     assert "already at revision 0001" in capsys.readouterr().out
 
