@@ -105,7 +105,7 @@ def test_db_upgrade_then_jobs_command(
     assert cli.main(["db", "upgrade", "--config", str(config)]) == 0
     assert "upgraded from empty to revision 0003_members" in capsys.readouterr().out
     assert cli.main(["db", "upgrade", "--config", str(config)]) == 0
-    assert "already at revision 0001" in capsys.readouterr().out
+    assert "already at revision 0003_members" in capsys.readouterr().out
 
     async def fill() -> None:
         s = await Store.connect(store_db_url)
