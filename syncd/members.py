@@ -790,16 +790,26 @@ class MemberTable:
                 m.c.action == ADD,
                 m.c.outcome == CONFIRMED,
             )
-            oldest = select(m.c.external_user_id).where(stale).order_by(m.c.accepted_at)
-            oldest = oldest.limit(limit)
+            # Keys first, then the update: a LIMIT subquery inside the UPDATE may be rescanned
+            # by PostgreSQL's semi-join and mark more than `limit` rows.
+            oldest = (
+                select(m.c.external_user_id)
+                .where(stale)
+                .order_by(m.c.accepted_at, m.c.external_user_id)
+                .limit(limit)
+            )
             if self._postgres:
                 oldest = oldest.with_for_update(skip_locked=True)
-            result = await conn.execute(
-                update(m)
-                .where(stale, m.c.external_user_id.in_(oldest.scalar_subquery()))
-                .values(due_since=now, due_rank=BACKGROUND)
-            )
-            return int(result.rowcount)
+            ids = list((await conn.execute(oldest)).scalars())
+            marked = 0
+            for chunk in _chunks(ids):
+                result = await conn.execute(
+                    update(m)
+                    .where(stale, m.c.external_user_id.in_(chunk))
+                    .values(due_since=now, due_rank=BACKGROUND)
+                )
+                marked += int(result.rowcount)
+            return marked
 
         if limit <= 0:
             return 0
