@@ -31,9 +31,7 @@ def members_db_url(request: pytest.FixtureRequest, pg_server: Any) -> str:
     isolation level in turn (the member table must not depend on it)."""
     name = f"t_{uuid.uuid4().hex[:16]}"
     pg_server.psql(f"CREATE DATABASE {name};")
-    pg_server.psql(
-        f"ALTER DATABASE {name} SET default_transaction_isolation = '{request.param}';"
-    )
+    pg_server.psql(f"ALTER DATABASE {name} SET default_transaction_isolation = '{request.param}';")
     uri: str = pg_server.get_uri(name)
     return uri.replace("postgresql://", "postgresql+asyncpg://", 1)
 
