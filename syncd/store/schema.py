@@ -127,6 +127,7 @@ members = Table(
         sqlite_where=_ACCEPTED,
         postgresql_where=_ACCEPTED,
     ),
+    sqlite_with_rowid=False,  # the key is the table's b-tree: no second copy of it
 )
 
 tombstones = Table(
@@ -137,4 +138,5 @@ tombstones = Table(
     Column("erased_at", Float, nullable=False),  # occurred_at of the erase event
     PrimaryKeyConstraint("audience_id", "external_user_id"),
     Index("ix_tombstones_erased_at", "erased_at"),
+    sqlite_with_rowid=False,
 )

@@ -43,6 +43,7 @@ def upgrade() -> None:
         sa.Column("claim_token", sa.String(32)),
         sa.Column("claimed_until", sa.Float),
         sa.PrimaryKeyConstraint("audience_id", "external_user_id"),
+        sqlite_with_rowid=False,
     )
     op.create_index(
         "ix_members_due",
@@ -71,6 +72,7 @@ def upgrade() -> None:
         sa.Column("external_user_id", sa.String(128), nullable=False),
         sa.Column("erased_at", sa.Float, nullable=False),
         sa.PrimaryKeyConstraint("audience_id", "external_user_id"),
+        sqlite_with_rowid=False,
     )
     op.create_index("ix_tombstones_erased_at", "tombstones", ["erased_at"])
 
