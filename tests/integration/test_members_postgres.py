@@ -20,6 +20,7 @@ from tests.unit.test_store import T0, FakeClock
 
 pytestmark = pytest.mark.integration
 
+
 @pytest.fixture
 def members_db_url(pg_isolated_url: str) -> str:
     """Overrides the unit suite's SQLite URL: a fresh database whose sessions default to each
