@@ -42,7 +42,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from sqlalchemy import (
@@ -64,7 +64,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from syncd.model import Action, MemberRecord
-from syncd.store import Store
+from syncd.store import NewJob, Store
 from syncd.store.schema import members, tombstones
 
 T = TypeVar("T")
@@ -138,6 +138,7 @@ class Claim:
     digest: bytes
     token: str
     refresh: bool  # a TTL refresh or reconcile work rather than a live change
+    occurred_at: float  # of the change claimed (end-to-end latency of live changes)
 
     @property
     def api_action(self) -> Action:
@@ -236,6 +237,28 @@ def delete_record(record: bytes) -> bytes:
     obj = orjson.loads(record)
     obj["action"] = Action.REMOVE.value
     return orjson.dumps(obj)
+
+
+class MemberDeadLetters(Protocol):
+    """Where member dead letters go (the source's dead-letter producer)."""
+
+    async def dead_letter_member(self, value: bytes, reason: str, detail: str) -> None: ...
+
+
+def dead_letter_value(
+    audience: str, audience_id: int, external_user_id: str, action: str, record: bytes | None
+) -> bytes:
+    """A member dead letter's value: {"audience", "audience_id", "externalUserId", "action",
+    "record"} with the hashed record (null when the member changed since it was sent)."""
+    return orjson.dumps(
+        {
+            "audience": audience,
+            "audience_id": audience_id,
+            "externalUserId": external_user_id,
+            "action": (Action.ADD if action == ADD else Action.REMOVE).value,
+            "record": None if record is None else orjson.Fragment(record),
+        }
+    )
 
 
 def _rounds(
@@ -539,12 +562,26 @@ class MemberTable:
                         )
                         .values(claimed_by=owner, claim_token=token, claimed_until=now + lease_s)
                         .returning(
-                            m.c.external_user_id, m.c.action, m.c.record, m.c.digest, m.c.due_rank
+                            m.c.external_user_id,
+                            m.c.action,
+                            m.c.record,
+                            m.c.digest,
+                            m.c.due_rank,
+                            m.c.occurred_at,
                         )
                     )
                     claims.extend(
-                        Claim(audience_id, euid, action, bytes(record), bytes(digest), token, r > 0)
-                        for euid, action, record, digest, r in result
+                        Claim(
+                            audience_id,
+                            euid,
+                            action,
+                            bytes(record),
+                            bytes(digest),
+                            token,
+                            rank > 0,
+                            float(at),
+                        )
+                        for euid, action, record, digest, rank, at in result
                     )
             claims.sort(key=lambda c: (c.refresh, c.audience_id, c.external_user_id))
             return claims
@@ -598,53 +635,103 @@ class MemberTable:
         job, and the 202's time (the TTL clock's start for adds), in one transaction. Only rows
         whose lease still holds the claim's token are written; the others are returned (lost:
         another sender took them over, and the POST is left to the job alone)."""
+        return await self._transaction(
+            lambda conn, now: self._mark_sent(conn, now, claims, job_request_id)
+        )
+
+    async def store_job(
+        self, claims: Sequence[Claim], job: NewJob, *, first_poll_after_s: float
+    ) -> list[Claim]:
+        """The job row of a POST Amazon accepted and its members' sent state (`mark_sent`), in
+        one transaction: the job is stored whatever happened to the claims (the poller follows
+        it), the members only where their lease still holds. Returns the lost claims."""
 
         async def op(conn: AsyncConnection, now: float) -> list[Claim]:
-            lost: list[Claim] = []
-            for (audience_id, token), group in _claim_groups(claims).items():
-                sent = {c.external_user_id: c for c in group}
-                for chunk in _chunks(sorted(sent)):
-                    result = await conn.execute(
-                        update(m)
-                        .where(
-                            m.c.audience_id == audience_id,
-                            m.c.external_user_id.in_(chunk),
-                            m.c.claim_token == token,
-                        )
-                        .values(
-                            sent_action=m.c.action,
-                            sent_digest=m.c.digest,
-                            sent_at=now,
-                            job_request_id=job_request_id,
-                            due_since=None,
-                            claimed_by=None,
-                            claim_token=None,
-                            claimed_until=None,
-                        )
-                        .returning(m.c.external_user_id, m.c.action, m.c.digest)
-                    )
-                    written = result.all()
-                    # The row may have changed since the claim: the sent state is the claim's.
-                    changed = [
-                        {"a": audience_id, "e": euid, "sa": c.action, "sd": c.digest}
-                        for euid, action, digest in written
-                        if (c := sent[euid]).action != action or c.digest != bytes(digest)
-                    ]
-                    if changed:
-                        await conn.execute(
-                            update(m)
-                            .where(
-                                m.c.audience_id == bindparam("a"),
-                                m.c.external_user_id == bindparam("e"),
-                            )
-                            .values(sent_action=bindparam("sa"), sent_digest=bindparam("sd")),
-                            changed,
-                        )
-                    kept = {row[0] for row in written}
-                    lost.extend(sent[euid] for euid in chunk if euid not in kept)
-            return lost
+            await self._store.insert_job(conn, now, job, first_poll_after_s)
+            return await self._mark_sent(conn, now, claims, job.job_request_id)
 
         return await self._transaction(op)
+
+    async def _mark_sent(
+        self, conn: AsyncConnection, now: float, claims: Sequence[Claim], job_request_id: str
+    ) -> list[Claim]:
+        return await self._sent(conn, now, claims, {"job_request_id": job_request_id})
+
+    async def refuse(self, claims: Sequence[Claim], reason: str) -> list[Claim]:
+        """Amazon refused these claimed records on their own (a 400 isolated by the bisect, or a
+        record too large for any body): mark them invalid with the `reason` class, as sent, so
+        that they are not sent again until they change (a member that changed since its claim
+        is due again). Fenced on the claims' tokens; returns the lost claims."""
+        values = {"outcome": INVALID, "reason": reason[:_MAX_REASON_CHARS], "accepted_at": None}
+        return await self._transaction(lambda conn, now: self._sent(conn, now, claims, values))
+
+    async def _sent(
+        self,
+        conn: AsyncConnection,
+        now: float,
+        claims: Sequence[Claim],
+        values: Mapping[str, Any],
+    ) -> list[Claim]:
+        """Store `claims` as sent (with `values`), where their lease still holds; returns the
+        lost claims. The sent state is each claim's; a row that changed since is due again."""
+        lost: list[Claim] = []
+        for (audience_id, token), group in _claim_groups(claims).items():
+            sent = {c.external_user_id: c for c in group}
+            for chunk in _chunks(sorted(sent)):
+                result = await conn.execute(
+                    update(m)
+                    .where(
+                        m.c.audience_id == audience_id,
+                        m.c.external_user_id.in_(chunk),
+                        m.c.claim_token == token,
+                    )
+                    .values(
+                        sent_action=m.c.action,
+                        sent_digest=m.c.digest,
+                        sent_at=now,
+                        due_since=None,
+                        claimed_by=None,
+                        claim_token=None,
+                        claimed_until=None,
+                        **values,
+                    )
+                    .returning(m.c.external_user_id, m.c.action, m.c.digest)
+                )
+                written = result.all()
+                # The row may have changed since the claim: the sent state is the claim's.
+                changed = [
+                    {"a": audience_id, "e": euid, "sa": c.action, "sd": c.digest}
+                    for euid, action, digest in written
+                    if (c := sent[euid]).action != action or c.digest != bytes(digest)
+                ]
+                if changed:
+                    due = None if "job_request_id" in values else now  # pending: the poller's
+                    await conn.execute(
+                        update(m)
+                        .where(
+                            m.c.audience_id == bindparam("a"),
+                            m.c.external_user_id == bindparam("e"),
+                        )
+                        .values(
+                            sent_action=bindparam("sa"), sent_digest=bindparam("sd"), due_since=due
+                        ),
+                        changed,
+                    )
+                kept = {row[0] for row in written}
+                lost.extend(sent[euid] for euid in chunk if euid not in kept)
+        return lost
+
+    async def waiting(self, audience_ids: Sequence[int]) -> int:
+        """Due members of `audience_ids` (read from the index of due rows)."""
+        if not audience_ids:
+            return 0
+        async with self._store._read() as conn:
+            count = await conn.scalar(
+                select(func.count()).where(
+                    m.c.audience_id.in_(sorted(set(audience_ids))), m.c.due_since.is_not(None)
+                )
+            )
+        return int(count or 0)
 
     async def release(self, claims: Sequence[Claim]) -> None:
         """Give claims back unsent (no budget, connection blocked): they stay due."""

@@ -119,6 +119,15 @@ class MemberRecord:
     action: Action
     json: bytes
     occurred_at: float | None = None
+    identifiers_only: bool = False  # an event without `audiences`: updates existing members
+
+
+@dataclass(frozen=True, slots=True)
+class Erase:
+    """An erase event: remove the profile from every audience syncd holds it in."""
+
+    external_user_id: str
+    occurred_at: float | None
 
 
 def member_record(

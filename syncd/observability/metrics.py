@@ -116,14 +116,19 @@ END_TO_END_LATENCY = Histogram(
     registry=REGISTRY,
 )
 
-INFLIGHT_MEMBERS = Gauge(
-    "syncd_inflight_members",
-    "Members of an audience with a job in flight (the in-flight guard)",
+# --- member state: ingest and senders ----------------------------------------------------------
+MEMBER_CHANGES = Counter(
+    "syncd_member_changes_total",
+    "Member changes recorded by ingest, by outcome: recorded (due to be sent), noop (Amazon "
+    "holds it already), superseded (not newer than the member's), erased (not newer than its "
+    "erase), not_member (an identifiers-only update of a profile not in the audience)",
+    ["outcome"],
     registry=REGISTRY,
 )
-HELD_CHANGES = Gauge(
-    "syncd_held_changes",
-    "Changes held until the member's in-flight job with the other action is terminal",
+MEMBER_CHANGES_WAITING = Gauge(
+    "syncd_member_changes_waiting",
+    "Members of the connection's audiences due to be sent (one per member, however many changes)",
+    ["connection"],
     registry=REGISTRY,
 )
 

@@ -199,30 +199,36 @@ class Store:
     async def add_job(self, job: NewJob, *, first_poll_after_s: float) -> None:
         """Track a job; a job_request_id already stored is left as it is."""
         async with self._write() as conn:
-            now = await self._now(conn)
-            values = {
-                "job_request_id": job.job_request_id,
-                "connection_id": job.connection_id,
-                "audience_id": job.audience_id,
-                "audience": job.audience,
-                "records": job.records,
-                "adds": job.adds,
-                "removes": job.removes,
-                "state": PENDING,
-                "created_at": now,
-                "next_poll_at": now + first_poll_after_s,
-                "polls": 0,
-                "invalid_records": 0,
-                "invalid_reasons": {},
-            }
-            added = await conn.scalar(
-                self._insert(jobs)
-                .values(values)
-                .on_conflict_do_nothing()
-                .returning(jobs.c.job_request_id)
-            )
-            if added is not None:
-                await self._count(conn, {PENDING: 1})
+            await self.insert_job(conn, await self._now(conn), job, first_poll_after_s)
+
+    async def insert_job(
+        self, conn: AsyncConnection, now: float, job: NewJob, first_poll_after_s: float
+    ) -> None:
+        """`add_job` inside the caller's write transaction (the member table stores a job with
+        its members' sent state in one)."""
+        values = {
+            "job_request_id": job.job_request_id,
+            "connection_id": job.connection_id,
+            "audience_id": job.audience_id,
+            "audience": job.audience,
+            "records": job.records,
+            "adds": job.adds,
+            "removes": job.removes,
+            "state": PENDING,
+            "created_at": now,
+            "next_poll_at": now + first_poll_after_s,
+            "polls": 0,
+            "invalid_records": 0,
+            "invalid_reasons": {},
+        }
+        added = await conn.scalar(
+            self._insert(jobs)
+            .values(values)
+            .on_conflict_do_nothing()
+            .returning(jobs.c.job_request_id)
+        )
+        if added is not None:
+            await self._count(conn, {PENDING: 1})
 
     async def claim_due_jobs(self, owner: str, limit: int, lease_s: float) -> list[JobRow]:
         """Atomically claim up to `limit` due PENDING jobs for `lease_s` seconds: no other owner
@@ -293,18 +299,20 @@ class Store:
                 await self._count(conn, {PENDING: -1, status.job_state: 1})
         return stored
 
-    async def expire_jobs(self, max_age_s: float) -> int:
-        """Mark PENDING jobs created more than `max_age_s` ago EXPIRED (terminal); how many."""
+    async def expire_jobs(self, max_age_s: float) -> list[str]:
+        """Mark PENDING jobs created more than `max_age_s` ago EXPIRED (terminal); returns their
+        ids (their members are due again)."""
         async with self._write() as conn:
             now = await self._now(conn)
             result = await conn.execute(
                 update(jobs)
                 .where(jobs.c.state == PENDING, jobs.c.created_at <= now - max_age_s)
                 .values(state=EXPIRED, terminal_at=now, owner=None, claimed_until=None)
+                .returning(jobs.c.job_request_id)
             )
-            expired = int(result.rowcount)
+            expired = sorted(result.scalars())
             if expired:
-                await self._count(conn, {PENDING: -expired, EXPIRED: expired})
+                await self._count(conn, {PENDING: -len(expired), EXPIRED: len(expired)})
         return expired
 
     async def purge_jobs(self, older_than_s: float) -> int:

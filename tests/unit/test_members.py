@@ -27,7 +27,7 @@ from syncd.members import (
     record_digest,
 )
 from syncd.model import Action, Consent, member_record
-from syncd.store import Store
+from syncd.store import NewJob, Store
 from tests.unit.test_store import T0, FakeClock
 
 A1 = 413642381039213536  # real audience ids have 18 digits
@@ -326,6 +326,72 @@ async def test_mark_sent_stores_what_was_sent_not_what_changed_since(
     await table.apply_job_outcome("job-1", "SUCCEEDED")
     [claim] = await table.claim_due([A1], 10, LEASE, "s")  # "b" was never sent
     assert claim.record == change(email="b").record
+
+
+async def test_store_job_writes_the_job_row_and_the_sent_state_in_one_go(
+    table: MemberTable, clock: FakeClock
+) -> None:
+    """The job row is stored whatever happened to the claims; members only where the lease
+    still holds (a sender whose lease ran out leaves the members to their new claimant)."""
+    await table.record_changes([change("u1"), change("u2")])
+    first = await table.claim_due([A1], 10, LEASE, "s1")
+    assert [c.occurred_at for c in first] == [T0, T0]
+    job = NewJob("job-1", "conn", A1, "vip", 2, 2, 0)
+    assert await table.store_job(first, job, first_poll_after_s=5) == []
+    [row] = await table._store.list_jobs()
+    assert (row.job_request_id, row.state, row.next_poll_at) == ("job-1", "PENDING", T0 + 5)
+    state = await table.member(A1, "u1")
+    assert state is not None
+    assert (state.job_request_id, state.sent_at, state.in_sync) == ("job-1", T0, True)
+    # a lost lease: job row stored, the members untouched
+    await table.record_changes([change("u3")])
+    late = await table.claim_due([A1], 10, LEASE, "s1")
+    clock.advance(LEASE)
+    taken = await table.claim_due([A1], 10, LEASE, "s2")
+    job2 = NewJob("job-2", "conn", A1, "vip", 1, 1, 0)
+    assert await table.store_job(late, job2, first_poll_after_s=5) == late
+    assert await table._store.job_states(["job-2"]) == {"job-2": "PENDING"}
+    u3 = await table.member(A1, "u3")
+    assert u3 is not None
+    assert (u3.job_request_id, u3.claimed_by) == (None, "s2")
+    assert due_keys(taken) == due_keys(late)
+
+
+async def test_refused_members_are_invalid_until_they_change(table: MemberTable) -> None:
+    await table.record_changes([change("u1", email="a"), change("u2", email="a")])
+    claims = await table.claim_due([A1], 10, LEASE, "s")
+    # u2 changes while its POST is refused: the new state is due, the refused one is not
+    await table.record_changes([change("u2", email="b", at=T0 + 1)])
+    assert await table.refuse(claims, "invalid_pii") == []
+    u1 = await table.member(A1, "u1")
+    assert u1 is not None
+    assert (u1.outcome, u1.reason, u1.due_since, u1.in_sync) == (
+        "invalid",
+        "invalid_pii",
+        None,
+        True,
+    )
+    [again] = await table.claim_due([A1], 10, LEASE, "s")
+    assert (again.external_user_id, again.record) == ("u2", change("u2", email="b").record)
+    # the same change again is not sent again; a different one is
+    counts = await table.record_changes([change("u1", email="a", at=T0 + 2)])
+    assert counts == RecordCounts(noop=1)
+    counts = await table.record_changes([change("u1", email="c", at=T0 + 3)])
+    assert counts == RecordCounts(recorded=1)
+    assert await table.waiting([A1]) == 2  # u1 again, and u2 (claimed: due until sent)
+    assert await table.waiting([A2]) == 0
+
+
+async def test_refuse_is_fenced_on_the_claim(table: MemberTable, clock: FakeClock) -> None:
+    await table.record_changes([change("u1")])
+    first = await table.claim_due([A1], 10, LEASE, "s1")
+    clock.advance(LEASE)
+    second = await table.claim_due([A1], 10, LEASE, "s2")
+    assert await table.refuse(first, "other") == first
+    state = await table.member(A1, "u1")
+    assert state is not None
+    assert (state.outcome, state.claimed_by) == (None, "s2")
+    assert await table.mark_sent(second, "job-1") == []
 
 
 async def test_claims_share_a_connection_fairly_between_audiences(table: MemberTable) -> None:
