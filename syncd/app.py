@@ -59,6 +59,9 @@ CHUNK_EVENTS = 2000  # messages per fetch, transformed as one chunk (fewer when 
 MAX_CHUNKS = 3  # chunks fetched and not yet recorded (in the transform, or waiting for their turn)
 CAP_PAUSE_AFTER_S = 1.0  # at max_pending_events: wait this long unpaused (see _wait_for_room)
 BLOCKED_PROBE_FACTOR = 5  # a blocked connection's probes back off to 5 x amazon.backoff_max_s
+# Claims of due members are leased for this long and renewed every third of it while held: a
+# replica that dies (SIGKILL, OOM) leaves its members to the others this soon.
+CLAIM_LEASE_S = 30.0
 
 
 class Pipeline:
@@ -303,8 +306,8 @@ class Daemon:
             ),
             workers=cfg.transform.workers,
         )
-        # a POST with all its retries ends within max_retry_time_s + one attempt (+ a token
-        # refresh); claims and job polls are leased for that long and renewed meanwhile
+        # a GET with all its retries ends within max_retry_time_s + one attempt (+ a token
+        # refresh): a job poll's lease
         lease_s = cfg.amazon.max_retry_time_s + 2 * cfg.amazon.request_timeout_s
         feeds: dict[str, MemberFeed] = {}
         senders: dict[str, ConnectionSender] = {}
@@ -315,7 +318,7 @@ class Daemon:
                 members=members,
                 dead_letters=source,
                 owner=self.owner,
-                lease_s=lease_s,
+                lease_s=CLAIM_LEASE_S,
                 max_records=cfg.batch.max_records,
                 max_bytes=cfg.batch.max_bytes,
                 linger_s=cfg.batch.linger_ms / 1000,
