@@ -30,7 +30,9 @@ EVENTS_FILTERED = Counter(
     registry=REGISTRY,
 )
 PENDING_EVENTS = Gauge(
-    "syncd_pending_events", "Events read but not yet acknowledged", registry=REGISTRY
+    "syncd_pending_events",
+    "Events read and not yet recorded in the member table (or dead-lettered)",
+    registry=REGISTRY,
 )
 CONSUMER_LAG = Gauge(
     "syncd_consumer_lag_records",
