@@ -51,7 +51,7 @@ class JobClient(Protocol):
 
 
 class JobStore(Protocol):
-    async def expire_jobs(self, max_age_s: float) -> list[str]: ...
+    async def expire_jobs(self, max_age_s: float) -> int: ...
     async def claim_due_jobs(self, owner: str, limit: int, lease_s: float) -> list[JobRow]: ...
     async def record_poll(
         self,
@@ -68,7 +68,7 @@ class JobStore(Protocol):
 
 class JobOutcomes(Protocol):
     async def finished(self, job: JobRow, status: JobStatus) -> None: ...
-    async def expired(self, job_request_id: str) -> None: ...
+    async def settle_expired(self) -> None: ...
 
 
 class MemberOutcomes:
@@ -105,11 +105,12 @@ class MemberOutcomes:
             detail = f"job {job.job_request_id} FAILED; {self._max_attempts} sends failed"
             await self._dead_letter(dead, detail)
 
-    async def expired(self, job_request_id: str) -> None:
-        await persist(
-            lambda: self._members.apply_job_outcome(job_request_id, EXPIRED),
-            what=f"members of expired job {job_request_id}",
-        )
+    async def settle_expired(self) -> None:
+        """Make the members of every expired job due again (the same action is sent again).
+        Looks for them in the member table, so an expiry a crash interrupted is settled too."""
+        while expired := await self._members.expired_jobs():
+            for job_request_id in expired:
+                await self._members.apply_job_outcome(job_request_id, EXPIRED)
 
     async def _dead_letter(self, dead: DeadMember, detail: str) -> None:
         value = dead_letter_value(
@@ -253,15 +254,15 @@ class Poller:
         self._housekept_at = now
         expired = await self._store.expire_jobs(self._cfg.max_job_age_s)
         if expired:
-            metrics.JOBS_FINISHED.labels(EXPIRED).inc(len(expired))
+            metrics.JOBS_FINISHED.labels(EXPIRED).inc(expired)
             log.warning(
                 "jobs expired without a terminal state; no longer polled, their members due",
-                jobs=len(expired),
+                jobs=expired,
                 max_job_age_s=self._cfg.max_job_age_s,
             )
-            if self._outcomes is not None:
-                for job_request_id in expired:
-                    await self._outcomes.expired(job_request_id)
+
+        if self._outcomes is not None:
+            await self._outcomes.settle_expired()
         deleted = await self._store.purge_jobs(self._cfg.retention_days * DAY_S)
         if deleted:
             log.info(

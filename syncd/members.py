@@ -65,7 +65,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from syncd.model import Action, MemberRecord
 from syncd.store import NewJob, Store
-from syncd.store.schema import members, tombstones
+from syncd.store.schema import EXPIRED as EXPIRED_JOB
+from syncd.store.schema import jobs, members, tombstones
 
 T = TypeVar("T")
 
@@ -851,6 +852,24 @@ class MemberTable:
             return result
 
         return await self._transaction(op)
+
+    async def expired_jobs(self, limit: int = 100) -> list[str]:
+        """Jobs syncd gave up polling (EXPIRED) whose members still wait for them: their outcome
+        is still to apply (found again after a crash between the expiry and its application).
+        Reads only members with a job pending (the index of pending rows)."""
+        async with self._store._read() as conn:
+            result = await conn.execute(
+                select(m.c.job_request_id)
+                .where(
+                    m.c.job_request_id.is_not(None),
+                    m.c.job_request_id.in_(
+                        select(jobs.c.job_request_id).where(jobs.c.state == EXPIRED_JOB)
+                    ),
+                )
+                .distinct()
+                .limit(limit)
+            )
+            return sorted(result.scalars())
 
     async def _finish_erasures(self, conn: AsyncConnection, of_job: ColumnElement[bool]) -> int:
         """Delete the job's rows whose DELETE was the member's erase (desired remove, sent as is,

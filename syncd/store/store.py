@@ -299,20 +299,18 @@ class Store:
                 await self._count(conn, {PENDING: -1, status.job_state: 1})
         return stored
 
-    async def expire_jobs(self, max_age_s: float) -> list[str]:
-        """Mark PENDING jobs created more than `max_age_s` ago EXPIRED (terminal); returns their
-        ids (their members are due again)."""
+    async def expire_jobs(self, max_age_s: float) -> int:
+        """Mark PENDING jobs created more than `max_age_s` ago EXPIRED (terminal); how many."""
         async with self._write() as conn:
             now = await self._now(conn)
             result = await conn.execute(
                 update(jobs)
                 .where(jobs.c.state == PENDING, jobs.c.created_at <= now - max_age_s)
                 .values(state=EXPIRED, terminal_at=now, owner=None, claimed_until=None)
-                .returning(jobs.c.job_request_id)
             )
-            expired = sorted(result.scalars())
+            expired = int(result.rowcount)
             if expired:
-                await self._count(conn, {PENDING: -len(expired), EXPIRED: len(expired)})
+                await self._count(conn, {PENDING: -expired, EXPIRED: expired})
         return expired
 
     async def purge_jobs(self, older_than_s: float) -> int:

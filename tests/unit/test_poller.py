@@ -523,3 +523,26 @@ async def test_an_expired_job_makes_its_members_due_again(
     assert await store.job_states(["old"]) == {"old": "EXPIRED"}
     [claim] = await table.claim_due([7], 10, 60, "sender")  # due again: the same action resent
     assert (claim.external_user_id, claim.action) == ("u1", "add")
+
+
+async def test_an_expiry_a_crash_interrupted_is_settled_by_the_next_poller(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """The job was marked EXPIRED and the process died before its members were made due: a
+    poller started afterwards finds them in the member table and makes them due again."""
+    table = MemberTable(store)
+    await sent_members(table, "old", ["u1", "u2"])
+    clock.advance(CFG.max_job_age_s + 1)
+    assert await store.expire_jobs(CFG.max_job_age_s) == 1  # the crash: nothing applied yet
+    assert await table.claim_due([7], 10, 60, "sender") == []  # stuck behind the job
+    poller = Poller(
+        store,
+        client,
+        CFG,
+        owner="b",
+        clock=clock,
+        outcomes=MemberOutcomes(table, MemberDeadLetterSink(), {7: "vip"}),
+    )
+    await poller.poll_once()
+    claims = await table.claim_due([7], 10, 60, "sender")
+    assert sorted(c.external_user_id for c in claims) == ["u1", "u2"]
