@@ -35,7 +35,7 @@ from syncd.deliver import ConnectionSender
 from syncd.errors import AuthError, RetryableError
 from syncd.inflight import InflightGuard
 from syncd.jobs import Poller
-from syncd.model import Batch, Destination, MemberRecord, SourceRef
+from syncd.model import Batch, Destination, Erase, MemberRecord, SourceRef
 from syncd.observability import metrics
 from syncd.observability.http import bound_port, start_http
 from syncd.observability.logging import configure as configure_logging
@@ -132,6 +132,10 @@ class Pipeline:
     def _handle(self, message: Message, outcome: Outcome) -> None:
         if isinstance(outcome, str):
             self._dead_letter(message, outcome)
+            return
+        if isinstance(outcome, Erase) or any(r.identifiers_only for _, r in outcome):
+            # these need the member table, not wired here yet: dead-lettered as before
+            self._dead_letter(message, "no_audience")
             return
         ref = message.ref
         self._tracker.track(ref, len(outcome))
