@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import math
 import random
 import re
@@ -125,7 +126,9 @@ RECORDS_BODY_KEYS = frozenset({"audienceId", "targetResource", "records"})
 RECORD_KEYS = frozenset(
     {"externalUserId", "countryCode", "action", "hashedPII", "userConsent", "measurements"}
 )
+USER_CONSENT_KEYS = frozenset({"consent", "geo"})
 CONSENT_KEYS = frozenset({"amzn", "tcf", "gpp"})
+GEO_KEYS = frozenset({"countryCode", "ipAddress"})
 AMZN_CONSENT_KEYS = frozenset({"amznAdStorage", "amznUserData"})
 METADATA_KEYS = frozenset({"name", "description", "countryCode", "targetResource", "metadata"})
 CONNECTION_KEYS = frozenset(
@@ -276,9 +279,31 @@ def check_hashed_pii(value: Any) -> Check:
 def check_user_consent(value: Any) -> Check:
     if value is None:
         return None
-    if not isinstance(value, dict) or value.keys() != {"consent"}:
-        return ".userConsent must be an object with exactly one key, consent"
-    consent = value["consent"]
+    if not isinstance(value, dict) or not value or not value.keys() <= USER_CONSENT_KEYS:
+        return ".userConsent must be an object with consent and/or geo"
+    error = check_geo(value["geo"]) if "geo" in value else None
+    return error or (check_consent(value["consent"]) if "consent" in value else None)
+
+
+def check_geo(geo: Any) -> Check:
+    """Where the consent was collected: `countryCode` and `ipAddress`, both optional."""
+    if not isinstance(geo, dict):
+        return ".userConsent.geo must be an object"
+    error = check_keys(geo, GEO_KEYS, ".userConsent.geo")
+    if error:
+        return error
+    for key in sorted(GEO_KEYS):
+        if key in geo and not isinstance(geo[key], str):
+            return f".userConsent.geo.{key} must be a string"
+    if "ipAddress" in geo:
+        try:
+            ipaddress.ip_address(geo["ipAddress"])
+        except ValueError:
+            return ".userConsent.geo.ipAddress must be an IP address"
+    return None
+
+
+def check_consent(consent: Any) -> Check:
     if not isinstance(consent, dict):
         return ".userConsent.consent must be an object"
     error = check_keys(consent, CONSENT_KEYS, ".userConsent.consent")
