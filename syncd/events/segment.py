@@ -11,8 +11,9 @@ An `identify` event without an audience computation that carries identifiers is 
 identifiers-only change (Segment's way of updating a profile's traits): it updates the profile
 wherever it is a member. Every other event (page, screen, other track names, identify without an
 audience computation or identifiers) is `not_an_audience_event`. Segment events have no erase.
-The profile id is `userId`, else `anonymousId`. Identifiers come
-from `traits` and `context.traits` (both, merged): `email`, `phone`, `first_name`/`firstName`,
+
+The profile id is `userId`, else `anonymousId`. Identifiers come from `traits` and
+`context.traits` (both, merged): `email`, `phone`, `first_name`/`firstName`,
 `last_name`/`lastName`, `address.street`, `address.city`, `address.state`,
 `address.postal_code`/`address.postalCode` (an `address` given as a string is the street);
 `address.country` is the event's country. `timestamp` is `occurred_at` and `messageId` the event
