@@ -3,10 +3,11 @@
 Amazon drops a member from an audience once its last accepted CREATE is older than the
 audience's ttl (`metadata.ttl`, 0..34300800 s; 0 soft-removes every member). So, per audience
 the destinations name (each distinct audience_id once):
-- its metadata is read at start and every `metadata_every_s` (ttl, audienceSize), and again
-  after `metadata_retry_s` when the read fails: a 401/403/404 is a setup problem of that
-  destination and is logged as such; nothing stops the loop. Until a ttl is read, the contract's
-  default applies (34300800 s, Amazon's own default).
+- its metadata is read at start and every `metadata_every_s` (ttl, audienceSize), all audiences
+  at once, each read given up after `metadata_timeout_s` or one refresh period (whichever is
+  shorter), and read again after `metadata_retry_s` when it fails: a 401/403/404 is a setup
+  problem of that destination and is logged as such; nothing stops the loop. Until a ttl is
+  read, the contract's default applies (34300800 s, Amazon's own default).
 - every refresh period, members whose last accepted CREATE is older than `refresh_at` x ttl are
   marked due (the senders re-send them after live changes). A member must be re-sent within its
   refresh window, between refresh_at x ttl and the ttl: the period is at most a quarter of the
@@ -40,6 +41,7 @@ log = get_logger("syncd.audiences")
 DEFAULT_TTL_S = TTL_MAX_SECONDS  # the ttl of an audience whose metadata cannot be read
 METADATA_EVERY_S = 600.0
 METADATA_RETRY_S = 60.0
+METADATA_TIMEOUT_S = 30.0  # a read (with the client's retries) is given up after this
 REFRESH_EVERY_S = 60.0
 PURGE_EVERY_S = 3600.0
 REFRESH_LIMIT = 1000  # members marked per transaction (short write transactions)
@@ -101,6 +103,7 @@ class AudienceWatcher:
         *,
         metadata_every_s: float = METADATA_EVERY_S,
         metadata_retry_s: float = METADATA_RETRY_S,
+        metadata_timeout_s: float = METADATA_TIMEOUT_S,
         refresh_every_s: float = REFRESH_EVERY_S,
         purge_every_s: float = PURGE_EVERY_S,
         refresh_limit: int = REFRESH_LIMIT,
@@ -111,6 +114,7 @@ class AudienceWatcher:
         self._cfg = cfg
         self._metadata_every_s = metadata_every_s
         self._metadata_retry_s = min(metadata_retry_s, metadata_every_s)
+        self._metadata_timeout_s = metadata_timeout_s
         self._refresh_every_s = refresh_every_s
         self._purge_every_s = purge_every_s
         self._refresh_limit = refresh_limit
@@ -140,9 +144,9 @@ class AudienceWatcher:
     async def run_once(self) -> float:
         """Do what is due now; returns the seconds until the next thing is due."""
         now = self._clock()
+        to_read = [a for a in self.audiences.values() if now >= a.metadata_due]
+        await asyncio.gather(*(self._read_metadata(a, now) for a in to_read))
         for audience in self.audiences.values():
-            if now >= audience.metadata_due:
-                await self._read_metadata(audience, now)
             if now >= audience.counts_due:
                 await self._count(audience, now)
         self._refresh_due = min(self._refresh_due, now + self.refresh_period())  # ttl changed
@@ -169,8 +173,11 @@ class AudienceWatcher:
 
     # -- steps: each one logs its failure and leaves the others alone ------------------------------
     async def _read_metadata(self, audience: WatchedAudience, now: float) -> None:
+        # Bounded: a slow Amazon (retries through an outage) must not hold the refreshes back.
+        timeout_s = min(self._metadata_timeout_s, self.refresh_period())
         try:
-            found = await self._client.get_audience(audience.audience_id)
+            async with asyncio.timeout(timeout_s):
+                found = await self._client.get_audience(audience.audience_id)
         except Exception as exc:
             audience.metadata_due = now + self._metadata_retry_s
             self._metadata_failed(audience, exc)

@@ -440,3 +440,31 @@ def test_refresh_period_checks_four_times_per_window(ttl: int, refresh_at: float
     period = w.refresh_period()
     assert MIN_CHECK_S <= period <= REFRESH_EVERY_S
     assert period <= window / 4 or period == MIN_CHECK_S
+
+
+async def test_a_hanging_metadata_read_does_not_hold_the_refreshes_back(
+    table: MemberTable, clock: FakeClock
+) -> None:
+    """Amazon never answers for one audience: its read is given up (a failed read, retried
+    later) and the other audience's members are still refreshed in the same round."""
+    stuck = key("stuck")
+
+    class Hanging(FakeAmazon):
+        async def get_audience(self, audience_id: int) -> Audience:
+            if audience_id == A2:
+                await asyncio.Event().wait()
+            return await super().get_audience(audience_id)
+
+    await confirmed_members(table, "u1")
+    w = watcher(
+        Hanging({A1: meta(ttl=60)}),
+        table,
+        clock,
+        dest(key("vip"), A1),
+        dest(stuck, A2),
+        metadata_timeout_s=0.01,
+    )
+    clock.advance(31)
+    await asyncio.wait_for(w.run_once(), timeout=30)
+    assert len(await table.claim_due([A1], 10, 60, "s")) == 1
+    assert sample("syncd_audience_metadata_reads_total", audience=stuck, outcome="failed") == 1
