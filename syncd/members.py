@@ -989,6 +989,25 @@ class MemberTable:
             )
         return None if erased_at is None else float(erased_at)
 
+    # -- expiry watch (syncd/audiences.py) -------------------------------------------------------
+    async def count_at_risk(self, audience_id: int, older_than_s: float) -> int:
+        """Members of `audience_id` that Amazon holds from a CREATE accepted more than
+        `older_than_s` seconds ago, whose desired state is still an add and whose re-send has no
+        job yet (due or not): they leave the audience at its ttl unless sent soon. Reads the
+        index on accepted_at, so only the old members are visited."""
+        async with self._store._read() as conn:
+            now = await self._store._now(conn)
+            found = await conn.scalar(
+                select(func.count()).where(
+                    m.c.audience_id == audience_id,
+                    m.c.accepted_at.is_not(None),
+                    m.c.accepted_at < now - older_than_s,
+                    m.c.job_request_id.is_(None),
+                    m.c.action == ADD,
+                )
+            )
+        return int(found or 0)
+
 
 def _claim_groups(claims: Iterable[Claim]) -> dict[tuple[int, str], list[Claim]]:
     groups: dict[tuple[int, str], list[Claim]] = defaultdict(list)

@@ -627,6 +627,8 @@ class SandboxState:
         self.windows: dict[str, RollingWindow] = {}
         self.buckets: dict[str, TokenBucket] = {}
         self.audience_sizes: Counter[int] = Counter()
+        self.audience_received: Counter[int] = Counter()  # records of jobs not FAILED
+        self.audience_matched: Counter[int] = Counter()
         self.requests: Counter[str] = Counter()
         self.records: Counter[str] = Counter()
         self.budget_exceeded: Counter[str] = Counter()
@@ -840,6 +842,8 @@ class SandboxState:
         if invalid and state == "SUCCEEDED":
             state = "PARTIALLYSUCCEEDED"
         if state != "FAILED":
+            self.audience_received[audience_id] += len(records)
+            self.audience_matched[audience_id] += matched
             invalid_ids = {entry["externalId"] for entry in invalid}
             for record in records:
                 if record["externalUserId"] not in invalid_ids:
@@ -904,7 +908,12 @@ class SandboxState:
         audience = self.audiences.get(audience_id)
         if audience is None:
             return None
-        metadata = {**audience["metadata"], "audienceSize": self.audience_sizes[audience_id]}
+        size = {
+            "receivedRecordSize": self.audience_received[audience_id],
+            "idResolutionCount": self.audience_matched[audience_id],
+            "dspAudienceSize": self.audience_sizes[audience_id],
+        }
+        metadata = {**audience["metadata"], "audienceSize": size}
         return {**audience, "metadata": metadata}
 
     def update_audience(self, audience_id: int, body: dict[str, Any]) -> None:

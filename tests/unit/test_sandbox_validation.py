@@ -662,7 +662,12 @@ async def test_audience_create_get_update(client: Client) -> None:
     await client.post_records(body([record(0), record(1)], audienceId=audience_id))
     status, got, _ = await client.call("GET", path)
     assert status == 200
-    assert got["metadata"]["audienceSize"] == 2
+    # Amazon's shape: an object of receivedRecordSize, idResolutionCount and dspAudienceSize
+    assert got["metadata"]["audienceSize"] == {
+        "receivedRecordSize": 2,
+        "idResolutionCount": 2,
+        "dspAudienceSize": 2,
+    }
     assert got["metadata"]["externalAudienceId"] == "vip"
 
 
