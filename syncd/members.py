@@ -1008,6 +1008,49 @@ class MemberTable:
             )
         return int(found or 0)
 
+    # -- operator commands (syncd/operate.py) ----------------------------------------------------
+    async def audience_ids(self) -> list[int]:
+        """Every audience_id that has member rows, ascending. A loose index scan (one seek on the
+        primary key per audience, in a recursive query), not a scan of the members."""
+        found = select(func.min(m.c.audience_id).label("audience_id")).cte("found", recursive=True)
+        following = (
+            select(func.min(m.c.audience_id))
+            .where(m.c.audience_id > found.c.audience_id)
+            .scalar_subquery()
+        )
+        found = found.union_all(select(following).where(found.c.audience_id.is_not(None)))
+        query = select(found.c.audience_id).where(found.c.audience_id.is_not(None))
+        async with self._store._read() as conn:
+            return [int(a) for a in (await conn.execute(query)).scalars()]
+
+    async def purge_audience(self, audience_id: int, batch: int = _ROWS_PER_STATEMENT) -> int:
+        """Delete every member row of `audience_id` (an audience no destination names any more),
+        `batch` rows per transaction so that a large audience never holds the write lock long.
+        Its tombstones stay until `purge_tombstones` (should a destination name the audience
+        again, an erased profile must not come back). Returns how many rows were deleted."""
+
+        async def op(conn: AsyncConnection, now: float) -> int:
+            keys = (
+                select(m.c.external_user_id)
+                .where(m.c.audience_id == audience_id)
+                .order_by(m.c.external_user_id)
+                .limit(batch)
+            )
+            if self._postgres:
+                keys = keys.with_for_update()
+            ids = list((await conn.execute(keys)).scalars())
+            if not ids:
+                return 0
+            result = await conn.execute(
+                delete(m).where(m.c.audience_id == audience_id, m.c.external_user_id.in_(ids))
+            )
+            return int(result.rowcount)
+
+        total = 0
+        while deleted := await self._transaction(op):
+            total += deleted
+        return total
+
 
 def _claim_groups(claims: Iterable[Claim]) -> dict[tuple[int, str], list[Claim]]:
     groups: dict[tuple[int, str], list[Claim]] = defaultdict(list)
