@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
+import structlog
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -28,6 +30,7 @@ from syncd.config import Config
 from syncd.errors import ConfigError, FatalError, UsageError
 from syncd.members import ADD, CONFIRMED, FAILED, INVALID, MemberState, MemberTable
 from syncd.model import Destination
+from syncd.observability.logging import configure as configure_logging
 from syncd.preflight import check_client_config
 from syncd.routing import external_user_id
 from syncd.store import JobRow, Store
@@ -204,6 +207,7 @@ async def audience_status(
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    _logs_to_stderr()
     cfg = config_mod.load(args.config)
     statuses, orphans = asyncio.run(_with_store(cfg, lambda store: audience_status(cfg, store)))
     if args.json:
@@ -216,24 +220,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_status(console: Console, statuses: list[AudienceStatus]) -> None:
-    amazon = Table(title="Audiences at Amazon (metadata)")
-    for name in ("audience", "audience id", "ttl s", "audience size", "received", "matched"):
-        amazon.add_column(name, justify="left" if name == "audience" else "right", no_wrap=True)
-    amazon.add_column("note")
+    amazon = _table(
+        "Audiences at Amazon (metadata)", "audience id", "ttl s", "size", "received", "matched"
+    )
     for s in statuses:
         md = s.metadata
         amazon.add_row(
             s.destination.audience,
             str(s.destination.audience_id),
             *(_figure(v) for v in (md.ttl, md.dsp, md.received, md.matched)),
-            "" if md.error is None else f"metadata unreadable: {md.error}",
         )
     console.print(amazon)
+    for s in statuses:
+        if s.metadata.error is not None:
+            console.print(
+                f"{s.destination.audience}: metadata unreadable: {s.metadata.error}", markup=False
+            )
 
-    synced = Table(title="Members in syncd; matches of the jobs of the last 24 h")
-    synced.add_column("audience", no_wrap=True)
-    for name in (*MEMBER_STATES, "received 24 h", "matched 24 h", "match ratio"):
-        synced.add_column(name, justify="right", no_wrap=True)
+    synced = _table(
+        "Members in syncd; jobs of the last 24 h", *MEMBER_STATES, "received", "matched", "match"
+    )
     for s in statuses:
         ratio = s.match_ratio
         synced.add_row(
@@ -247,10 +253,8 @@ def _print_status(console: Console, statuses: list[AudienceStatus]) -> None:
 
 
 def _print_orphans(console: Console, orphans: dict[int, dict[str, int]], config: str) -> None:
-    table = Table(title="Audiences no destination names any more (their rows stay)")
-    table.add_column("audience id", justify="right", no_wrap=True)
-    for name in MEMBER_STATES:
-        table.add_column(name, justify="right", no_wrap=True)
+    table = _table("Audiences no destination names any more (their rows stay)", *MEMBER_STATES)
+    table.columns[0].header = "audience id"
     for audience_id, counts in orphans.items():
         table.add_row(str(audience_id), *(_figure(counts[k]) for k in MEMBER_STATES))
     console.print(table)
@@ -258,6 +262,15 @@ def _print_orphans(console: Console, orphans: dict[int, dict[str, int]], config:
         f"drop their rows with `syncd members purge --config {config} --audience-id N --yes`",
         markup=False,
     )
+
+
+def _table(title: str, *figures: str) -> Table:
+    """A compact table: a left-aligned name column, then right-aligned figures."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    table.add_column("audience", no_wrap=True)
+    for name in figures:
+        table.add_column(name, justify="right", no_wrap=True)
+    return table
 
 
 def _figure(value: int | None) -> str:
@@ -407,6 +420,7 @@ async def show_member(
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    _logs_to_stderr()
     cfg = config_mod.load(args.config)
     dest = next((d for d in cfg.destinations if d.audience == args.audience), None)
     if dest is None:
@@ -462,6 +476,7 @@ def _print_member(console: Console, doc: dict[str, Any]) -> None:
 
 # -- syncd members purge -------------------------------------------------------------------------
 def _cmd_purge(args: argparse.Namespace) -> int:
+    _logs_to_stderr()
     audience_id: int = args.audience_id
     if not args.yes:
         raise UsageError(
@@ -482,6 +497,13 @@ def _cmd_purge(args: argparse.Namespace) -> int:
 
 
 # -- plumbing ------------------------------------------------------------------------------------
+def _logs_to_stderr() -> None:
+    """Warnings (an Amazon request retried) go to stderr, for people: stdout holds the report,
+    JSON with --json."""
+    configure_logging("warning", json=False)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+
+
 async def _with_store(cfg: Config, work: Callable[[Store], Awaitable[T]]) -> T:
     """`work` on the config's store, whose schema must be current (`syncd db upgrade`)."""
     store = await Store.connect(cfg.store.url)
