@@ -278,6 +278,15 @@ def _figure(value: int | None) -> str:
 
 
 # -- syncd members show --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class BudgetUse:
+    """Records a connection has in its rolling budget window, and its limit."""
+
+    used: int
+    limit: int
+    window_s: int
+
+
 def member_report(
     dest: Destination,
     profile_id: str,
@@ -287,9 +296,11 @@ def member_report(
     ttl: int | None,
     refresh_at: float,
     now: float,
+    budget: BudgetUse | None = None,
 ) -> dict[str, Any]:
     """What `members show` prints about one member. `ttl` is the audience's (None: unknown, the
-    default applies); `now` decides whether a claim is live. Times are ISO 8601 UTC."""
+    default applies); `now` decides whether a claim is live; `budget` is the connection's, for
+    a member waiting to be claimed. Times are ISO 8601 UTC."""
     doc: dict[str, Any] = {
         "audience": dest.audience,
         "audience_id": dest.audience_id,
@@ -325,7 +336,7 @@ def member_report(
             "accepted_at": _iso(member.accepted_at),
             "failed_attempts": member.attempts,
         }
-    doc["waiting"] = _waiting(member, job, now)
+    doc["waiting"] = _waiting(member, job, now, budget)
     effective_ttl = DEFAULT_TTL_S if ttl is None else ttl
     if member.action == ADD and member.outcome == CONFIRMED and member.accepted_at is not None:
         if effective_ttl > 0:
@@ -357,7 +368,9 @@ def _job(job_request_id: str, job: JobRow | None) -> dict[str, Any]:
     }
 
 
-def _waiting(member: MemberState, job: JobRow | None, now: float) -> list[str]:
+def _waiting(
+    member: MemberState, job: JobRow | None, now: float, budget: BudgetUse | None
+) -> list[str]:
     """Why the member's desired state is not (yet) what Amazon holds; empty when nothing waits."""
     why: list[str] = []
     if member.job_request_id is not None:
@@ -373,10 +386,11 @@ def _waiting(member: MemberState, job: JobRow | None, now: float) -> list[str]:
         else:
             kind = "a TTL refresh or reconcile change" if member.refresh else "a live change"
             why.append(
-                f"due since {_iso(member.due_since)} ({kind}), waiting to be claimed by a "
-                "sender: the connection's budget or backlog"
+                f"due since {_iso(member.due_since)} ({kind}), waiting to be claimed by a sender"
                 + (" (live changes go first)" if member.refresh else "")
             )
+            if budget is not None:
+                why.append(_budget_note(budget))
     elif member.outcome == INVALID:
         why.append(f"Amazon refused it ({member.reason}): not sent again until it changes")
     elif member.outcome == FAILED:
@@ -387,6 +401,13 @@ def _waiting(member: MemberState, job: JobRow | None, now: float) -> list[str]:
     if member.due_since is not None and member.attempts:
         why.append(f"{member.attempts} failed attempts so far (last: {member.reason})")
     return why
+
+
+def _budget_note(budget: BudgetUse) -> str:
+    use = f"{budget.used:,} of {budget.limit:,} records in the last {budget.window_s} s"
+    if budget.used >= budget.limit:
+        return f"the connection's budget is used up ({use}): it waits for the window to roll"
+    return f"the connection's budget has room ({use}): it waits behind the backlog"
 
 
 def _iso(t: float | None) -> str | None:
@@ -407,6 +428,11 @@ async def show_member(
     if member is not None and member.job_request_id is not None:
         job = await store.job(member.job_request_id)
     metadata = (await read_metadata(cfg, [dest.audience_id]))[dest.audience_id]
+    budget = None
+    if member is not None and member.due_since is not None:
+        window_s = cfg.budget.window_seconds
+        used = await store.budget_used(dest.connection_id, window_s)
+        budget = BudgetUse(used, cfg.budget.records_per_hour, window_s)
     return member_report(
         dest,
         profile_id,
@@ -416,6 +442,7 @@ async def show_member(
         metadata.ttl,
         cfg.members.refresh_at,
         await store.now(),
+        budget,
     )
 
 

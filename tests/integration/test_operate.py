@@ -283,6 +283,7 @@ async def test_show_explains_why_members_wait(filled: Filled) -> None:
     assert due["state"] == "pending"
     assert due["sent"] is None
     assert "waiting to be claimed" in due["waiting"][0]
+    assert due["waiting"][1].startswith("the connection's budget has room (0 of 15,000,000")
 
     code, out, err = await member_show(filled, "u0003", "--json")
     assert code == 0, err
