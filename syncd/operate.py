@@ -61,7 +61,9 @@ def add_parser(sub: Any) -> None:
     purge = members.add_parser(
         "purge",
         help="drop the member rows of an audience no destination names any more",
-        description="Drop the member rows of an audience that no [[destinations]] names.",
+        description="Drop the member rows of an audience that no [[destinations]] names. Give "
+        "it the config the daemons run with: an audience one of them still serves gets rows "
+        "again.",
     )
     purge.add_argument("--config", required=True, help="TOML config file")
     purge.add_argument("--audience-id", required=True, type=_audience_id, help="the audience_id")
