@@ -4,7 +4,8 @@
              -> record (member table: one write per chunk) -> commit
     senders: per connection, claim due members -> batch -> deliver (budget, POST)
              -> job row + members' sent state (one transaction)
-    side loops: job poller (outcomes -> members), offset commits, store health, token, HTTP
+    side loops: job poller (outcomes -> members), audiences (metadata, TTL refresh, tombstone
+                purge), offset commits, store health, token, HTTP
 
 Ingest and sending meet only in the member table: a connection out of budget or blocked keeps
 its changes there (one per member) while reading goes on; a commit follows the recording, not
@@ -33,6 +34,7 @@ import orjson
 
 from syncd import config as config_mod
 from syncd.amazon.client import AmazonClient
+from syncd.audiences import AudienceWatcher
 from syncd.budget import Budget
 from syncd.config import Config
 from syncd.deliver import ConnectionSender, MemberFeed
@@ -374,6 +376,8 @@ class Daemon:
             outcomes=MemberOutcomes(members, source, audiences),
         )
         spawn(poller.run(poll_stop), "poller")
+        watcher = AudienceWatcher(client, members, cfg.destinations, cfg.members)
+        spawn(watcher.run(halt), "audiences")
         spawn(self._commit_loop(source, halt), "commit")
         spawn(self._health_loop(store, source, halt), "health")
         spawn(self._token_loop(client, halt), "token")

@@ -1095,6 +1095,68 @@ class MemberTable:
             )
         return None if erased_at is None else float(erased_at)
 
+    # -- expiry watch (syncd/audiences.py) -------------------------------------------------------
+    async def count_at_risk(self, audience_id: int, older_than_s: float) -> int:
+        """Members of `audience_id` that Amazon holds from a CREATE accepted more than
+        `older_than_s` seconds ago, whose desired state is still an add and whose re-send has no
+        job yet (due or not): they leave the audience at its ttl unless sent soon. Reads the
+        index on accepted_at, so only the old members are visited."""
+        async with self._store._read() as conn:
+            now = await self._store._now(conn)
+            found = await conn.scalar(
+                select(func.count()).where(
+                    m.c.audience_id == audience_id,
+                    m.c.accepted_at.is_not(None),
+                    m.c.accepted_at < now - older_than_s,
+                    m.c.job_request_id.is_(None),
+                    m.c.action == ADD,
+                )
+            )
+        return int(found or 0)
+
+    # -- operator commands (syncd/operate.py) ----------------------------------------------------
+    async def audience_ids(self) -> list[int]:
+        """Every audience_id that has member rows, ascending. A loose index scan (one seek on the
+        primary key per audience, in a recursive query), not a scan of the members."""
+        found = select(func.min(m.c.audience_id).label("audience_id")).cte("found", recursive=True)
+        following = (
+            select(func.min(m.c.audience_id))
+            .where(m.c.audience_id > found.c.audience_id)
+            .scalar_subquery()
+        )
+        found = found.union_all(select(following).where(found.c.audience_id.is_not(None)))
+        query = select(found.c.audience_id).where(found.c.audience_id.is_not(None))
+        async with self._store._read() as conn:
+            return [int(a) for a in (await conn.execute(query)).scalars()]
+
+    async def purge_audience(self, audience_id: int, batch: int = _ROWS_PER_STATEMENT) -> int:
+        """Delete every member row of `audience_id` (an audience no destination names any more),
+        `batch` rows per transaction so that a large audience never holds the write lock long.
+        Its tombstones stay until `purge_tombstones` (should a destination name the audience
+        again, an erased profile must not come back). Returns how many rows were deleted."""
+
+        async def op(conn: AsyncConnection, now: float) -> int:
+            keys = (
+                select(m.c.external_user_id)
+                .where(m.c.audience_id == audience_id)
+                .order_by(m.c.external_user_id)
+                .limit(batch)
+            )
+            if self._postgres:
+                keys = keys.with_for_update()
+            ids = list((await conn.execute(keys)).scalars())
+            if not ids:
+                return 0
+            result = await conn.execute(
+                delete(m).where(m.c.audience_id == audience_id, m.c.external_user_id.in_(ids))
+            )
+            return int(result.rowcount)
+
+        total = 0
+        while deleted := await self._transaction(op):
+            total += deleted
+        return total
+
 
 def _claim_groups(claims: Iterable[Claim]) -> dict[tuple[int, str], list[Claim]]:
     groups: dict[tuple[int, str], list[Claim]] = defaultdict(list)

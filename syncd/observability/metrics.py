@@ -215,5 +215,54 @@ INVALID_RECORDS = Counter(
     registry=REGISTRY,
 )
 
+# --- audiences -------------------------------------------------------------------------------
+# Per destination's audience key (syncd/audiences.py); never a member id.
+AUDIENCE_TTL = Gauge(
+    "syncd_audience_ttl_seconds",
+    "The ttl members are refreshed by: Amazon's metadata.ttl, or 34300800 while it cannot be "
+    "read; 0 = Amazon soft-removes the members, nothing is refreshed",
+    ["audience"],
+    registry=REGISTRY,
+)
+AUDIENCE_SIZE = Gauge(
+    "syncd_audience_size",
+    "Amazon's audienceSize from the audience's metadata (kind: received = receivedRecordSize, "
+    "matched = idResolutionCount, dsp = dspAudienceSize)",
+    ["audience", "kind"],
+    registry=REGISTRY,
+)
+AUDIENCE_METADATA_READS = Counter(
+    "syncd_audience_metadata_reads_total",
+    "Reads of an audience's metadata by outcome (ok, unauthorized, forbidden, not_found, "
+    "refused, failed)",
+    ["audience", "outcome"],
+    registry=REGISTRY,
+)
+MEMBERS = Gauge(
+    "syncd_members",
+    "Members of an audience in the store by state (member, pending, removed, invalid), "
+    "counted with each metadata read",
+    ["audience", "state"],
+    registry=REGISTRY,
+)
+MEMBERS_REFRESHED = Counter(
+    "syncd_members_refreshed_total",
+    "Members marked due to be sent again before their audience's ttl runs out",
+    ["audience"],
+    registry=REGISTRY,
+)
+MEMBERS_AT_RISK = Gauge(
+    "syncd_members_at_risk",
+    "Members past the middle of their refresh window (between refresh_at x ttl and the ttl) "
+    "whose re-send has not been sent: they leave the audience at the ttl unless sent soon",
+    ["audience"],
+    registry=REGISTRY,
+)
+TOMBSTONES_PURGED = Counter(
+    "syncd_tombstones_purged_total",
+    "Erase tombstones deleted after members.tombstone_days",
+    registry=REGISTRY,
+)
+
 # --- process -----------------------------------------------------------------------------------
 READY = Gauge("syncd_ready", "1 when /readyz answers 200", registry=REGISTRY)

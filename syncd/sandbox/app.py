@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import ipaddress
+import itertools
 import math
 import random
 import re
 import secrets
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +62,20 @@ class SandboxSettings:
     records_error_for_audience: int | None = field(
         default=None, metadata={"help": "record POSTs for this audienceId get 400"}
     )
+    match_rate: float = field(
+        default=1.0, metadata={"help": "fraction of members whose identity resolves (per member)"}
+    )
+    strict_audiences: bool = field(
+        default=False,
+        metadata={"help": "404 records for an audience not created through the metadata API"},
+    )
+    require_consent_in: bool = field(
+        default=False,
+        metadata={
+            "help": "refuse UK/EEA/CH CREATE records without a consent signal",
+            "flag": "require_consent",
+        },
+    )
     rate_per_s: float = field(
         default=50.0, metadata={"help": "API calls per second per client id (token bucket)"}
     )
@@ -74,7 +91,10 @@ class SandboxSettings:
     )
     keep_ledger: bool = field(
         default=True,
-        metadata={"help": "keep every accepted record (off: bounded memory)", "flag": "ledger"},
+        metadata={
+            "help": "keep every accepted record (off: memory grows with distinct members only)",
+            "flag": "ledger",
+        },
     )
     latency_s: float = field(default=0.0, metadata={"help": "added latency per API call"})
     error_rate: float = field(default=0.0, metadata={"help": "fraction of API calls that 5xx"})
@@ -125,8 +145,15 @@ RECORDS_BODY_KEYS = frozenset({"audienceId", "targetResource", "records"})
 RECORD_KEYS = frozenset(
     {"externalUserId", "countryCode", "action", "hashedPII", "userConsent", "measurements"}
 )
+USER_CONSENT_KEYS = frozenset({"consent", "geo"})
 CONSENT_KEYS = frozenset({"amzn", "tcf", "gpp"})
 AMZN_CONSENT_KEYS = frozenset({"amznAdStorage", "amznUserData"})
+GEO_KEYS = frozenset({"countryCode", "ipAddress"})
+# Members whose personal data needs a consent signal (Amazon: UK and EEA; we add CH): the EU,
+# Iceland, Liechtenstein, Norway, the United Kingdom and Switzerland.
+EU_COUNTRIES = "AT BE BG CY CZ DE DK EE ES FI FR GR HR HU IE IT LT LU LV MT NL PL PT RO SE SI SK"
+CONSENT_COUNTRIES = frozenset(f"{EU_COUNTRIES} IS LI NO GB CH".split())
+CONSENT_SIGNALS = ("GRANTED", "DENIED")  # what Amazon accepts for amznUserData
 METADATA_KEYS = frozenset({"name", "description", "countryCode", "targetResource", "metadata"})
 CONNECTION_KEYS = frozenset(
     {
@@ -273,11 +300,42 @@ def check_hashed_pii(value: Any) -> Check:
     return None
 
 
+def check_ip_address(value: Any) -> bool:
+    """An IPv4 or IPv6 address in its plain text form (no zone id, no padding)."""
+    if not isinstance(value, str) or "%" in value:
+        return False
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def check_geo(value: Any) -> Check:
+    """Where the consent was collected: `{"countryCode": ISO2, "ipAddress": IPv4/IPv6}`, both
+    optional."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return ".userConsent.geo must be an object"
+    error = check_keys(value, GEO_KEYS, ".userConsent.geo") or check_country_code(
+        value.get("countryCode"), ".userConsent.geo"
+    )
+    if error:
+        return error
+    if "ipAddress" in value and not check_ip_address(value["ipAddress"]):
+        return ".userConsent.geo.ipAddress must be an IPv4 or IPv6 address"
+    return None
+
+
 def check_user_consent(value: Any) -> Check:
     if value is None:
         return None
-    if not isinstance(value, dict) or value.keys() != {"consent"}:
-        return ".userConsent must be an object with exactly one key, consent"
+    if not isinstance(value, dict) or "consent" not in value:
+        return ".userConsent must be an object with a consent key (and optionally geo)"
+    error = check_keys(value, USER_CONSENT_KEYS, ".userConsent") or check_geo(value.get("geo"))
+    if error:
+        return error
     consent = value["consent"]
     if not isinstance(consent, dict):
         return ".userConsent.consent must be an object"
@@ -299,6 +357,30 @@ def check_user_consent(value: Any) -> Check:
         if not isinstance(grant, str) or grant not in api.CONSENT_VALUES:
             return f".userConsent.consent.amzn.{key} must be one of {', '.join(api.CONSENT_VALUES)}"
     return None
+
+
+def consent_refusal(record: dict[str, Any], audience_country: str | None) -> Check:
+    """Why a valid record is refused when consent is required, or None.
+
+    A CREATE for a member of the UK/EEA/CH needs a consent signal: `amznUserData` GRANTED or
+    DENIED, or a TCF or GPP string (Amazon accepts any of the three formats). The member's
+    country for consent is `userConsent.geo.countryCode`, else the record's `countryCode`,
+    else the audience's (Amazon's resolution order)."""
+    if record["action"] != "CREATE":
+        return None
+    user_consent = record.get("userConsent") or {}
+    geo = user_consent.get("geo") or {}
+    country = geo.get("countryCode") or record.get("countryCode") or audience_country
+    if country not in CONSENT_COUNTRIES:
+        return None
+    consent = user_consent.get("consent") or {}
+    amzn = consent.get("amzn") or {}
+    if amzn.get("amznUserData") in CONSENT_SIGNALS or consent.get("tcf") or consent.get("gpp"):
+        return None
+    return (
+        "CONSENT_REQUIRED: a UK/EEA/CH member needs consent: userConsent.consent.amzn."
+        "amznUserData GRANTED or DENIED, or a tcf or gpp string"
+    )
 
 
 def check_record(record: Any, index: int) -> Check:
@@ -526,8 +608,8 @@ class Job:
     final_state: str
     received: int
     invalid_records: list[dict[str, str]]
-    id_resolution_count: int
-    dsp_audience_size: int
+    id_resolution_count: int  # records of this job that resolved (0 when FAILED)
+    dsp_audience_size: int  # live members of the audience once the job applied
     observed_terminal: bool = False
 
     def status(self, now: float) -> dict[str, Any]:
@@ -543,13 +625,65 @@ class Job:
             },
             "audienceSize": {
                 "receivedRecordSize": self.received,
-                "idResolutionCount": 0 if failed else self.id_resolution_count,
+                "idResolutionCount": self.id_resolution_count,
                 "dspAudienceSize": self.dsp_audience_size,
             },
         }
         if self.invalid_records:
             body["invalidRecords"] = self.invalid_records
         return body
+
+
+class Membership:
+    """One audience's members and what it received.
+
+    `added` maps externalUserId -> time of its last CREATE, oldest first. The ttl is a logical
+    removal (Amazon's guide): a member is live while now < last add + the audience's current
+    ttl, so ttl 0 hides every member and a larger ttl brings back those added recently enough.
+    Members no ttl can bring back (added more than the maximum ttl ago) are dropped on read.
+    """
+
+    def __init__(self) -> None:
+        self.added: OrderedDict[str, float] = OrderedDict()
+        self.received = 0  # records of jobs that did not fail
+        self.resolved = 0  # of those, the ones whose identity resolved
+
+    def create(self, external_user_id: str, now: float) -> None:
+        self.added[external_user_id] = now
+        self.added.move_to_end(external_user_id)
+
+    def delete(self, external_user_id: str) -> None:
+        self.added.pop(external_user_id, None)
+
+    def live(self, now: float, ttl: int) -> list[tuple[str, float]]:
+        """Live members as (externalUserId, expiry), the soonest to expire first."""
+        expired = self._expired(now, ttl)
+        return [(m, t + ttl) for m, t in itertools.islice(self.added.items(), expired, None)]
+
+    def size(self, now: float, ttl: int) -> int:
+        return len(self.added) - self._expired(now, ttl)
+
+    def audience_size(self, now: float, ttl: int) -> dict[str, int]:
+        return {
+            "receivedRecordSize": self.received,
+            "idResolutionCount": self.resolved,
+            "dspAudienceSize": self.size(now, ttl),
+        }
+
+    def _expired(self, now: float, ttl: int) -> int:
+        """Drop the members no ttl can bring back; count the expired ones (a prefix, as
+        `added` is in the order of adds and the state's clock never goes back)."""
+        added = self.added
+        while added and next(iter(added.values())) + api.TTL_MAX_SECONDS <= now:
+            added.popitem(last=False)
+        if ttl == 0:
+            return len(added)
+        expired = 0
+        for time_added in added.values():
+            if time_added + ttl > now:
+                break
+            expired += 1
+        return expired
 
 
 @dataclass
@@ -572,10 +706,16 @@ class ConnectionDropped(Exception):
 class SandboxState:
     """Everything the sandbox knows. Handlers call it; tests read it (`stats`, `ledger`)."""
 
-    def __init__(self, settings: SandboxSettings) -> None:
+    def __init__(self, settings: SandboxSettings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        self.clock = clock
+        self.latest = 0.0  # the latest time read from the clock (see `now`)
         seed = settings.seed
         self.outcomes = random.Random(seed)
+        # Which members resolve: a keyed hash per member, so a seed replays it.
+        self.match_key = hashlib.sha256(
+            secrets.token_bytes(16) if seed is None else str(seed).encode()
+        ).digest()
         self.fault_rng = random.Random(None if seed is None else seed + 1)
         self.tokens: dict[str, float] = {}  # access token -> monotonic expiry
         self.audiences: dict[int, dict[str, Any]] = {}
@@ -586,7 +726,7 @@ class SandboxState:
         self.reset()
 
     def reset(self) -> None:
-        """Forget jobs, ledger, windows, counters, log and faults (tokens, audiences,
+        """Forget jobs, ledger, members, windows, counters, log and faults (tokens, audiences,
         connections and terms stay, so connected clients keep working)."""
         s = self.settings
         self.faults = Faults(
@@ -601,7 +741,7 @@ class SandboxState:
         self.ledgers: dict[str, list[dict[str, Any]]] = {}
         self.windows: dict[str, RollingWindow] = {}
         self.buckets: dict[str, TokenBucket] = {}
-        self.audience_sizes: Counter[int] = Counter()
+        self.memberships: dict[int, Membership] = {}
         self.requests: Counter[str] = Counter()
         self.records: Counter[str] = Counter()
         self.budget_exceeded: Counter[str] = Counter()
@@ -762,7 +902,7 @@ class SandboxState:
         window = self.windows.get(connection_id)
         if not self.settings.reject_over_budget or window is None:
             return None
-        return window.wait_for_room(time.time(), count, self.settings.window_budget)
+        return window.wait_for_room(self.now(), count, self.settings.window_budget)
 
     def accept_records(self, body: dict[str, Any]) -> str:
         """Accept a validated records body as a new job; returns its jobRequestId."""
@@ -771,7 +911,16 @@ class SandboxState:
         connection_id: str = body["targetResource"]["connectionId"]
         records: list[dict[str, Any]] = body["records"]
         job_id = str(uuid.uuid4())
-        received_at = time.time()
+        received_at = self.now()
+        if audience_id not in self.audiences:  # without strict_audiences: created implicitly
+            self._add_audience(
+                audience_id,
+                {
+                    "name": f"implicitAudience{audience_id}",
+                    "description": "created by its first records POST",
+                    "targetResource": {"connectionId": connection_id},
+                },
+            )
         window = self.windows.setdefault(connection_id, RollingWindow(s.window_seconds))
         if window.add(received_at, len(records)) > s.window_budget:
             self.budget_exceeded[connection_id] += 1
@@ -788,40 +937,49 @@ class SandboxState:
                 }
                 for record in records
             )
-        self.jobs[job_id] = self._decide(job_id, audience_id, records)
+        self.jobs[job_id] = self._decide(job_id, audience_id, records, received_at)
         return job_id
 
-    def _decide(self, job_id: str, audience_id: int, records: list[dict[str, Any]]) -> Job:
-        """The job's outcome, drawn now from the seeded RNG (so a seed replays it exactly)."""
+    def _decide(
+        self, job_id: str, audience_id: int, records: list[dict[str, Any]], now: float
+    ) -> Job:
+        """The job's outcome, drawn now from the seeded RNG (so a seed replays it exactly).
+        Unless it FAILED, its valid records apply to the audience's members in order now."""
         s = self.settings
         roll = self.outcomes.random()
         state = "FAILED" if roll < s.failed_rate else "SUCCEEDED"
         if state != "FAILED" and roll < s.failed_rate + s.partial_rate:
             state = "PARTIALLYSUCCEEDED"
+        audience = self.audiences[audience_id]
         invalid: list[dict[str, str]] = []
-        matched = 0
-        audience_country = self.audiences.get(audience_id, {}).get("countryCode")
+        valid: list[dict[str, Any]] = []
         for record in records:
-            if s.invalid_record_rate > 0 and self.outcomes.random() < s.invalid_record_rate:
+            problem = self._record_problem(record, audience["countryCode"])
+            if problem is None:
+                valid.append(record)
+            else:
                 invalid.append(
                     {
                         "audienceId": str(audience_id),
                         "externalId": record["externalUserId"],
-                        "error": "INVALID_HASHED_PII: no hashed identifier could be resolved",
+                        "error": problem,
                     }
                 )
-            elif record.get("countryCode", audience_country) in api.MATCHING_COUNTRIES:
-                matched += 1
         if invalid and state == "SUCCEEDED":
             state = "PARTIALLYSUCCEEDED"
+        membership = self.membership(audience_id)
+        resolved = 0
         if state != "FAILED":
-            invalid_ids = {entry["externalId"] for entry in invalid}
-            for record in records:
-                if record["externalUserId"] not in invalid_ids:
-                    change = 1 if record["action"] == "CREATE" else -1
-                    self.audience_sizes[audience_id] = max(
-                        0, self.audience_sizes[audience_id] + change
-                    )
+            for record in valid:
+                member = record["externalUserId"]
+                if record.get("countryCode", audience["countryCode"]) in api.MATCHING_COUNTRIES:
+                    resolved += self.resolves(member)
+                if record["action"] == "CREATE":
+                    membership.create(member, now)
+                else:
+                    membership.delete(member)
+            membership.received += len(records)
+            membership.resolved += resolved
         return Job(
             job_request_id=job_id,
             audience_id=audience_id,
@@ -829,9 +987,54 @@ class SandboxState:
             final_state=state,
             received=len(records),
             invalid_records=invalid,
-            id_resolution_count=matched,
-            dsp_audience_size=self.audience_sizes[audience_id],
+            id_resolution_count=resolved,
+            dsp_audience_size=membership.size(now, audience["metadata"]["ttl"]),
         )
+
+    def _record_problem(self, record: dict[str, Any], audience_country: str | None) -> Check:
+        """Why a valid record ends in invalidRecords (required consent, or the seeded
+        invalid_record_rate), or None."""
+        s = self.settings
+        if s.require_consent_in:
+            refusal = consent_refusal(record, audience_country)
+            if refusal:
+                return refusal
+        if s.invalid_record_rate > 0 and self.outcomes.random() < s.invalid_record_rate:
+            return "INVALID_HASHED_PII: no hashed identifier could be resolved"
+        return None
+
+    def resolves(self, external_user_id: str) -> bool:
+        """Whether a member's identity resolves: about `match_rate` of members do, each one
+        always the same way (a keyed hash of its id), so a re-sent member counts again."""
+        rate = self.settings.match_rate
+        if rate >= 1.0:
+            return True
+        digest = hashlib.blake2b(
+            external_user_id.encode(), digest_size=8, key=self.match_key
+        ).digest()
+        return int.from_bytes(digest) < rate * 2**64
+
+    # -- members -------------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The wall clock, never going back (a stepped clock must not reorder members)."""
+        self.latest = max(self.latest, self.clock())
+        return self.latest
+
+    def membership(self, audience_id: int) -> Membership:
+        return self.memberships.setdefault(audience_id, Membership())
+
+    def members_view(self, audience_id: int) -> dict[str, Any] | None:
+        """The audience's live members (None for an unknown audience)."""
+        audience = self.audiences.get(audience_id)
+        if audience is None:
+            return None
+        live = self.membership(audience_id).live(self.now(), audience["metadata"]["ttl"])
+        return {
+            "audienceId": audience_id,
+            "members": [{"externalUserId": m, "expiresAt": expiry} for m, expiry in live],
+            "size": len(live),
+        }
 
     def job_status(self, job_id: str) -> dict[str, Any] | None:
         job = self.jobs.get(job_id)
@@ -860,6 +1063,9 @@ class SandboxState:
         audience_id = self.outcomes.randrange(10**17, 10**18)
         while audience_id in self.audiences:
             audience_id = self.outcomes.randrange(10**17, 10**18)
+        return self._add_audience(audience_id, body)
+
+    def _add_audience(self, audience_id: int, body: dict[str, Any]) -> dict[str, Any]:
         metadata = body.get("metadata") or {}
         audience = {
             "audienceId": audience_id,
@@ -879,7 +1085,8 @@ class SandboxState:
         audience = self.audiences.get(audience_id)
         if audience is None:
             return None
-        metadata = {**audience["metadata"], "audienceSize": self.audience_sizes[audience_id]}
+        size = self.membership(audience_id).audience_size(self.now(), audience["metadata"]["ttl"])
+        metadata = {**audience["metadata"], "audienceSize": size}
         return {**audience, "metadata": metadata}
 
     def update_audience(self, audience_id: int, body: dict[str, Any]) -> None:
@@ -1114,6 +1321,9 @@ async def post_records(request: web.Request) -> web.Response:
         for index, record in enumerate(body["records"]):
             if record["externalUserId"].startswith(prefix):
                 return error(request, 400, f"records[{index}].externalUserId is not valid")
+    if state.settings.strict_audiences and body["audienceId"] not in state.audiences:
+        message = f"audience {body['audienceId']} not found (create it with {api.METADATA_PATH})"
+        return error(request, 404, message)
     wait = state.budget_wait(body["targetResource"]["connectionId"], len(body["records"]))
     if wait is not None:
         return error(request, 429, "records per connection per hour exceeded", retry_after(wait))
@@ -1271,6 +1481,16 @@ async def control_faults(request: web.Request) -> web.Response:
     return json_response(state.faults_view())
 
 
+async def control_members(request: web.Request) -> web.Response:
+    audience_id = path_audience_id(request)
+    if audience_id is None:
+        return json_response({"message": "audienceId in the path must be an integer"}, 400)
+    view = request.app[SANDBOX_STATE].members_view(audience_id)
+    if view is None:
+        return json_response({"message": f"audience {audience_id} not found"}, 404)
+    return json_response(view)
+
+
 async def control_reset(request: web.Request) -> web.Response:
     request.app[SANDBOX_STATE].reset()
     return web.Response(status=204)
@@ -1280,10 +1500,12 @@ async def _release_hanging(app: web.Application) -> None:
     app[SANDBOX_STATE].closing.set()
 
 
-def create_app(settings: SandboxSettings | None = None) -> web.Application:
+def create_app(
+    settings: SandboxSettings | None = None, clock: Callable[[], float] = time.time
+) -> web.Application:
     settings = settings or SandboxSettings()
     app = web.Application(middlewares=[observe, gate], client_max_size=settings.max_body_bytes)
-    app[SANDBOX_STATE] = SandboxState(settings)
+    app[SANDBOX_STATE] = SandboxState(settings, clock)
     app.on_shutdown.append(_release_hanging)
     r = app.router
     r.add_post(api.TOKEN_PATH, token)
@@ -1300,6 +1522,7 @@ def create_app(settings: SandboxSettings | None = None) -> web.Application:
     r.add_get(CONTROL_PREFIX + "/stats", control_stats)
     r.add_get(CONTROL_PREFIX + "/ledger", control_ledger)
     r.add_get(CONTROL_PREFIX + "/log", control_log)
+    r.add_get(CONTROL_PREFIX + "/audiences/{audienceId}/members", control_members)
     r.add_post(CONTROL_PREFIX + "/faults", control_faults)
     r.add_post(CONTROL_PREFIX + "/reset", control_reset)
     return app

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +35,14 @@ class RunningSandbox:
 
 @contextlib.asynccontextmanager
 async def running_sandbox(
-    settings: SandboxSettings | None = None, host: str = "127.0.0.1", port: int = 0
+    settings: SandboxSettings | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[RunningSandbox]:
-    """Serve a sandbox on host:port (0 = a free port) for the duration of the block."""
-    app = create_app(settings)
+    """Serve a sandbox on host:port (0 = a free port) for the duration of the block; `clock`
+    is its wall clock (tests move a fake one to expire members without sleeping)."""
+    app = create_app(settings, clock)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     try:
@@ -71,14 +76,13 @@ def add_parser(sub: Any) -> None:
     for f in dataclasses.fields(SandboxSettings):
         help_text = f.metadata.get("help", "")
         if f.type == "bool":
+            name = f.metadata.get("flag", f.name).replace("_", "-")
             if f.default:
-                flag = f"--no-{f.metadata.get('flag', f.name).replace('_', '-')}"
                 parser.add_argument(
-                    flag, dest=f.name, action="store_false", help=f"do not {help_text}"
+                    f"--no-{name}", dest=f.name, action="store_false", help=f"do not {help_text}"
                 )
             else:
-                flag = f"--{f.name.replace('_', '-')}"
-                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+                parser.add_argument(f"--{name}", dest=f.name, action="store_true", help=help_text)
             continue
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",

@@ -50,12 +50,14 @@ jobs = Table(
     Column("invalid_reasons", JSON, nullable=False),
     Column("audience_size", BigInteger),
     Column("received_records", Integer),
+    Column("matched_records", Integer),  # Amazon's idResolutionCount of the job
     Column("error", Text),  # short summary of the last failed poll
     Column("owner", String(256)),  # the poller that holds the claim
     Column("claimed_until", Float),
     Index("ix_jobs_due", "state", "next_poll_at"),
     Index("ix_jobs_created_at", "created_at"),
     Index("ix_jobs_terminal_at", "terminal_at"),  # finds terminal jobs past their retention
+    Index("ix_jobs_audience_terminal", "audience_id", "terminal_at"),  # recent matches per audience
 )
 
 # Jobs per state, kept by the same transactions that add, end and delete jobs: the counts are

@@ -55,6 +55,7 @@ HAND_MADE: list[tuple[bytes, bytes]] = [
                 "amzn_user_data": "GRANTED",
                 "amzn_ad_storage": "DENIED",
                 "tcf": "CPXxRfAPXxRfAAfKABENB-CgAAAAAAAAAAYgAAAAAAAA",
+                "ip_address": "203.0.113.7",
             },
         ),
     ),
@@ -177,7 +178,8 @@ async def test_every_valid_change_arrives_as_the_contract_says(
             "consent": {
                 "amzn": {"amznAdStorage": "DENIED", "amznUserData": "GRANTED"},
                 "tcf": "CPXxRfAPXxRfAAfKABENB-CgAAAAAAAAAAYgAAAAAAAA",
-            }
+            },
+            "geo": {"countryCode": "US", "ipAddress": "203.0.113.7"},
         },
     }
     [p2] = members["p-2"]

@@ -4,6 +4,7 @@ until SUCCEEDED over real HTTP, then SIGTERM exits 0."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -26,19 +28,17 @@ CONNECTION = "5a523424-e8b3-4da5-9a32-24a861aea576"
 AUDIENCE = 413642381039213536
 
 
-@pytest.fixture
-async def sandbox_process() -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+@contextlib.asynccontextmanager
+async def start_sandbox(*flags: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`syncd sandbox --port 0 --rate-per-s 200 *flags` until it listens: (process, URL)."""
     proc = await asyncio.create_subprocess_exec(
         str(SYNCD),
         "sandbox",
         "--port",
         "0",
-        "--job-delay-s",
-        "0.3",
         "--rate-per-s",
         "200",
-        "--seed",
-        "5",
+        *flags,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -55,35 +55,38 @@ async def sandbox_process() -> AsyncIterator[tuple[asyncio.subprocess.Process, s
             await proc.wait()
 
 
+@pytest.fixture
+async def sandbox_process() -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    async with start_sandbox("--job-delay-s", "0.3", "--seed", "5") as started:
+        yield started
+
+
+async def login(http: aiohttp.ClientSession, url: str) -> dict[str, str]:
+    """Headers of an authorized API call."""
+    form = {
+        "grant_type": "refresh_token",
+        "refresh_token": "sandbox-refresh-token",
+        "client_id": "sandbox-client-id",
+        "client_secret": "sandbox-client-secret",
+    }
+    async with http.post(url + api.TOKEN_PATH, data=form) as r:
+        assert r.status == 200
+        token = (await r.json())["access_token"]
+    return {
+        "Authorization": f"Bearer {token}",
+        api.CLIENT_ID_HEADER: "sandbox-client-id",
+        "Content-Type": api.AUDIENCES_MEDIA_TYPE,
+        "Accept": api.AUDIENCES_MEDIA_TYPE,
+    }
+
+
 async def test_add_then_poll_until_succeeded(
     sandbox_process: tuple[asyncio.subprocess.Process, str],
 ) -> None:
     proc, url = sandbox_process
     async with aiohttp.ClientSession() as http:
-        form = {
-            "grant_type": "refresh_token",
-            "refresh_token": "sandbox-refresh-token",
-            "client_id": "sandbox-client-id",
-            "client_secret": "sandbox-client-secret",
-        }
-        async with http.post(url + api.TOKEN_PATH, data=form) as r:
-            assert r.status == 200
-            token = (await r.json())["access_token"]
-        headers = {
-            "Authorization": f"Bearer {token}",
-            api.CLIENT_ID_HEADER: "sandbox-client-id",
-            "Content-Type": api.AUDIENCES_MEDIA_TYPE,
-            "Accept": api.AUDIENCES_MEDIA_TYPE,
-        }
-        records = [
-            {
-                "externalUserId": f"cdp-user-{i}",
-                "countryCode": "US",
-                "action": "CREATE",
-                "hashedPII": [{"email": hashlib.sha256(f"u{i}@example.com".encode()).hexdigest()}],
-            }
-            for i in range(100)
-        ]
+        headers = await login(http, url)
+        records = [member(i) for i in range(100)]
         payload = orjson.dumps(api.records_body(AUDIENCE, CONNECTION, records))
         async with http.post(url + api.RECORDS_PATH, data=payload, headers=headers) as r:
             assert r.status == 202
@@ -119,3 +122,67 @@ async def test_add_then_poll_until_succeeded(
     assert await asyncio.wait_for(proc.wait(), 15) == 0
     assert proc.stderr is not None
     assert (await proc.stderr.read()) == b""
+
+
+def member(i: int, country: str = "US") -> dict[str, Any]:
+    return {
+        "externalUserId": f"cdp-user-{i}",
+        "countryCode": country,
+        "action": "CREATE",
+        "hashedPII": [{"email": hashlib.sha256(f"u{i}@example.com".encode()).hexdigest()}],
+    }
+
+
+async def test_membership_flags_from_the_command_line() -> None:
+    """--strict-audiences, --require-consent and --match-rate as flags of the real process;
+    the members control route over HTTP."""
+    flags = ("--job-delay-s", "0", "--strict-audiences", "--require-consent", "--match-rate", "0")
+    async with start_sandbox(*flags) as (proc, url), aiohttp.ClientSession() as http:
+        headers = await login(http, url)
+        records = [member(0, "US"), member(1, "DE")]
+        payload = orjson.dumps(api.records_body(AUDIENCE, CONNECTION, records))
+        async with http.post(url + api.RECORDS_PATH, data=payload, headers=headers) as r:
+            assert r.status == 404  # strict: the audience was never created
+        audience_body = {
+            "name": "membersFlagsTest",
+            "targetResource": {"connectionId": CONNECTION},
+            "metadata": {"ttl": 86400},
+        }
+        data = orjson.dumps(audience_body)
+        async with http.post(url + api.METADATA_PATH, data=data, headers=headers) as r:
+            assert r.status == 201
+            audience_id = (await r.json(content_type=None))["audienceId"]
+        payload = orjson.dumps(api.records_body(audience_id, CONNECTION, records))
+        async with http.post(url + api.RECORDS_PATH, data=payload, headers=headers) as r:
+            assert r.status == 202
+            job_id = (await r.json(content_type=None))["jobRequestId"]
+        async with http.get(f"{url}{api.RECORDS_PATH}/{job_id}", headers=headers) as r:
+            status = await r.json(content_type=None)  # --job-delay-s 0: already decided
+        assert status["jobState"] == "PARTIALLYSUCCEEDED"
+        assert [(i["externalId"], "consent" in i["error"]) for i in status["invalidRecords"]] == [
+            ("cdp-user-1", True)
+        ]
+        assert status["audienceSize"] == {
+            "receivedRecordSize": 2,
+            "idResolutionCount": 0,  # --match-rate 0
+            "dspAudienceSize": 1,
+        }
+        async with http.get(f"{url}/_sandbox/audiences/{audience_id}/members") as r:
+            view = await r.json()
+        assert [m["externalUserId"] for m in view["members"]] == ["cdp-user-0"]
+        assert view["size"] == 1
+        received_at = time.time()
+        assert received_at - 60 < view["members"][0]["expiresAt"] - 86400 <= received_at
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+
+async def test_help_lists_the_membership_flags() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        str(SYNCD), "sandbox", "--help", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    text = out.decode()
+    for flag in ("--match-rate", "--strict-audiences", "--require-consent"):
+        assert flag in text
