@@ -1,8 +1,15 @@
 """The one place that wires syncd's stages, in flow order (see README "How it works"):
 
-    source -> transform (decode, route, hash; worker processes) -> batch
-           -> deliver (budget, POST, job row) -> ack -> commit
-    side loops: linger flush, offset commits, job poller, store health, HTTP endpoints
+    ingest:  source -> transform (decode, route, hash; worker processes)
+             -> record (member table: one write per chunk) -> commit
+    senders: per connection, claim due members -> batch -> deliver (budget, POST)
+             -> job row + members' sent state (one transaction)
+    side loops: job poller (outcomes -> members), audiences (metadata, TTL refresh, tombstone
+                purge), offset commits, store health, token, HTTP
+
+Ingest and sending meet only in the member table: a connection out of budget or blocked keeps
+its changes there (one per member) while reading goes on; a commit follows the recording, not
+Amazon's answer, and a replay of recorded events sends nothing.
 
 Also the `syncd run` and `syncd check-config` commands.
 """
@@ -12,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 import signal
@@ -19,23 +27,21 @@ import socket
 import sys
 import uuid
 from asyncio import FIRST_COMPLETED
-from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 
 import orjson
 
 from syncd import config as config_mod
 from syncd.amazon.client import AmazonClient
-from syncd.batching import Batcher, EncodedBatch, RecordTooLargeError
+from syncd.audiences import AudienceWatcher
 from syncd.budget import Budget
 from syncd.config import Config
-from syncd.deliver import ConnectionSender
+from syncd.deliver import ConnectionSender, MemberFeed
 from syncd.errors import AuthError, RetryableError
-from syncd.inflight import InflightGuard
-from syncd.jobs import Poller
-from syncd.model import Batch, Destination, MemberRecord, SourceRef
+from syncd.jobs import MemberOutcomes, Poller
+from syncd.members import MemberChange, MemberTable, member_change
+from syncd.model import Erase, SourceRef
 from syncd.observability import metrics
 from syncd.observability.http import bound_port, start_http
 from syncd.observability.logging import configure as configure_logging
@@ -44,78 +50,86 @@ from syncd.preflight import AmazonUnreachableError, Finding, check_client_config
 from syncd.routing import RouteCounts
 from syncd.runtime import compiled, tune_process
 from syncd.source import DLQ_RETRY_BACKOFF_S, KafkaSource, Message, OffsetTracker
-from syncd.store import Store
+from syncd.store import Store, persist
 from syncd.transform import Outcome, Spec, Transformer
 
 log = get_logger("syncd.app")
 
-Partition = tuple[str, int]
 Chunk = tuple[list[Message], Awaitable[tuple[list[Outcome], RouteCounts]]]
 HEALTH_INTERVAL_S = 2.0
 CHUNK_EVENTS = 2000  # messages per fetch, transformed as one chunk (fewer when less is buffered)
-MAX_CHUNKS = 3  # chunks fetched and not yet applied (in the transform, or waiting for their turn)
+MAX_CHUNKS = 3  # chunks fetched and not yet recorded (in the transform, or waiting for their turn)
 CAP_PAUSE_AFTER_S = 1.0  # at max_pending_events: wait this long unpaused (see _wait_for_room)
 BLOCKED_PROBE_FACTOR = 5  # a blocked connection's probes back off to 5 x amazon.backoff_max_s
+# Claims of due members are leased for this long and renewed every third of it while held: a
+# replica that dies (SIGKILL, OOM) leaves its members to the others this soon.
+CLAIM_LEASE_S = 30.0
 
 
 class Pipeline:
-    """Consumes, transforms and hands batches to one sender per connection; acknowledges."""
+    """Ingest: consumes, transforms and records each chunk's member changes in the member
+    table; marks the chunk's events done once that is durable (their offsets commit then)."""
 
     def __init__(
         self,
         cfg: Config,
         source: KafkaSource,
         tracker: OffsetTracker,
-        senders: dict[str, ConnectionSender],
-        budget: Budget,
+        members: MemberTable,
         transformer: Transformer,
+        wake: Callable[[str], None] = lambda connection_id: None,
     ) -> None:
         self._cfg = cfg
         self._source = source
         self._tracker = tracker
-        self._senders = senders
-        self._budget = budget
+        self._members = members
         self._transformer = transformer
+        self._wake = wake  # tells a connection's feed that changes of it were recorded
         self._destinations = cfg.destinations
-        self._batcher = Batcher(
-            max_records=cfg.batch.max_records,
-            max_bytes=cfg.batch.max_bytes,
-            linger_s=cfg.batch.linger_ms / 1000,
-            target_types=cfg.amazon.target_types,
-        )
-        # partitions with unacknowledged record parts, per connection (who feeds whom now)
-        self._feeds: defaultdict[str, Counter[Partition]] = defaultdict(Counter)
-        # the connections each partition has fed (who it may feed next)
-        self._routes: defaultdict[Partition, set[str]] = defaultdict(set)
-        self._paused: set[Partition] = set()
-        self._guard = InflightGuard()
+        self._audience_ids = sorted({d.audience_id for d in cfg.destinations})
         self._dead_letters: set[asyncio.Task[None]] = set()
-        self._unapplied = 0  # events fetched whose chunk is not applied yet
-        self._acked = asyncio.Event()  # set by every acknowledgement
+        self._unapplied = 0  # events fetched whose chunk is not recorded yet
+        self._progress = asyncio.Event()  # set whenever events become done
 
     # -- consume ---------------------------------------------------------------------------
     async def consume(self, stop: asyncio.Event) -> None:
-        """Fetch and hand chunks to the transform until `stop`; apply their outcomes in fetch
-        order, meanwhile. Then flush what is open."""
+        """Fetch and hand chunks to the transform until `stop`; record their outcomes in fetch
+        order, meanwhile, to the last chunk fetched."""
         chunks: asyncio.Queue[Chunk | None] = asyncio.Queue(MAX_CHUNKS)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._fetch(stop, chunks))
             tg.create_task(self._apply(chunks))
-        self.flush(self._batcher.flush_all())
 
     async def _fetch(self, stop: asyncio.Event, chunks: asyncio.Queue[Chunk | None]) -> None:
         limit = self._cfg.kafka.max_pending_events
         while not stop.is_set():
+            metrics.PENDING_EVENTS.set(self.pending)
             if self.pending >= limit:
-                await self._wait_for_room(limit, stop)
-            self._apply_backpressure()
-            room = max(1, min(CHUNK_EVENTS, limit - self.pending))  # all paused when none
-            messages = await self._source.fetch(timeout_ms=200, max_records=room)
+                messages = await self._wait_for_room(limit, stop)
+            else:
+                if self._source.paused:
+                    self._source.resume_all()
+                room = min(CHUNK_EVENTS, limit - self.pending)
+                messages = await self._source.fetch(timeout_ms=200, max_records=room)
             if messages:
                 self._unapplied += len(messages)
                 transformed = self._transformer.submit([m.value for m in messages])
                 await chunks.put((messages, transformed))
         await chunks.put(None)
+
+    async def _wait_for_room(self, limit: int, stop: asyncio.Event) -> list[Message]:
+        """At `max_pending_events` (ingest is behind: the store is slow or down, or dead
+        letters wait for the broker): wait for progress. Waits unpaused for
+        `CAP_PAUSE_AFTER_S` first, which keeps what aiokafka has fetched (pausing drops a
+        partition's fetched records, to fetch them again on resume); then pauses every
+        partition and keeps polling the consumer, so that the group does not evict it (what a
+        partition assigned meanwhile returns is handed on as usual)."""
+        self._progress.clear()
+        await _first(self._progress.wait(), stop.wait(), asyncio.sleep(CAP_PAUSE_AFTER_S))
+        if self.pending < limit or stop.is_set():
+            return []
+        self._source.pause_all()
+        return await self._source.fetch(timeout_ms=200, max_records=1)
 
     async def _apply(self, chunks: asyncio.Queue[Chunk | None]) -> None:
         while (item := await chunks.get()) is not None:
@@ -123,128 +137,83 @@ class Pipeline:
             outcomes, counts = await transformed
             counts.publish()
             assigned = self._source.assigned  # a partition that moved meanwhile is its new owner's
-            for message, outcome in zip(messages, outcomes, strict=True):
-                ref = message.ref
-                if (ref.topic, ref.partition) in assigned:
-                    self._handle(message, outcome)
+            mine = [
+                (message, outcome)
+                for message, outcome in zip(messages, outcomes, strict=True)
+                if (message.ref.topic, message.ref.partition) in assigned
+            ]
+            await self._record(mine)
             self._unapplied -= len(messages)
+            self._progress.set()
 
-    def _handle(self, message: Message, outcome: Outcome) -> None:
-        if isinstance(outcome, str):
-            self._dead_letter(message, outcome)
-            return
-        ref = message.ref
-        self._tracker.track(ref, len(outcome))
-        partition = (ref.topic, ref.partition)
-        routes = self._routes[partition]
-        for index, record in outcome:
-            destination = self._destinations[index]
-            self._feeds[destination.connection_id][partition] += 1
-            routes.add(destination.connection_id)
-            if self._guard.admit(destination, record, ref):
-                self._batch(destination, record, [ref])
-
-    def _batch(self, destination: Destination, record: MemberRecord, refs: list[SourceRef]) -> None:
-        try:
-            full = self._batcher.add(destination, record, *refs)
-        except RecordTooLargeError as exc:
-            detail = str(exc)
-            self._in_background(
-                lambda: self._source.dead_letter_payload(
-                    record.json, "record_too_large", refs[-1], detail=detail
-                ),
-                lambda: self._done(destination.connection_id, refs),
-            )
-            return
-        self.flush(full)
-
-    def flush(self, batches: list[EncodedBatch]) -> None:
-        for encoded in batches:
-            self._guard.register(encoded.batch)
-            self._senders[encoded.batch.destination.connection_id].submit(encoded)
-
-    async def release_finished(self, store: Store, stop: asyncio.Event) -> None:
-        """Hand held changes back to batching once the job they waited for is terminal."""
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
-            metrics.INFLIGHT_MEMBERS.set(self._guard.members)
-            metrics.HELD_CHANGES.set(self._guard.held)
-            jobs = self._guard.jobs()
-            if not jobs:
+    async def _record(self, chunk: list[tuple[Message, Outcome]]) -> None:
+        """Record the chunk: its changes in one `record_changes` per run between erases (an
+        erase applies after the changes before it and before those after it), then mark its
+        events done. Unusable events are dead-lettered as before (done once the broker has
+        them)."""
+        recorded: list[SourceRef] = []
+        changes: list[MemberChange] = []
+        connections: set[str] = set()
+        for message, outcome in chunk:
+            ref = message.ref
+            if isinstance(outcome, str):
+                self._dead_letter(message, outcome)
                 continue
-            try:
-                states = await store.job_states(jobs)
-            except Exception as exc:  # store outage: the held changes wait for the next round
-                log.warning("job states unavailable; retrying", error=repr(exc)[:300])
+            self._tracker.track(ref, 1)
+            recorded.append(ref)
+            if isinstance(outcome, Erase):
+                await self._record_changes(changes)
+                changes = []
+                await self._erase(outcome, message)
+                connections.update(d.connection_id for d in self._destinations)
                 continue
-            for job_request_id, state in states.items():
-                if state == "PENDING":
-                    continue
-                for held in self._guard.finished(job_request_id):
-                    if self._guard.readmit(held):
-                        self._batch(held.destination, held.record, held.refs)
-
-    async def linger(self, stop: asyncio.Event) -> None:
-        """Flush batches that waited `linger_ms`, at the moment they are due."""
-        while not stop.is_set():
-            due_in = self._batcher.next_due_in()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=min(due_in or 0.5, 0.5))
-            self.flush(self._batcher.due())
-
-    # -- acknowledge -----------------------------------------------------------------------
-    def ack(self, batch: Batch, job_request_id: str) -> None:
-        self._guard.bind(batch, job_request_id)
-        self._done(batch.destination.connection_id, batch.refs)
-
-    def _done(self, connection_id: str, refs: list[SourceRef]) -> None:
-        self._acked.set()
-        feeds = self._feeds[connection_id]
-        for ref in refs:
+            for index, record in outcome:
+                destination = self._destinations[index]
+                connections.add(destination.connection_id)
+                changes.append(
+                    member_change(
+                        destination.audience_id,
+                        record,
+                        occurred_at=_occurred_at(record.occurred_at, message),
+                        position=ref.offset,
+                        identifiers_only=record.identifiers_only,
+                    )
+                )
+        await self._record_changes(changes)
+        for ref in recorded:
             self._tracker.done(ref)
-            partition = (ref.topic, ref.partition)
-            feeds[partition] -= 1
-            if feeds[partition] <= 0:
-                del feeds[partition]
+        for connection_id in connections:
+            self._wake(connection_id)
 
-    def split(self, batch: Batch, parts: list[Batch]) -> None:
-        """A refused batch goes on as `parts` (the sender's bisect): each becomes a job alone."""
-        self._guard.split(batch, parts)
+    async def _record_changes(self, changes: list[MemberChange]) -> None:
+        if not changes:
+            return
+        counts = await persist(lambda: self._members.record_changes(changes), what="member changes")
+        for outcome, n in dataclasses.asdict(counts).items():
+            if n:
+                metrics.MEMBER_CHANGES.labels(outcome).inc(n)
 
-    def reject(self, encoded: EncodedBatch, reason: str) -> None:
-        """Amazon refused these records alone: dead-letter each (hashed) record; its events are
-        acknowledged once the broker has the dead letter. Never raises: a sender calls it."""
-        batch = encoded.batch
-        connection_id = batch.destination.connection_id
-        detail = reason[:300]
-        for record, refs in zip(encoded.records, batch.sources, strict=True):
-            send = partial(
-                self._source.dead_letter_payload, record, "amazon_rejected", refs[-1], detail=detail
-            )
-            self._in_background(send, partial(self._done, connection_id, refs))
-        for held in self._guard.forget(batch):
-            if self._guard.readmit(held):
-                self._batch(held.destination, held.record, held.refs)
+    async def _erase(self, erase: Erase, message: Message) -> None:
+        await persist(
+            lambda: self._members.erase(
+                [erase.external_user_id],
+                self._audience_ids,
+                occurred_at=_occurred_at(erase.occurred_at, message),
+                position=message.ref.offset,
+            ),
+            what="member erase",
+        )
 
     def _dead_letter(self, message: Message, reason: str) -> None:
+        """Send an unusable event's dead letter without holding up the partition; its event
+        is done only once the broker has it. A failed send is retried with backoff; a cancelled
+        one (the drain budget ran out) stays not done, so its event is read again."""
         self._tracker.track(message.ref, 1)
-
-        def done() -> None:
-            self._tracker.done(message.ref)
-            self._acked.set()
-
-        self._in_background(lambda: self._source.dead_letter(message, reason), done)
-
-    def _in_background(self, send: Callable[[], Awaitable[None]], then: Callable[[], None]) -> None:
-        """Send a dead letter without holding up the partition; `then` acknowledges it, only
-        once the broker has it. A failed send is retried with backoff; a cancelled one (the
-        drain budget ran out) stays unacknowledged, so its event is read again."""
 
         async def run() -> None:
             for attempt in itertools.count():
                 try:
-                    await send()
+                    await self._source.dead_letter(message, reason)
                 except Exception as exc:  # the source retries broker errors; this is the rest
                     delay = DLQ_RETRY_BACKOFF_S[min(attempt, len(DLQ_RETRY_BACKOFF_S) - 1)]
                     log.warning(
@@ -252,7 +221,8 @@ class Pipeline:
                     )
                     await asyncio.sleep(delay)
                 else:
-                    then()
+                    self._tracker.done(message.ref)
+                    self._progress.set()
                     return
 
         task = asyncio.create_task(run())
@@ -263,64 +233,24 @@ class Pipeline:
         if self._dead_letters:
             await asyncio.gather(*self._dead_letters, return_exceptions=True)
 
-    # -- backpressure ----------------------------------------------------------------------
-    async def _wait_for_room(self, limit: int, stop: asyncio.Event) -> None:
-        """At `max_pending_events`: wait until acknowledgements leave room for a whole chunk
-        again, sending the open batches once nothing else is on its way to Amazon (they cannot
-        fill while reading waits; sent any earlier, they would go out small every time the cap
-        is reached). Gives up after `CAP_PAUSE_AFTER_S`, and `_apply_backpressure` pauses every
-        partition then. Waiting unpaused first keeps what aiokafka has fetched: pausing drops a
-        partition's fetched records (to fetch them again on resume), and their buffers, several
-        MB each, stay in memory until the cycle collector finds them."""
-        resume_at = limit - min(CHUNK_EVENTS, limit // 2)
-        metrics.PENDING_EVENTS.set(self.pending)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CAP_PAUSE_AFTER_S
-        while (
-            self.pending > resume_at and not stop.is_set() and (left := deadline - loop.time()) > 0
-        ):
-            if not any(sender.backlog for sender in self._senders.values()):
-                self.flush(self._batcher.flush_all())
-            self._acked.clear()
-            waits = {asyncio.ensure_future(self._acked.wait()), asyncio.ensure_future(stop.wait())}
-            _, waiting = await asyncio.wait(waits, timeout=left, return_when=FIRST_COMPLETED)
-            for task in waiting:
-                task.cancel()
-
-    def _apply_backpressure(self) -> None:
-        """Pause what must wait: everything at `max_pending_events`; otherwise the partitions
-        that feed only connections which are out of budget, blocked (a setup fault, a long
-        Retry-After, failing POSTs) or have a sending backlog. A
-        partition that also feeds a flowing connection is read on: the waiting connection's
-        records wait in memory, up to `max_pending_events`."""
-        assigned = self._source.assigned
-        if self.pending >= self._cfg.kafka.max_pending_events:
-            want = set(assigned)
-            self.flush(self._batcher.flush_all())  # reading stops: they cannot fill
-        else:
-            waiting = {
-                conn
-                for conn, sender in self._senders.items()
-                if self._budget.is_waiting(conn)
-                or sender.blocked
-                or sender.backlog > 2 * self._cfg.amazon.max_concurrency
-            }
-            want = {
-                partition
-                for conn in waiting
-                for partition in self._feeds[conn]
-                if self._routes[partition] <= waiting
-            } & assigned
-        if want != self._paused:
-            self._source.resume(self._paused - want)
-            self._source.pause(want - self._paused)
-            self._paused = want
-        metrics.PENDING_EVENTS.set(self.pending)
-
     @property
     def pending(self) -> int:
-        """Events read and not yet acknowledged (`kafka.max_pending_events` at most)."""
+        """Events read and not yet recorded or dead-lettered (`kafka.max_pending_events` at
+        most)."""
         return self._tracker.pending() + self._unapplied
+
+
+def _occurred_at(occurred_at: float | None, message: Message) -> float:
+    """The event's time, else the Kafka message's."""
+    return message.timestamp_ms / 1000 if occurred_at is None else occurred_at
+
+
+async def _first(*waits: Awaitable[Any]) -> None:
+    """Return once the first of `waits` is done; cancel the others."""
+    tasks = {asyncio.ensure_future(w) for w in waits}
+    _, pending = await asyncio.wait(tasks, return_when=FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
 
 
 class Daemon:
@@ -367,8 +297,8 @@ class Daemon:
     ) -> int:
         tracker = OffsetTracker()
         source = self.source = KafkaSource(cfg.kafka, tracker)
+        members = MemberTable(store)
         budget = Budget(store, cfg.budget)
-        senders: dict[str, ConnectionSender] = {}
         transformer = Transformer(
             Spec(
                 cfg.destinations,
@@ -378,23 +308,39 @@ class Daemon:
             ),
             workers=cfg.transform.workers,
         )
-        pipeline = self.pipeline = Pipeline(cfg, source, tracker, senders, budget, transformer)
-        for conn in {d.connection_id for d in cfg.destinations}:
+        # a GET with all its retries ends within max_retry_time_s + one attempt (+ a token
+        # refresh): a job poll's lease
+        lease_s = cfg.amazon.max_retry_time_s + 2 * cfg.amazon.request_timeout_s
+        feeds: dict[str, MemberFeed] = {}
+        senders: dict[str, ConnectionSender] = {}
+        for conn in sorted({d.connection_id for d in cfg.destinations}):
+            feed = feeds[conn] = MemberFeed(
+                conn,
+                [d for d in cfg.destinations if d.connection_id == conn],
+                members=members,
+                dead_letters=source,
+                owner=self.owner,
+                lease_s=CLAIM_LEASE_S,
+                max_records=cfg.batch.max_records,
+                max_bytes=cfg.batch.max_bytes,
+                linger_s=cfg.batch.linger_ms / 1000,
+                first_poll_after_s=cfg.poll.first_delay_s,
+                target_types=cfg.amazon.target_types,
+            )
             senders[conn] = ConnectionSender(
                 conn,
                 poster=client,
                 budget=budget,
-                jobs=store,
-                ack=pipeline.ack,
-                reject=pipeline.reject,
-                split=pipeline.split,
+                outcomes=feed,
                 max_concurrency=cfg.amazon.max_concurrency,
-                first_poll_after_s=cfg.poll.first_delay_s,
                 # a blocked connection is probed more rarely than a request is retried
                 pause_s=cfg.amazon.backoff_base_s,
                 max_pause_s=BLOCKED_PROBE_FACTOR * cfg.amazon.backoff_max_s,
                 failing_after_s=cfg.amazon.max_retry_time_s,
             )
+        pipeline = self.pipeline = Pipeline(
+            cfg, source, tracker, members, transformer, wake=lambda c: feeds[c].wake()
+        )
         runner = await start_http(cfg.http.address, self.readiness)
         self.http_port = bound_port(runner)
         await source.start()
@@ -406,7 +352,7 @@ class Daemon:
             metrics_port=self.http_port,
             transform_compiled=compiled(),
         )
-        halt = asyncio.Event()  # stop consuming: shutdown or a fatal error
+        halt = asyncio.Event()  # stop consuming and claiming: shutdown or a fatal error
         poll_stop = asyncio.Event()
         background: list[asyncio.Task[None]] = []
 
@@ -417,14 +363,21 @@ class Daemon:
             background.append(task)
             return task
 
-        for sender in senders.values():
-            spawn(sender.run(), f"sender:{sender.connection_id}")
-        # a GET with all its retries ends within max_retry_time_s + one attempt (+ a token refresh)
-        lease_s = cfg.amazon.max_retry_time_s + 2 * cfg.amazon.request_timeout_s
-        poller = Poller(store, client, cfg.poll, owner=self.owner, lease_s=lease_s)
+        for conn, sender in senders.items():
+            spawn(sender.run(), f"sender:{conn}")
+            spawn(feeds[conn].run(sender, halt), f"feed:{conn}")
+        audiences = {d.audience_id: d.audience for d in cfg.destinations}
+        poller = Poller(
+            store,
+            client,
+            cfg.poll,
+            owner=self.owner,
+            lease_s=lease_s,
+            outcomes=MemberOutcomes(members, source, audiences),
+        )
         spawn(poller.run(poll_stop), "poller")
-        spawn(pipeline.linger(halt), "linger")
-        spawn(pipeline.release_finished(store, halt), "inflight-guard")
+        watcher = AudienceWatcher(client, members, cfg.destinations, cfg.members)
+        spawn(watcher.run(halt), "audiences")
         spawn(self._commit_loop(source, halt), "commit")
         spawn(self._health_loop(store, source, halt), "health")
         spawn(self._token_loop(client, halt), "token")
@@ -444,13 +397,16 @@ class Daemon:
             )
             await stop.wait()
         else:
-            # Shutdown, or a task failed (a bug, a broken worker): deliver what is in flight and
-            # commit it, then exit (1 after a failure, so that the orchestrator restarts syncd).
-            await self._drain(senders, pipeline, cfg.shutdown.drain_seconds)
+            # Shutdown, or a task failed (a bug, a broken worker): finish the POSTs under way
+            # and store their jobs, then commit what is recorded and exit (1 after a failure,
+            # so that the orchestrator restarts syncd).
+            await self._drain(feeds, senders, pipeline, cfg.shutdown.drain_seconds)
         poll_stop.set()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        for feed in feeds.values():
+            await feed.release_held()
         stop_wait.cancel()
         halt_wait.cancel()
         await source.stop()
@@ -471,11 +427,16 @@ class Daemon:
         halt.set()
 
     async def _drain(
-        self, senders: dict[str, ConnectionSender], pipeline: Pipeline, budget_s: float
+        self,
+        feeds: dict[str, MemberFeed],
+        senders: dict[str, ConnectionSender],
+        pipeline: Pipeline,
+        budget_s: float,
     ) -> None:
-        """Deliver what is open, within the drain budget; what is left is replayed later."""
+        """Finish the batches claimed, within the drain budget; what is left stays due."""
 
         async def all_sent() -> None:
+            await asyncio.gather(*(f.stopped_claiming() for f in feeds.values()))
             await asyncio.gather(*(s.drained() for s in senders.values()))
             await pipeline.dead_letters_sent()
 
@@ -483,7 +444,7 @@ class Daemon:
             await asyncio.wait_for(all_sent(), timeout=budget_s)
         except TimeoutError:
             log.warning(
-                "drain budget exhausted; unacknowledged events will be replayed",
+                "drain budget exhausted; unsent members stay due, unrecorded events are read again",
                 drain_seconds=budget_s,
             )
 

@@ -18,7 +18,8 @@ COMMAND_MODULES = (
     "syncd.sandbox.server",  # sandbox
     "syncd.pii.stream",  # hash
     "syncd.store.commands",  # jobs, db upgrade
-    "syncd.amazon.onboarding",  # terms, connections, audiences
+    "syncd.amazon.onboarding",  # terms, connections, audiences (status: syncd.operate)
+    "syncd.operate",  # members
 )
 
 

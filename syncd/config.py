@@ -99,6 +99,14 @@ class PollConfig:
 
 
 @dataclass(frozen=True)
+class MembersConfig:
+    """[members]: the member table's upkeep (syncd/audiences.py)."""
+
+    refresh_at: float = 0.8  # re-send a member after this fraction of its audience's ttl; 0 = never
+    tombstone_days: float = 30.0  # how long an erased member's tombstone is kept
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     listen: str = "0.0.0.0:9108"
 
@@ -137,6 +145,7 @@ class Config:
     batch: BatchConfig = field(default_factory=BatchConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     poll: PollConfig = field(default_factory=PollConfig)
+    members: MembersConfig = field(default_factory=MembersConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     pii: PiiConfig = field(default_factory=PiiConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
@@ -410,6 +419,16 @@ def _validate(cfg: Config) -> None:
     need(
         0 < cfg.poll.retention_days < float("inf"),
         "poll.retention_days",
+        "must be a number of days > 0 (and finite)",
+    )
+    need(
+        cfg.members.refresh_at == 0 or 0 < cfg.members.refresh_at < 1,
+        "members.refresh_at",
+        "must be 0 (never refresh) or a fraction of the ttl between 0 and 1 (exclusive)",
+    )
+    need(
+        0 < cfg.members.tombstone_days < float("inf"),
+        "members.tombstone_days",
         "must be a number of days > 0 (and finite)",
     )
     host, sep, port = cfg.http.listen.rpartition(":")

@@ -1,29 +1,36 @@
-"""Deliver: per connection, send batches under the budget and an adaptive concurrency limit,
-store each job row, then acknowledge the batch's source events.
+"""Deliver: per connection, claim due members, send them as batches under the budget and an
+adaptive concurrency limit, and store each job with its members' sent state.
 
-    queue -> [connection open?] -> budget.acquire -> [limit slot] -> POST -> settle -> ...
+    member table -> claim (MemberFeed) -> batches -> [connection open?] -> budget.acquire
+                 -> [limit slot] -> POST -> settle -> job row + members sent (one transaction)
+
+The feed claims what is due (live changes first, shared fairly between the connection's
+audiences), waits up to `batch.linger_ms` for more when a claim is not full, renews the leases
+of everything it holds while it waits, retries or pauses, and gives them back at shutdown: a
+member out of budget or behind a blocked connection waits in the table, one per member.
 
 Every POST has a reservation of its own, settled by what the answer proves: confirmed when
 Amazon accepted it or may have (202, 5xx: re-stamped now), kept unconfirmed when no answer came
 (a timeout: it counts two windows), released only when nothing was accepted (429, 400/401/403/
 404/413, a connection that could not be opened). Then, per outcome:
 
-- 202: store the job row (a store outage holds the ack back), acknowledge.
+- 202: store the job row and the members' sent state, fenced on the claims (a store outage
+  holds the sender until it is back; a lost lease stores the job row alone).
 - 400 (the records): bisect. The part is split in halves, each POSTed on its own, level by
-  level, until the refused records stand alone; only those are rejected (dead-lettered with
-  Amazon's message), the rest is delivered. Bounded: once `BISECT_LIMIT` parts of two or more
-  records were refused and none accepted, refusals are not about single records (a bad
-  audienceId): a setup fault, cause `bad_request`.
+  level, until the refused records stand alone; only those are refused (member dead letters
+  with Amazon's message, marked invalid until they change), the rest is delivered. Bounded:
+  once `BISECT_LIMIT` parts of two or more records were refused and none accepted, refusals
+  are not about single records (a bad audienceId): a setup fault, cause `bad_request`.
 - 401 (after a fresh token), 403, 404: a setup fault. The connection is blocked: the worker
   that met it holds its batch and probes with it after a pause (doubling up to `max_pause_s`),
-  the other workers wait; nothing is dead-lettered or acknowledged, so the offsets wait too.
+  the other workers wait and the feed claims nothing more; nothing is dead-lettered.
   syncd_connection_blocked{connection,cause} is 1 until a probe is accepted.
 - 429 the client could not wait out (a Retry-After longer than its retry time): the connection
   pauses for the Retry-After (cause `throttled`), then resends.
 - 5xx, timeouts, anything unexpected: resent after a pause; failing for longer than
   `failing_after_s`, the connection is blocked the same way (cause `failing`).
 LwA refusing the refresh token (AuthError) is not the connection's: it stops the sender and
-makes the daemon fatal (unready, waiting for new credentials); nothing is acknowledged.
+makes the daemon fatal (unready, waiting for new credentials); nothing is marked sent.
 429s also halve the connection's concurrency (AIMD) and successes grow it back.
 """
 
@@ -33,17 +40,19 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from syncd.amazon.retry import nothing_accepted, retry_reason
-from syncd.batching import EncodedBatch
+from syncd.batching import EncodedBatch, build_batches
 from syncd.errors import AmazonError, AuthError, RejectedError, RetryableError, ThrottledError
-from syncd.model import Action, Batch
+from syncd.members import Claim, MemberDeadLetters, dead_letter_value
+from syncd.model import Action, Batch, Destination
 from syncd.observability import metrics
 from syncd.observability.logging import get_logger
 from syncd.store import NewJob, persist
+from syncd.store.reasons import classify_invalid_reason
 
 log = get_logger("syncd.deliver")
 
@@ -64,13 +73,15 @@ class BudgetGate(Protocol):
     async def confirm(self, reservation_id: int) -> None: ...
 
 
-class JobSink(Protocol):
-    async def add_job(self, job: NewJob, *, first_poll_after_s: float) -> None: ...
+class Outcomes(Protocol):
+    """Where a sender's answers go (the MemberFeed in the daemon)."""
 
+    async def accepted(self, part: EncodedBatch, job: NewJob) -> None:
+        """Store the job and its members' sent state; raises while the store is unreachable."""
 
-Ack = Callable[[Batch, str], None]  # (batch, jobRequestId)
-Reject = Callable[[EncodedBatch, str], None]  # dead-letter and acknowledge; must not raise
-Split = Callable[[Batch, list[Batch]], None]  # a batch goes on as these parts
+    async def refused(self, part: EncodedBatch, detail: str) -> None:
+        """Amazon refused these records alone (`detail`: its message). Must not raise."""
+
 
 RECORD_REFUSALS = frozenset({400, 413})  # about the records: bisect
 SETUP_FAULTS = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
@@ -161,12 +172,8 @@ class ConnectionSender:
         *,
         poster: RecordsPoster,
         budget: BudgetGate,
-        jobs: JobSink,
-        ack: Ack,
-        reject: Reject,
-        split: Split,
+        outcomes: Outcomes,
         max_concurrency: int,
-        first_poll_after_s: float,
         pause_s: float = 5.0,
         max_pause_s: float = 300.0,
         failing_after_s: float = 300.0,
@@ -176,11 +183,7 @@ class ConnectionSender:
         self.connection_id = connection_id
         self._poster = poster
         self._budget = budget
-        self._jobs = jobs
-        self._ack = ack
-        self._reject = reject
-        self._split = split
-        self._first_poll_after_s = first_poll_after_s
+        self._outcomes = outcomes
         self._pause_s = pause_s
         self._max_pause_s = max_pause_s
         self._failing_after_s = failing_after_s
@@ -196,6 +199,7 @@ class ConnectionSender:
         self._blocked_at = 0.0
         self._open = asyncio.Event()
         self._open.set()
+        self._changed = asyncio.Event()  # set when a batch finished or the connection opened
         for cause in ADVICE:  # every cause is a series from the start: 0 until it blocks
             metrics.CONNECTION_BLOCKED.labels(connection_id, cause).set(0)
 
@@ -211,6 +215,17 @@ class ConnectionSender:
     def blocked(self) -> str:
         """The cause the connection is blocked for, or "" while it is open."""
         return self._cause
+
+    @property
+    def workers(self) -> int:
+        return self._workers
+
+    async def wait_for_room(self, max_backlog: int) -> None:
+        """Return once the connection is open and fewer than `max_backlog` batches wait or are
+        under way (the feed claims no more than the sender can start on soon)."""
+        while self._cause or self.backlog >= max_backlog:
+            self._changed.clear()
+            await self._changed.wait()
 
     async def run(self) -> None:
         """Run the workers until cancelled."""
@@ -231,6 +246,7 @@ class ConnectionSender:
             finally:
                 self._busy -= 1
                 self._queue.task_done()
+                self._changed.set()
 
     async def _deliver(self, encoded: EncodedBatch) -> None:
         """Send the batch until each of its records is accepted or rejected on its own."""
@@ -330,7 +346,6 @@ class ConnectionSender:
                 self._resume()  # Amazon read the request: the setup is not what fails
                 delivery.parts.popleft()
                 delivery.parts.extend(halves)
-                self._split(part.batch, [half.batch for half in halves])
                 return
         self._resume()
         delivery.parts.popleft()
@@ -343,7 +358,7 @@ class ConnectionSender:
             status=exc.status,
             error=str(exc),
         )
-        self._reject(part, f"amazon_rejected status={exc.status}: {exc}")
+        await self._outcomes.refused(part, f"status={exc.status}: {exc}"[:300])
 
     def _pause(self, delivery: _Delivery) -> float:
         """The next pause of this delivery: `pause_s`, doubling up to `max_pause_s`."""
@@ -408,15 +423,12 @@ class ConnectionSender:
         self._prober = None
         self._cause = ""
         self._open.set()
+        self._changed.set()
 
     # -- accepted ------------------------------------------------------------------------------
 
     async def _accepted(self, part: EncodedBatch, job_id: str) -> None:
-        await self._store_job(part.batch, job_id)
-        self._record_sent(part.batch, len(part.body))
-        self._ack(part.batch, job_id)
-
-    async def _store_job(self, batch: Batch, job_id: str) -> None:
+        batch = part.batch
         adds = sum(1 for r in batch.records if r.action is Action.ADD)
         job = NewJob(
             job_request_id=job_id,
@@ -427,10 +439,8 @@ class ConnectionSender:
             adds=adds,
             removes=len(batch.records) - adds,
         )
-        await persist(
-            lambda: self._jobs.add_job(job, first_poll_after_s=self._first_poll_after_s),
-            what=f"job row {job_id}",
-        )
+        await persist(lambda: self._outcomes.accepted(part, job), what=f"job row {job_id}")
+        self._record_sent(batch, len(part.body))
 
     def _record_sent(self, batch: Batch, body_bytes: int) -> None:
         dest = batch.destination
@@ -445,6 +455,221 @@ class ConnectionSender:
         metrics.BATCH_BYTES.observe(body_bytes)
         if batch.first_event_at is not None:
             metrics.END_TO_END_LATENCY.observe(max(0.0, time.time() - batch.first_event_at))
+
+
+# -- the feed: claims of the member table -> batches -------------------------------------------
+
+
+class Members(Protocol):
+    """What the feed needs of `MemberTable` (fakes in tests)."""
+
+    async def claim_due(
+        self, audience_ids: Sequence[int], limit: int, lease_s: float, owner: str
+    ) -> list[Claim]: ...
+    async def renew(self, claims: Sequence[Claim], lease_s: float) -> list[Claim]: ...
+    async def release(self, claims: Sequence[Claim]) -> None: ...
+    async def store_job(
+        self, claims: Sequence[Claim], job: NewJob, *, first_poll_after_s: float
+    ) -> list[Claim]: ...
+    async def refuse(self, claims: Sequence[Claim], reason: str) -> list[Claim]: ...
+    async def waiting(self, audience_ids: Sequence[int]) -> int: ...
+
+
+IDLE_CLAIM_S = 1.0  # nothing due: look again this often (changes other replicas recorded)
+RECORD_TOO_LARGE = "record_too_large"
+
+
+class MemberFeed:
+    """One connection's feed: claims its due members, builds the batches its sender delivers,
+    and stores what each answer proves (`Outcomes`). Every claim it holds (lingering, queued,
+    under way, blocked, waiting for budget) is renewed until the answer is stored."""
+
+    def __init__(
+        self,
+        connection_id: str,
+        destinations: Sequence[Destination],
+        *,
+        members: Members,
+        dead_letters: MemberDeadLetters,
+        owner: str,
+        lease_s: float,
+        max_records: int,
+        max_bytes: int,
+        linger_s: float,
+        first_poll_after_s: float,
+        target_types: tuple[str, ...] = (),
+        idle_s: float = IDLE_CLAIM_S,
+    ) -> None:
+        self.connection_id = connection_id
+        self._destinations = {d.audience_id: d for d in destinations}
+        self._audience_ids = sorted(self._destinations)
+        self._members = members
+        self._dead_letters = dead_letters
+        self._owner = owner
+        self._lease_s = lease_s
+        self._max_records = max_records
+        self._max_bytes = max_bytes
+        self._linger_s = linger_s
+        self._first_poll_after_s = first_poll_after_s
+        self._target_types = target_types
+        self._idle_s = idle_s
+        self._held: set[Claim] = set()  # claimed and not yet stored as sent, refused or released
+        self._wake = asyncio.Event()
+        self._claiming_done = asyncio.Event()
+        self._waiting = metrics.MEMBER_CHANGES_WAITING.labels(connection_id)
+
+    def wake(self) -> None:
+        """Changes of this connection were recorded: claim now rather than at the next look."""
+        self._wake.set()
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    async def run(self, sender: ConnectionSender, stop: asyncio.Event) -> None:
+        """Claim and hand batches to `sender` until `stop`; keep renewing the leases of what is
+        held until cancelled (the sender finishes its batches after `stop`)."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._renew_forever())
+            try:
+                while not stop.is_set():
+                    await _until(sender.wait_for_room(2 * sender.workers), stop)
+                    if stop.is_set():
+                        break
+                    for batch in await self._claim_batches(stop):
+                        sender.submit(batch)
+            finally:
+                self._claiming_done.set()
+
+    async def stopped_claiming(self) -> None:
+        """Return once `run` claims no more (after its stop: what it lingered on is submitted)."""
+        await self._claiming_done.wait()
+
+    async def release_held(self) -> None:
+        """Give back every claim still held (shutdown): due again for any replica at once."""
+        held, self._held = list(self._held), set()
+        if held:
+            try:
+                await self._members.release(held)
+            except Exception as exc:  # their leases run out instead
+                log.warning("claims not released", error=repr(exc)[:300], members=len(held))
+
+    # -- claiming ------------------------------------------------------------------------------
+    async def _claim_batches(self, stop: asyncio.Event) -> list[EncodedBatch]:
+        """What is due now; when fewer than max_records, what else comes within linger_ms
+        (not at shutdown). None due: waits for a wake-up or `idle_s`, returns nothing."""
+        self._wake.clear()
+        claims = await self._claim(self._max_records)
+        if not claims:
+            await _until(self._wake.wait(), stop, self._idle_s)
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._linger_s
+        while (
+            len(claims) < self._max_records
+            and not stop.is_set()
+            and (left := deadline - loop.time()) > 0
+        ):
+            self._wake.clear()
+            await _until(self._wake.wait(), stop, min(left, self._idle_s))
+            if not stop.is_set():
+                claims += await self._claim(self._max_records - len(claims))
+        return await self._batches(claims)
+
+    async def _claim(self, limit: int) -> list[Claim]:
+        try:
+            claims = await self._members.claim_due(
+                self._audience_ids, limit, self._lease_s, self._owner
+            )
+        except Exception as exc:  # store outage: nothing claimed, try again later
+            log.warning("claiming due members failed", error=repr(exc)[:300])
+            await asyncio.sleep(self._idle_s)
+            return []
+        self._held.update(claims)
+        return claims
+
+    async def _batches(self, claims: list[Claim]) -> list[EncodedBatch]:
+        by_audience: dict[int, list[Claim]] = {}
+        for claim in claims:
+            by_audience.setdefault(claim.audience_id, []).append(claim)
+        out: list[EncodedBatch] = []
+        for audience_id, group in by_audience.items():
+            batches, too_large = build_batches(
+                self._destinations[audience_id],
+                group,
+                max_records=self._max_records,
+                max_bytes=self._max_bytes,
+                target_types=self._target_types,
+            )
+            out += batches
+            if too_large:
+                detail = f"record larger than the {self._max_bytes} bytes a batch has room for"
+                await self._refuse(too_large, RECORD_TOO_LARGE, detail)
+        return out
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            try:
+                if self._held:
+                    lost = await self._members.renew(list(self._held), self._lease_s)
+                    if lost:
+                        self._held.difference_update(lost)
+                        log.warning(
+                            "claims lost (lease ran out); another sender may send them",
+                            connection=self.connection_id,
+                            members=len(lost),
+                        )
+                self._waiting.set(await self._members.waiting(self._audience_ids))
+            except Exception as exc:  # store outage: try again next round
+                log.warning("renewing claims failed", error=repr(exc)[:300])
+
+    # -- outcomes ------------------------------------------------------------------------------
+    async def accepted(self, part: EncodedBatch, job: NewJob) -> None:
+        lost = await self._members.store_job(
+            part.claims, job, first_poll_after_s=self._first_poll_after_s
+        )
+        self._held.difference_update(part.claims)
+        if lost:
+            log.warning(
+                "job stored, but some members' claims were lost before its 202 was; the job "
+                "alone follows them",
+                job_request_id=job.job_request_id,
+                members=len(lost),
+            )
+
+    async def refused(self, part: EncodedBatch, detail: str) -> None:
+        await self._refuse(part.claims, classify_invalid_reason(detail), detail)
+
+    async def _refuse(self, claims: Sequence[Claim], reason: str, detail: str) -> None:
+        """Dead-letter each refused member (after the broker's ack), then mark it invalid.
+        Never raises: a member not marked is claimed again once its lease runs out."""
+        try:
+            for claim in claims:
+                dest = self._destinations[claim.audience_id]
+                value = dead_letter_value(
+                    dest.audience,
+                    dest.audience_id,
+                    claim.external_user_id,
+                    claim.action,
+                    claim.record,
+                )
+                await self._dead_letters.dead_letter_member(value, reason, detail)
+            await persist(lambda: self._members.refuse(claims, reason), what="refused members")
+        except Exception as exc:
+            log.error("refused members not settled", error=repr(exc)[:300], members=len(claims))
+        finally:
+            self._held.difference_update(claims)
+
+
+async def _until(
+    awaitable: Awaitable[Any], stop: asyncio.Event, timeout: float | None = None
+) -> None:
+    """Wait for `awaitable`, `stop` or `timeout`, whichever comes first."""
+    waits = {asyncio.ensure_future(awaitable), asyncio.ensure_future(stop.wait())}
+    _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
 
 
 async def cancel_and_wait(task: asyncio.Task[None]) -> None:

@@ -11,6 +11,12 @@ polled, again. A failed GET is retried on the same schedule; a refused credentia
 stops the poller. Every HOUSEKEEPING_EVERY_S: jobs older than `poll.max_job_age_s` are expired
 (EXPIRED, terminal), terminal jobs older than `poll.retention_days` deleted, and the
 jobs-by-state gauge refreshed.
+
+A terminal job's outcome goes to its members (`MemberOutcomes`) before the terminal state is
+stored: SUCCEEDED/COMPLETED confirm them; PARTIALLYSUCCEEDED marks its invalidRecords invalid and
+dead-letters them with Amazon's reason; FAILED and EXPIRED make them due again (FAILED ones are
+dead-lettered after MAX_FAILED_SENDS). Applying first means a crash in between polls the job
+again and applies nothing twice (the members no longer reference it).
 """
 
 from __future__ import annotations
@@ -18,16 +24,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from syncd.amazon.api import JOB_STATES, JobStatus
 from syncd.config import PollConfig
 from syncd.errors import AmazonError, AuthError
+from syncd.members import DeadMember, MemberDeadLetters, MemberTable, dead_letter_value
 from syncd.observability import metrics
 from syncd.observability.logging import get_logger
 from syncd.store import JobRow, persist
-from syncd.store.reasons import invalid_reason_counts
+from syncd.store.reasons import classify_invalid_reason, invalid_reason_counts
 from syncd.store.schema import EXPIRED
 
 log = get_logger("syncd.jobs")
@@ -36,6 +43,7 @@ IDLE_MAX_S = 1.0  # longest sleep between rounds: jobs added meanwhile (any repl
 HOUSEKEEPING_EVERY_S = 10.0  # expiry, retention and the jobs-by-state gauge
 GET_SHARE_OF_LEASE = 0.9  # a GET is given up after this share of the lease (the rest: margin)
 DAY_S = 86400.0
+MAX_FAILED_SENDS = 5  # a member whose sends ended FAILED this often in a row is dead-lettered
 
 
 class JobClient(Protocol):
@@ -58,6 +66,63 @@ class JobStore(Protocol):
     async def job_counts(self) -> dict[str, int]: ...
 
 
+class JobOutcomes(Protocol):
+    async def finished(self, job: JobRow, status: JobStatus) -> None: ...
+    async def settle_expired(self) -> None: ...
+
+
+class MemberOutcomes:
+    """Applies terminal jobs to the member table and dead-letters the members they refuse
+    (value and headers: see `members.dead_letter_value`, `KafkaSource.dead_letter_member`)."""
+
+    def __init__(
+        self,
+        members: MemberTable,
+        dead_letters: MemberDeadLetters,
+        audiences: Mapping[int, str],
+        *,
+        max_attempts: int = MAX_FAILED_SENDS,
+    ) -> None:
+        self._members = members
+        self._dead_letters = dead_letters
+        self._audiences = audiences  # audience_id -> the config's audience key
+        self._max_attempts = max_attempts
+
+    async def finished(self, job: JobRow, status: JobStatus) -> None:
+        """Retried until the store takes it; dead letters are sent after it (the source
+        retries the broker)."""
+        details = {r.external_id: r.error for r in status.invalid_records if r.external_id}
+        invalid = {euid: classify_invalid_reason(error) for euid, error in details.items()}
+        outcome = await persist(
+            lambda: self._members.apply_job_outcome(
+                job.job_request_id, status.job_state, invalid, max_attempts=self._max_attempts
+            ),
+            what=f"members of job {job.job_request_id}",
+        )
+        for dead in outcome.invalid:
+            await self._dead_letter(dead, details.get(dead.external_user_id, ""))
+        for dead in outcome.dead:
+            detail = f"job {job.job_request_id} FAILED; {self._max_attempts} sends failed"
+            await self._dead_letter(dead, detail)
+
+    async def settle_expired(self) -> None:
+        """Make the members of every expired job due again (the same action is sent again).
+        Looks for them in the member table, so an expiry a crash interrupted is settled too."""
+        while expired := await self._members.expired_jobs():
+            for job_request_id in expired:
+                await self._members.apply_job_outcome(job_request_id, EXPIRED)
+
+    async def _dead_letter(self, dead: DeadMember, detail: str) -> None:
+        value = dead_letter_value(
+            self._audiences.get(dead.audience_id, ""),
+            dead.audience_id,
+            dead.external_user_id,
+            dead.action,
+            dead.record,
+        )
+        await self._dead_letters.dead_letter_member(value, dead.reason, detail[:300])
+
+
 def poll_interval(polls: int, cfg: PollConfig) -> float:
     """Seconds until the next poll of a job polled `polls` times: first_delay_s doubled per poll,
     capped at max_interval_s."""
@@ -75,16 +140,18 @@ class Poller:
         *,
         owner: str,
         lease_s: float = 330.0,
+        outcomes: JobOutcomes | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`lease_s`: how long a claim holds. It should outlive one GET with all its retries (a
         GET is given up at GET_SHARE_OF_LEASE of it); a crashed owner's jobs come back to the
-        others when it runs out."""
+        others when it runs out. `outcomes`: where terminal jobs go (None: polling alone)."""
         self._store = store
         self._client = client
         self._cfg = cfg
         self._owner = owner
         self._lease_s = lease_s
+        self._outcomes = outcomes
         self._clock = clock
         self._auth_error: AuthError | None = None
         self._housekept_at: float | None = None
@@ -139,6 +206,8 @@ class Poller:
             )
             await self._record(job, None, next_poll_in_s, error)
             return
+        if status.terminal and self._outcomes is not None:
+            await self._outcomes.finished(job, status)
         stored = await self._record(job, status, next_poll_in_s)
         if status.terminal:
             metrics.JOB_POLLS.labels("terminal").inc()
@@ -187,10 +256,13 @@ class Poller:
         if expired:
             metrics.JOBS_FINISHED.labels(EXPIRED).inc(expired)
             log.warning(
-                "jobs expired without a terminal state; no longer polled",
+                "jobs expired without a terminal state; no longer polled, their members due",
                 jobs=expired,
                 max_job_age_s=self._cfg.max_job_age_s,
             )
+
+        if self._outcomes is not None:
+            await self._outcomes.settle_expired()
         deleted = await self._store.purge_jobs(self._cfg.retention_days * DAY_S)
         if deleted:
             log.info(

@@ -1,7 +1,8 @@
 """Plain data passed between the pipeline stages. No I/O, no behaviour beyond (de)serialization.
 
-source -> SourceRef + bytes; decode -> ProfileChange; route+hash -> MemberRecord per destination;
-batch -> Batch (records + the SourceRefs it answers for); deliver -> job row + acknowledgement.
+source -> SourceRef + bytes; decode -> ProfileChange; route+hash -> MemberRecord per destination
+(or an Erase); batch -> Batch (records + the SourceRefs it answers for); deliver -> job row +
+acknowledgement.
 """
 
 from __future__ import annotations
@@ -63,13 +64,18 @@ class Destination:
 
 @dataclass(frozen=True, slots=True)
 class Consent:
+    """An event's consent. `ip_address` (where the consent was collected) is personal data: it
+    goes out as `userConsent.geo.ipAddress`, with the record's country as `geo.countryCode`."""
+
     amzn_user_data: str | None = None
     amzn_ad_storage: str | None = None
     tcf: str | None = None
     gpp: str | None = None
+    ip_address: str | None = None
 
-    def to_api(self) -> dict[str, Any] | None:
-        """The record's `userConsent` object, or None if nothing is set."""
+    def to_api(self, country_code: str | None = None) -> dict[str, Any] | None:
+        """The record's `userConsent` object, or None if nothing is set. `geo` only comes with
+        an IP address (`country_code` is then the record's country)."""
         consent: dict[str, Any] = {}
         amzn = {}
         if self.amzn_ad_storage:
@@ -82,7 +88,10 @@ class Consent:
             consent["tcf"] = self.tcf
         if self.gpp:
             consent["gpp"] = self.gpp
-        return {"consent": consent} if consent else None
+        user_consent: dict[str, Any] = {"consent": consent} if consent else {}
+        if self.ip_address:
+            user_consent["geo"] = {"countryCode": country_code, "ipAddress": self.ip_address}
+        return user_consent or None
 
 
 @dataclass(slots=True)
@@ -100,11 +109,18 @@ class ProfileChange:
     consent: Consent | None = None
     occurred_at: float | None = None  # epoch seconds
     event_id: str | None = None
+    erase: bool = False  # an erase event: no identifiers, audiences, country or consent
+
+    @property
+    def identifiers_only(self) -> bool:
+        """No audience named: the change updates the profile wherever it is a member."""
+        return not self.adds and not self.removes and not self.erase
 
     def __repr__(self) -> str:  # never print identifiers
         return (
             f"ProfileChange(event_id={self.event_id!r}, adds={self.adds!r}, "
-            f"removes={self.removes!r}, identifiers=<{len(self.identifiers)} keys>)"
+            f"removes={self.removes!r}, erase={self.erase!r}, "
+            f"identifiers=<{len(self.identifiers)} keys>)"
         )
 
 
@@ -113,12 +129,25 @@ class MemberRecord:
     """One member change for one destination, hashed and encoded: safe to hold and send.
 
     `json` is the API's record object (`member_record` builds it); batching concatenates these
-    bytes into request bodies, so a record is encoded once, wherever it was hashed."""
+    bytes into request bodies, so a record is encoded once, wherever it was hashed.
+
+    `identifiers_only`: the event named no audience; the record (action ADD) updates the member
+    only where it is one already."""
 
     external_user_id: str
     action: Action
     json: bytes
     occurred_at: float | None = None
+    identifiers_only: bool = False  # an event without `audiences`: updates existing members
+
+
+@dataclass(frozen=True, slots=True)
+class Erase:
+    """An erase event: remove the member from every audience (`occurred_at` None: the Kafka
+    message's timestamp stands in)."""
+
+    external_user_id: str
+    occurred_at: float | None
 
 
 def member_record(
@@ -128,12 +157,14 @@ def member_record(
     hashed_pii: list[dict[str, str]],
     consent: Consent | None = None,
     occurred_at: float | None = None,
+    identifiers_only: bool = False,
 ) -> MemberRecord:
     return MemberRecord(
         external_user_id,
         action,
         encode_record(external_user_id, country_code, action, hashed_pii, consent),
         occurred_at,
+        identifiers_only,
     )
 
 
@@ -153,8 +184,13 @@ def encode_record(
         "action": action.value,
         "hashedPII": hashed_pii,
     }
-    if consent is not None and (user_consent := _user_consent(consent)) is not None:
-        body["userConsent"] = user_consent
+    if consent is not None:
+        # an IP address is (nearly) unique per event and personal: never cached
+        user_consent = (
+            _user_consent(consent) if consent.ip_address is None else consent.to_api(country_code)
+        )
+        if user_consent is not None:
+            body["userConsent"] = user_consent
     return orjson.dumps(body)
 
 

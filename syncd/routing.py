@@ -1,5 +1,8 @@
 """Route and hash: one decoded ProfileChange -> one hashed MemberRecord per destination.
 
+An identifiers-only change (no audience named) goes to every destination, as an ADD marked
+`identifiers_only`: it updates the member wherever it is one (the member table decides where).
+
 Raw identifiers are read here and only here (through the PII engine); what leaves this stage
 carries hashes only. An event that yields nothing usable raises `Unusable(reason)`; the reason
 is a bounded code (a metric label and the dead-letter header), never data.
@@ -70,6 +73,7 @@ def external_user_id(profile_id: str) -> str:
 class Router:
     def __init__(self, destinations: Iterable[Destination], *, strict_reference: bool) -> None:
         self._by_audience = {d.audience: d for d in destinations}
+        self._everywhere = [(d, _ADD) for d in self._by_audience.values()]
         self._strict = strict_reference
         self.counts = RouteCounts()
 
@@ -79,16 +83,8 @@ class Router:
         return counts
 
     def route(self, change: ProfileChange) -> list[Part]:
-        targets: list[tuple[Destination, Action]] = []
-        for keys, action in ((change.adds, _ADD), (change.removes, _REMOVE)):
-            for key in keys:
-                dest = self._by_audience.get(key)
-                if dest is None:
-                    self.counts.filtered["unknown_audience"] += 1
-                else:
-                    targets.append((dest, action))
-        if not targets:
-            raise Unusable("unknown_audience")
+        identifiers_only = change.identifiers_only
+        targets = self._everywhere if identifiers_only else self._targets(change)
         event_country = None
         if change.country:
             event_country = normalize_country(change.country)
@@ -107,12 +103,32 @@ class Router:
             if event_country is None:
                 self.counts.default_country[dest.audience] += 1
             record = member_record(
-                member, country, action, pii.objects, change.consent, change.occurred_at
+                member,
+                country,
+                action,
+                pii.objects,
+                change.consent,
+                change.occurred_at,
+                identifiers_only,
             )
             parts.append(Part(dest, record))
         if not parts:
             raise Unusable("no_usable_identifier")
         return parts
+
+    def _targets(self, change: ProfileChange) -> list[tuple[Destination, Action]]:
+        """The destinations of the audiences the change names; unknown ones are counted."""
+        targets: list[tuple[Destination, Action]] = []
+        for keys, action in ((change.adds, _ADD), (change.removes, _REMOVE)):
+            for key in keys:
+                dest = self._by_audience.get(key)
+                if dest is None:
+                    self.counts.filtered["unknown_audience"] += 1
+                else:
+                    targets.append((dest, action))
+        if not targets:
+            raise Unusable("unknown_audience")
+        return targets
 
     def _hash(self, change: ProfileChange, country: str) -> HashedPII:
         pii = build_hashed_pii(change.identifiers, country, strict_reference=self._strict)

@@ -39,6 +39,7 @@ Partition = tuple[str, int]
 REASON_HEADER = "syncd-reason"
 SOURCE_HEADER = "syncd-source"
 DETAIL_HEADER = "syncd-detail"
+KIND_HEADER = "syncd-kind"
 VALUE_DROPPED_HEADER = "syncd-value-dropped"
 DLQ_RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 DLQ_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # the broker applies its own limit (see _send_dead_letter)
@@ -499,6 +500,20 @@ class KafkaSource:
         """Send syncd-made bytes (e.g. a record Amazon refused, already hashed) to the
         dead-letter topic for the event at `ref`. `detail` must hold no PII."""
         await self._dead_letter(ref, None, payload, reason, detail=detail)
+
+    async def dead_letter_member(self, value: bytes, reason: str, detail: str) -> None:
+        """Send a member dead letter (see `members.dead_letter_value`: a record Amazon refused,
+        hashed) with headers syncd-kind: member, its reason class and Amazon's message, and wait
+        for the broker's ack. Without a dead-letter topic: count and log."""
+        metrics.EVENTS_DEAD_LETTERED.labels(reason).inc()
+        if self._producer is None:
+            log.warning("member dead-lettered (no dead-letter topic)", reason=reason)
+            return
+        headers = [(KIND_HEADER, b"member"), (REASON_HEADER, reason.encode())]
+        if detail:
+            headers.append((DETAIL_HEADER, detail.encode()))
+        await self._send_dead_letter(None, value, headers, "member")
+        log.info("member dead-lettered", reason=reason)
 
     async def _dead_letter(
         self, ref: SourceRef, key: bytes | None, value: bytes | None, reason: str, detail: str

@@ -2,6 +2,9 @@
 
     decode (canonical / segment) -> route (audience key -> destination) -> hash -> encode
 
+An erase event skips routing: it becomes an `Erase` of the member (every audience is the
+caller's to apply it to).
+
 This is where the daemon's CPU goes (Amazon-exact normalization and SHA-256 of every
 identifier), and it is pure, so it runs in `[transform] workers` worker processes: the event
 loop keeps fetching, batching, sending and storing while the workers hash. `workers = 0` runs it
@@ -26,12 +29,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from syncd.events import DecodeError, decode
-from syncd.model import Action, Destination, MemberRecord
-from syncd.routing import RouteCounts, Router, Unusable
+from syncd.model import Action, Destination, Erase, MemberRecord
+from syncd.routing import RouteCounts, Router, Unusable, external_user_id
 from syncd.runtime import tune_process
 
-Outcome = str | list[tuple[int, MemberRecord]]
-"""Per message: a dead-letter reason, or (index into `Spec.destinations`, record) per part."""
+Outcome = str | list[tuple[int, MemberRecord]] | Erase
+"""Per message: a dead-letter reason, (index into `Spec.destinations`, record) per part, or the
+erase of a member. Records of an identifiers-only event (`identifiers_only`) name every
+destination."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +63,9 @@ class Transform:
         for raw in values:
             try:
                 change = decode(raw or b"", spec.input_format, max_bytes=spec.max_bytes)
+                if change.erase:
+                    out.append(Erase(external_user_id(change.profile_id), change.occurred_at))
+                    continue
                 parts = route(change)
             except (DecodeError, Unusable) as exc:
                 out.append(exc.reason)
@@ -87,7 +95,7 @@ def _die_with(daemon_pid: int) -> None:
         os._exit(1)
 
 
-_Wire = str | list[tuple[int, str, str, bytes, float | None]]
+_Wire = str | list[tuple[int, str, str, bytes, float | None, bool]] | Erase
 _ACTIONS = {action.value: action for action in Action}
 
 
@@ -98,8 +106,11 @@ def _run_in_worker(values: list[bytes | None]) -> tuple[list[_Wire], RouteCounts
     outcomes, counts = _worker.run(values)
     wire: list[_Wire] = [
         o
-        if isinstance(o, str)
-        else [(i, r.external_user_id, r.action.value, r.json, r.occurred_at) for i, r in o]
+        if isinstance(o, str | Erase)
+        else [
+            (i, r.external_user_id, r.action.value, r.json, r.occurred_at, r.identifiers_only)
+            for i, r in o
+        ]
         for o in outcomes
     ]
     return wire, counts
@@ -108,9 +119,10 @@ def _run_in_worker(values: list[bytes | None]) -> tuple[list[_Wire], RouteCounts
 def _from_wire(wire: list[_Wire]) -> list[Outcome]:
     return [
         w
-        if isinstance(w, str)
+        if isinstance(w, str | Erase)
         else [
-            (i, MemberRecord(user, _ACTIONS[action], json, at)) for i, user, action, json, at in w
+            (i, MemberRecord(user, _ACTIONS[action], json, at, only))
+            for i, user, action, json, at, only in w
         ]
         for w in wire
     ]

@@ -1,6 +1,7 @@
 """Onboarding commands: `syncd terms show|accept`, `syncd connections list|create`,
 `syncd audiences create|get|update`. Each talks to the configured API (Amazon or the sandbox)
-with the config's credentials and prints its result as JSON on stdout.
+with the config's credentials and prints its result as JSON on stdout. (`syncd audiences status`
+joins the group from syncd/operate.py: it reads the store too.)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from syncd import config as config_mod
 from syncd.amazon.api import TTL_MAX_SECONDS
 from syncd.amazon.client import AmazonClient
 from syncd.errors import UsageError
+from syncd.operate import add_status_parser
 
 Action = Callable[[AmazonClient, argparse.Namespace], Awaitable[Any]]
 
@@ -60,6 +62,7 @@ def add_parser(sub: Any) -> None:
     update.add_argument("audience_id", type=_positive_int)
     update.add_argument("--description")
     update.add_argument("--ttl", type=_ttl, help=f"seconds, 0..{TTL_MAX_SECONDS}")
+    add_status_parser(auds)  # reads the store too: syncd/operate.py
 
 
 def _group(sub: Any, name: str, help_text: str) -> Any:

@@ -17,13 +17,21 @@ Field rules (anything not listed here is ignored):
   At most `MAX_IDENTIFIER_VALUES` values per event are kept (in key order); the hashedPII
   builder applies Amazon's own caps later.
 - `audiences`: `{"add": [...], "remove": [...]}`, lists of non-blank strings (missing = empty,
-  duplicates collapse). Both empty -> `no_audience`; a key in both lists -> `bad_audiences`.
+  duplicates collapse); a key in both lists -> `bad_audiences`. Missing, null or both lists
+  empty: an identifiers-only change, which updates the profile wherever it is a member.
+- `erase`: `true` makes the event an erase: only `profile_id` and `occurred_at` are read (the
+  rest is ignored, so no stray field can hold an erasure back), except `audiences`, which
+  contradicts it -> `bad_erase`. `false` or null is an ordinary event; any other value ->
+  `bad_erase`.
 - `country`: a string, passed through stripped (the PII engine validates codes); null or blank
   means "the destination's country".
 - `consent`: `amzn_user_data` / `amzn_ad_storage` are one of GRANTED DENIED NOT_APPLICABLE
-  UNKNOWN (any case), `tcf` / `gpp` are strings; anything else -> `bad_consent`.
-- `occurred_at`: ISO-8601 with `Z` or an offset -> epoch seconds; a timestamp without a zone is
-  ambiguous and rejected like any other bad value (`bad_occurred_at`).
+  UNKNOWN (any case), `tcf` / `gpp` are strings, `ip_address` an IPv4 or IPv6 address (kept in
+  its compressed form); anything else -> `bad_consent`.
+- `occurred_at`: ISO-8601 with `Z` or an offset -> epoch seconds; missing or null -> None (the
+  Kafka message's timestamp stands in). A timestamp without a zone is ambiguous, and one more
+  than `MAX_FUTURE_S` ahead of this host's clock would outrank every later change of the member:
+  both are rejected like any other bad value (`bad_occurred_at`).
 - `event_id`: a string or integer, for tracing only; other types are ignored.
 
 Privacy: a DecodeError's reason is a bounded code; its message may name a field and a JSON type,
@@ -32,6 +40,8 @@ never a value from the event.
 
 from __future__ import annotations
 
+import ipaddress
+import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -43,6 +53,7 @@ from syncd.model import CONSENT_VALUES, Consent, ProfileChange
 DEFAULT_MAX_BYTES = 1_000_000
 MAX_IDENTIFIER_VALUES = 1000
 MAX_EVENT_ID_CHARS = 128
+MAX_FUTURE_S = 300.0  # how far ahead of the clock an occurred_at may be (contract: 5 minutes)
 
 IDENTIFIER_KEYS: dict[str, str] = {
     "email": "email",
@@ -132,7 +143,10 @@ def occurred_at(value: object, field: str = "occurred_at") -> float | None:
         raise DecodeError("bad_occurred_at", f"{field} is not ISO-8601") from None
     if moment.tzinfo is None:
         raise DecodeError("bad_occurred_at", f"{field} has no time zone")
-    return moment.timestamp()
+    at = moment.timestamp()
+    if at > time.time() + MAX_FUTURE_S:
+        raise DecodeError("bad_occurred_at", f"{field} is more than 5 minutes in the future")
+    return at
 
 
 def country(value: object, field: str = "country") -> str | None:
@@ -213,6 +227,16 @@ def _consent_text(value: Mapping[str, object], key: str) -> str | None:
     return text.strip() or None
 
 
+def _ip_address(value: Mapping[str, object]) -> str | None:
+    text = _consent_text(value, "ip_address")
+    if text is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise DecodeError("bad_consent", "consent.ip_address is not an IP address") from None
+
+
 def consent(value: object) -> Consent | None:
     if value is None:
         return None
@@ -222,9 +246,10 @@ def consent(value: object) -> Consent | None:
     ad_storage = _consent_signal(value, "amzn_ad_storage")
     tcf = _consent_text(value, "tcf")
     gpp = _consent_text(value, "gpp")
-    if tcf is None and gpp is None:
+    ip_address = _ip_address(value)
+    if tcf is None and gpp is None and ip_address is None:
         return _AMZN_CONSENTS[user_data, ad_storage]
-    return Consent(user_data, ad_storage, tcf, gpp)
+    return Consent(user_data, ad_storage, tcf, gpp, ip_address)
 
 
 def _identifiers(value: object) -> dict[str, list[str]]:
@@ -306,22 +331,40 @@ def audience_keys(value: object, field: str) -> tuple[str, ...]:
 
 
 def _audiences(value: object) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(adds, removes); both empty: an identifiers-only change."""
     if value is None:
-        raise DecodeError("no_audience", "audiences missing")
+        return (), ()
     if not isinstance(value, dict):
         raise DecodeError("bad_audiences", f"audiences is {json_type(value)}")
     adds = audience_keys(value.get("add"), "audiences.add")
     removes = audience_keys(value.get("remove"), "audiences.remove")
-    if not adds and not removes:
-        raise DecodeError("no_audience", "audiences.add and audiences.remove are empty")
     if adds and removes and not set(adds).isdisjoint(removes):
         raise DecodeError("bad_audiences", "an audience is both added and removed")
     return adds, removes
 
 
+def _is_erase(doc: Mapping[str, object]) -> bool:
+    flag = doc.get("erase")
+    if flag is None or flag is False:
+        return False
+    if flag is not True:
+        raise DecodeError("bad_erase", f"erase is {json_type(flag)}, not true")
+    if doc.get("audiences") is not None:
+        raise DecodeError("bad_erase", "an erase event names audiences")
+    return True
+
+
 def decode_canonical(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ProfileChange:
     doc = load(raw, max_bytes)
     pid = profile_id(doc.get("profile_id"), "profile_id")
+    if _is_erase(doc):
+        return ProfileChange(
+            profile_id=pid,
+            identifiers={},
+            occurred_at=occurred_at(doc.get("occurred_at")),
+            event_id=event_id(doc.get("event_id")),
+            erase=True,
+        )
     adds, removes = _audiences(doc.get("audiences"))
     return ProfileChange(
         profile_id=pid,

@@ -7,9 +7,13 @@ Two shapes carry an audience membership change:
 - `identify` events with `context.personas.computation_class == "audience"`: the audience key
   is `context.personas.computation_key` and `traits[<key>]` is true (add) or false (remove).
 
-Every other event (page, screen, other track names, identify without an audience computation)
-is `not_an_audience_event`. The profile id is `userId`, else `anonymousId`. Identifiers come
-from `traits` and `context.traits` (both, merged): `email`, `phone`, `first_name`/`firstName`,
+An `identify` event without an audience computation that carries identifiers is an
+identifiers-only change (Segment's way of updating a profile's traits): it updates the profile
+wherever it is a member. Every other event (page, screen, other track names, identify without an
+audience computation or identifiers) is `not_an_audience_event`. Segment events have no erase.
+
+The profile id is `userId`, else `anonymousId`. Identifiers come from `traits` and
+`context.traits` (both, merged): `email`, `phone`, `first_name`/`firstName`,
 `last_name`/`lastName`, `address.street`, `address.city`, `address.state`,
 `address.postal_code`/`address.postalCode` (an `address` given as a string is the street);
 `address.country` is the event's country. `timestamp` is `occurred_at` and `messageId` the event
@@ -62,23 +66,28 @@ def _object(value: object, field: str, reason: str) -> dict[str, Any]:
     return value
 
 
-def _audience(doc: dict[str, Any]) -> tuple[str, str]:
-    """(action, audience key) of an audience event; `action` is "add" or "remove"."""
+def _audience(doc: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(adds, removes) of an audience event: one audience key in one of them. Both empty for an
+    identify event without an audience computation."""
     kind = doc.get("type")
     context = _object(doc.get("context"), "context", "not_an_audience_event")
     personas = _object(context.get("personas"), "context.personas", "not_an_audience_event")
     name = doc.get("event")
     if kind == "track" and isinstance(name, str) and name in TRACK_ACTIONS:
-        action = TRACK_ACTIONS[name]
         properties = _object(doc.get("properties"), "properties", "bad_audiences")
-        key = properties.get("audience_key", personas.get("computation_key"))
-        return action, _key(key, "properties.audience_key")
+        key = _key(
+            properties.get("audience_key", personas.get("computation_key")),
+            "properties.audience_key",
+        )
+        return ((key,), ()) if TRACK_ACTIONS[name] == "add" else ((), (key,))
     if kind == "identify" and personas.get("computation_class") == "audience":
         key = _key(personas.get("computation_key"), "context.personas.computation_key")
         member = _object(doc.get("traits"), "traits", "bad_identifiers").get(key)
         if not isinstance(member, bool):
             raise DecodeError("bad_audiences", f"traits[computation_key] is {json_type(member)}")
-        return ("add" if member else "remove"), key
+        return ((key,), ()) if member else ((), (key,))
+    if kind == "identify":
+        return (), ()
     raise DecodeError("not_an_audience_event", "neither an audience track nor identify event")
 
 
@@ -112,17 +121,19 @@ def _identifiers(doc: dict[str, Any]) -> tuple[dict[str, list[str]], str | None]
 
 def decode_segment(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ProfileChange:
     doc = load(raw, max_bytes)
-    action, audience = _audience(doc)
+    adds, removes = _audience(doc)
     user_id = doc.get("userId")
     if user_id is None or (isinstance(user_id, str) and not user_id.strip()):
         user_id = doc.get("anonymousId")
     pid = profile_id(user_id, "userId/anonymousId")
     identifiers, event_country = _identifiers(doc)
+    if not adds and not removes and not identifiers:
+        raise DecodeError("not_an_audience_event", "an identify event without identifiers")
     return ProfileChange(
         profile_id=pid,
         identifiers=identifiers,
-        adds=(audience,) if action == "add" else (),
-        removes=(audience,) if action == "remove" else (),
+        adds=adds,
+        removes=removes,
         country=event_country,
         occurred_at=occurred_at(doc.get("timestamp"), "timestamp"),
         event_id=event_id(doc.get("messageId")),

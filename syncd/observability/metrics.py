@@ -30,7 +30,9 @@ EVENTS_FILTERED = Counter(
     registry=REGISTRY,
 )
 PENDING_EVENTS = Gauge(
-    "syncd_pending_events", "Events read but not yet acknowledged", registry=REGISTRY
+    "syncd_pending_events",
+    "Events read and not yet recorded in the member table (or dead-lettered)",
+    registry=REGISTRY,
 )
 CONSUMER_LAG = Gauge(
     "syncd_consumer_lag_records",
@@ -116,14 +118,19 @@ END_TO_END_LATENCY = Histogram(
     registry=REGISTRY,
 )
 
-INFLIGHT_MEMBERS = Gauge(
-    "syncd_inflight_members",
-    "Members of an audience with a job in flight (the in-flight guard)",
+# --- member state: ingest and senders ----------------------------------------------------------
+MEMBER_CHANGES = Counter(
+    "syncd_member_changes_total",
+    "Member changes recorded by ingest, by outcome: recorded (due to be sent), noop (Amazon "
+    "holds it already), superseded (not newer than the member's), erased (not newer than its "
+    "erase), not_member (an identifiers-only update of a profile not in the audience)",
+    ["outcome"],
     registry=REGISTRY,
 )
-HELD_CHANGES = Gauge(
-    "syncd_held_changes",
-    "Changes held until the member's in-flight job with the other action is terminal",
+MEMBER_CHANGES_WAITING = Gauge(
+    "syncd_member_changes_waiting",
+    "Members of the connection's audiences due to be sent (one per member, however many changes)",
+    ["connection"],
     registry=REGISTRY,
 )
 
@@ -205,6 +212,55 @@ INVALID_RECORDS = Counter(
     "syncd_invalid_records_total",
     "invalidRecords reported by Amazon, by reason class (syncd.store.reasons)",
     ["reason"],
+    registry=REGISTRY,
+)
+
+# --- audiences -------------------------------------------------------------------------------
+# Per destination's audience key (syncd/audiences.py); never a member id.
+AUDIENCE_TTL = Gauge(
+    "syncd_audience_ttl_seconds",
+    "The ttl members are refreshed by: Amazon's metadata.ttl, or 34300800 while it cannot be "
+    "read; 0 = Amazon soft-removes the members, nothing is refreshed",
+    ["audience"],
+    registry=REGISTRY,
+)
+AUDIENCE_SIZE = Gauge(
+    "syncd_audience_size",
+    "Amazon's audienceSize from the audience's metadata (kind: received = receivedRecordSize, "
+    "matched = idResolutionCount, dsp = dspAudienceSize)",
+    ["audience", "kind"],
+    registry=REGISTRY,
+)
+AUDIENCE_METADATA_READS = Counter(
+    "syncd_audience_metadata_reads_total",
+    "Reads of an audience's metadata by outcome (ok, unauthorized, forbidden, not_found, "
+    "refused, failed)",
+    ["audience", "outcome"],
+    registry=REGISTRY,
+)
+MEMBERS = Gauge(
+    "syncd_members",
+    "Members of an audience in the store by state (member, pending, removed, invalid), "
+    "counted with each metadata read",
+    ["audience", "state"],
+    registry=REGISTRY,
+)
+MEMBERS_REFRESHED = Counter(
+    "syncd_members_refreshed_total",
+    "Members marked due to be sent again before their audience's ttl runs out",
+    ["audience"],
+    registry=REGISTRY,
+)
+MEMBERS_AT_RISK = Gauge(
+    "syncd_members_at_risk",
+    "Members past the middle of their refresh window (between refresh_at x ttl and the ttl) "
+    "whose re-send has not been sent: they leave the audience at the ttl unless sent soon",
+    ["audience"],
+    registry=REGISTRY,
+)
+TOMBSTONES_PURGED = Counter(
+    "syncd_tombstones_purged_total",
+    "Erase tombstones deleted after members.tombstone_days",
     registry=REGISTRY,
 )
 

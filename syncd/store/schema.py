@@ -13,10 +13,14 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData()
@@ -46,12 +50,14 @@ jobs = Table(
     Column("invalid_reasons", JSON, nullable=False),
     Column("audience_size", BigInteger),
     Column("received_records", Integer),
+    Column("matched_records", Integer),  # Amazon's idResolutionCount of the job
     Column("error", Text),  # short summary of the last failed poll
     Column("owner", String(256)),  # the poller that holds the claim
     Column("claimed_until", Float),
     Index("ix_jobs_due", "state", "next_poll_at"),
     Index("ix_jobs_created_at", "created_at"),
     Index("ix_jobs_terminal_at", "terminal_at"),  # finds terminal jobs past their retention
+    Index("ix_jobs_audience_terminal", "audience_id", "terminal_at"),  # recent matches per audience
 )
 
 # Jobs per state, kept by the same transactions that add, end and delete jobs: the counts are
@@ -77,4 +83,73 @@ budget_reservations = Table(
     Column("stamped_at", Float, nullable=False),
     Column("confirmed", Boolean, nullable=False, default=False),
     Index("ix_budget_connection_stamped", "connection_id", "stamped_at"),
+)
+
+
+# -- the member table (syncd/members.py): one row per audience member ----------------------------
+_DUE = text("due_since IS NOT NULL")
+_PENDING_JOB = text("job_request_id IS NOT NULL")
+_ACCEPTED = text("accepted_at IS NOT NULL")
+
+members = Table(
+    "members",
+    metadata,
+    Column("audience_id", BigInteger, nullable=False),
+    Column("external_user_id", String(128), nullable=False),
+    # desired: what Amazon should hold, from the newest change (occurred_at, then position)
+    Column("action", String(6), nullable=False),  # add | remove
+    Column("record", LargeBinary, nullable=False),  # the API's record object, JSON bytes
+    Column("digest", LargeBinary, nullable=False),  # SHA-256 of the canonical record (32 bytes)
+    Column("occurred_at", Float, nullable=False),
+    Column("position", BigInteger, nullable=False),  # tie-break: the later wins
+    Column("due_rank", SmallInteger, nullable=False),  # 0 live, 1 refresh/reconcile
+    Column("due_since", Float),  # set: desired differs from sent (or must be re-sent)
+    # sent: what the last POST carried and what became of it
+    Column("sent_action", String(6)),
+    Column("sent_digest", LargeBinary),
+    Column("sent_at", Float),  # the 202 of the last POST
+    Column("job_request_id", String(128)),  # set while that POST's job is not terminal
+    Column("accepted_at", Float),  # the 202 of the last confirmed CREATE: the TTL clock
+    Column("outcome", String(16)),  # confirmed | invalid | failed | expired
+    Column("reason", String(64)),  # bounded reason class of an invalid/failed outcome
+    Column("attempts", SmallInteger, nullable=False),  # failed sends of the current change
+    # lease of a sender that claimed the row; writes are fenced on claim_token
+    Column("claimed_by", String(256)),
+    Column("claim_token", String(32)),
+    Column("claimed_until", Float),
+    PrimaryKeyConstraint("audience_id", "external_user_id"),
+    Index(
+        "ix_members_due",
+        "audience_id",
+        "due_rank",
+        "due_since",
+        "external_user_id",
+        sqlite_where=_DUE,
+        postgresql_where=_DUE,
+    ),
+    Index(
+        "ix_members_job",
+        "job_request_id",
+        sqlite_where=_PENDING_JOB,
+        postgresql_where=_PENDING_JOB,
+    ),
+    Index(
+        "ix_members_accepted",
+        "audience_id",
+        "accepted_at",
+        sqlite_where=_ACCEPTED,
+        postgresql_where=_ACCEPTED,
+    ),
+    sqlite_with_rowid=False,  # the key is the table's b-tree: no second copy of it
+)
+
+tombstones = Table(
+    "tombstones",
+    metadata,
+    Column("audience_id", BigInteger, nullable=False),
+    Column("external_user_id", String(128), nullable=False),
+    Column("erased_at", Float, nullable=False),  # occurred_at of the erase event
+    PrimaryKeyConstraint("audience_id", "external_user_id"),
+    Index("ix_tombstones_erased_at", "erased_at"),
+    sqlite_with_rowid=False,
 )

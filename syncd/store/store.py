@@ -95,6 +95,7 @@ class JobRow(NewJob):
     invalid_reasons: dict[str, int]
     audience_size: int | None
     received_records: int | None
+    matched_records: int | None
     error: str | None
     owner: str | None
     claimed_until: float | None
@@ -164,6 +165,11 @@ class Store:
             return False
         return True
 
+    async def now(self) -> float:
+        """The store's clock (epoch seconds), which every time in its rows comes from."""
+        async with self._read() as conn:
+            return await self._now(conn)
+
     # -- schema ----------------------------------------------------------------------------------
     async def schema_status(self) -> tuple[str | None, str]:
         """(the database's revision or None when empty, the revision this code needs)."""
@@ -199,30 +205,36 @@ class Store:
     async def add_job(self, job: NewJob, *, first_poll_after_s: float) -> None:
         """Track a job; a job_request_id already stored is left as it is."""
         async with self._write() as conn:
-            now = await self._now(conn)
-            values = {
-                "job_request_id": job.job_request_id,
-                "connection_id": job.connection_id,
-                "audience_id": job.audience_id,
-                "audience": job.audience,
-                "records": job.records,
-                "adds": job.adds,
-                "removes": job.removes,
-                "state": PENDING,
-                "created_at": now,
-                "next_poll_at": now + first_poll_after_s,
-                "polls": 0,
-                "invalid_records": 0,
-                "invalid_reasons": {},
-            }
-            added = await conn.scalar(
-                self._insert(jobs)
-                .values(values)
-                .on_conflict_do_nothing()
-                .returning(jobs.c.job_request_id)
-            )
-            if added is not None:
-                await self._count(conn, {PENDING: 1})
+            await self.insert_job(conn, await self._now(conn), job, first_poll_after_s)
+
+    async def insert_job(
+        self, conn: AsyncConnection, now: float, job: NewJob, first_poll_after_s: float
+    ) -> None:
+        """`add_job` inside the caller's write transaction (the member table stores a job with
+        its members' sent state in one)."""
+        values = {
+            "job_request_id": job.job_request_id,
+            "connection_id": job.connection_id,
+            "audience_id": job.audience_id,
+            "audience": job.audience,
+            "records": job.records,
+            "adds": job.adds,
+            "removes": job.removes,
+            "state": PENDING,
+            "created_at": now,
+            "next_poll_at": now + first_poll_after_s,
+            "polls": 0,
+            "invalid_records": 0,
+            "invalid_reasons": {},
+        }
+        added = await conn.scalar(
+            self._insert(jobs)
+            .values(values)
+            .on_conflict_do_nothing()
+            .returning(jobs.c.job_request_id)
+        )
+        if added is not None:
+            await self._count(conn, {PENDING: 1})
 
     async def claim_due_jobs(self, owner: str, limit: int, lease_s: float) -> list[JobRow]:
         """Atomically claim up to `limit` due PENDING jobs for `lease_s` seconds: no other owner
@@ -286,6 +298,7 @@ class Store:
                     "invalid_reasons": invalid_reason_counts(status.invalid_records),
                     "audience_size": status.dsp_audience_size,
                     "received_records": status.received_record_size,
+                    "matched_records": status.id_resolution_count,
                 }
             result = await conn.execute(update(jobs).where(*where).values(values))
             stored = result.rowcount == 1
@@ -358,6 +371,16 @@ class Store:
             result = await conn.execute(query)
             return [JobRow.from_mapping(r) for r in result.mappings()]
 
+    async def job(self, job_request_id: str) -> JobRow | None:
+        """One stored job, or None."""
+        async with self._read() as conn:
+            row = (
+                (await conn.execute(select(jobs).where(jobs.c.job_request_id == job_request_id)))
+                .mappings()
+                .first()
+            )
+        return None if row is None else JobRow.from_mapping(row)
+
     async def job_states(self, ids: Iterable[str]) -> dict[str, str]:
         """{job_request_id: state} for the ids that are stored."""
         wanted = list(dict.fromkeys(ids))
@@ -372,6 +395,28 @@ class Store:
                 )
                 states.update({row[0]: row[1] for row in result})
         return states
+
+    async def recent_matches(self, audience_id: int, within_s: float) -> tuple[int, int]:
+        """(received, matched): the sums of Amazon's receivedRecordSize and idResolutionCount
+        over the jobs of `audience_id` that ended in the last `within_s` seconds, counting only
+        jobs that reported both (so that the ratio compares like with like). Reads the index on
+        (audience_id, terminal_at): the cost grows with the audience's recent jobs only."""
+        async with self._read() as conn:
+            now = await self._now(conn)
+            row = (
+                await conn.execute(
+                    select(
+                        func.coalesce(func.sum(jobs.c.received_records), 0),
+                        func.coalesce(func.sum(jobs.c.matched_records), 0),
+                    ).where(
+                        jobs.c.audience_id == audience_id,
+                        jobs.c.terminal_at >= now - within_s,
+                        jobs.c.received_records.is_not(None),
+                        jobs.c.matched_records.is_not(None),
+                    )
+                )
+            ).one()
+        return int(row[0]), int(row[1])
 
     # -- budget ----------------------------------------------------------------------------------
     async def reserve(

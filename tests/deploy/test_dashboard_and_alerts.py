@@ -23,7 +23,7 @@ from syncd import synth
 from syncd.sandbox.app import SandboxSettings
 from syncd.sandbox.server import running_sandbox
 from tests.fixtures.kafka import KafkaCluster
-from tests.harness import DaemonProcess, daemon_config, produce, wait_for
+from tests.harness import DESTINATIONS, DaemonProcess, daemon_config, produce, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_FILES = ROOT / "helm" / "syncd" / "files"
@@ -46,6 +46,8 @@ ALERTS = {
     "SyncdDeadLetterRateHigh",
     "SyncdNoEventsConsumed",
     "SyncdDown",
+    "SyncdMembersAtRisk",
+    "SyncdAudienceTtlZero",
 }
 # Labels Prometheus attaches to every scraped series (the target's), not syncd.
 TARGET_LABELS = {"job", "instance"}
@@ -176,6 +178,15 @@ def extra_events() -> list[tuple[bytes, bytes]]:
     ]
 
 
+def audience_body(destination: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": f"syncd deploy test {destination['audience']}",
+        "countryCode": destination["country_code"],
+        "targetResource": {"connectionId": destination["connection_id"]},
+        "metadata": {"ttl": 604800},
+    }
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def exposition(kafka: KafkaCluster, tmp_path_factory: pytest.TempPathFactory) -> str:
     """/metrics of a `syncd run` process that has delivered events, scraped once all the
@@ -193,6 +204,11 @@ async def exposition(kafka: KafkaCluster, tmp_path_factory: pytest.TempPathFacto
         seed=7,
     )
     async with running_sandbox(settings) as sandbox:
+        # audiences created in the sandbox: their metadata (ttl, audienceSize) can be read
+        destinations = [
+            {**d, "audience_id": sandbox.state.create_audience(audience_body(d))["audienceId"]}
+            for d in DESTINATIONS
+        ]
         raw = daemon_config(
             bootstrap=kafka.bootstrap,
             topic=topic,
@@ -203,6 +219,7 @@ async def exposition(kafka: KafkaCluster, tmp_path_factory: pytest.TempPathFacto
             batch={"max_records": 10, "linger_ms": 100},
             budget={"records_per_hour": 20, "window_seconds": 2},
             shutdown={"drain_seconds": 1.0},
+            destinations=destinations,
         )
         daemon = DaemonProcess(tmp, raw).start()
         try:
@@ -300,6 +317,11 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "Match outcome: processed rate",
         "Invalid records",
         "Blocked connections",
+        "Audience size (Amazon)",
+        "Audience ttl",
+        "Members by state",
+        "TTL refreshes",
+        "Members at risk of expiring",
     } <= titles
     [blocked] = [p for p in panels() if p["title"] == "Blocked connections"]
     assert [names_in(parse(t["expr"])) for t in blocked["targets"]] == [

@@ -207,8 +207,15 @@ async def test_only_the_records_amazon_refuses_are_dead_lettered_and_the_rest_de
         ids = sorted(orjson.loads(m.value)["externalUserId"] for m in dead)
         assert len(dead) == refused
         assert set(ids) == {orjson.loads(v)["profile_id"] for _, v in bad}
-        assert {dict(m.headers)["syncd-reason"].decode() for m in dead} == {"amazon_rejected"}
+        # member dead letters: the hashed record, a bounded reason class, Amazon's message
+        assert {dict(m.headers)["syncd-kind"] for m in dead} == {b"member"}
+        assert {dict(m.headers)["syncd-reason"].decode() for m in dead} == {"invalid_id"}
         assert all(b"externalUserId is not valid" in dict(m.headers)["syncd-detail"] for m in dead)
+        for m in dead:
+            value = orjson.loads(m.value)
+            assert set(value) == {"audience", "audience_id", "externalUserId", "action", "record"}
+            assert value["record"]["externalUserId"] == value["externalUserId"]
+            assert isinstance(value["audience_id"], int)
         assert not any(pid.startswith("refuse-") for pid, _ in delivered(sb))
         await all_committed(daemon, kafka.bootstrap, topic)
         assert await read_topic(kafka.bootstrap, dlq, refused + 1, timeout=2.0) == dead

@@ -19,6 +19,7 @@ from tests.harness import (
     CONNECTION,
     OTHER_CONNECTION,
     DaemonProcess,
+    committed_offsets,
     daemon_config,
     produce,
     wait_for,
@@ -223,14 +224,13 @@ async def test_three_replicas_share_one_budget_and_lose_nothing(
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["own-topics", "one-topic"])
-async def test_a_connection_out_of_budget_pauses_while_the_other_keeps_flowing(
+async def test_a_connection_out_of_budget_waits_in_the_table_while_the_other_keeps_flowing(
     kafka: Any, pg_url: str, tmp_path: Path, shared: bool
 ) -> None:
     """Two connections: one with a backlog beyond its budget, one well within. While the first
-    waits for its window, the second delivers everything it is sent: fed by topics of their
-    own, the first one's partitions are paused; fed by one topic, whose partitions have fed
-    both (a few early events of the second), they are read on and the first one's records
-    wait in memory."""
+    waits for its window, its changes wait in the member table (one per member) and reading
+    goes on: its whole backlog is read and committed, and the second connection delivers
+    everything it is sent, whether the two are fed by topics of their own or by one topic."""
     busy_topic = f"budget-busy-{uuid.uuid4().hex[:8]}"
     other_topic = busy_topic if shared else f"budget-other-{uuid.uuid4().hex[:8]}"
     await kafka.create_topic(busy_topic, partitions=2)
@@ -253,6 +253,7 @@ async def test_a_connection_out_of_budget_pauses_while_the_other_keeps_flowing(
         raw["destinations"] = [*VIP_ONLY, NEWSLETTER]
         raw["shutdown"]["drain_seconds"] = 1
         daemon = DaemonProcess(tmp_path, raw).start()
+        group = raw["kafka"]["group_id"]
         busy = {"connection": CONNECTION}
 
         async def busy_paused() -> bool:
@@ -274,6 +275,14 @@ async def test_a_connection_out_of_budget_pauses_while_the_other_keeps_flowing(
             return len(sandbox.state.ledger(OTHER_CONNECTION)) >= early + other_records
 
         await wait_for(other_sent, 30, "the other connection's records delivered")
+        in_busy_topic = busy_backlog + (early + other_records if shared else 0)
+
+        async def busy_backlog_committed() -> bool:
+            daemon.check_alive()
+            committed = await committed_offsets(kafka.bootstrap, busy_topic, group)
+            return sum(committed.values()) >= in_busy_topic
+
+        await wait_for(busy_backlog_committed, 30, "the waiting connection's backlog committed")
         still_paused = await daemon.metric("syncd_budget_paused", busy)
         other = sorted(
             e["receivedAt"]

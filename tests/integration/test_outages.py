@@ -205,8 +205,9 @@ async def test_broker_outage_is_visible_and_syncd_resumes_when_it_returns(
 async def test_replicas_joining_and_leaving_under_load_lose_nothing(
     kafka: Any, pg_url: str, tmp_path: Path
 ) -> None:
-    """Replicas join, one leaves by SIGTERM and one by SIGKILL, each while it holds a backlog
-    (events read, POSTs in flight at a slow Amazon): nothing is lost, every offset committed."""
+    """Replicas join, one leaves by SIGTERM and one by SIGKILL, each while it holds work (claimed
+    members, POSTs in flight at a slow Amazon): nothing is lost, every offset committed. The
+    killed replica's claims come back to the others when their lease runs out."""
     topic = f"rebalance-{uuid.uuid4().hex[:8]}"
     await kafka.create_topic(topic, partitions=4)
     chunks = [list(synth.events(400, seed=50 + i, id_prefix=f"c{i}-")) for i in range(5)]
@@ -230,10 +231,7 @@ async def test_replicas_joining_and_leaving_under_load_lose_nothing(
 
         async def busy(d: DaemonProcess) -> bool:
             d.check_alive()
-            return (
-                await d.metric("syncd_pending_events") > 0
-                and await d.metric("syncd_inflight_requests") > 0
-            )
+            return await d.metric("syncd_inflight_requests") > 0
 
         a = replica("a")
         await produce(kafka.bootstrap, topic, chunks[0])
@@ -285,18 +283,22 @@ async def test_a_throttled_backlog_keeps_memory_bounded(kafka: Any, tmp_path: Pa
         daemon = DaemonProcess(tmp_path, raw).start()
         await daemon.wait_ready()
 
-        async def throttled_for_a_while() -> bool:
+        async def all_read_while_throttled() -> bool:
             daemon.check_alive()
-            return await daemon.metric("syncd_requests_throttled_total") >= 20
+            return (
+                await daemon.metric("syncd_requests_throttled_total") >= 20
+                and await daemon.metric("syncd_events_consumed_total") >= backlog
+            )
 
-        await wait_for(throttled_for_a_while, 90, "Amazon throttling the backlog")
+        await wait_for(all_read_while_throttled, 90, "the backlog read while Amazon throttles")
         consumed = await daemon.metric("syncd_events_consumed_total")
         pending = await daemon.metric("syncd_pending_events")
         rss_mb = resident_mb(daemon)
         assert await daemon.terminate() == 0
-    # fetching stopped near the cap instead of reading the whole backlog into memory
+    # the backlog waits in the member table, not in memory: reading went on to the end while
+    # events not yet recorded stayed within the cap, and the process stayed small
     assert pending <= max_pending + 5000  # + at most one fetch that was already under way
-    assert consumed < backlog / 2
+    assert consumed >= backlog
     assert rss_mb < 250
 
 

@@ -1,6 +1,6 @@
-"""The Pipeline's dead letters, with a fake source: an event is acknowledged only once the broker
-acknowledged its dead letter (a failed send is retried, a cancelled one stays unacknowledged so
-the event is read again), and rejecting records Amazon refused never raises."""
+"""The Pipeline's dead letters of events, with a fake source: an event is done only once the
+broker acknowledged its dead letter (a failed send is retried, a cancelled one stays not done so
+the event is read again). Member dead letters: tests/unit/test_feed.py."""
 
 from __future__ import annotations
 
@@ -10,15 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-import orjson
 import pytest
 
 from syncd.app import Pipeline
-from syncd.batching import EncodedBatch
-from syncd.budget import Budget
 from syncd.config import Config
-from syncd.deliver import ConnectionSender
-from syncd.model import Action, Batch, Destination, Member, SourceRef
+from syncd.members import MemberTable
+from syncd.model import Destination, SourceRef
 from syncd.source import KafkaSource, Message, OffsetTracker
 from syncd.transform import Transformer
 
@@ -42,11 +39,6 @@ class FakeSource:
     async def dead_letter(self, message: Message, reason: str) -> None:
         await self._send(message.value, reason, message.ref)
 
-    async def dead_letter_payload(
-        self, payload: bytes, reason: str, ref: SourceRef, *, detail: str = ""
-    ) -> None:
-        await self._send(payload, reason, ref)
-
     async def _send(self, value: bytes | None, reason: str, ref: SourceRef) -> None:
         self.attempts += 1
         if self.failures:
@@ -62,8 +54,7 @@ def pipeline(source: FakeSource, tracker: OffsetTracker) -> Pipeline:
         cfg,
         cast(KafkaSource, source),
         tracker,
-        cast(dict[str, ConnectionSender], {}),
-        cast(Budget, None),
+        cast(MemberTable, None),
         cast(Transformer, None),
     )
 
@@ -74,16 +65,6 @@ async def until(condition: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for: {what}")
         await asyncio.sleep(0.001)
-
-
-def refused_batch(members: int, body: bytes | None = None) -> tuple[EncodedBatch, list[SourceRef]]:
-    refs = [SourceRef("t", 0, i) for i in range(members)]
-    records = [Member(f"p{i}", Action.ADD) for i in range(members)]
-    encoded = [orjson.dumps({"externalUserId": m.external_user_id}) for m in records]
-    if body is None:
-        body = b'{"records":[' + b",".join(encoded) + b"]}"
-    batch = Batch(DEST, records, [[r] for r in refs], len(body))
-    return EncodedBatch(batch, body, encoded), refs
 
 
 async def test_an_event_is_acknowledged_only_after_the_broker_acknowledged_its_dead_letter() -> (
@@ -114,40 +95,3 @@ async def test_a_cancelled_dead_letter_leaves_its_event_unacknowledged() -> None
     assert tracker.pending() == 1
     assert tracker.committable().get(("t", 0), 0) == 0  # nothing past offset 0
     assert source.sent == []
-
-
-async def test_refused_records_are_dead_lettered_then_acknowledged_one_by_one() -> None:
-    source, tracker = FakeSource(failures=1), OffsetTracker()
-    p = pipeline(source, tracker)
-    encoded, refs = refused_batch(3)
-    for ref in refs:
-        tracker.track(ref, 1)
-    p._guard.register(encoded.batch)  # as flush() does before sending
-    p.reject(encoded, "amazon_rejected status=400: records[0].externalUserId invalid")
-    await until(lambda: source.attempts == 4, "one failed send retried")
-    assert tracker.pending() == 3  # no broker ack yet
-    source.broker_acks.set()
-    await asyncio.wait_for(p.dead_letters_sent(), DEADLINE_S)
-    assert tracker.pending() == 0
-    assert sorted(ref.offset for _, _, ref in source.sent) == [0, 1, 2]
-    payloads = sorted(orjson.loads(v or b"")["externalUserId"] for v, _, _ in source.sent)
-    assert payloads == ["p0", "p1", "p2"]
-
-
-@pytest.mark.parametrize("body", [b'{"records": [{"externalUserId": "p0\n"}', b"[]", b"{}"])
-async def test_rejecting_a_body_that_cannot_be_read_back_never_raises(body: bytes) -> None:
-    """The crash loop of the issue: a refused body the reject path could not parse again."""
-    source, tracker = FakeSource(), OffsetTracker()
-    source.broker_acks.set()
-    p = pipeline(source, tracker)
-    encoded, refs = refused_batch(2, body)
-    for ref in refs:
-        tracker.track(ref, 1)
-    p._guard.register(encoded.batch)
-    p.reject(encoded, "amazon_rejected status=400: body is not valid JSON")
-    await asyncio.wait_for(p.dead_letters_sent(), DEADLINE_S)
-    assert tracker.pending() == 0
-    assert sorted(orjson.loads(v or b"")["externalUserId"] for v, _, _ in source.sent) == [
-        "p0",
-        "p1",
-    ]

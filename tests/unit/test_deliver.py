@@ -1,7 +1,8 @@
 """Deliver: the AIMD concurrency limit (429 slows the whole connection) and ConnectionSender with
-fakes for the poster, the budget and the job store: the order of budget, POST, job row, ack; how
-each answer settles its reservation; the bisect of a 400 and its bound; a connection blocked by a
-setup fault, a long Retry-After or failing POSTs, and resumed."""
+fakes for the poster, the budget and the outcomes: the order of budget, POST, job row + sent
+state; how each answer settles its reservation; the bisect of a 400 and its bound; a connection
+blocked by a setup fault, a long Retry-After or failing POSTs, and resumed. MemberFeed is tested
+against a real member table in tests/unit/test_feed.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncd.batching import EncodedBatch
+from syncd.batching import EncodedBatch, build_batches
 from syncd.deliver import BISECT_LIMIT, AdaptiveLimit, ConnectionSender, cancel_and_wait
 from syncd.errors import (
     AmazonError,
@@ -27,7 +28,8 @@ from syncd.errors import (
     RetryableError,
     ThrottledError,
 )
-from syncd.model import Action, Batch, Destination, Member, SourceRef
+from syncd.members import ADD, REMOVE, Claim, record_digest
+from syncd.model import Batch, Destination
 from syncd.observability.metrics import REGISTRY
 from syncd.store import NewJob
 
@@ -144,7 +146,7 @@ async def test_the_limit_caps_concurrent_holders_and_a_cut_applies_to_the_next_o
 
 @dataclass
 class Fakes:
-    """Poster, budget, job store, ack and reject in one: every call lands in `events`."""
+    """Poster, budget and outcomes in one: every call lands in `events`."""
 
     events: list[tuple[str, object]] = field(default_factory=list)
     reservations: int = 0
@@ -158,7 +160,7 @@ class Fakes:
     acked: list[str] = field(default_factory=list)
     acked_batches: list[Batch] = field(default_factory=list)
     rejected: list[tuple[EncodedBatch, str]] = field(default_factory=list)
-    splits: list[tuple[Batch, list[Batch]]] = field(default_factory=list)
+    accepted_parts: list[EncodedBatch] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
     pauses: list[float] = field(default_factory=list)
     clock: Clock = field(default_factory=Clock)
@@ -197,26 +199,20 @@ class Fakes:
     async def confirm(self, reservation_id: int) -> None:
         self.events.append(("confirm", reservation_id))
 
-    # job store
-    async def add_job(self, job: NewJob, *, first_poll_after_s: float) -> None:
+    # outcomes
+    async def accepted(self, part: EncodedBatch, job: NewJob) -> None:
         if self.store_failures:
             self.store_failures -= 1
-            self.events.append(("add_job failed", job.job_request_id))
+            self.events.append(("accepted failed", job.job_request_id))
             raise ConnectionError("store unreachable")
-        self.events.append(("add_job", job))
+        self.events.append(("accepted", job))
+        self.acked.append(job.job_request_id)
+        self.acked_batches.append(part.batch)
+        self.accepted_parts.append(part)
 
-    # pipeline callbacks
-    def ack(self, batch: Batch, job_id: str) -> None:
-        self.events.append(("ack", job_id))
-        self.acked.append(job_id)
-        self.acked_batches.append(batch)
-
-    def reject(self, encoded: EncodedBatch, reason: str) -> None:
-        self.events.append(("reject", reason))
-        self.rejected.append((encoded, reason))
-
-    def split(self, batch: Batch, parts: list[Batch]) -> None:
-        self.splits.append((batch, parts))
+    async def refused(self, part: EncodedBatch, detail: str) -> None:
+        self.events.append(("reject", detail))
+        self.rejected.append((part, detail))
 
     # the sender's pauses: recorded, and the clock moves on by them
     async def sleep(self, seconds: float) -> None:
@@ -231,26 +227,19 @@ class Fakes:
 
 
 def encoded(connection: str, members: int = 3) -> EncodedBatch:
-    """A batch of `members` records (the first a remove); the sender only passes the body on."""
+    """A batch of `members` claimed records (the first a remove)."""
     dest = Destination("vip", connection, 413642381039213536, "US")
-    actions = [Action.REMOVE] + [Action.ADD] * (members - 1)
-    batch = Batch(
-        destination=dest,
-        records=[Member(f"m{i}", action) for i, action in enumerate(actions)],
-        sources=[[SourceRef("t", 0, i)] for i in range(members)],
-    )
-    records = [
-        {"externalUserId": m.external_user_id, "action": m.action.value} for m in batch.records
-    ]
-    body = orjson.dumps(
-        {
-            "audienceId": dest.audience_id,
-            "targetResource": {"connectionId": connection},
-            "records": records,
-        }
-    )
-    batch.size_bytes = len(body)
-    return EncodedBatch(batch, body, [orjson.dumps(r) for r in records])
+    claims = []
+    for i in range(members):
+        action = REMOVE if i == 0 else ADD
+        record = orjson.dumps(
+            {"externalUserId": f"m{i}", "action": "DELETE" if i == 0 else "CREATE"}
+        )
+        claims.append(
+            Claim(dest.audience_id, f"m{i}", action, record, record_digest(record), "t", False, 1.0)
+        )
+    [batch], _ = build_batches(dest, claims, max_records=10_000, max_bytes=10_000_000)
+    return batch
 
 
 @pytest.fixture
@@ -267,12 +256,8 @@ def make_sender(fakes: Fakes, max_concurrency: int = 4) -> ConnectionSender:
         uuid.uuid4().hex,
         poster=fakes,
         budget=fakes,
-        jobs=fakes,
-        ack=fakes.ack,
-        reject=fakes.reject,
-        split=fakes.split,
+        outcomes=fakes,
         max_concurrency=max_concurrency,
-        first_poll_after_s=0.2,
         pause_s=1.0,
         max_pause_s=8.0,
         failing_after_s=30.0,
@@ -285,13 +270,15 @@ async def drained(s: ConnectionSender) -> None:
     await asyncio.wait_for(s.drained(), DEADLINE_S)
 
 
-async def test_the_job_row_is_stored_before_the_ack(
+async def test_the_job_is_stored_with_its_members_after_the_202(
     sender: tuple[ConnectionSender, Fakes],
 ) -> None:
     s, fakes = sender
-    s.submit(encoded(s.connection_id))
+    batch = encoded(s.connection_id)
+    s.submit(batch)
     await drained(s)
-    assert fakes.kinds() == ["acquire", "post", "confirm", "add_job", "ack"]
+    assert fakes.kinds() == ["acquire", "post", "confirm", "accepted"]
+    assert fakes.accepted_parts == [batch]  # the claims go with the job
     job = fakes.events[3][1]
     assert isinstance(job, NewJob)
     assert (job.connection_id, job.records, job.adds, job.removes) == (s.connection_id, 3, 2, 1)
@@ -299,16 +286,17 @@ async def test_the_job_row_is_stored_before_the_ack(
     assert s.backlog == 0
 
 
-async def test_a_store_outage_holds_the_ack_until_the_job_row_is_written(
+async def test_a_store_outage_holds_the_sender_until_the_job_row_is_written(
     sender: tuple[ConnectionSender, Fakes],
 ) -> None:
     s, fakes = sender
     fakes.store_failures = 1
     s.submit(encoded(s.connection_id))
-    await until(lambda: "add_job failed" in fakes.kinds(), "the failed store write")
-    assert fakes.acked == []  # not acknowledged while the row is not stored
+    await until(lambda: "accepted failed" in fakes.kinds(), "the failed store write")
+    assert fakes.acked == []
+    assert s.backlog == 1  # the batch is not done while its job is not stored
     await drained(s)
-    assert fakes.kinds() == ["acquire", "post", "confirm", "add_job failed", "add_job", "ack"]
+    assert fakes.kinds() == ["acquire", "post", "confirm", "accepted failed", "accepted"]
 
 
 async def test_a_refused_single_record_releases_its_reservation_and_is_rejected_not_acked(
@@ -333,7 +321,7 @@ async def test_a_refused_single_record_releases_its_reservation_and_is_rejected_
     # the rest flows: the next batch is delivered normally
     s.submit(encoded(s.connection_id))
     await drained(s)
-    assert fakes.kinds()[-5:] == ["acquire", "post", "confirm", "add_job", "ack"]
+    assert fakes.kinds()[-4:] == ["acquire", "post", "confirm", "accepted"]
 
 
 async def test_a_batch_whose_retries_ran_out_keeps_its_reservation_and_is_sent_again(
@@ -349,7 +337,7 @@ async def test_a_batch_whose_retries_ran_out_keeps_its_reservation_and_is_sent_a
     await drained(s)
     # the outcome of the first POST is unknown: its reservation is neither released nor
     # confirmed, the resend takes a new one
-    assert fakes.kinds() == ["acquire", "post", "acquire", "post", "confirm", "add_job", "ack"]
+    assert fakes.kinds() == ["acquire", "post", "acquire", "post", "confirm", "accepted"]
     assert ("confirm", 2) in fakes.events
     assert not any(kind == "release" for kind in fakes.kinds())
     assert len(fakes.acked) == 1
@@ -457,21 +445,20 @@ async def test_a_400_is_bisected_down_to_the_refused_records_and_the_rest_delive
     assert sorted(member_ids(e.body)[0] for e, _ in fakes.rejected) == ["m13", "m2"]
     assert all(len(e.batch.records) == 1 for e, _ in fakes.rejected)
     assert all("status=400" in r and "externalUserId invalid" in r for _, r in fakes.rejected)
-    # every other record was accepted, exactly once, with its own source events
+    # every other record was accepted, exactly once, with its own claim
     accepted = [m.external_user_id for b in fakes.acked_batches for m in b.records]
     assert sorted(accepted) == sorted(f"m{i}" for i in range(16) if i not in (2, 13))
-    for part in fakes.acked_batches:
-        index = [int(m.external_user_id[1:]) for m in part.records]
-        assert part.sources == [[SourceRef("t", 0, i)] for i in index]
+    for part in fakes.accepted_parts:
+        assert [c.external_user_id for c in part.claims] == member_ids(part.body)
+    for refused, _ in fakes.rejected:
+        assert [c.external_user_id for c in refused.claims] == member_ids(refused.body)
     # every POST had a reservation of its own: refused ones released, accepted ones confirmed
     posts = fakes.kinds().count("post")
     assert fakes.kinds().count("acquire") == posts
     assert list(settled(fakes).values()).count("confirm") == len(fakes.acked)
     assert len(settled(fakes)) == posts
-    # the pipeline was told how the batch went on: halves, each split again where refused
-    first, parts = fakes.splits[0]
-    assert first is batch.batch
-    assert [len(p.records) for p in parts] == [8, 8]
+    # halves first, each split again where refused
+    assert [len(member_ids(body)) for body in fakes.bodies[:3]] == [16, 8, 8]
     # bounded: 2 refused records cost a few POSTs per level, not one per record
     assert posts <= 2 * 2 * 4 + 1
     assert blocked(s.connection_id, "bad_request") in (None, 0.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -199,13 +201,21 @@ def test_audiences_deduplicate_and_strip() -> None:
     assert (change.adds, change.removes) == ((), ("lapsed",))
 
 
+@pytest.mark.parametrize("audiences", [_DROP, None, {}, {"add": [], "remove": None}])
+def test_an_event_naming_no_audience_is_an_identifiers_only_change(audiences: Any) -> None:
+    change = decode(
+        encode(audiences=audiences, identifiers={"email": "a@example.com"}, country="DE"),
+        "canonical",
+    )
+    assert (change.adds, change.removes, change.erase) == ((), (), False)
+    assert change.identifiers_only
+    assert change.identifiers == {"email": ["a@example.com"]}
+    assert change.country == "DE"
+
+
 @pytest.mark.parametrize(
     ("audiences", "reason"),
     [
-        (_DROP, "no_audience"),
-        (None, "no_audience"),
-        ({}, "no_audience"),
-        ({"add": [], "remove": []}, "no_audience"),
         ({"add": "vip"}, "bad_audiences"),
         ({"add": ["vip", 3]}, "bad_audiences"),
         ({"add": [""]}, "bad_audiences"),
@@ -238,6 +248,21 @@ def test_bad_occurred_at(value: Any) -> None:
     assert reason_of(encode(occurred_at=value)) == "bad_occurred_at"
 
 
+def iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+# A minute either side of the 5-minute limit: the clock's progress during a test stays far below.
+@settings(max_examples=50)
+@given(ahead=st.one_of(st.floats(-1e9, 240), st.floats(360, 1e10)))
+def test_an_occurred_at_more_than_five_minutes_ahead_is_bad(ahead: float) -> None:
+    raw = encode(occurred_at=iso(time.time() + ahead))
+    if ahead <= 240:
+        assert decode(raw, "canonical").occurred_at is not None
+    else:
+        assert reason_of(raw) == "bad_occurred_at"
+
+
 def test_country_is_passed_through_stripped() -> None:
     assert decode(encode(country=" gb "), "canonical").country == "gb"
     assert decode(encode(country="  "), "canonical").country is None
@@ -253,8 +278,27 @@ def test_consent_values_are_upper_cased_and_empty_consent_is_none() -> None:
 
 
 @pytest.mark.parametrize(
+    ("ip", "kept"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        (" 2001:DB8:0:0::1 ", "2001:db8::1"),
+        ("::ffff:192.0.2.1", "::ffff:c000:201"),
+        ("  ", None),
+        (None, None),
+    ],
+)
+def test_the_consent_ip_address_is_kept_in_its_compressed_form(ip: Any, kept: str | None) -> None:
+    change = decode(encode(consent={"amzn_user_data": "GRANTED", "ip_address": ip}), "canonical")
+    assert change.consent == Consent(amzn_user_data="GRANTED", ip_address=kept)
+
+
+@pytest.mark.parametrize(
     "consent",
     [
+        {"ip_address": "203.0.113.300"},
+        {"ip_address": "example.com"},
+        {"ip_address": 3405803783},
+        {"ip_address": ["203.0.113.7"]},
         {"amzn_user_data": "YES"},
         {"amzn_ad_storage": True},
         {"tcf": 1},
@@ -264,6 +308,62 @@ def test_consent_values_are_upper_cased_and_empty_consent_is_none() -> None:
 )
 def test_bad_consent(consent: Any) -> None:
     assert reason_of(encode(consent=consent)) == "bad_consent"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"occurred_at": None},
+        {"identifiers": {"email": 5}, "country": 840, "consent": "x"},  # ignored, even bad
+        {"audiences": None},
+    ],
+)
+def test_an_erase_event_reads_only_its_profile_id_and_occurred_at(extra: dict[str, Any]) -> None:
+    change = decode(orjson.dumps({"profile_id": "p 1", "erase": True, **extra}), "canonical")
+    assert change.erase
+    assert not change.identifiers_only
+    assert (change.profile_id, change.occurred_at) == ("p 1", None)
+    assert (change.identifiers, change.adds, change.removes) == ({}, (), ())
+    assert (change.country, change.consent) == (None, None)
+
+
+def test_an_erase_keeps_its_occurred_at_and_event_id() -> None:
+    raw = orjson.dumps(
+        {"profile_id": 7, "erase": True, "occurred_at": "2026-11-22T10:00:00Z", "event_id": "e"}
+    )
+    change = decode(raw, "canonical")
+    assert (change.erase, change.profile_id) == (True, "7")
+    assert (change.occurred_at, change.event_id) == (1795341600.0, "e")
+
+
+@pytest.mark.parametrize("flag", [False, None])
+def test_erase_false_or_null_is_an_ordinary_event(flag: Any) -> None:
+    change = decode(encode(erase=flag), "canonical")
+    assert not change.erase
+    assert change.adds == ("vip",)
+
+
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        ({"profile_id": "p-1", "erase": "true"}, "bad_erase"),
+        ({"profile_id": "p-1", "erase": 1}, "bad_erase"),
+        ({"profile_id": "p-1", "erase": [True]}, "bad_erase"),
+        ({"profile_id": "p-1", "erase": {}}, "bad_erase"),
+        ({"profile_id": "p-1", "erase": True, "audiences": {"add": ["vip"]}}, "bad_erase"),
+        ({"profile_id": "p-1", "erase": True, "audiences": {}}, "bad_erase"),
+        ({"erase": True}, "no_profile_id"),
+        ({"profile_id": 1.5, "erase": True}, "bad_profile_id"),
+        ({"profile_id": "p-1", "erase": True, "occurred_at": "noon"}, "bad_occurred_at"),
+        (
+            {"profile_id": "p-1", "erase": True, "occurred_at": "9999-12-31T00:00:00Z"},
+            "bad_occurred_at",
+        ),
+    ],
+)
+def test_erase_errors(doc: dict[str, Any], reason: str) -> None:
+    assert reason_of(orjson.dumps(doc)) == reason
 
 
 def test_event_id_is_for_tracing_only() -> None:
@@ -325,9 +425,10 @@ FIELDS = [
     "identifiers",
     "audiences",
     "consent",
+    "erase",
 ]
 IDENTIFIER_FIELDS = [*canonical.IDENTIFIER_KEYS, *canonical.SECOND_ADDRESS_LINE_KEYS]
-CONSENT_FIELDS = ["amzn_user_data", "amzn_ad_storage", "tcf", "gpp"]
+CONSENT_FIELDS = ["amzn_user_data", "amzn_ad_storage", "tcf", "gpp", "ip_address"]
 secrets = st.text(min_size=4, max_size=30).filter(lambda s: s not in VOCABULARY)
 scalars = (
     st.none()
@@ -335,7 +436,7 @@ scalars = (
     | st.integers(-(2**63), 2**64 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
 )
-named = st.sampled_from(["GRANTED", "vip", "2026-11-22T10:00:00Z", ""])
+named = st.sampled_from(["GRANTED", "vip", "2026-11-22T10:00:00Z", "", "203.0.113.7"])
 leaves = st.one_of(secrets, secrets, secrets, scalars, named)  # weighted towards secrets
 json_values = st.recursive(
     leaves,
@@ -367,9 +468,17 @@ HOSTILE = {
 }
 
 
+VALID_ERASE = {"profile_id": "p-1", "erase": True, "occurred_at": "2026-11-22T10:00:00Z"}
+
+
 def with_hostile(field: str) -> st.SearchStrategy[dict[str, Any]]:
-    """A valid event whose `field` is hostile: every rule of the decoder gets reached."""
-    return HOSTILE.get(field, json_values).map(lambda value: {**VALID, field: value})
+    """A valid event (or erase event, or identifiers-only event) whose `field` is hostile: every
+    rule of the decoder gets reached."""
+    identifiers_only = {k: v for k, v in VALID.items() if k != "audiences"}
+    return st.tuples(
+        st.sampled_from([VALID, VALID, VALID_ERASE, identifiers_only]),
+        HOSTILE.get(field, json_values),
+    ).map(lambda base_value: {**base_value[0], field: base_value[1]})
 
 
 events = st.sampled_from(FIELDS).flatmap(with_hostile)
@@ -434,10 +543,10 @@ REASONS = {
     "no_profile_id",
     "bad_profile_id",
     "bad_identifiers",
-    "no_audience",
     "bad_audiences",
     "bad_country",
     "bad_consent",
     "bad_occurred_at",
+    "bad_erase",
     "not_an_audience_event",
 }

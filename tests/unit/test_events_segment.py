@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -148,8 +150,9 @@ def test_a_string_address_is_the_street() -> None:
         {"type": "group", "userId": "u-1", "groupId": "g"},
         {"type": "track", "userId": "u-1", "event": "Order Completed"},
         {"type": "track", "userId": "u-1", "event": ["Audience Entered"]},
-        {"type": "identify", "userId": "u-1", "traits": {"email": "a@example.com"}},
-        identify(context={"personas": {"computation_class": "trait", "computation_key": "x"}}),
+        {"type": "track", "userId": "u-1", "event": "Order Completed", "traits": TRAITS},
+        {"type": "identify", "userId": "u-1", "traits": {"plan": "pro", "email": " "}},
+        {"type": "identify", "userId": "u-1"},
         identify(context={"personas": "audience"}),
         identify(context=[]),
         {"userId": "u-1"},
@@ -157,6 +160,39 @@ def test_a_string_address_is_the_street() -> None:
 )
 def test_other_events_are_not_audience_events(doc: dict[str, Any]) -> None:
     assert reason_of(doc) == "not_an_audience_event"
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {**identify(), "context": {}},
+        {**identify(), "context": {"personas": {"computation_class": "trait"}}},
+        {"type": "identify", "anonymousId": "anon-1", "context": {"traits": TRAITS}},
+    ],
+)
+def test_an_identify_without_an_audience_computation_is_an_identifiers_only_change(
+    doc: dict[str, Any],
+) -> None:
+    traits = doc.get("traits") or doc["context"]["traits"]
+    doc = {**doc, "traits": {k: v for k, v in traits.items() if k != "vip"}}
+    change = seg({**doc, "timestamp": "2026-11-22T10:00:00Z", "messageId": "m"})
+    assert change.identifiers_only
+    assert not change.erase
+    assert change.profile_id == doc.get("userId", "anon-1")
+    assert change.identifiers == EXPECTED_IDENTIFIERS
+    assert (change.country, change.occurred_at, change.event_id) == ("US", 1795341600.0, "m")
+
+
+def test_a_segment_timestamp_more_than_five_minutes_ahead_is_bad() -> None:
+    ahead = datetime.fromtimestamp(time.time() + 3600, UTC).isoformat()
+    assert reason_of(track(timestamp=ahead)) == "bad_occurred_at"
+    assert reason_of({**identify(), "context": {}, "timestamp": ahead}) == "bad_occurred_at"
+
+
+def test_a_segment_erase_flag_is_not_an_erase() -> None:
+    change = seg(track(erase=True))
+    assert not change.erase
+    assert change.adds == ("vip",)
 
 
 @pytest.mark.parametrize(
@@ -188,16 +224,28 @@ def test_segment_errors(doc: Any, reason: str) -> None:
     assert reason_of(doc) == reason
 
 
-SEGMENT_FIELDS = ["type", "event", "userId", "anonymousId", "timestamp", "properties", "traits"]
+SEGMENT_FIELDS = [
+    "type",
+    "event",
+    "userId",
+    "anonymousId",
+    "timestamp",
+    "properties",
+    "traits",
+    "context",
+]
+# an audience track, an audience identify, and an identify that only updates identifiers
+BASES = [track(), identify(), {**identify(), "context": {"traits": TRAITS}}]
 
 
 def hostile_segment(field: str) -> st.SearchStrategy[dict[str, Any]]:
-    base = identify() if field == "traits" else track()
     values = st.dictionaries(
-        st.sampled_from(["vip", "audience_key", "email", "address", "first_name"]),
+        st.sampled_from(["vip", "audience_key", "email", "address", "first_name", "personas"]),
         leaves | st.dictionaries(st.sampled_from(["street", "city", "country"]), leaves),
     )
-    return (values | json_values).map(lambda value: {**base, field: value})
+    return st.tuples(st.sampled_from(BASES), values | json_values).map(
+        lambda base_value: {**base_value[0], field: base_value[1]}
+    )
 
 
 @settings(max_examples=500)

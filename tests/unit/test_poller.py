@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,9 @@ from hypothesis import strategies as st
 from syncd.amazon.api import InvalidRecord, JobStatus
 from syncd.config import PollConfig
 from syncd.errors import AmazonError, AuthError, RetryableError
-from syncd.jobs import IDLE_MAX_S, Poller, poll_interval
+from syncd.jobs import IDLE_MAX_S, MemberOutcomes, Poller, poll_interval
+from syncd.members import MemberTable, member_change
+from syncd.model import Action, member_record
 from syncd.observability.metrics import REGISTRY
 from syncd.store import JobRow, NewJob, Store
 from syncd.store.reasons import INVALID_REASONS
@@ -423,3 +426,126 @@ async def test_invalid_record_reasons_stay_a_small_fixed_set(
         for s in m.samples
     }
     assert labels <= set(INVALID_REASONS)
+
+
+# -- terminal jobs -> their members ------------------------------------------------------------
+
+
+class MemberDeadLetterSink:
+    def __init__(self) -> None:
+        self.sent: list[tuple[dict[str, Any], str, str]] = []
+
+    async def dead_letter_member(self, value: bytes, reason: str, detail: str) -> None:
+        self.sent.append((orjson.loads(value), reason, detail))
+
+
+async def sent_members(
+    table: MemberTable, job_id: str, ids: list[str], audience_id: int = 7
+) -> None:
+    """Record `ids` as changes of `audience_id` and send them as `job_id` (its row stored)."""
+    await table.record_changes(
+        member_change(
+            audience_id,
+            member_record(euid, "US", Action.ADD, [{"email": "c" * 64}]),
+            occurred_at=T0,
+            position=i,
+        )
+        for i, euid in enumerate(ids)
+    )
+    claims = await table.claim_due([audience_id], 100, 60, "sender")
+    job = NewJob(job_id, "conn-1", audience_id, "vip", len(ids), len(ids), 0)
+    assert await table.store_job(claims, job, first_poll_after_s=0) == []
+
+
+async def test_a_terminal_job_settles_its_members_and_dead_letters_the_invalid_ones(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    table, sink = MemberTable(store), MemberDeadLetterSink()
+    poller = Poller(
+        store,
+        client,
+        CFG,
+        owner="a",
+        clock=clock,
+        outcomes=MemberOutcomes(table, sink, {7: "vip"}, max_attempts=2),
+    )
+    await sent_members(table, "ok", ["u1", "u2"])
+    client.script["ok"] = [
+        JobStatus(
+            "ok",
+            "PARTIALLYSUCCEEDED",
+            invalid_records=(InvalidRecord("u2", "INVALID_HASHED_PII: no identifier resolved"),),
+        )
+    ]
+    await poller.poll_once()
+    u1, u2 = await table.member(7, "u1"), await table.member(7, "u2")
+    assert u1 is not None
+    assert u2 is not None
+    assert (u1.outcome, u1.job_request_id, u1.due_since) == ("confirmed", None, None)
+    assert (u2.outcome, u2.reason, u2.due_since) == ("invalid", "invalid_pii", None)
+    [(value, reason, detail)] = sink.sent
+    assert (value["audience"], value["audience_id"], value["externalUserId"]) == ("vip", 7, "u2")
+    assert (value["action"], value["record"]["externalUserId"]) == ("CREATE", "u2")
+    assert (reason, detail) == ("invalid_pii", "INVALID_HASHED_PII: no identifier resolved")
+    assert await store.job_states(["ok"]) == {"ok": "PARTIALLYSUCCEEDED"}
+    # FAILED: due again, dead-lettered after max_attempts failed sends
+    await sent_members(table, "f1", ["u3"])
+    client.script["f1"] = [JobStatus("f1", "FAILED")]
+    await poller.poll_once()
+    u3 = await table.member(7, "u3")
+    assert u3 is not None
+    assert (u3.outcome, u3.attempts, u3.due_since is not None) == ("failed", 1, True)
+    claims = await table.claim_due([7], 10, 60, "sender")
+    assert (
+        await table.store_job(claims, NewJob("f2", "c", 7, "vip", 1, 1, 0), first_poll_after_s=0)
+        == []
+    )
+    client.script["f2"] = [JobStatus("f2", "FAILED")]
+    await poller.poll_once()
+    u3 = await table.member(7, "u3")
+    assert u3 is not None
+    assert u3.due_since is None  # not resent until it changes
+    assert [(v["externalUserId"], r) for v, r, _ in sink.sent[1:]] == [("u3", "failed")]
+
+
+async def test_an_expired_job_makes_its_members_due_again(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    table = MemberTable(store)
+    poller = Poller(
+        store,
+        client,
+        CFG,
+        owner="a",
+        clock=clock,
+        outcomes=MemberOutcomes(table, MemberDeadLetterSink(), {7: "vip"}),
+    )
+    await sent_members(table, "old", ["u1"])
+    clock.advance(CFG.max_job_age_s + 1)
+    await poller.poll_once()
+    assert await store.job_states(["old"]) == {"old": "EXPIRED"}
+    [claim] = await table.claim_due([7], 10, 60, "sender")  # due again: the same action resent
+    assert (claim.external_user_id, claim.action) == ("u1", "add")
+
+
+async def test_an_expiry_a_crash_interrupted_is_settled_by_the_next_poller(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """The job was marked EXPIRED and the process died before its members were made due: a
+    poller started afterwards finds them in the member table and makes them due again."""
+    table = MemberTable(store)
+    await sent_members(table, "old", ["u1", "u2"])
+    clock.advance(CFG.max_job_age_s + 1)
+    assert await store.expire_jobs(CFG.max_job_age_s) == 1  # the crash: nothing applied yet
+    assert await table.claim_due([7], 10, 60, "sender") == []  # stuck behind the job
+    poller = Poller(
+        store,
+        client,
+        CFG,
+        owner="b",
+        clock=clock,
+        outcomes=MemberOutcomes(table, MemberDeadLetterSink(), {7: "vip"}),
+    )
+    await poller.poll_once()
+    claims = await table.claim_due([7], 10, 60, "sender")
+    assert sorted(c.external_user_id for c in claims) == ["u1", "u2"]

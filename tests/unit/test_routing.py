@@ -13,8 +13,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from syncd.members import record_digest
 from syncd.model import CONSENT_VALUES, Action, Consent, Destination, ProfileChange, encode_record
-from syncd.routing import Router, external_user_id
+from syncd.routing import Router, Unusable, external_user_id
 
 # Amazon's externalUserId pattern, written out here as the oracle (not imported from syncd).
 API_ID = re.compile(r"[0-9a-zA-Z_-]{1,128}")
@@ -78,6 +79,7 @@ _SIGNAL = st.one_of(st.none(), st.sampled_from(sorted(CONSENT_VALUES)), ANY_TEXT
             _SIGNAL,
             st.one_of(st.none(), ANY_TEXT),
             st.one_of(st.none(), ANY_TEXT),
+            st.one_of(st.none(), ANY_TEXT),
         ),
     ),
 )
@@ -103,7 +105,7 @@ def test_an_encoded_record_is_the_json_of_its_fields(
         "action": action.value,
         "hashedPII": hashed_pii,
     }
-    user_consent = consent.to_api() if consent is not None else None
+    user_consent = consent.to_api(country) if consent is not None else None
     if user_consent is not None:
         plain["userConsent"] = user_consent
     try:
@@ -137,3 +139,99 @@ def test_a_routed_record_is_valid_json_for_any_profile_id(profile_id: str, tcf: 
     assert record["countryCode"] == "US"
     assert record["hashedPII"] == [{"email": sha("jane@example.com")}]
     assert record["userConsent"]["consent"].get("tcf") == (tcf or None)
+
+
+DESTINATIONS = (
+    Destination("vip", "conn-1", 413642381039213536, "US"),
+    Destination("lapsed", "conn-1", 347891, "GB"),
+    Destination("gold", "conn-2", 5, "US"),
+)
+
+
+def routed(change: ProfileChange) -> list[tuple[str, Action, bool, bytes]]:
+    parts = Router(DESTINATIONS, strict_reference=False).route(change)
+    return [
+        (p.destination.audience, p.record.action, p.record.identifiers_only, p.record.json)
+        for p in parts
+    ]
+
+
+@pytest.mark.parametrize("country", [None, "DE"])
+def test_an_identifiers_only_change_is_an_add_to_every_destination_hashed_as_an_add(
+    country: str | None,
+) -> None:
+    fields: dict[str, Any] = {
+        "identifiers": {"email": ["Jane@Example.com"], "postal": ["SW1A 1AA"]},
+        "country": country,
+        "consent": Consent(amzn_user_data="GRANTED", ip_address="203.0.113.7"),
+        "occurred_at": 1795341600.0,
+    }
+    only = routed(ProfileChange("cdp-1", **fields))
+    assert [(a, action, flag) for a, action, flag, _ in only] == [
+        (d.audience, Action.ADD, True) for d in DESTINATIONS
+    ]
+    adds = [routed(ProfileChange("cdp-1", adds=(d.audience,), **fields)) for d in DESTINATIONS]
+    assert [json for *_, json in only] == [json for [(*_, json)] in adds]
+    countries = [orjson.loads(json)["countryCode"] for *_, json in only]
+    assert countries == ([country] * 3 if country else ["US", "GB", "US"])
+    parts = Router(DESTINATIONS, strict_reference=False).route(ProfileChange("cdp-1", **fields))
+    assert {p.record.occurred_at for p in parts} == {1795341600.0}
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (ProfileChange("cdp-1", {"email": ["not-an-email"]}), "no_usable_identifier"),
+        (ProfileChange("cdp-1", {}), "no_usable_identifier"),
+        (ProfileChange("cdp-1", {"email": ["a@example.com"]}, country="XX"), "bad_country"),
+    ],
+)
+def test_an_identifiers_only_change_without_a_usable_identifier_is_unusable(
+    change: ProfileChange, reason: str
+) -> None:
+    with pytest.raises(Unusable) as info:
+        Router(DESTINATIONS, strict_reference=False).route(change)
+    assert info.value.reason == reason
+
+
+def test_an_audience_change_is_not_marked_identifiers_only() -> None:
+    change = ProfileChange("cdp-1", {"email": ["a@example.com"]}, adds=("vip",), removes=("x",))
+    assert [(a, action, flag) for a, action, flag, _ in routed(change)] == [
+        ("vip", Action.ADD, False)
+    ]
+
+
+@pytest.mark.parametrize("country", [None, "DE"])
+def test_a_consent_ip_address_goes_out_as_geo_with_the_records_country(
+    country: str | None,
+) -> None:
+    def records(ip: str | None) -> list[dict[str, Any]]:
+        change = ProfileChange(
+            "cdp-1",
+            {"email": ["a@example.com"]},
+            adds=("vip", "lapsed"),
+            country=country,
+            consent=Consent(amzn_user_data="GRANTED", ip_address=ip),
+        )
+        return [orjson.loads(json) for *_, json in routed(change)]
+
+    with_ip, without = records("203.0.113.7"), records(None)
+    for record, plain in zip(with_ip, without, strict=True):
+        assert record["userConsent"] == {
+            "consent": {"amzn": {"amznUserData": "GRANTED"}},
+            "geo": {"countryCode": record["countryCode"], "ipAddress": "203.0.113.7"},
+        }
+        assert plain["userConsent"] == {"consent": {"amzn": {"amznUserData": "GRANTED"}}}
+    assert [r["countryCode"] for r in with_ip] == ([country] * 2 if country else ["US", "GB"])
+    # the IP is never part of the digest: another IP is the same change
+    other = records("198.51.100.1")
+    assert [record_digest(orjson.dumps(r)) for r in with_ip] == [
+        record_digest(orjson.dumps(r)) for r in other
+    ]
+
+
+def test_an_ip_address_alone_is_a_geo_only_user_consent() -> None:
+    record = orjson.loads(
+        encode_record("m", "FR", Action.ADD, [], Consent(ip_address="2001:db8::1"))
+    )
+    assert record["userConsent"] == {"geo": {"countryCode": "FR", "ipAddress": "2001:db8::1"}}

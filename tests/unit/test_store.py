@@ -71,7 +71,7 @@ async def test_empty_database_is_outdated_unless_auto_upgrade(store_db_url: str)
     try:
         current, head = await s.schema_status()
         assert current is None
-        assert head == "0002"
+        assert head == "0004"
         with pytest.raises(SchemaOutdatedError) as err:
             await s.ensure_schema(auto_upgrade=False)
         assert "syncd db upgrade" in str(err.value)
@@ -114,9 +114,9 @@ def test_db_upgrade_then_jobs_command(
     assert cli.main(["jobs", "--config", str(config)]) == 1
     assert "syncd db upgrade" in capsys.readouterr().err
     assert cli.main(["db", "upgrade", "--config", str(config)]) == 0
-    assert "upgraded from empty to revision 0002" in capsys.readouterr().out
+    assert "upgraded from empty to revision 0004" in capsys.readouterr().out
     assert cli.main(["db", "upgrade", "--config", str(config)]) == 0
-    assert "already at revision 0002" in capsys.readouterr().out
+    assert "already at revision 0004" in capsys.readouterr().out
 
     async def fill() -> None:
         s = await Store.connect(store_db_url)

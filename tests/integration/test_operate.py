@@ -1,0 +1,334 @@
+"""The operator commands as users run them (`python -m syncd ...` processes) against a store filled
+through MemberTable/Store calls with real sandbox jobs: `syncd audiences status` prints the
+member counts, Amazon's figures and the 24 h match ratio (the sandbox resolves 42 % of
+members), `syncd members show` explains one member, `syncd members purge` drops an audience no
+destination names any more."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from syncd import config as config_mod
+from syncd.amazon.api import JobStatus, records_body
+from syncd.amazon.client import AmazonClient
+from syncd.embedded import free_port
+from syncd.members import ADD, REMOVE, MemberChange, MemberTable, member_change
+from syncd.model import Action, member_record
+from syncd.sandbox.app import SandboxSettings
+from syncd.sandbox.server import RunningSandbox, running_sandbox
+from syncd.store import NewJob, Store
+from syncd.store.reasons import classify_invalid_reason
+from tests.harness import sqlite_daemon_config, to_toml
+
+pytestmark = pytest.mark.integration
+
+TTL_S = 86_400
+ORPHAN = 555_000_000_000_000_555  # rows left by a destination removed from the config
+MISSING = 123_456_789  # an audience Amazon does not have
+
+
+def sha(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def change(euid: str, audience_id: int, action: str = ADD, country: str = "US") -> MemberChange:
+    api_action = Action.REMOVE if action == REMOVE else Action.ADD
+    record = member_record(euid, country, api_action, [{"email": sha(f"{euid}@example.com")}])
+    at = 1000.0 if action == ADD else 2000.0
+    return member_change(audience_id, record, occurred_at=at, position=0)
+
+
+@dataclass
+class Filled:
+    """A config naming two destinations ("vip": a sandbox audience with members, "lapsed": an
+    audience Amazon does not have) and the statuses of the sandbox jobs that filled "vip"."""
+
+    config: Path
+    store_url: str
+    audience_id: int
+    statuses: list[JobStatus]
+    sandbox: RunningSandbox
+
+
+@pytest.fixture
+async def match_sandbox() -> AsyncIterator[RunningSandbox]:
+    settings = SandboxSettings(
+        job_delay_s=0.0,
+        match_rate=0.42,
+        seed=7,  # which members resolve is drawn from the seed: the same figures every run
+        require_consent_in=True,  # GB members without consent are refused: invalid
+        rate_per_s=1000,
+        burst=1000,
+    )
+    async with running_sandbox(settings) as sb:
+        yield sb
+
+
+async def send_due(
+    table: MemberTable, store: Store, client: AmazonClient, audience_id: int, connection: str
+) -> JobStatus:
+    """What a sender and the poller do: claim, POST, store the job and the members' sent state,
+    poll the job once it is terminal, apply its outcome to the members."""
+    claims = await table.claim_due([audience_id], 6000, 60, "test-sender")
+    body = records_body(audience_id, connection, [orjson.loads(c.record) for c in claims])
+    job_id = await client.post_records(orjson.dumps(body), connection_id=connection)
+    assert await table.mark_sent(claims, job_id) == []
+    adds = sum(c.action == ADD for c in claims)
+    job = NewJob(job_id, connection, audience_id, "vip", len(claims), adds, len(claims) - adds)
+    await store.add_job(job, first_poll_after_s=0)
+    [claim] = await store.claim_due_jobs("test-poller", 1, 60)
+    status = await client.get_job(job_id)
+    assert status.terminal
+    assert await store.record_poll(claim, status, next_poll_in_s=0)
+    invalid = {
+        r.external_id: classify_invalid_reason(r.error)
+        for r in status.invalid_records
+        if r.external_id
+    }
+    await table.apply_job_outcome(job_id, status.job_state, invalid)
+    return status
+
+
+@pytest.fixture
+async def filled(match_sandbox: RunningSandbox, tmp_path: Path) -> Filled:
+    """vip: 1000 US members added and confirmed (in two jobs), 7 GB members refused (no
+    consent), then 10 of the US members removed (a third job), then 5 more adds not sent yet.
+    The orphan audience holds 3 rows."""
+    state = match_sandbox.state
+    state.terms_accepted = True
+    connection = state.create_connection({"amcInstanceId": "amcinstance01"})
+    audience_id = state.create_audience(
+        {
+            "name": "syncdoperatevip",
+            "targetResource": {"connectionId": connection},
+            "metadata": {"ttl": TTL_S},
+        }
+    )["audienceId"]
+    destinations = [
+        {"audience": key, "connection_id": connection, "audience_id": a, "country_code": "US"}
+        for key, a in (("vip", audience_id), ("lapsed", MISSING))
+    ]
+    raw = sqlite_daemon_config(
+        "127.0.0.1:1", match_sandbox, "t", tmp_path, destinations=destinations
+    )
+    path = tmp_path / "syncd.toml"
+    path.write_text(to_toml(raw))
+    cfg = config_mod.from_mapping(raw)
+
+    store = await Store.connect(cfg.store.url)
+    await store.ensure_schema(auto_upgrade=True)
+    table = MemberTable(store)
+    statuses = []
+    try:
+        async with AmazonClient(cfg.amazon) as client:
+            await table.record_changes([change(f"u{i:04}", audience_id) for i in range(600)])
+            statuses.append(await send_due(table, store, client, audience_id, connection))
+            await table.record_changes(
+                [change(f"u{i:04}", audience_id) for i in range(600, 1000)]
+                + [change(f"g{i}", audience_id, country="GB") for i in range(7)]
+            )
+            statuses.append(await send_due(table, store, client, audience_id, connection))
+            await table.record_changes([change(f"u{i:04}", audience_id, REMOVE) for i in range(10)])
+            statuses.append(await send_due(table, store, client, audience_id, connection))
+        await table.record_changes([change(f"p{i}", audience_id) for i in range(5)])
+        await table.record_changes([change(f"o{i}", ORPHAN) for i in range(3)])
+    finally:
+        await store.close()
+    return Filled(path, cfg.store.url, audience_id, statuses, match_sandbox)
+
+
+async def syncd(*args: str, **env: str) -> tuple[int, str, str]:
+    """Run `python -m syncd ARGS` (the sandbox keeps serving meanwhile)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "syncd",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200", **env},
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+# -- syncd audiences status ----------------------------------------------------------------------
+async def test_status_json_per_destination_with_the_match_ratio_of_the_jobs(
+    filled: Filled,
+) -> None:
+    code, out, err = await syncd("audiences", "status", "--config", str(filled.config), "--json")
+    assert code == 0, err
+    vip, lapsed = orjson.loads(out)
+    received = sum(s.received_record_size or 0 for s in filled.statuses)
+    matched = sum(s.id_resolution_count or 0 for s in filled.statuses)
+    assert received == 1017  # every record of the three jobs
+    assert vip["audience"] == "vip"
+    assert vip["audience_id"] == filled.audience_id
+    assert (vip["received"], vip["matched"]) == (received, matched)
+    assert vip["match_ratio"] == matched / received
+    assert abs(vip["match_ratio"] - 0.42) < 0.05  # the sandbox's match rate
+    assert vip["members"] == {"member": 990, "pending": 5, "removed": 10, "invalid": 7}
+    assert vip["ttl"] == TTL_S
+    assert vip["dsp_audience_size"] == 990  # Amazon's figure, from the metadata
+    assert vip["metadata_error"] is None
+    # an audience whose metadata cannot be read: unknown, and why; no crash
+    assert lapsed["audience_id"] == MISSING
+    assert (lapsed["ttl"], lapsed["dsp_audience_size"], lapsed["match_ratio"]) == (None,) * 3
+    assert "404" in lapsed["metadata_error"]
+    assert lapsed["members"] == {"member": 0, "pending": 0, "removed": 0, "invalid": 0}
+    # the orphaned audience: on stderr, never in the contract's list
+    assert str(ORPHAN) not in out
+    assert str(ORPHAN) in err
+    assert "syncd members purge" in err
+
+
+async def test_status_table_for_people(filled: Filled) -> None:
+    code, out, err = await syncd("audiences", "status", "--config", str(filled.config))
+    assert code == 0, err
+    received = sum(s.received_record_size or 0 for s in filled.statuses)
+    matched = sum(s.id_resolution_count or 0 for s in filled.statuses)
+    vip_rows = [line for line in out.splitlines() if " vip " in line]
+    assert len(vip_rows) == 2  # one per table
+    amazon_row, members_row = vip_rows
+    assert "86,400" in amazon_row
+    assert "990" in amazon_row
+    for figure in ("990", "5", "10", "7", f"{received:,}", f"{matched:,}"):
+        assert f" {figure} " in members_row
+    assert f"{matched / received:.1%}" in members_row
+    lapsed_row = next(line for line in out.splitlines() if " lapsed " in line)
+    assert lapsed_row.split()[1:] == [str(MISSING), *["unknown"] * 4]
+    assert "lapsed: metadata unreadable:" in out
+    assert str(ORPHAN) in err
+
+
+async def test_status_when_amazon_cannot_be_reached_still_shows_the_store(
+    filled: Filled, tmp_path: Path
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    code, out, err = await syncd(
+        "audiences",
+        "status",
+        "--config",
+        str(filled.config),
+        "--json",
+        SYNCD_AMAZON__API_URL=closed,
+        SYNCD_AMAZON__TOKEN_URL=closed + "/auth/o2/token",
+    )
+    assert code == 0, err
+    vip, _ = orjson.loads(out)
+    assert vip["ttl"] is None
+    assert vip["dsp_audience_size"] is None
+    assert vip["metadata_error"]
+    assert vip["members"]["member"] == 990
+    assert vip["received"] == 1017
+
+
+# -- syncd members show --------------------------------------------------------------------------
+async def member_show(filled: Filled, profile: str, *flags: str) -> tuple[int, str, str]:
+    config = str(filled.config)
+    return await syncd(
+        "members", "show", "--config", config, "--audience", "vip", "--profile", profile, *flags
+    )
+
+
+async def test_show_a_confirmed_member_with_its_next_ttl_refresh(filled: Filled) -> None:
+    store = await Store.connect(filled.store_url)
+    try:
+        held = await MemberTable(store).member(filled.audience_id, "u0100")
+    finally:
+        await store.close()
+    assert held is not None
+    assert held.accepted_at is not None
+    code, out, err = await member_show(filled, "u0100", "--json")
+    assert code == 0, err
+    doc = orjson.loads(out)
+    assert doc["state"] == "member"
+    assert doc["desired"]["action"] == "add"
+    assert doc["sent"]["same_as_desired"] is True
+    assert doc["outcome"]["outcome"] == "confirmed"
+    assert doc["waiting"] == []
+    assert doc["ttl"] == {"seconds": TTL_S, "known": True}  # from the sandbox's metadata
+    assert doc["next_refresh_at"] == iso(held.accepted_at + 0.8 * TTL_S)
+    assert doc["expires_at"] == iso(held.accepted_at + TTL_S)
+    code, human, err = await member_show(filled, "u0100")
+    assert code == 0, err
+    assert "next TTL refresh" in human
+    assert iso(held.accepted_at + 0.8 * TTL_S) in human
+    for text in (out, human):  # never the record's hashes
+        assert sha("u0100@example.com") not in text
+
+
+async def test_show_explains_why_members_wait(filled: Filled) -> None:
+    code, out, err = await member_show(filled, "g3", "--json")
+    assert code == 0, err
+    refused = orjson.loads(out)
+    assert refused["state"] == "invalid"
+    assert refused["outcome"]["reason"] == "consent"
+    assert refused["waiting"] == ["Amazon refused it (consent): not sent again until it changes"]
+
+    code, out, err = await member_show(filled, "p2", "--json")
+    assert code == 0, err
+    due = orjson.loads(out)
+    assert due["state"] == "pending"
+    assert due["sent"] is None
+    assert "waiting to be claimed" in due["waiting"][0]
+    assert due["waiting"][1].startswith("the connection's budget has room (0 of 15,000,000")
+
+    code, out, err = await member_show(filled, "u0003", "--json")
+    assert code == 0, err
+    assert orjson.loads(out)["state"] == "removed"
+
+    code, out, err = await member_show(filled, "nobody", "--json")
+    assert code == 0, err
+    assert orjson.loads(out)["state"] == "absent"
+
+
+async def test_show_names_an_unknown_audience_flag(filled: Filled) -> None:
+    config = str(filled.config)
+    code, _, err = await syncd(
+        "members", "show", "--config", config, "--audience", "nope", "--profile", "u1"
+    )
+    assert code == 2
+    assert "--audience 'nope'" in err
+
+
+# -- syncd members purge -------------------------------------------------------------------------
+async def test_purge_drops_an_orphaned_audience_only_when_asked_and_not_a_named_one(
+    filled: Filled,
+) -> None:
+    config = str(filled.config)
+    code, _, err = await syncd("members", "purge", "--config", config, "--audience-id", str(ORPHAN))
+    assert code == 2
+    assert "--yes" in err
+    named = str(filled.audience_id)
+    code, _, err = await syncd(
+        "members", "purge", "--config", config, "--audience-id", named, "--yes"
+    )
+    assert code == 2
+    assert "--audience-id" in err
+    assert "'vip'" in err
+
+    code, out, err = await syncd(
+        "members", "purge", "--config", config, "--audience-id", str(ORPHAN), "--yes"
+    )
+    assert code == 0, err
+    assert f"dropped 3 member rows of audience_id {ORPHAN}" in out
+    code, out, err = await syncd("audiences", "status", "--config", config, "--json")
+    assert code == 0, err
+    assert str(ORPHAN) not in err
+    assert orjson.loads(out)[0]["members"]["member"] == 990  # the named audience is untouched
+
+
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,306 @@
+"""MemberFeed and ConnectionSender on a real member table (SQLite) with a fake Amazon, budget and
+dead-letter sink: due members are claimed, sent and stored with their job; a refused record is a
+member dead letter and invalid until it changes; a blocked connection keeps its claims (renewed)
+and loses nothing; a small claim lingers for more and goes out at shutdown. Ingest (Pipeline):
+a chunk's changes and erases are recorded in order before its events are done."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import orjson
+import pytest
+
+from syncd.app import Pipeline
+from syncd.config import Config
+from syncd.deliver import ConnectionSender, MemberFeed, cancel_and_wait
+from syncd.errors import RejectedError
+from syncd.members import MemberTable, member_change
+from syncd.model import Action, Destination, Erase, SourceRef, member_record
+from syncd.source import KafkaSource, Message, OffsetTracker
+from syncd.store import Store
+from syncd.transform import Outcome, Transformer
+
+DEADLINE_S = 10.0
+DEST = Destination("vip", "conn-1", 413642381039213536, "US")
+HEX = "b" * 64
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.005)
+
+
+def record(euid: str, email: str = HEX, action: Action = Action.ADD) -> bytes:
+    return member_record(euid, "US", action, [{"email": email}]).json
+
+
+async def add_members(table: MemberTable, *ids: str, at: float = 1.0, email: str = HEX) -> None:
+    await table.record_changes(
+        [
+            member_change(
+                DEST.audience_id,
+                member_record(euid, "US", Action.ADD, [{"email": email}]),
+                occurred_at=at,
+                position=i,
+            )
+            for i, euid in enumerate(ids)
+        ]
+    )
+
+
+@dataclass
+class Amazon:
+    """Accepts every body unless `refuse(body)` names a status; records what it accepted."""
+
+    refuse: Callable[[list[str]], int | None] = lambda ids: None
+    accepted: list[list[str]] = field(default_factory=list)
+    posts: int = 0
+
+    async def post_records(
+        self,
+        body: bytes,
+        *,
+        connection_id: str,
+        on_throttle: Callable[[float | None], None] | None = None,
+    ) -> str:
+        self.posts += 1
+        ids = [r["externalUserId"] for r in orjson.loads(body)["records"]]
+        status = self.refuse(ids)
+        if status is not None:
+            raise RejectedError(
+                f"records_post failed: HTTP {status}: invalid email hash", status=status
+            )
+        self.accepted.append(ids)
+        return f"job-{uuid.uuid4().hex[:8]}"
+
+    # budget: always room
+    async def acquire(self, connection_id: str, records: int) -> int:
+        return 1
+
+    async def release(self, reservation_id: int) -> None:
+        return None
+
+    async def confirm(self, reservation_id: int) -> None:
+        return None
+
+
+@dataclass
+class DeadLetters:
+    sent: list[tuple[dict[str, object], str, str]] = field(default_factory=list)
+
+    async def dead_letter_member(self, value: bytes, reason: str, detail: str) -> None:
+        self.sent.append((orjson.loads(value), reason, detail))
+
+
+@pytest.fixture
+async def table(tmp_path: Path) -> AsyncIterator[MemberTable]:
+    store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}")
+    await store.ensure_schema(auto_upgrade=True)
+    yield MemberTable(store)
+    await store.close()
+
+
+@dataclass
+class Running:
+    feed: MemberFeed
+    sender: ConnectionSender
+    stop: asyncio.Event
+    tasks: list[asyncio.Task[None]]
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.feed.stopped_claiming(), DEADLINE_S)
+        await asyncio.wait_for(self.sender.drained(), DEADLINE_S)
+        for task in self.tasks:
+            await cancel_and_wait(task)
+        await self.feed.release_held()
+
+
+def start(
+    table: MemberTable,
+    amazon: Amazon,
+    dead: DeadLetters,
+    *,
+    linger_s: float = 0.0,
+    max_records: int = 100,
+    lease_s: float = 30.0,
+) -> Running:
+    feed = MemberFeed(
+        DEST.connection_id,
+        [DEST],
+        members=table,
+        dead_letters=dead,
+        owner="me",
+        lease_s=lease_s,
+        max_records=max_records,
+        max_bytes=1_000_000,
+        linger_s=linger_s,
+        first_poll_after_s=30.0,
+        idle_s=0.02,
+    )
+    sender = ConnectionSender(
+        DEST.connection_id,
+        poster=amazon,
+        budget=amazon,
+        outcomes=feed,
+        max_concurrency=2,
+        pause_s=0.01,
+        max_pause_s=0.02,
+    )
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(sender.run()), asyncio.create_task(feed.run(sender, stop))]
+    return Running(feed, sender, stop, tasks)
+
+
+async def job_of(table: MemberTable, euid: str) -> str | None:
+    state = await table.member(DEST.audience_id, euid)
+    assert state is not None
+    return state.job_request_id
+
+
+async def test_due_members_are_claimed_sent_and_stored_with_their_job(table: MemberTable) -> None:
+    amazon, dead = Amazon(), DeadLetters()
+    await add_members(table, "u1", "u2", "u3")
+    running = start(table, amazon, dead)
+    await until(lambda: running.feed.held == 0 and amazon.accepted != [], "the POST stored")
+    await running.shutdown()
+    assert sorted(amazon.accepted[0]) == ["u1", "u2", "u3"]
+    jobs = {await job_of(table, u) for u in ("u1", "u2", "u3")}
+    assert len(jobs) == 1
+    assert None not in jobs
+    [job] = await table._store.list_jobs()
+    assert (job.job_request_id, job.records, job.adds) == (jobs.pop(), 3, 3)
+    assert await table.waiting([DEST.audience_id]) == 0
+
+
+async def test_a_refused_record_is_a_member_dead_letter_and_invalid_until_it_changes(
+    table: MemberTable,
+) -> None:
+    amazon = Amazon(refuse=lambda ids: 400 if "u2" in ids else None)
+    dead = DeadLetters()
+    await add_members(table, "u1", "u2", "u3", "u4")
+    running = start(table, amazon, dead)
+    await until(lambda: len(dead.sent) == 1 and running.feed.held == 0, "u2 refused alone")
+    [(value, reason, detail)] = dead.sent
+    assert value == {
+        "audience": "vip",
+        "audience_id": DEST.audience_id,
+        "externalUserId": "u2",
+        "action": "CREATE",
+        "record": orjson.loads(record("u2")),
+    }
+    assert reason == "invalid_pii"  # the bounded class of Amazon's message
+    assert "invalid email hash" in detail
+    state = await table.member(DEST.audience_id, "u2")
+    assert state is not None
+    assert (state.outcome, state.reason, state.due_since) == ("invalid", "invalid_pii", None)
+    assert sorted(u for ids in amazon.accepted for u in ids) == ["u1", "u3", "u4"]
+    # the same change is not sent again; a changed one is
+    await add_members(table, "u2", at=2.0)
+    await add_members(table, "u2", at=3.0, email="c" * 64)
+    amazon.refuse = lambda ids: None
+    running.feed.wake()
+    await until(lambda: ["u2"] in amazon.accepted, "the changed u2 sent")
+    await running.shutdown()
+    assert len(dead.sent) == 1
+
+
+async def test_a_blocked_connection_keeps_its_claims_renewed_and_loses_nothing(
+    table: MemberTable,
+) -> None:
+    blocked = True
+    amazon = Amazon(refuse=lambda ids: 403 if blocked else None)
+    dead = DeadLetters()
+    await add_members(table, *(f"u{i}" for i in range(5)))
+    running = start(table, amazon, dead, lease_s=0.3)
+    await until(lambda: amazon.posts >= 10, "probes while blocked, past several leases")
+    assert running.sender.blocked == "forbidden"
+    # still held by this sender: no other replica can claim them meanwhile
+    assert await table.claim_due([DEST.audience_id], 10, 30.0, "other") == []
+    assert dead.sent == []
+    blocked = False
+    await until(lambda: running.feed.held == 0 and amazon.accepted != [], "sent once unblocked")
+    await running.shutdown()
+    assert sorted(u for ids in amazon.accepted for u in ids) == [f"u{i}" for i in range(5)]
+    assert None not in {await job_of(table, f"u{i}") for i in range(5)}
+
+
+async def test_a_small_claim_lingers_for_more_and_goes_out_at_shutdown(
+    table: MemberTable,
+) -> None:
+    amazon, dead = Amazon(), DeadLetters()
+    await add_members(table, "a1", "a2", "a3")
+    running = start(table, amazon, dead, linger_s=3600.0, max_records=5)
+    await until(lambda: running.feed.held == 3, "three claimed")
+    await add_members(table, "b1", "b2")  # fills the batch: sent at once
+    running.feed.wake()
+    await until(lambda: amazon.accepted != [], "the full batch sent")
+    assert sorted(amazon.accepted[0]) == ["a1", "a2", "a3", "b1", "b2"]
+    await add_members(table, "c1")
+    running.feed.wake()
+    await until(lambda: running.feed.held == 1, "c1 claimed, lingering")
+    assert len(amazon.accepted) == 1
+    await running.shutdown()  # shutdown does not linger
+    assert amazon.accepted[1:] == [["c1"]]
+
+
+# -- ingest --------------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeSource:
+    assigned: set[tuple[str, int]] = field(default_factory=lambda: {("t", 0)})
+
+
+async def test_ingest_records_changes_and_erases_in_order_then_marks_events_done(
+    table: MemberTable,
+) -> None:
+    tracker = OffsetTracker()
+    woken: list[str] = []
+    pipeline = Pipeline(
+        Config(destinations=(DEST,)),
+        cast(KafkaSource, FakeSource()),
+        tracker,
+        table,
+        cast(Transformer, None),
+        wake=woken.append,
+    )
+
+    def msg(offset: int) -> Message:
+        return Message(SourceRef("t", 0, offset), b"{}", timestamp_ms=1_000_000 + offset * 1000)
+
+    def routed(euid: str, action: Action = Action.ADD) -> Outcome:
+        return [(0, member_record(euid, "US", action, [{"email": HEX}]))]
+
+    chunk: list[tuple[Message, Outcome]] = [
+        (msg(0), routed("u1")),
+        (msg(1), routed("u2")),
+        (msg(2), Erase("u1", None)),  # after u1's add: u1 ends as a DELETE ...
+        (msg(3), routed("u2", Action.REMOVE)),  # ... and u2's later remove still applies
+        (msg(4), []),  # routed nowhere: done at once
+    ]
+    await pipeline._record(chunk)
+    assert tracker.pending() == 0
+    assert tracker.committable() == {("t", 0): 5}
+    assert woken == [DEST.connection_id]
+    u1 = await table.member(DEST.audience_id, "u1")
+    u2 = await table.member(DEST.audience_id, "u2")
+    assert u1 is not None
+    assert u2 is not None
+    assert (u1.action, u2.action) == ("remove", "remove")
+    assert await table.tombstone(DEST.audience_id, "u1") == 1002.0  # its message's timestamp
+    # an add older than the erase (a late event) does not bring u1 back
+    await pipeline._record([(Message(SourceRef("t", 0, 5), b"{}", 1_000_500), routed("u1"))])
+    u1 = await table.member(DEST.audience_id, "u1")
+    assert u1 is not None
+    assert u1.action == "remove"
