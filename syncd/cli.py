@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from syncd.errors import ConfigError, SchemaOutdatedError, SyncdError, UsageError
+from syncd.observability.logging import for_commands as logs_for_commands
 
 # Modules that contribute subcommands, in the order `syncd --help` lists them.
 COMMAND_MODULES = (
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logs_for_commands()  # `syncd run` and `syncd demo` configure their own
     try:
         args = build_parser().parse_args(argv)
         code: int = args.func(args)

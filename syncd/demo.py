@@ -26,7 +26,6 @@ from syncd import synth
 from syncd.app import Daemon
 from syncd.embedded import EmbeddedBroker
 from syncd.observability import metrics
-from syncd.observability.logging import configure as configure_logging
 from syncd.runtime import tune_process
 from syncd.sandbox.app import SandboxSettings
 from syncd.sandbox.server import running_sandbox
@@ -263,7 +262,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from syncd.errors import UsageError
 
         raise UsageError("--events must be >= 1")
-    configure_logging("warning")
     tune_process(daemon=True)
     console = Console()
     summary = asyncio.run(

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
-import structlog
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -30,7 +29,6 @@ from syncd.config import Config
 from syncd.errors import ConfigError, FatalError, UsageError
 from syncd.members import ADD, CONFIRMED, FAILED, INVALID, MemberState, MemberTable
 from syncd.model import Destination
-from syncd.observability.logging import configure as configure_logging
 from syncd.preflight import check_client_config
 from syncd.routing import external_user_id
 from syncd.store import JobRow, Store
@@ -209,7 +207,6 @@ async def audience_status(
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    _logs_to_stderr()
     cfg = config_mod.load(args.config)
     statuses, orphans = asyncio.run(_with_store(cfg, lambda store: audience_status(cfg, store)))
     if args.json:
@@ -449,7 +446,6 @@ async def show_member(
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    _logs_to_stderr()
     cfg = config_mod.load(args.config)
     dest = next((d for d in cfg.destinations if d.audience == args.audience), None)
     if dest is None:
@@ -505,7 +501,6 @@ def _print_member(console: Console, doc: dict[str, Any]) -> None:
 
 # -- syncd members purge -------------------------------------------------------------------------
 def _cmd_purge(args: argparse.Namespace) -> int:
-    _logs_to_stderr()
     audience_id: int = args.audience_id
     if not args.yes:
         raise UsageError(
@@ -526,13 +521,6 @@ def _cmd_purge(args: argparse.Namespace) -> int:
 
 
 # -- plumbing ------------------------------------------------------------------------------------
-def _logs_to_stderr() -> None:
-    """Warnings (an Amazon request retried) go to stderr, for people: stdout holds the report,
-    JSON with --json."""
-    configure_logging("warning", json=False)
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
-
-
 async def _with_store(cfg: Config, work: Callable[[Store], Awaitable[T]]) -> T:
     """`work` on the config's store, whose schema must be current (`syncd db upgrade`)."""
     store = await Store.connect(cfg.store.url)

@@ -1,9 +1,12 @@
-"""structlog JSON logs on stdout. Log ids, counts, offsets: never identifiers or their hashes."""
+"""Logs: structlog JSON on stdout for the daemon (`syncd run`); for every other command,
+warnings as plain lines on stderr, so that stdout holds only the command's output (JSON for
+scripts). Log ids, counts, offsets: never identifiers or their hashes."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
@@ -18,7 +21,7 @@ _LEVELS = {
 }
 
 
-def configure(level: str = "info", *, json: bool = True) -> None:
+def configure(level: str = "info", *, json: bool = True, stream: TextIO = sys.stdout) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -31,9 +34,14 @@ def configure(level: str = "info", *, json: bool = True) -> None:
             else structlog.dev.ConsoleRenderer(colors=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+
+
+def for_commands() -> None:
+    """The default of every command but `syncd run`: warnings, plain, on stderr."""
+    configure("warning", json=False, stream=sys.stderr)
 
 
 def _mask_url_secrets(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from syncd.embedded import free_port
@@ -21,6 +22,7 @@ TTL_S = 86_400
 
 
 async def check_online(tmp_path: Path, raw: dict[str, Any]) -> tuple[int, str]:
+    """Run the command; its stdout must be the effective config alone (logs go to stderr)."""
     path = tmp_path / "syncd.toml"
     path.write_text(to_toml(raw))
     proc = await asyncio.create_subprocess_exec(
@@ -29,8 +31,9 @@ async def check_online(tmp_path: Path, raw: dict[str, Any]) -> tuple[int, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, stderr = await asyncio.wait_for(proc.communicate(), timeout=120)
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=120)
     assert proc.returncode is not None
+    assert orjson.loads(stdout)["destinations"]
     return proc.returncode, stderr.decode()
 
 
