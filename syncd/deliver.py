@@ -611,25 +611,32 @@ class MemberFeed:
         while True:
             await asyncio.sleep(self._lease_s / 3)
             try:
-                if self._held:
-                    lost = await self._members.renew(list(self._held), self._lease_s)
-                    if lost:
-                        self._held.difference_update(lost)
-                        log.warning(
-                            "claims lost (lease ran out); another sender may send them",
-                            connection=self.connection_id,
-                            members=len(lost),
-                        )
-                self._waiting.set(await self._members.waiting(self._audience_ids))
+                await self.renew_held()
             except Exception as exc:  # store outage: try again next round
                 log.warning("renewing claims failed", error=repr(exc)[:300])
 
+    async def renew_held(self) -> None:
+        """Extend the lease of every claim held; drop those another sender took over."""
+        if self._held:
+            lost = await self._members.renew(list(self._held), self._lease_s)
+            lost = [c for c in lost if c in self._held]  # not settled meanwhile
+            if lost:
+                self._held.difference_update(lost)
+                log.warning(
+                    "claims lost (lease ran out); another sender may send them",
+                    connection=self.connection_id,
+                    members=len(lost),
+                )
+        self._waiting.set(await self._members.waiting(self._audience_ids))
+
     # -- outcomes ------------------------------------------------------------------------------
     async def accepted(self, part: EncodedBatch, job: NewJob) -> None:
+        # no longer renewed: a renewal racing this write would take the claims it settles for
+        # lost ones (their token is cleared)
+        self._held.difference_update(part.claims)
         lost = await self._members.store_job(
             part.claims, job, first_poll_after_s=self._first_poll_after_s
         )
-        self._held.difference_update(part.claims)
         if lost:
             log.warning(
                 "job stored, but some members' claims were lost before its 202 was; the job "
@@ -655,6 +662,7 @@ class MemberFeed:
                     claim.record,
                 )
                 await self._dead_letters.dead_letter_member(value, reason, detail)
+            self._held.difference_update(claims)  # settled next: see `accepted`
             await persist(lambda: self._members.refuse(claims, reason), what="refused members")
         except Exception as exc:
             log.error("refused members not settled", error=repr(exc)[:300], members=len(claims))

@@ -12,16 +12,17 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import orjson
 import pytest
+import structlog
 
 from syncd.app import Pipeline
 from syncd.config import Config
 from syncd.deliver import ConnectionSender, MemberFeed, cancel_and_wait
 from syncd.errors import RejectedError
-from syncd.members import MemberTable, member_change
+from syncd.members import Claim, MemberTable, member_change
 from syncd.model import Action, Destination, Erase, SourceRef, member_record
 from syncd.source import KafkaSource, Message, OffsetTracker
 from syncd.store import Store
@@ -213,6 +214,34 @@ async def test_a_refused_record_is_a_member_dead_letter_and_invalid_until_it_cha
     await until(lambda: ["u2"] in amazon.accepted, "the changed u2 sent")
     await running.shutdown()
     assert len(dead.sent) == 1
+
+
+async def test_a_renewal_racing_a_stored_job_takes_no_claim_for_lost(
+    table: MemberTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal that runs once a job and its members' sent state are stored, before the feed
+    heard back, does not take those claims (their token is cleared) for lost ones."""
+    stored, resume = asyncio.Event(), asyncio.Event()
+    store_job = table.store_job
+
+    async def store_then_wait(*args: Any, **kwargs: Any) -> list[Claim]:
+        lost = await store_job(*args, **kwargs)
+        stored.set()
+        await resume.wait()
+        return lost
+
+    monkeypatch.setattr(table, "store_job", store_then_wait)
+    amazon, dead = Amazon(), DeadLetters()
+    await add_members(table, "u1", "u2")
+    running = start(table, amazon, dead)
+    await asyncio.wait_for(stored.wait(), DEADLINE_S)
+    with structlog.testing.capture_logs() as logs:
+        await running.feed.renew_held()
+    resume.set()
+    await until(lambda: running.feed.held == 0, "the job settled")
+    await running.shutdown()
+    assert [e["event"] for e in logs if "lost" in e["event"]] == []
+    assert {await job_of(table, u) for u in ("u1", "u2")} != {None}
 
 
 async def test_a_blocked_connection_keeps_its_claims_renewed_and_loses_nothing(
