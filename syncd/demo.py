@@ -2,7 +2,8 @@
 
 An embedded Kafka-protocol broker, the local Amazon sandbox and a SQLite store in a temporary
 directory; a synthetic stream of realistic profile changes is produced, the real daemon runs
-until every event is acknowledged and every job is terminal, then a summary is printed.
+until every event is acknowledged and every job is terminal, then a summary and the
+audiences' status (`syncd audiences status`) are printed.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from syncd import synth
 from syncd.app import Daemon
 from syncd.embedded import EmbeddedBroker
 from syncd.observability import metrics
+from syncd.operate import AudienceStatus, audience_status, print_status
 from syncd.runtime import tune_process
-from syncd.sandbox.app import SandboxSettings
+from syncd.sandbox.app import SandboxSettings, SandboxState
 from syncd.sandbox.server import running_sandbox
 from syncd.store import Store
 
@@ -66,6 +68,7 @@ class Summary:
     dead_letters: dict[str, int] = field(default_factory=dict)
     budget_used: dict[str, int] = field(default_factory=dict)
     budget_limit: int = 0
+    audiences: list[AudienceStatus] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -73,7 +76,12 @@ class Summary:
 
 
 def demo_config(
-    tmp: Path, broker: str, api_url: str, token_url: str, **over: Any
+    tmp: Path,
+    broker: str,
+    api_url: str,
+    token_url: str,
+    destinations: list[dict[str, Any]] = DESTINATIONS,
+    **over: Any,
 ) -> dict[str, Any]:
     settings = SandboxSettings()
     raw: dict[str, Any] = {
@@ -98,11 +106,29 @@ def demo_config(
         "poll": {"first_delay_s": 0.5, "max_interval_s": 2.0},
         "http": {"listen": "127.0.0.1:0"},
         "log": {"level": "warning"},
-        "destinations": DESTINATIONS,
+        "destinations": destinations,
     }
     for section, values in over.items():
         raw.setdefault(section, {}).update(values)
     return raw
+
+
+def create_audiences(sandbox: SandboxState) -> list[dict[str, Any]]:
+    """The demo's destinations, each audience created at the sandbox first (as an advertiser
+    creates it at Amazon), with the id the sandbox gave it."""
+    return [
+        {
+            **dest,
+            "audience_id": sandbox.create_audience(
+                {
+                    "name": f"syncddemo{dest['audience']}",
+                    "countryCode": dest["country_code"],
+                    "targetResource": {"connectionId": dest["connection_id"]},
+                }
+            )["audienceId"],
+        }
+        for dest in DESTINATIONS
+    ]
 
 
 async def produce(bootstrap: str, topic: str, messages: Any) -> int:
@@ -151,15 +177,28 @@ async def run_demo(
                 rate_per_s=500.0,
                 burst=500,
                 seed=seed,
+                match_rate=0.62,  # Amazon resolves a share of what it receives
             )
             async with running_sandbox(sandbox_settings) as sandbox:
                 cfg = config_mod.from_mapping(
-                    demo_config(tmp, broker.bootstrap, sandbox.url, sandbox.token_url)
+                    demo_config(
+                        tmp,
+                        broker.bootstrap,
+                        sandbox.url,
+                        sandbox.token_url,
+                        create_audiences(sandbox.state),
+                    )
                 )
                 produced = await produce(
                     broker.bootstrap, TOPIC, synth.events(events, seed=seed, bad_ratio=0.002)
                 )
-                return await _run_until_done(cfg, produced, show_progress, console)
+                summary = await _run_until_done(cfg, produced, show_progress, console)
+                store = await Store.connect(cfg.store.url)
+                try:
+                    summary.audiences, _ = await audience_status(cfg, store)
+                finally:
+                    await store.close()
+                return summary
         finally:
             broker.stop()
 
@@ -245,6 +284,7 @@ def print_summary(summary: Summary, console: Console) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+    print_status(console, summary.audiences)
 
 
 def add_parser(sub: Any) -> None:

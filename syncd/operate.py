@@ -212,13 +212,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json([s.to_json() for s in statuses])
     else:
-        _print_status(Console(), statuses)
+        print_status(Console(), statuses)
     if orphans:
         _print_orphans(Console(stderr=True), orphans, args.config)
     return 0
 
 
-def _print_status(console: Console, statuses: list[AudienceStatus]) -> None:
+def print_status(console: Console, statuses: list[AudienceStatus]) -> None:
+    """The status tables for people (also the end of `syncd demo`)."""
     amazon = _table(
         "Audiences at Amazon (metadata)", "audience id", "ttl s", "size", "received", "matched"
     )

@@ -4,6 +4,7 @@ schema, and the demo."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,9 @@ def test_demo_runs_the_whole_pipeline_and_summarizes() -> None:
     for line in ("events produced", "records sent", "jobs by state", "dead letters", "budget"):
         assert line in done.stdout
     assert "PENDING" not in done.stdout  # the demo waits until every job is terminal
+    # it ends with the audiences' status: each audience, its size at Amazon, a match ratio
+    status = done.stdout[done.stdout.index("Audiences at Amazon") :]
+    for audience in ("vip", "lapsed", "newsletter"):
+        assert audience in status
+    assert "not_found" not in done.stderr  # the demo's audiences exist at the sandbox
+    assert re.search(r"\d+\.\d%", status), status
