@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
@@ -21,7 +20,7 @@ _LEVELS = {
 }
 
 
-def configure(level: str = "info", *, json: bool = True, stream: TextIO = sys.stdout) -> None:
+def configure(level: str = "info", *, json: bool = True, stderr: bool = False) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -34,14 +33,16 @@ def configure(level: str = "info", *, json: bool = True, stream: TextIO = sys.st
             else structlog.dev.ConsoleRenderer(colors=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # the stream is looked up at each line: a replaced sys.stdout/err (a test's capture)
+        # is followed, never written to after it was closed
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr if stderr else sys.stdout),
         cache_logger_on_first_use=False,
     )
 
 
 def for_commands() -> None:
     """The default of every command but `syncd run`: warnings, plain, on stderr."""
-    configure("warning", json=False, stream=sys.stderr)
+    configure("warning", json=False, stderr=True)
 
 
 def _mask_url_secrets(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
