@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from syncd import synth
 from syncd.members import MemberTable
@@ -276,3 +277,93 @@ async def test_an_erase_removes_the_profile_everywhere_and_an_older_add_does_not
     ]
     assert _live(sandbox, vip) == _live(sandbox, newsletter) == {"stays-1"}
     assert await member_rows("gone-1") == [None, None, None]
+
+
+TTL_S = 60
+QUIET_S = 300  # five ttls without a single new event
+
+
+@pytest.mark.slow
+async def test_members_of_a_short_ttl_audience_stay_members_without_new_events(
+    kafka: Any, sandbox: Any, tmp_path: Path
+) -> None:
+    """An audience whose ttl is 60 s (Amazon drops a member 60 s after its last CREATE) and
+    `refresh_at = 0.5`: members added once stay live in the sandbox through five minutes without
+    a new event, each CREATE re-sent at least once a ttl, and members removed stay removed
+    (nothing is sent for them after their DELETE)."""
+    topic = f"ttl-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=1)
+    audience = sandbox.state.create_audience(
+        {
+            "name": "shortTtlAudience",
+            "countryCode": "US",
+            "targetResource": {"connectionId": CONNECTION},
+            "metadata": {"ttl": TTL_S},
+        }
+    )["audienceId"]
+    destination = {
+        "audience": "short",
+        "connection_id": CONNECTION,
+        "audience_id": audience,
+        "country_code": "US",
+    }
+    kept = {f"kept-{i}" for i in range(20)}
+    removed = {f"removed-{i}" for i in range(5)}
+
+    def event(profile: str, action: str) -> tuple[bytes, bytes]:
+        doc = {
+            "profile_id": profile,
+            "identifiers": {"email": f"{profile}@example.com"},
+            "audiences": {action: ["short"]},
+        }
+        return profile.encode(), orjson.dumps(doc)
+
+    raw = sqlite_daemon_config(
+        kafka.bootstrap,
+        sandbox,
+        topic,
+        tmp_path,
+        members={"refresh_at": 0.5},
+        destinations=[destination],
+    )
+    store_url = raw["store"]["url"]
+    daemon = DaemonProcess(tmp_path, raw).start()
+    await produce(kafka.bootstrap, topic, [event(p, "add") for p in sorted(kept | removed)])
+
+    async def all_added() -> bool:
+        daemon.check_alive()
+        return _live(sandbox, audience) == kept | removed and await _settled(store_url)
+
+    await wait_for(all_added, 60, "every profile a member")
+    await produce(kafka.bootstrap, topic, [event(p, "remove") for p in sorted(removed)])
+
+    async def some_removed() -> bool:
+        daemon.check_alive()
+        return _live(sandbox, audience) == kept and await _settled(store_url)
+
+    await wait_for(some_removed, 60, "the removed profiles removed")
+    quiet_until = sandbox.state.now() + QUIET_S
+
+    async def quiet_period_over() -> bool:
+        """Every check of the quiet period sees exactly the kept profiles live."""
+        daemon.check_alive()
+        live = _live(sandbox, audience)
+        assert live == kept, f"lapsed: {sorted(kept - live)}, back: {sorted(live - kept)}"
+        return sandbox.state.now() >= quiet_until
+
+    await wait_for(quiet_period_over, QUIET_S + 60, "five minutes without events", interval=1.0)
+    refreshed = await daemon.metric("syncd_members_refreshed_total")
+    assert await daemon.terminate() == 0
+    sent = Counter(
+        (e["record"]["externalUserId"], e["record"]["action"])
+        for e in sandbox.state.ledger(CONNECTION)
+    )
+    # live through QUIET_S needs a CREATE at least every ttl: the first and QUIET_S / TTL_S more
+    assert {p: sent[p, "CREATE"] for p in kept if sent[p, "CREATE"] <= QUIET_S // TTL_S} == {}
+    assert {p for p, action in sent if action == "DELETE"} == removed
+    for profile in removed:  # its add, its remove, and nothing after
+        assert _records_of(sandbox, CONNECTION, profile) == [
+            (audience, "CREATE"),
+            (audience, "DELETE"),
+        ]
+    assert refreshed >= len(kept) * QUIET_S // TTL_S
