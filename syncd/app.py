@@ -46,6 +46,7 @@ from syncd.observability import metrics
 from syncd.observability.http import bound_port, start_http
 from syncd.observability.logging import configure as configure_logging
 from syncd.observability.logging import get_logger
+from syncd.operate import report_at_start, watch_store_size
 from syncd.preflight import AmazonUnreachableError, Finding, check_client_config, check_online
 from syncd.routing import RouteCounts
 from syncd.runtime import compiled, tune_process
@@ -240,6 +241,12 @@ class Pipeline:
         return self._tracker.pending() + self._unapplied
 
 
+def _wake(feeds: dict[str, MemberFeed], connection_id: str) -> None:
+    """Wake the connection's feed; a connection whose destinations are all paused has none."""
+    if (feed := feeds.get(connection_id)) is not None:
+        feed.wake()
+
+
 def _occurred_at(occurred_at: float | None, message: Message) -> float:
     """The event's time, else the Kafka message's."""
     return message.timestamp_ms / 1000 if occurred_at is None else occurred_at
@@ -313,10 +320,12 @@ class Daemon:
         lease_s = cfg.amazon.max_retry_time_s + 2 * cfg.amazon.request_timeout_s
         feeds: dict[str, MemberFeed] = {}
         senders: dict[str, ConnectionSender] = {}
-        for conn in sorted({d.connection_id for d in cfg.destinations}):
+        # a paused destination's changes are recorded and wait: no feed claims its members
+        sending = [d for d in cfg.destinations if not d.paused]
+        for conn in sorted({d.connection_id for d in sending}):
             feed = feeds[conn] = MemberFeed(
                 conn,
-                [d for d in cfg.destinations if d.connection_id == conn],
+                [d for d in sending if d.connection_id == conn],
                 members=members,
                 dead_letters=source,
                 owner=self.owner,
@@ -339,7 +348,7 @@ class Daemon:
                 failing_after_s=cfg.amazon.max_retry_time_s,
             )
         pipeline = self.pipeline = Pipeline(
-            cfg, source, tracker, members, transformer, wake=lambda c: feeds[c].wake()
+            cfg, source, tracker, members, transformer, wake=lambda c: _wake(feeds, c)
         )
         runner = await start_http(cfg.http.address, self.readiness)
         self.http_port = bound_port(runner)
@@ -378,6 +387,8 @@ class Daemon:
         spawn(poller.run(poll_stop), "poller")
         watcher = AudienceWatcher(client, members, cfg.destinations, cfg.members)
         spawn(watcher.run(halt), "audiences")
+        spawn(report_at_start(cfg.destinations, members), "report")
+        spawn(watch_store_size(store, halt), "store-size")
         spawn(self._commit_loop(source, halt), "commit")
         spawn(self._health_loop(store, source, halt), "health")
         spawn(self._token_loop(client, halt), "token")

@@ -310,7 +310,13 @@ def _build_destinations(items: Any) -> tuple[Destination, ...]:
         where = f"destinations[{i}]"
         if not isinstance(item, Mapping):
             raise ConfigError(where, "must be a table")
-        unknown = set(item) - {"audience", "connection_id", "audience_id", "country_code"}
+        unknown = set(item) - {
+            "audience",
+            "connection_id",
+            "audience_id",
+            "country_code",
+            "paused",
+        }
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key")
         for req in ("audience", "connection_id", "audience_id"):
@@ -339,15 +345,31 @@ def _build_destinations(items: Any) -> tuple[Destination, ...]:
         if not isinstance(country, str) or not _COUNTRY.fullmatch(country.upper()):
             raise ConfigError(f"{where}.country_code", "must be an ISO 3166-1 alpha-2 code")
         country = country.upper()
+        paused = _coerce(f"{where}.paused", bool, item.get("paused", False))
         out.append(
             Destination(
                 audience=audience,
                 connection_id=conn,
                 audience_id=audience_id,
                 country_code="GB" if country == "UK" else country,
+                paused=paused,
             )
         )
+    _same_pause_per_audience(out)
     return tuple(out)
+
+
+def _same_pause_per_audience(destinations: list[Destination]) -> None:
+    """Members are kept per audience_id: destinations naming one audience_id pause together."""
+    paused: dict[int, Destination] = {}
+    for i, dest in enumerate(destinations):
+        first = paused.setdefault(dest.audience_id, dest)
+        if first.paused != dest.paused:
+            raise ConfigError(
+                f"destinations[{i}].paused",
+                f"must equal destination {first.audience!r}'s: both name audience_id "
+                f"{dest.audience_id}, whose members are paused or sent together",
+            )
 
 
 def _validate(cfg: Config) -> None:

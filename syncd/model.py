@@ -60,6 +60,7 @@ class Destination:
     connection_id: str
     audience_id: int
     country_code: str
+    paused: bool = False  # true: its changes are recorded and wait; nothing is sent
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -29,11 +30,14 @@ from syncd.config import Config
 from syncd.errors import ConfigError, FatalError, UsageError
 from syncd.members import ADD, CONFIRMED, FAILED, INVALID, MemberState, MemberTable
 from syncd.model import Destination
+from syncd.observability import metrics
+from syncd.observability.logging import get_logger
 from syncd.preflight import check_client_config
 from syncd.routing import external_user_id
 from syncd.store import JobRow, Store
 
 T = TypeVar("T")
+log = get_logger("syncd.operate")
 
 RECENT_S = 86400.0  # the match ratio covers the jobs that ended within this
 MEMBER_STATES = ("member", "pending", "removed", "invalid")  # MemberTable.counts' keys
@@ -202,8 +206,14 @@ async def audience_status(
                 await table.counts(dest.audience_id),
             )
         )
-    orphans = {a: await table.counts(a) for a in await table.audience_ids() if a not in named}
-    return statuses, orphans
+    return statuses, await orphaned(table, named)
+
+
+async def orphaned(table: MemberTable, named: Iterable[int]) -> dict[int, dict[str, int]]:
+    """{audience_id: member counts} of the audiences whose rows remain in the store but that
+    none of `named` is (a destination removed from the config, or re-pointed elsewhere)."""
+    keep = set(named)
+    return {a: await table.counts(a) for a in await table.audience_ids() if a not in keep}
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -336,7 +346,7 @@ def member_report(
             "accepted_at": _iso(member.accepted_at),
             "failed_attempts": member.attempts,
         }
-    doc["waiting"] = _waiting(member, job, now, budget)
+    doc["waiting"] = _waiting(member, job, now, budget, paused=dest.paused)
     effective_ttl = DEFAULT_TTL_S if ttl is None else ttl
     if member.action == ADD and member.outcome == CONFIRMED and member.accepted_at is not None:
         if effective_ttl > 0:
@@ -369,9 +379,15 @@ def _job(job_request_id: str, job: JobRow | None) -> dict[str, Any]:
 
 
 def _waiting(
-    member: MemberState, job: JobRow | None, now: float, budget: BudgetUse | None
+    member: MemberState,
+    job: JobRow | None,
+    now: float,
+    budget: BudgetUse | None,
+    *,
+    paused: bool = False,
 ) -> list[str]:
-    """Why the member's desired state is not (yet) what Amazon holds; empty when nothing waits."""
+    """Why the member's desired state is not (yet) what Amazon holds; empty when nothing waits.
+    `paused`: the member's destination is paused."""
     why: list[str] = []
     if member.job_request_id is not None:
         state = "pending" if job is None or not job.terminal else f"{job.state}, being applied"
@@ -382,6 +398,11 @@ def _waiting(
         if member.claimed_until is not None and member.claimed_until > now:
             why.append(
                 f"claimed by {member.claimed_by} until {_iso(member.claimed_until)}: sending"
+            )
+        elif paused:
+            why.append(
+                f"due since {_iso(member.due_since)}, but its destination is paused "
+                "([[destinations]] paused = true): nothing is sent to it until it is unpaused"
             )
         else:
             kind = "a TTL refresh or reconcile change" if member.refresh else "a live change"
@@ -429,7 +450,7 @@ async def show_member(
         job = await store.job(member.job_request_id)
     metadata = (await read_metadata(cfg, [dest.audience_id]))[dest.audience_id]
     budget = None
-    if member is not None and member.due_since is not None:
+    if member is not None and member.due_since is not None and not dest.paused:
         window_s = cfg.budget.window_seconds
         used = await store.budget_used(dest.connection_id, window_s)
         budget = BudgetUse(used, cfg.budget.records_per_hour, window_s)
@@ -519,6 +540,52 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     )
     print(f"dropped {deleted} member rows of audience_id {audience_id}")
     return 0
+
+
+# -- syncd run: what an operator needs to know of the table ----------------------------------------
+STORE_SIZE_EVERY_S = 60.0
+
+
+async def report_at_start(destinations: Sequence[Destination], table: MemberTable) -> None:
+    """At `syncd run`'s start: paused destinations (syncd_destination_paused) and the audiences
+    whose rows remain but no destination names any more (a log line each, with its member
+    count, and syncd_orphaned_members). A failure is logged; it never stops the daemon."""
+    for dest in destinations:
+        metrics.DESTINATION_PAUSED.labels(dest.audience).set(int(dest.paused))
+        if dest.paused:
+            log.warning(
+                "destination paused: its changes are recorded and wait; nothing is sent to it",
+                audience=dest.audience,
+                audience_id=dest.audience_id,
+            )
+    try:
+        orphans = await orphaned(table, (d.audience_id for d in destinations))
+    except Exception as exc:
+        log.warning("orphaned audiences not counted", error=repr(exc)[:300])
+        return
+    for audience_id, counts in orphans.items():
+        rows = sum(counts.values())
+        metrics.ORPHANED_MEMBERS.labels(str(audience_id)).set(rows)
+        log.warning(
+            "audience no destination names has member rows; drop them with "
+            "`syncd members purge --audience-id N --yes` unless it comes back",
+            audience_id=audience_id,
+            members=rows,
+            **counts,
+        )
+
+
+async def watch_store_size(
+    store: Store, stop: asyncio.Event, every_s: float = STORE_SIZE_EVERY_S
+) -> None:
+    """Export the store's size on disk (syncd_store_bytes) every `every_s` until `stop`."""
+    while not stop.is_set():
+        try:
+            metrics.STORE_BYTES.set(await store.size_bytes())
+        except Exception as exc:  # a store outage: /readyz reports it; try again next round
+            log.warning("store size not read", error=repr(exc)[:300])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every_s)
 
 
 # -- plumbing ------------------------------------------------------------------------------------

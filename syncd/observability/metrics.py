@@ -1,7 +1,8 @@
 """Every metric syncd exports, on one registry. Names: syncd_<noun>_<unit>[_total].
 
 Labels are bounded: connection, audience, action, outcome, reason, state, endpoint, status,
-topic, partition. Never a profile id, never an identifier or its hash.
+topic, partition, audience_id (as many as audiences ever configured). Never a profile id, never
+an identifier or its hash.
 """
 
 from __future__ import annotations
@@ -261,6 +262,27 @@ MEMBERS_AT_RISK = Gauge(
 TOMBSTONES_PURGED = Counter(
     "syncd_tombstones_purged_total",
     "Erase tombstones deleted after members.tombstone_days",
+    registry=REGISTRY,
+)
+
+# --- operating the member table ----------------------------------------------------------------
+DESTINATION_PAUSED = Gauge(
+    "syncd_destination_paused",
+    "1 while a destination is paused ([[destinations]] paused = true): its changes are recorded "
+    'and wait in the member table (syncd_members{state="pending"}); nothing is sent',
+    ["audience"],
+    registry=REGISTRY,
+)
+ORPHANED_MEMBERS = Gauge(
+    "syncd_orphaned_members",
+    "Member rows of an audience_id no destination names any more, as found at start-up "
+    "(`syncd members purge` drops them); one series per audience ever removed from the config",
+    ["audience_id"],
+    registry=REGISTRY,
+)
+STORE_BYTES = Gauge(
+    "syncd_store_bytes",
+    "The store's size on disk: pg_database_size on PostgreSQL, the database file on SQLite",
     registry=REGISTRY,
 )
 

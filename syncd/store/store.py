@@ -170,6 +170,18 @@ class Store:
         async with self._read() as conn:
             return await self._now(conn)
 
+    async def size_bytes(self) -> int:
+        """The database's size on disk: PostgreSQL's `pg_database_size` (every table, index and
+        dead row version of the database syncd uses); SQLite's database file (pages x page size;
+        the WAL, checkpointed into it, aside). Cheap: sizes of files, no scan."""
+        async with self._read() as conn:
+            if self._postgres:
+                size = await conn.scalar(text("SELECT pg_database_size(current_database())"))
+            else:
+                pages = await conn.scalar(text("PRAGMA page_count"))
+                size = pages * await conn.scalar(text("PRAGMA page_size"))
+        return int(size)
+
     # -- schema ----------------------------------------------------------------------------------
     async def schema_status(self) -> tuple[str | None, str]:
         """(the database's revision or None when empty, the revision this code needs)."""

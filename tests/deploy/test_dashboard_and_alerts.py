@@ -48,6 +48,9 @@ ALERTS = {
     "SyncdDown",
     "SyncdMembersAtRisk",
     "SyncdAudienceTtlZero",
+    "SyncdAudienceMembersHigh",
+    "SyncdStoreLarge",
+    "SyncdStoreGrowingFast",
 }
 # Labels Prometheus attaches to every scraped series (the target's), not syncd.
 TARGET_LABELS = {"job", "instance"}

@@ -21,6 +21,24 @@ def test_defaults_match_the_contract() -> None:
     assert cfg.poll.retention_days == 7
 
 
+def test_a_destination_sends_unless_paused() -> None:
+    cfg = config.from_mapping(
+        {"destinations": [DEST, {**DEST, "audience": "lapsed", "audience_id": 2, "paused": True}]}
+    )
+    assert [d.paused for d in cfg.destinations] == [False, True]
+    env = {
+        "SYNCD_DESTINATIONS__JSON": '[{"audience": "v", "connection_id": "c", '
+        '"audience_id": 1, "paused": true}]'
+    }
+    assert config.from_mapping({}, env).destinations[0].paused
+
+
+def test_destinations_of_one_audience_id_pause_together() -> None:
+    """Members are kept per audience_id: one key paused and another sending is not possible."""
+    with pytest.raises(ConfigError, match=r"destinations\[1\]\.paused.*'vip'"):
+        config.from_mapping({"destinations": [DEST, {**DEST, "audience": "gold", "paused": True}]})
+
+
 def test_audience_id_keeps_all_18_digits() -> None:
     cfg = config.from_mapping({"destinations": [DEST]})
     assert cfg.destinations[0].audience_id == 413642381039213536
@@ -41,6 +59,8 @@ def test_audience_id_keeps_all_18_digits() -> None:
         ({"destinations": [{**DEST, "audience_id": 2**64}]}, "destinations[0].audience_id"),
         ({"destinations": [{**DEST, "audience_id": 2**63}]}, "destinations[0].audience_id"),
         ({"destinations": [DEST, DEST]}, "destinations[1].audience"),
+        ({"destinations": [{**DEST, "paused": "yes"}]}, "destinations[0].paused"),
+        ({"destinations": [{**DEST, "paused": 1}]}, "destinations[0].paused"),
         ({"poll": {"retention_days": 0}}, "poll.retention_days"),
         ({"poll": {"retention_days": float("nan")}}, "poll.retention_days"),
         ({"poll": {"retention_days": float("inf")}}, "poll.retention_days"),

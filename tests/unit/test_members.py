@@ -837,3 +837,25 @@ async def test_every_recorded_change_reaches_amazon_and_then_settles(
     assert {e: amazon.get(e) for e in newest} == {
         e: (c.action, c.record) for e, c in newest.items()
     }
+
+
+async def test_a_key_re_pointed_to_another_audience_starts_fresh_there(
+    table: MemberTable,
+) -> None:
+    """Rows are keyed by audience_id: a destination whose audience_id changes finds none of the
+    old audience's rows, so a change equal to what the old audience holds is sent to the new
+    one (not taken for a no-op), and the old audience's rows are left as they were."""
+    await table.record_changes([change(at=T0)])
+    await send(table)
+    await table.apply_job_outcome("job-1", "SUCCEEDED")
+    assert await table.record_changes([change(at=T0 + 5, pos=3)]) == RecordCounts(noop=1)
+    # the key now points at A2: the same content, the same time
+    assert await table.record_changes([change(at=T0 + 5, pos=3, audience=A2)]) == RecordCounts(
+        recorded=1
+    )
+    [claim] = await table.claim_due([A2], 10, LEASE, "s")
+    assert (claim.audience_id, claim.external_user_id, claim.action) == (A2, "u1", ADD)
+    old = await table.member(A1, "u1")
+    assert old is not None
+    assert old.in_sync
+    assert old.due_since is None

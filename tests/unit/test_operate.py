@@ -5,6 +5,8 @@ tests/integration/test_operate_postgres.py runs them again on PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -16,22 +18,27 @@ import pytest
 from alembic import command
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
+from structlog.testing import capture_logs
 
 from syncd import config as config_mod
 from syncd.amazon.api import JobStatus
 from syncd.members import ADD, REMOVE, MemberState, MemberTable, member_change
 from syncd.model import Action, Destination, member_record
+from syncd.observability.metrics import REGISTRY
 from syncd.operate import (
     DEFAULT_TTL_S,
     AudienceStatus,
     Metadata,
     audience_status,
     member_report,
+    report_at_start,
     show_member,
+    watch_store_size,
 )
 from syncd.routing import external_user_id
 from syncd.store import NewJob, Store
 from syncd.store.store import alembic_config, head_revision
+from tests.harness import wait_for
 from tests.unit.test_store import T0, FakeClock
 
 A1 = 413642381039213536
@@ -427,3 +434,55 @@ def test_a_live_claim_and_a_refresh_are_named() -> None:
     [why] = member_report(VIP, "u1", refresh, None, None, 60, 0.5, now=T0 + 1)["waiting"]
     assert "TTL refresh" in why
     assert "live changes go first" in why
+
+
+async def test_show_says_a_member_waits_because_its_destination_is_paused(
+    store: Store, table: MemberTable
+) -> None:
+    await table.record_changes([change("u1")])
+    paused = dataclasses.replace(VIP, paused=True)
+    doc = await show_member(no_credentials_config(VIP), store, paused, "u1")
+    assert doc["state"] == "pending"
+    [why] = doc["waiting"]
+    assert "destination is paused" in why
+    assert "budget" not in why
+
+
+# -- syncd run: the start-up report and the store's size ------------------------------------------
+def gauge(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+async def test_start_up_reports_paused_destinations_and_audiences_no_destination_names(
+    table: MemberTable,
+) -> None:
+    await table.record_changes([change("u1"), change("o1", audience=A3), change("o2", audience=A3)])
+    paused = Destination("lapsed", "conn-1", A2, "US", paused=True)
+    with capture_logs() as logs:
+        await report_at_start([VIP, paused], table)
+    assert gauge("syncd_destination_paused", audience="vip") == 0
+    assert gauge("syncd_destination_paused", audience="lapsed") == 1
+    assert gauge("syncd_orphaned_members", audience_id=str(A3)) == 2
+    assert gauge("syncd_orphaned_members", audience_id=str(A1)) is None
+    [orphan] = [e for e in logs if e.get("audience_id") == A3]
+    assert (orphan["members"], orphan["pending"], orphan["log_level"]) == (2, 2, "warning")
+    assert "syncd members purge" in orphan["event"]
+    assert any(e.get("audience") == "lapsed" and "paused" in e["event"] for e in logs)
+
+
+async def test_the_store_size_is_exported_and_follows_the_database(
+    store: Store, table: MemberTable
+) -> None:
+    empty = await store.size_bytes()
+    assert empty > 0
+    await table.record_changes([change(f"u{i}") for i in range(3000)])
+    assert await store.size_bytes() > empty
+    stop = asyncio.Event()
+    task = asyncio.create_task(watch_store_size(store, stop, every_s=3600))
+
+    async def exported() -> bool:  # the first round runs at once
+        return gauge("syncd_store_bytes") == await store.size_bytes()
+
+    await wait_for(exported, 10, "syncd_store_bytes exported")
+    stop.set()
+    await asyncio.wait_for(task, timeout=10)  # a stop ends the wait between rounds
