@@ -301,6 +301,9 @@ def _show(key: str, value: Any) -> str:
     return mask_urls(repr(value) if not isinstance(value, _EnvText) else repr(str(value)))
 
 
+CONSENT_POLICIES = ("pass", "strict")
+
+
 def _build_destinations(items: Any) -> tuple[Destination, ...]:
     if not isinstance(items, list):
         raise ConfigError("destinations", "must be an array of tables ([[destinations]])")
@@ -310,7 +313,13 @@ def _build_destinations(items: Any) -> tuple[Destination, ...]:
         where = f"destinations[{i}]"
         if not isinstance(item, Mapping):
             raise ConfigError(where, "must be a table")
-        unknown = set(item) - {"audience", "connection_id", "audience_id", "country_code"}
+        unknown = set(item) - {
+            "audience",
+            "connection_id",
+            "audience_id",
+            "country_code",
+            "consent_policy",
+        }
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key")
         for req in ("audience", "connection_id", "audience_id"):
@@ -339,12 +348,16 @@ def _build_destinations(items: Any) -> tuple[Destination, ...]:
         if not isinstance(country, str) or not _COUNTRY.fullmatch(country.upper()):
             raise ConfigError(f"{where}.country_code", "must be an ISO 3166-1 alpha-2 code")
         country = country.upper()
+        consent_policy = item.get("consent_policy", "pass")
+        if consent_policy not in CONSENT_POLICIES:
+            raise ConfigError(f"{where}.consent_policy", 'must be "pass" or "strict"')
         out.append(
             Destination(
                 audience=audience,
                 connection_id=conn,
                 audience_id=audience_id,
                 country_code="GB" if country == "UK" else country,
+                consent_policy=consent_policy,
             )
         )
     return tuple(out)
