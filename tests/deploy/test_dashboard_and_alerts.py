@@ -48,6 +48,9 @@ ALERTS = {
     "SyncdDown",
     "SyncdMembersAtRisk",
     "SyncdAudienceTtlZero",
+    "SyncdAudienceTooSmall",
+    "SyncdAudienceMatchRatioDropped",
+    "SyncdAudienceJobsFailing",
 }
 # Labels Prometheus attaches to every scraped series (the target's), not syncd.
 TARGET_LABELS = {"job", "instance"}
@@ -322,6 +325,8 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "Members by state",
         "TTL refreshes",
         "Members at risk of expiring",
+        "Match ratio",
+        "Failed jobs in a row",
     } <= titles
     [blocked] = [p for p in panels() if p["title"] == "Blocked connections"]
     assert [names_in(parse(t["expr"])) for t in blocked["targets"]] == [
