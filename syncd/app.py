@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import signal
@@ -40,8 +41,8 @@ from syncd.config import Config
 from syncd.deliver import ConnectionSender, MemberFeed
 from syncd.errors import AuthError, RetryableError
 from syncd.jobs import MemberOutcomes, Poller
-from syncd.members import MemberChange, MemberTable, member_change
-from syncd.model import Erase, SourceRef
+from syncd.members import ADD, MemberChange, MemberTable, dead_letter_value, member_change
+from syncd.model import Erase, MemberRecord, SourceRef
 from syncd.observability import metrics
 from syncd.observability.http import bound_port, start_http
 from syncd.observability.logging import configure as configure_logging
@@ -150,8 +151,8 @@ class Pipeline:
     async def _record(self, chunk: list[tuple[Message, Outcome]]) -> None:
         """Record the chunk: its changes in one `record_changes` per run between erases (an
         erase applies after the changes before it and before those after it), then mark its
-        events done. Unusable events are dead-lettered as before (done once the broker has
-        them)."""
+        events done. Unusable events, and records a policy kept back (`consent_missing`), are
+        dead-lettered instead (their event is done once the broker has them all)."""
         recorded: list[SourceRef] = []
         changes: list[MemberChange] = []
         connections: set[str] = set()
@@ -160,15 +161,22 @@ class Pipeline:
             if isinstance(outcome, str):
                 self._dead_letter(message, outcome)
                 continue
-            self._tracker.track(ref, 1)
-            recorded.append(ref)
             if isinstance(outcome, Erase):
+                self._tracker.track(ref, 1)
+                recorded.append(ref)
                 await self._record_changes(changes)
                 changes = []
                 await self._erase(outcome, message)
                 connections.update(d.connection_id for d in self._destinations)
                 continue
+            held = [(i, r) for i, r in outcome if r.dead_letter]
+            self._tracker.track(ref, 1 + len(held))  # done once recorded and each dead letter sent
+            recorded.append(ref)
+            for index, record in held:
+                self._send_dead_letter(ref, self._member_dead_letter(index, record))
             for index, record in outcome:
+                if record.dead_letter:
+                    continue
                 destination = self._destinations[index]
                 connections.add(destination.connection_id)
                 changes.append(
@@ -205,16 +213,34 @@ class Pipeline:
             what="member erase",
         )
 
+    def _member_dead_letter(
+        self, index: int, record: MemberRecord
+    ) -> Callable[[], Awaitable[None]]:
+        """The send of a record a policy kept back (see routing: `consent_missing`)."""
+        dest = self._destinations[index]
+        value = dead_letter_value(
+            dest.audience, dest.audience_id, record.external_user_id, ADD, record.json
+        )
+        detail = f"consent_policy strict: {dest.audience!r} needs consent.amzn_user_data"
+        return lambda: self._source.dead_letter_member(value, record.dead_letter, detail)
+
     def _dead_letter(self, message: Message, reason: str) -> None:
-        """Send an unusable event's dead letter without holding up the partition; its event
-        is done only once the broker has it. A failed send is retried with backoff; a cancelled
-        one (the drain budget ran out) stays not done, so its event is read again."""
+        """Dead-letter an unusable event; it is done once the broker has it."""
         self._tracker.track(message.ref, 1)
+        self._send_dead_letter(
+            message.ref, functools.partial(self._source.dead_letter, message, reason)
+        )
+
+    def _send_dead_letter(self, ref: SourceRef, send: Callable[[], Awaitable[None]]) -> None:
+        """Send a dead letter (of an event, or of a member a policy kept back) without holding
+        up the partition; one part of the event at `ref` (tracked by the caller) is done only
+        once the broker has it. A failed send is retried with backoff; a cancelled one (the
+        drain budget ran out) stays not done, so its event is read again."""
 
         async def run() -> None:
             for attempt in itertools.count():
                 try:
-                    await self._source.dead_letter(message, reason)
+                    await send()
                 except Exception as exc:  # the source retries broker errors; this is the rest
                     delay = DLQ_RETRY_BACKOFF_S[min(attempt, len(DLQ_RETRY_BACKOFF_S) - 1)]
                     log.warning(
@@ -222,7 +248,7 @@ class Pipeline:
                     )
                     await asyncio.sleep(delay)
                 else:
-                    self._tracker.done(message.ref)
+                    self._tracker.done(ref)
                     self._progress.set()
                     return
 

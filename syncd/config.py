@@ -301,6 +301,9 @@ def _show(key: str, value: Any) -> str:
     return mask_urls(repr(value) if not isinstance(value, _EnvText) else repr(str(value)))
 
 
+CONSENT_POLICIES = ("pass", "strict")
+
+
 def _build_destinations(items: Any) -> tuple[Destination, ...]:
     if not isinstance(items, list):
         raise ConfigError("destinations", "must be an array of tables ([[destinations]])")
@@ -316,6 +319,7 @@ def _build_destinations(items: Any) -> tuple[Destination, ...]:
             "audience_id",
             "country_code",
             "paused",
+            "consent_policy",
         }
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key")
@@ -346,6 +350,9 @@ def _build_destinations(items: Any) -> tuple[Destination, ...]:
             raise ConfigError(f"{where}.country_code", "must be an ISO 3166-1 alpha-2 code")
         country = country.upper()
         paused = _coerce(f"{where}.paused", bool, item.get("paused", False))
+        consent_policy = item.get("consent_policy", "pass")
+        if consent_policy not in CONSENT_POLICIES:
+            raise ConfigError(f"{where}.consent_policy", 'must be "pass" or "strict"')
         out.append(
             Destination(
                 audience=audience,
@@ -353,6 +360,7 @@ def _build_destinations(items: Any) -> tuple[Destination, ...]:
                 audience_id=audience_id,
                 country_code="GB" if country == "UK" else country,
                 paused=paused,
+                consent_policy=consent_policy,
             )
         )
     _same_pause_per_audience(out)

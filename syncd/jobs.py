@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -155,6 +156,7 @@ class Poller:
         self._clock = clock
         self._auth_error: AuthError | None = None
         self._housekept_at: float | None = None
+        self._failed_in_row: Counter[str] = Counter()  # audience key -> FAILED jobs in a row
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll rounds until `stop` is set. Refused credentials (AuthError) end the loop with
@@ -216,6 +218,18 @@ class Poller:
         else:
             metrics.JOB_POLLS.labels("pending").inc()
 
+    def _count_for_audience(self, audience: str, status: JobStatus) -> None:
+        """The audience's match figures and its run of FAILED jobs (the audience alerts)."""
+        if status.received_record_size is not None:
+            received = metrics.AUDIENCE_JOB_RECORDS.labels(audience, "received")
+            received.inc(status.received_record_size)
+        if status.id_resolution_count is not None:
+            matched = metrics.AUDIENCE_JOB_RECORDS.labels(audience, "matched")
+            matched.inc(status.id_resolution_count)
+        failed = self._failed_in_row[audience] + 1 if status.job_state == "FAILED" else 0
+        self._failed_in_row[audience] = failed
+        metrics.AUDIENCE_FAILED_JOBS.labels(audience).set(failed)
+
     async def _record(
         self, job: JobRow, status: JobStatus | None, next_poll_in_s: float, error: str | None = None
     ) -> bool:
@@ -229,6 +243,7 @@ class Poller:
 
     def _finished(self, job: JobRow, status: JobStatus) -> None:
         metrics.JOBS_FINISHED.labels(status.job_state).inc()
+        self._count_for_audience(job.audience, status)
         metrics.JOB_COMPLETION.observe(max(0.0, self._clock() - job.created_at))
         if status.processed_rate is not None:
             metrics.JOB_PROCESSED_RATE.observe(status.processed_rate)

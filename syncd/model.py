@@ -61,6 +61,7 @@ class Destination:
     audience_id: int
     country_code: str
     paused: bool = False  # true: its changes are recorded and wait; nothing is sent
+    consent_policy: str = "pass"  # pass | strict (see routing.apply_consent_policy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,13 +134,15 @@ class MemberRecord:
     bytes into request bodies, so a record is encoded once, wherever it was hashed.
 
     `identifiers_only`: the event named no audience; the record (action ADD) updates the member
-    only where it is one already."""
+    only where it is one already. `dead_letter` (a reason, e.g. `consent_missing`): the record
+    must not be sent or recorded, only dead-lettered."""
 
     external_user_id: str
     action: Action
     json: bytes
     occurred_at: float | None = None
     identifiers_only: bool = False  # an event without `audiences`: updates existing members
+    dead_letter: str = ""  # a policy kept the record back: its member dead-letter reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +162,7 @@ def member_record(
     consent: Consent | None = None,
     occurred_at: float | None = None,
     identifiers_only: bool = False,
+    dead_letter: str = "",
 ) -> MemberRecord:
     return MemberRecord(
         external_user_id,
@@ -166,6 +170,7 @@ def member_record(
         encode_record(external_user_id, country_code, action, hashed_pii, consent),
         occurred_at,
         identifiers_only,
+        dead_letter,
     )
 
 

@@ -7,6 +7,12 @@ Raw identifiers are read here and only here (through the PII engine); what leave
 carries hashes only. An event that yields nothing usable raises `Unusable(reason)`; the reason
 is a bounded code (a metric label and the dead-letter header), never data.
 
+Consent (a destination's `consent_policy`): "pass" sends what the event carries; "strict" keeps
+back an add whose country needs consent (EEA, GB, CH) and whose `amzn_user_data` is neither
+GRANTED nor DENIED (a `consent_missing` member dead letter, never recorded), and turns an add
+with DENIED (any country) into a remove. Removes always pass: taking a member out needs no
+consent.
+
 Pure: what the router counts (filtered audiences, default countries, dropped values) it keeps
 in `RouteCounts`, which the caller publishes as metrics, so it can run in a worker process.
 """
@@ -20,12 +26,31 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from syncd.amazon.api import EXTERNAL_USER_ID
-from syncd.model import Action, Destination, MemberRecord, ProfileChange, member_record
+from syncd.model import (
+    Action,
+    Consent,
+    Destination,
+    MemberRecord,
+    ProfileChange,
+    member_record,
+)
 from syncd.observability import metrics
 from syncd.pii import HashedPII, build_hashed_pii, normalize_country
 
 _ADD = Action.ADD
 _REMOVE = Action.REMOVE
+
+STRICT = "strict"
+CONSENT_MISSING = "consent_missing"
+# Where Amazon requires the user's consent: the EU, the rest of the EEA (IS, LI, NO), GB and CH.
+# fmt: off
+CONSENT_COUNTRIES = frozenset({
+    "AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "IE", "IT", "LV",
+    "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE", "HU",  # the EU
+    "IS", "LI", "NO", "GB", "CH",
+})
+# fmt: on
+_ANSWERED = frozenset({"GRANTED", "DENIED"})
 
 
 class Unusable(Exception):
@@ -70,6 +95,22 @@ def external_user_id(profile_id: str) -> str:
     return hashlib.sha256(profile_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def strict_consent(
+    country: str, consent: Consent | None, identifiers_only: bool
+) -> tuple[Action, bool, str]:
+    """An add under the strict policy: (action, identifiers_only, dead-letter reason).
+
+    DENIED removes the member wherever syncd may hold it (an identifiers-only event too: a
+    withdrawn consent must reach every strict audience, and a remove of a non-member is
+    harmless); no answer in a country that needs one keeps the add back."""
+    user_data = consent.amzn_user_data if consent is not None else None
+    if user_data == "DENIED":
+        return _REMOVE, False, ""
+    if country in CONSENT_COUNTRIES and user_data not in _ANSWERED:
+        return _ADD, identifiers_only, CONSENT_MISSING
+    return _ADD, identifiers_only, ""
+
+
 class Router:
     def __init__(self, destinations: Iterable[Destination], *, strict_reference: bool) -> None:
         self._by_audience = {d.audience: d for d in destinations}
@@ -102,14 +143,18 @@ class Router:
                 continue
             if event_country is None:
                 self.counts.default_country[dest.audience] += 1
+            sent, only, dead_letter = action, identifiers_only, ""
+            if dest.consent_policy == STRICT and action is _ADD:
+                sent, only, dead_letter = strict_consent(country, change.consent, identifiers_only)
             record = member_record(
                 member,
                 country,
-                action,
+                sent,
                 pii.objects,
                 change.consent,
                 change.occurred_at,
-                identifiers_only,
+                only,
+                dead_letter,
             )
             parts.append(Part(dest, record))
         if not parts:

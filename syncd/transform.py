@@ -95,7 +95,7 @@ def _die_with(daemon_pid: int) -> None:
         os._exit(1)
 
 
-_Wire = str | list[tuple[int, str, str, bytes, float | None, bool]] | Erase
+_Wire = str | list[tuple[int, str, str, bytes, float | None, bool, str]] | Erase
 _ACTIONS = {action.value: action for action in Action}
 
 
@@ -108,7 +108,15 @@ def _run_in_worker(values: list[bytes | None]) -> tuple[list[_Wire], RouteCounts
         o
         if isinstance(o, str | Erase)
         else [
-            (i, r.external_user_id, r.action.value, r.json, r.occurred_at, r.identifiers_only)
+            (
+                i,
+                r.external_user_id,
+                r.action.value,
+                r.json,
+                r.occurred_at,
+                r.identifiers_only,
+                r.dead_letter,
+            )
             for i, r in o
         ]
         for o in outcomes
@@ -121,8 +129,8 @@ def _from_wire(wire: list[_Wire]) -> list[Outcome]:
         w
         if isinstance(w, str | Erase)
         else [
-            (i, MemberRecord(user, _ACTIONS[action], json, at, only))
-            for i, user, action, json, at, only in w
+            (i, MemberRecord(user, _ACTIONS[action], json, at, only, dead_letter))
+            for i, user, action, json, at, only, dead_letter in w
         ]
         for w in wire
     ]

@@ -259,6 +259,20 @@ MEMBERS_AT_RISK = Gauge(
     ["audience"],
     registry=REGISTRY,
 )
+AUDIENCE_JOB_RECORDS = Counter(
+    "syncd_audience_job_records_total",
+    "Records of the audience's finished jobs, from Amazon's job status (kind: received = "
+    "receivedRecordSize, matched = idResolutionCount): their rates give the recent match ratio",
+    ["audience", "kind"],
+    registry=REGISTRY,
+)
+AUDIENCE_FAILED_JOBS = Gauge(
+    "syncd_audience_failed_jobs_in_row",
+    "The audience's latest jobs that ended FAILED, in a row (as this replica polled them; 0 "
+    "once one ends otherwise)",
+    ["audience"],
+    registry=REGISTRY,
+)
 TOMBSTONES_PURGED = Counter(
     "syncd_tombstones_purged_total",
     "Erase tombstones deleted after members.tombstone_days",

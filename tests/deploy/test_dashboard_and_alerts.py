@@ -51,6 +51,9 @@ ALERTS = {
     "SyncdAudienceMembersHigh",
     "SyncdStoreLarge",
     "SyncdStoreGrowingFast",
+    "SyncdAudienceTooSmall",
+    "SyncdAudienceMatchRatioDropped",
+    "SyncdAudienceJobsFailing",
 }
 # Labels Prometheus attaches to every scraped series (the target's), not syncd.
 TARGET_LABELS = {"job", "instance"}
@@ -325,6 +328,8 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "Members by state",
         "TTL refreshes",
         "Members at risk of expiring",
+        "Match ratio",
+        "Failed jobs in a row",
     } <= titles
     [blocked] = [p for p in panels() if p["title"] == "Blocked connections"]
     assert [names_in(parse(t["expr"])) for t in blocked["targets"]] == [

@@ -39,6 +39,13 @@ def test_destinations_of_one_audience_id_pause_together() -> None:
         config.from_mapping({"destinations": [DEST, {**DEST, "audience": "gold", "paused": True}]})
 
 
+def test_consent_policy_is_pass_unless_strict_is_asked_for() -> None:
+    cfg = config.from_mapping(
+        {"destinations": [DEST, {**DEST, "audience": "eu", "consent_policy": "strict"}]}
+    )
+    assert [d.consent_policy for d in cfg.destinations] == ["pass", "strict"]
+
+
 def test_audience_id_keeps_all_18_digits() -> None:
     cfg = config.from_mapping({"destinations": [DEST]})
     assert cfg.destinations[0].audience_id == 413642381039213536
@@ -56,6 +63,11 @@ def test_audience_id_keeps_all_18_digits() -> None:
         ({"destinations": [{**DEST, "country_code": "USA"}]}, "destinations[0].country_code"),
         ({"destinations": [{**DEST, "country_code": "DE\n"}]}, "destinations[0].country_code"),
         ({"destinations": [{**DEST, "colour": "red"}]}, "destinations[0].colour"),
+        (
+            {"destinations": [{**DEST, "consent_policy": "STRICT"}]},
+            "destinations[0].consent_policy",
+        ),
+        ({"destinations": [{**DEST, "consent_policy": True}]}, "destinations[0].consent_policy"),
         ({"destinations": [{**DEST, "audience_id": 2**64}]}, "destinations[0].audience_id"),
         ({"destinations": [{**DEST, "audience_id": 2**63}]}, "destinations[0].audience_id"),
         ({"destinations": [DEST, DEST]}, "destinations[1].audience"),

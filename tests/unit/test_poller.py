@@ -156,6 +156,28 @@ async def test_terminal_job_records_metrics_and_reasons(
     assert client.calls == ["job-1"]
 
 
+async def test_audience_counts_match_figures_and_failed_jobs_in_a_row(
+    store: Store, client: FakeClient, poller: Poller, clock: FakeClock
+) -> None:
+    audience = f"aud-{uuid.uuid4().hex[:6]}"  # series of their own: the registry is global
+    states = ["FAILED", "FAILED", "SUCCEEDED", "FAILED", "FAILED", "FAILED"]
+    seen = []
+    for i, state in enumerate(states):
+        job_id = f"job-{i}"
+        await store.add_job(
+            NewJob(job_id, "conn-1", 7, audience, 100, 100, 0), first_poll_after_s=0
+        )
+        client.script[job_id] = [
+            JobStatus(job_id, state, received_record_size=100, id_resolution_count=60)
+        ]
+        clock.advance(1)
+        await poller.poll_once()
+        seen.append(sample("syncd_audience_failed_jobs_in_row", audience=audience))
+    assert seen == [1, 2, 0, 1, 2, 3]
+    assert sample("syncd_audience_job_records_total", audience=audience, kind="received") == 600
+    assert sample("syncd_audience_job_records_total", audience=audience, kind="matched") == 360
+
+
 async def test_old_jobs_expire_and_are_not_polled(
     store: Store, client: FakeClient, poller: Poller, clock: FakeClock
 ) -> None:

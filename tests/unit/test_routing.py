@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from syncd.members import record_digest
 from syncd.model import CONSENT_VALUES, Action, Consent, Destination, ProfileChange, encode_record
 from syncd.routing import Router, Unusable, external_user_id
+from syncd.sandbox.app import CONSENT_COUNTRIES as SANDBOX_CONSENT_COUNTRIES
 
 # Amazon's externalUserId pattern, written out here as the oracle (not imported from syncd).
 API_ID = re.compile(r"[0-9a-zA-Z_-]{1,128}")
@@ -235,3 +236,69 @@ def test_an_ip_address_alone_is_a_geo_only_user_consent() -> None:
         encode_record("m", "FR", Action.ADD, [], Consent(ip_address="2001:db8::1"))
     )
     assert record["userConsent"] == {"geo": {"countryCode": "FR", "ipAddress": "2001:db8::1"}}
+
+
+STRICT_DESTINATIONS = (
+    Destination("eu", "conn-1", 7, "DE", consent_policy="strict"),
+    Destination("us", "conn-1", 8, "US", consent_policy="strict"),
+    Destination("open", "conn-1", 9, "DE"),  # pass
+)
+# the sandbox's list (Amazon's emulator, written apart from routing): the EU, IS, LI, NO, GB, CH
+CONSENT_ORACLE = SANDBOX_CONSENT_COUNTRIES
+
+
+def strict_route(change: ProfileChange) -> dict[str, tuple[Action, bool, str]]:
+    parts = Router(STRICT_DESTINATIONS, strict_reference=False).route(change)
+    out = {}
+    for p in parts:
+        assert orjson.loads(p.record.json)["action"] == p.record.action.value
+        out[p.destination.audience] = (
+            p.record.action,
+            p.record.identifiers_only,
+            p.record.dead_letter,
+        )
+    return out
+
+
+@settings(max_examples=300)
+@given(
+    country=st.one_of(
+        st.none(), st.sampled_from(sorted(CONSENT_ORACLE | {"US", "JP", "BR", "TR"}))
+    ),
+    user_data=st.one_of(st.none(), st.sampled_from(sorted(CONSENT_VALUES))),
+    identifiers_only=st.booleans(),
+)
+def test_strict_consent_keeps_back_unanswered_consent_countries_and_removes_on_denied(
+    country: str | None, user_data: str | None, identifiers_only: bool
+) -> None:
+    audiences = {} if identifiers_only else {"adds": ("eu", "us", "open")}
+    change = ProfileChange(
+        "cdp-1",
+        {"email": ["jane@example.com"]},
+        country=country,
+        consent=None if user_data is None else Consent(amzn_user_data=user_data),
+        **audiences,
+    )
+    got = strict_route(change)
+    for dest in STRICT_DESTINATIONS:
+        effective = country or dest.country_code
+        if dest.consent_policy == "pass":
+            want = (Action.ADD, identifiers_only, "")
+        elif user_data == "DENIED":
+            want = (Action.REMOVE, False, "")
+        elif effective in CONSENT_ORACLE and user_data != "GRANTED":
+            want = (Action.ADD, identifiers_only, "consent_missing")
+        else:
+            want = (Action.ADD, identifiers_only, "")
+        assert got[dest.audience] == want, dest
+
+
+@pytest.mark.parametrize("user_data", [None, "UNKNOWN", "DENIED", "GRANTED"])
+def test_strict_consent_lets_every_remove_through(user_data: str | None) -> None:
+    change = ProfileChange(
+        "cdp-1",
+        {"email": ["jane@example.com"]},
+        removes=("eu",),
+        consent=None if user_data is None else Consent(amzn_user_data=user_data),
+    )
+    assert strict_route(change) == {"eu": (Action.REMOVE, False, "")}
