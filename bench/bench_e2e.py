@@ -278,90 +278,93 @@ def rate(count: int, seconds: float, unit: str = "events") -> str:
 
 
 async def main(args: argparse.Namespace) -> None:
+    with (
+        tempfile.TemporaryDirectory(prefix="syncd-bench-") as tmp,
+        store_url(args.store, Path(tmp)) as url,
+    ):
+        await bench(args, Path(tmp), url)
+
+
+async def bench(args: argparse.Namespace, tmp: Path, url: str) -> None:
     events: int = args.events
-    tmp = Path(tempfile.mkdtemp(prefix="syncd-bench-"))
     broker = EmbeddedBroker()
     await broker.start()
     sandbox_port = free_port()
     sandbox = start_sandbox(sandbox_port, args.job_delay_s)
     sandbox_url = f"http://127.0.0.1:{sandbox_port}"
     try:
-        with store_url(args.store, tmp) as url:
-            await broker.create_topic(TOPIC, args.partitions)
-            t0 = time.monotonic()
-            await produce(broker.bootstrap, TOPIC, synth.events(events, seed=1, remove_ratio=0.2))
-            print(f"produced {events:,} events in {time.monotonic() - t0:.1f}s", flush=True)
-            ends = await end_offsets(broker.bootstrap, TOPIC)
+        await broker.create_topic(TOPIC, args.partitions)
+        t0 = time.monotonic()
+        await produce(broker.bootstrap, TOPIC, synth.events(events, seed=1, remove_ratio=0.2))
+        print(f"produced {events:,} events in {time.monotonic() - t0:.1f}s", flush=True)
+        ends = await end_offsets(broker.bootstrap, TOPIC)
+        raw = config(broker.bootstrap, sandbox_url, url, "bench", args.workers, args.max_pending)
+        daemon = DaemonProcess(tmp, raw).start()
+        assert daemon.proc is not None
+        pid = daemon.proc.pid
+        # one member record per event: synth makes one event per profile, for one audience
+        run = await watch(daemon, broker.bootstrap, ends, sandbox_url, records_target=events)
+        records, posts = accepted(await sandbox_stats(sandbox_url))
+        helpers = child_processes(pid)
+        cpu_s = {
+            "loop": cpu_seconds(pid),
+            "workers": sum(map(cpu_seconds, helpers)),
+            "sandbox": cpu_seconds(sandbox.pid),
+        }
+        await daemon.terminate()
+        end_to_end = run.all_accepted - run.first_read
+        ingest = run.committed - run.first_read
+        us = {name: 1e6 * seconds / max(records, 1) for name, seconds in cpu_s.items()}
+        print(
+            f"machine: {os.cpu_count()} cores, {cpu_model()}, Python"
+            f" {platform.python_version()} (transform compiled:"
+            f" {'yes' if runtime.compiled() else 'no'}); store: {args.store};"
+            f" transform workers: {args.workers}; sandbox job delay: {args.job_delay_s}s"
+        )
+        print(
+            f"events: {events:,}  records accepted: {records:,} in {posts:,} POSTs"
+            f" ({records / max(posts, 1):,.0f} records each)"
+        )
+        print(
+            f"end to end (first event read -> last 202): {end_to_end:.1f}s,"
+            f" {rate(events, end_to_end)}, {rate(records, end_to_end, 'records')}"
+            f" ({run.first_read - run.started:.1f}s from start to the first event read)"
+        )
+        print(f"ingest (first event read -> last commit): {ingest:.1f}s, {rate(events, ingest)}")
+        print(run.memory.line())
+        print(
+            f"CPU per record: syncd {us['loop'] + us['workers']:.0f} us (event loop"
+            f" {us['loop']:.0f}, transform workers and helpers {us['workers']:.0f}),"
+            f" sandbox {us['sandbox']:.0f} us",
+            flush=True,
+        )
+        if args.replay:
             raw = config(
-                broker.bootstrap, sandbox_url, url, "bench", args.workers, args.max_pending
+                broker.bootstrap,
+                sandbox_url,
+                url,
+                "bench-replay",
+                args.workers,
+                args.max_pending,
             )
-            daemon = DaemonProcess(tmp, raw).start()
-            assert daemon.proc is not None
-            pid = daemon.proc.pid
-            # one member record per event: synth makes one event per profile, for one audience
-            run = await watch(daemon, broker.bootstrap, ends, sandbox_url, records_target=events)
-            records, posts = accepted(await sandbox_stats(sandbox_url))
-            helpers = child_processes(pid)
-            cpu_s = {
-                "loop": cpu_seconds(pid),
-                "workers": sum(map(cpu_seconds, helpers)),
-                "sandbox": cpu_seconds(sandbox.pid),
-            }
-            await daemon.terminate()
-            end_to_end = run.all_accepted - run.first_read
-            ingest = run.committed - run.first_read
-            us = {name: 1e6 * seconds / max(records, 1) for name, seconds in cpu_s.items()}
+            before = accepted(await sandbox_stats(sandbox_url))[0]
+            replayer = DaemonProcess(tmp, raw, name="replay").start()
+            assert replayer.proc is not None
+            replay = await watch(replayer, broker.bootstrap, ends, sandbox_url, None)
+            await replayer.terminate()  # its drain would send whatever it had claimed
+            resent = accepted(await sandbox_stats(sandbox_url))[0] - before
             print(
-                f"machine: {os.cpu_count()} cores, {cpu_model()}, Python"
-                f" {platform.python_version()} (transform compiled:"
-                f" {'yes' if runtime.compiled() else 'no'}); store: {args.store};"
-                f" transform workers: {args.workers}; sandbox job delay: {args.job_delay_s}s"
+                f"replay (new consumer group, first event read -> last commit):"
+                f" {replay.committed - replay.first_read:.1f}s,"
+                f" {rate(events, replay.committed - replay.first_read)};"
+                f" records sent: {resent:,}"
             )
-            print(
-                f"events: {events:,}  records accepted: {records:,} in {posts:,} POSTs"
-                f" ({records / max(posts, 1):,.0f} records each)"
-            )
-            print(
-                f"end to end (first event read -> last 202): {end_to_end:.1f}s,"
-                f" {rate(events, end_to_end)}, {rate(records, end_to_end, 'records')}"
-                f" ({run.first_read - run.started:.1f}s from start to the first event read)"
-            )
-            print(
-                f"ingest (first event read -> last commit): {ingest:.1f}s, {rate(events, ingest)}"
-            )
-            print(run.memory.line())
-            print(
-                f"CPU per record: syncd {us['loop'] + us['workers']:.0f} us (event loop"
-                f" {us['loop']:.0f}, transform workers and helpers {us['workers']:.0f}),"
-                f" sandbox {us['sandbox']:.0f} us",
-                flush=True,
-            )
-            if args.replay:
-                raw = config(
-                    broker.bootstrap,
-                    sandbox_url,
-                    url,
-                    "bench-replay",
-                    args.workers,
-                    args.max_pending,
-                )
-                before = accepted(await sandbox_stats(sandbox_url))[0]
-                replayer = DaemonProcess(tmp, raw, name="replay").start()
-                assert replayer.proc is not None
-                replay = await watch(replayer, broker.bootstrap, ends, sandbox_url, None)
-                await replayer.terminate()  # its drain would send whatever it had claimed
-                resent = accepted(await sandbox_stats(sandbox_url))[0] - before
-                print(
-                    f"replay (new consumer group, first event read -> last commit):"
-                    f" {replay.committed - replay.first_read:.1f}s,"
-                    f" {rate(events, replay.committed - replay.first_read)};"
-                    f" records sent: {resent:,}"
-                )
-                print("replay " + replay.memory.line())
-                if resent:
-                    raise AssertionError(f"the replay sent {resent:,} records (expected 0)")
-            await member_table(url, args.store)
+            print("replay " + replay.memory.line())
+            if resent:
+                raise AssertionError(f"the replay sent {resent:,} records (expected 0)")
+        await member_table(url, args.store)
     finally:
+        DaemonProcess.kill_leftovers()  # after a failure: none runs on
         sandbox.terminate()
         broker.stop()
 
