@@ -86,6 +86,7 @@ _ERASE_LOCK = 0x73796E6365  # pg advisory lock: erase (exclusive) vs record_chan
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 _TX_ATTEMPTS = 5
 _ROWS_PER_STATEMENT = 1000  # x 8 values per row: within SQLite's and asyncpg's parameter limits
+_SHAPES = (_ROWS_PER_STATEMENT, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)  # rows per INSERT
 _MAX_REASON_CHARS = 64
 
 m = members
@@ -301,6 +302,17 @@ def _chunks(items: Sequence[T], size: int = _ROWS_PER_STATEMENT) -> Iterator[Seq
         yield items[start : start + size]
 
 
+def _shaped_chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    """`items` in slices of the sizes in `_SHAPES`, for multi-row INSERTs: the drivers keep
+    prepared statements by their text, and one per distinct row count filled their caches with
+    statements of up to 1,000 rows (tens of MB)."""
+    start = 0
+    for size in _SHAPES:
+        while len(items) - start >= size:
+            yield items[start : start + size]
+            start += size
+
+
 def _by_audience(keys: Iterable[tuple[int, str]]) -> dict[int, list[str]]:
     grouped: dict[int, list[str]] = defaultdict(list)
     for audience_id, external_user_id in keys:
@@ -478,7 +490,7 @@ class MemberTable:
         adds_only: bool,
     ) -> None:
         """One INSERT .. ON CONFLICT DO UPDATE .. WHERE newer per chunk of changes."""
-        for chunk in _chunks(changes):
+        for chunk in _shaped_chunks(changes):
             rows = [
                 {
                     "audience_id": c.audience_id,
@@ -1004,7 +1016,7 @@ class MemberTable:
     async def _add_tombstones(
         self, conn: AsyncConnection, keys: Sequence[tuple[int, str]], erased_at: float
     ) -> None:
-        for chunk in _chunks(keys):
+        for chunk in _shaped_chunks(keys):
             stmt = self._insert(t).values(
                 [
                     {"audience_id": a, "external_user_id": e, "erased_at": erased_at}

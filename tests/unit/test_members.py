@@ -12,6 +12,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import event
 
 from syncd.members import (
     ADD,
@@ -859,3 +860,30 @@ async def test_a_key_re_pointed_to_another_audience_starts_fresh_there(
     assert old is not None
     assert old.in_sync
     assert old.due_since is None
+
+
+async def test_chunks_of_any_size_are_written_by_a_few_distinct_statements(
+    table: MemberTable,
+) -> None:
+    """Ingest chunks vary in size. The drivers keep prepared statements by their SQL text (sqlite3
+    128 per connection, asyncpg 100): one multi-row INSERT per distinct row count filled those
+    caches with statements of up to 1,000 rows and grew the daemon by tens of MB. Row counts come
+    from a fixed set of sizes instead."""
+    texts: set[str] = set()
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO MEMBERS"):
+            texts.add(statement)
+
+    engine = table._store._engine.sync_engine
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        position = 0
+        for size in range(1, 130):
+            changes = [change(f"s{size}-{i}", pos=position + i) for i in range(size)]
+            position += size
+            counts = await table.record_changes(changes)
+            assert counts.recorded == size
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert 0 < len(texts) <= 11
