@@ -197,7 +197,8 @@ def encode_record(
         )
         if user_consent is not None:
             body["userConsent"] = user_consent
-    return orjson.dumps(body)
+    encoded: bytes = orjson.dumps(body)  # typed: orjson is Any where mypyc compiles this
+    return encoded
 
 
 @lru_cache(maxsize=64)  # a few consents make up most events; their objects are only read
