@@ -129,5 +129,5 @@ def _encoded(
 ) -> EncodedBatch:
     """The batch of `records` (JSON each) behind the body's `prefix`."""
     body = b"".join((prefix, b",".join(records), _CLOSE))
-    batch = Batch(destination, members, [], len(body), first_event_at)
+    batch = Batch(destination, members, len(body), first_event_at)
     return EncodedBatch(batch, body, records, claims)

@@ -1,8 +1,8 @@
 """Plain data passed between the pipeline stages. No I/O, no behaviour beyond (de)serialization.
 
 source -> SourceRef + bytes; decode -> ProfileChange; route+hash -> MemberRecord per destination
-(or an Erase); batch -> Batch (records + the SourceRefs it answers for); deliver -> job row +
-acknowledgement.
+(or an Erase), recorded in the member table; a sender's claims -> Batch (the members of one
+POST) -> job row + the members' sent state.
 """
 
 from __future__ import annotations
@@ -217,18 +217,9 @@ class Member:
 
 @dataclass(slots=True)
 class Batch:
-    """Records for one destination and every source event they answer for.
-
-    `sources[i]` holds the source events record i answers for: its own, and those of earlier
-    changes of the same member that it replaced, so acknowledging the batch acknowledges them.
-    """
+    """Claimed members of one destination, as one POST carries them."""
 
     destination: Destination
     records: list[Member] = field(default_factory=list)
-    sources: list[list[SourceRef]] = field(default_factory=list)
     size_bytes: int = 0
     first_event_at: float | None = None
-
-    @property
-    def refs(self) -> list[SourceRef]:
-        return [ref for refs in self.sources for ref in refs]
