@@ -234,6 +234,18 @@ def member_change(
     )
 
 
+def without_consent_ip(record: bytes) -> bytes:
+    """The record without `userConsent.geo.ipAddress` (the same object when it has none)."""
+    if b'"ipAddress"' not in record:
+        return record
+    obj = orjson.loads(record)
+    geo = (obj.get("userConsent") or {}).get("geo")
+    if not isinstance(geo, dict) or "ipAddress" not in geo:
+        return record
+    del geo["ipAddress"]
+    return orjson.dumps(obj)
+
+
 def delete_record(record: bytes) -> bytes:
     """The same record with `action` DELETE (an erase removes the member with what it holds)."""
     obj = orjson.loads(record)
@@ -668,7 +680,30 @@ class MemberTable:
     async def _mark_sent(
         self, conn: AsyncConnection, now: float, claims: Sequence[Claim], job_request_id: str
     ) -> list[Claim]:
-        return await self._sent(conn, now, claims, {"job_request_id": job_request_id})
+        lost = await self._sent(conn, now, claims, {"job_request_id": job_request_id})
+        await self._forget_consent_ips(conn, [c for c in claims if c not in lost])
+        return lost
+
+    async def _forget_consent_ips(self, conn: AsyncConnection, accepted: Sequence[Claim]) -> None:
+        """The store keeps a consent IP only until the change that carried it is accepted (or
+        refused for good): from here the record keeps `geo.countryCode` alone (refreshes send
+        that). A row whose record changed since the claim keeps its own (not sent yet)."""
+        params = [
+            {"a": c.audience_id, "e": c.external_user_id, "old": c.record, "new": new}
+            for c in accepted
+            if (new := without_consent_ip(c.record)) is not c.record
+        ]
+        if params:
+            await conn.execute(
+                update(m)
+                .where(
+                    m.c.audience_id == bindparam("a"),
+                    m.c.external_user_id == bindparam("e"),
+                    m.c.record == bindparam("old"),
+                )
+                .values(record=bindparam("new")),
+                params,
+            )
 
     async def refuse(self, claims: Sequence[Claim], reason: str) -> list[Claim]:
         """Amazon refused these claimed records on their own (a 400 isolated by the bisect, or a
@@ -676,7 +711,13 @@ class MemberTable:
         that they are not sent again until they change (a member that changed since its claim
         is due again). Fenced on the claims' tokens; returns the lost claims."""
         values = {"outcome": INVALID, "reason": reason[:_MAX_REASON_CHARS], "accepted_at": None}
-        return await self._transaction(lambda conn, now: self._sent(conn, now, claims, values))
+
+        async def op(conn: AsyncConnection, now: float) -> list[Claim]:
+            lost = await self._sent(conn, now, claims, values)
+            await self._forget_consent_ips(conn, [c for c in claims if c not in lost])
+            return lost
+
+        return await self._transaction(op)
 
     async def _sent(
         self,

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event
+from sqlalchemy import event, select
 
 from syncd.members import (
     ADD,
@@ -29,6 +29,7 @@ from syncd.members import (
 )
 from syncd.model import Action, Consent, member_record
 from syncd.store import NewJob, Store
+from syncd.store.schema import members
 from tests.unit.test_store import T0, FakeClock
 
 A1 = 413642381039213536  # real audience ids have 18 digits
@@ -887,3 +888,40 @@ async def test_chunks_of_any_size_are_written_by_a_few_distinct_statements(
     finally:
         event.remove(engine, "before_cursor_execute", seen)
     assert 0 < len(texts) <= 11
+
+
+async def stored_record(table: MemberTable, euid: str, audience: int = A1) -> bytes:
+    async with table._store._read() as conn:
+        record = await conn.scalar(
+            select(members.c.record).where(
+                members.c.audience_id == audience, members.c.external_user_id == euid
+            )
+        )
+    assert isinstance(record, bytes)
+    return record
+
+
+async def test_a_consent_ip_is_kept_only_until_its_change_is_accepted(table: MemberTable) -> None:
+    """The contract: the store keeps a consent IP only until the change that carried it is
+    accepted; then the record keeps `geo.countryCode` alone (what refreshes send). A newer
+    change recorded meanwhile keeps its own IP until it is accepted in turn."""
+
+    def with_ip(email: str, ip: str, at: float, pos: int) -> MemberChange:
+        consent = Consent(amzn_user_data="GRANTED", ip_address=ip)
+        record = member_record("u1", "DE", Action.ADD, [{"email": sha(email)}], consent=consent)
+        return member_change(A1, record, occurred_at=at, position=pos)
+
+    await table.record_changes([with_ip("a", "203.0.113.7", T0, 0)])
+    [claim] = await table.claim_due([A1], 10, LEASE, "sender")
+    assert b"203.0.113.7" in claim.record
+    assert await table.mark_sent([claim], "job-1") == []
+    stored = await stored_record(table, "u1")
+    assert orjson.loads(stored)["userConsent"]["geo"] == {"countryCode": "DE"}
+    assert record_digest(stored) == claim.digest
+
+    await table.record_changes([with_ip("b", "192.0.2.1", T0 + 1, 1)])
+    await table.apply_job_outcome("job-1", "SUCCEEDED")
+    [claim] = await table.claim_due([A1], 10, LEASE, "sender")
+    await table.record_changes([with_ip("c", "198.51.100.9", T0 + 2, 2)])  # newer, not sent
+    await table.mark_sent([claim], "job-2")
+    assert b"198.51.100.9" in await stored_record(table, "u1")
