@@ -680,9 +680,7 @@ class MemberTable:
     async def _mark_sent(
         self, conn: AsyncConnection, now: float, claims: Sequence[Claim], job_request_id: str
     ) -> list[Claim]:
-        lost = await self._sent(conn, now, claims, {"job_request_id": job_request_id})
-        await self._forget_consent_ips(conn, [c for c in claims if c not in lost])
-        return lost
+        return await self._sent(conn, now, claims, {"job_request_id": job_request_id})
 
     async def _forget_consent_ips(self, conn: AsyncConnection, accepted: Sequence[Claim]) -> None:
         """The store keeps a consent IP only until the change that carried it is accepted (or
@@ -711,13 +709,7 @@ class MemberTable:
         that they are not sent again until they change (a member that changed since its claim
         is due again). Fenced on the claims' tokens; returns the lost claims."""
         values = {"outcome": INVALID, "reason": reason[:_MAX_REASON_CHARS], "accepted_at": None}
-
-        async def op(conn: AsyncConnection, now: float) -> list[Claim]:
-            lost = await self._sent(conn, now, claims, values)
-            await self._forget_consent_ips(conn, [c for c in claims if c not in lost])
-            return lost
-
-        return await self._transaction(op)
+        return await self._transaction(lambda conn, now: self._sent(conn, now, claims, values))
 
     async def _sent(
         self,
@@ -773,6 +765,8 @@ class MemberTable:
                     )
                 kept = {row[0] for row in written}
                 lost.extend(sent[euid] for euid in chunk if euid not in kept)
+        gone = set(lost)
+        await self._forget_consent_ips(conn, [c for c in claims if c not in gone])
         return lost
 
     async def waiting(self, audience_ids: Sequence[int]) -> int:
