@@ -290,11 +290,17 @@ def _figure(value: int | None) -> str:
 # -- syncd members show --------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class BudgetUse:
-    """Records a connection has in its rolling budget window, and its limit."""
+    """Records a connection has in its rolling budget window, and its limit; `batch` is the
+    most records a batch holds (0: unknown)."""
 
     used: int
     limit: int
     window_s: int
+    batch: int = 0
+
+    @property
+    def room(self) -> int:
+        return max(0, self.limit - self.used)
 
 
 def member_report(
@@ -396,9 +402,18 @@ def _waiting(
             why.append("changed since that send: sent again once the job has ended")
     elif member.due_since is not None:
         if member.claimed_until is not None and member.claimed_until > now:
-            why.append(
-                f"claimed by {member.claimed_by} until {_iso(member.claimed_until)}: sending"
-            )
+            claimed = f"claimed by {member.claimed_by} until {_iso(member.claimed_until)}"
+            if budget is not None and budget.room == 0:  # its sender waits in Budget.acquire
+                why.append(f"{claimed}: its batch waits for the connection's budget")
+                why.append(_budget_note(budget))
+            else:
+                why.append(f"{claimed}: sending")
+                if budget is not None and budget.room < budget.batch:
+                    why.append(
+                        f"the connection's budget has room for {budget.room:,} more records "
+                        f"({budget.used:,} of {budget.limit:,} in the last {budget.window_s} s): "
+                        "a larger batch waits for the window to roll"
+                    )
         elif paused:
             why.append(
                 f"due since {_iso(member.due_since)}, but its destination is paused "
@@ -453,7 +468,7 @@ async def show_member(
     if member is not None and member.due_since is not None and not dest.paused:
         window_s = cfg.budget.window_seconds
         used = await store.budget_used(dest.connection_id, window_s)
-        budget = BudgetUse(used, cfg.budget.records_per_hour, window_s)
+        budget = BudgetUse(used, cfg.budget.records_per_hour, window_s, cfg.batch.max_records)
     return member_report(
         dest,
         profile_id,

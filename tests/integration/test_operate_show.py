@@ -120,6 +120,52 @@ def sent_to(sandbox: RunningSandbox, connection: str, profile: str) -> list[dict
     return [e for e in sandbox.state.ledger(connection) if e["record"]["externalUserId"] == profile]
 
 
+async def test_show_says_a_member_waits_for_the_connections_budget(
+    kafka: Any, sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    """A budget of 2 records an hour: two members are sent, the third change is recorded and
+    claimed but its batch waits for the window to roll. `members show` says so, and that
+    nothing was sent."""
+    daemon, topic = await start(
+        kafka,
+        sandbox,
+        tmp_path,
+        "budget",
+        destinations=[VIP_DEST],
+        budget={"records_per_hour": 2, "window_seconds": 3600},
+    )
+    store_url = daemon.raw["store"]["url"]
+    at = "2026-11-22T10:00:01Z"
+    await produce(kafka.bootstrap, topic, [add("b-1", at), add("b-2", at)])
+
+    async def budget_spent() -> bool:
+        daemon.check_alive()
+        return len(sandbox.state.ledger(CONNECTION)) == 2
+
+    await wait_for(budget_spent, 60, "the two records of the budget sent")
+    await produce(kafka.bootstrap, topic, [add("b-3", "2026-11-22T10:00:02Z")])
+
+    async def waits_for_budget() -> bool:
+        daemon.check_alive()
+        row = await member(store_url, VIP, "b-3")
+        paused = await daemon.metric("syncd_budget_paused", {"connection": CONNECTION})
+        return row is not None and paused == 1
+
+    await wait_for(waits_for_budget, 60, "b-3 recorded and its batch waiting for budget")
+    doc, human = await show(daemon, "vip", "b-3")
+    assert sent_to(sandbox, CONNECTION, "b-3") == []
+    assert doc["state"] == "pending"
+    assert doc["desired"] == {"action": "add", "occurred_at": "2026-11-22T10:00:02Z"}
+    assert (doc["sent"], doc["job"], doc["outcome"]) == (None, None, None)
+    waiting = " / ".join(doc["waiting"])
+    assert "budget is used up (2 of 2 records in the last 3600 s)" in waiting
+    assert "waits for the window to roll" in waiting
+    assert "sending" not in waiting  # claimed, but not on its way to Amazon
+    assert "budget is used up" in human
+    assert "last sent" not in human
+    assert await daemon.terminate() == 0
+
+
 async def test_show_names_the_pending_job_that_holds_a_member(kafka: Any, tmp_path: Path) -> None:
     """Amazon keeps every job PENDING for 10 minutes: the member was sent, and its next change
     waits for that job. `members show` names the job and says the member waits for it."""

@@ -28,6 +28,7 @@ from syncd.observability.metrics import REGISTRY
 from syncd.operate import (
     DEFAULT_TTL_S,
     AudienceStatus,
+    BudgetUse,
     Metadata,
     audience_status,
     member_report,
@@ -434,6 +435,29 @@ def test_a_live_claim_and_a_refresh_are_named() -> None:
     [why] = member_report(VIP, "u1", refresh, None, None, 60, 0.5, now=T0 + 1)["waiting"]
     assert "TTL refresh" in why
     assert "live changes go first" in why
+
+
+def test_a_claim_waiting_for_the_connections_budget_is_named() -> None:
+    """A sender holds its claim while its batch waits for budget: not "sending"."""
+    claimed = state(due_since=T0, claimed_by="replica-2", claimed_until=T0 + 60)
+    used_up = BudgetUse(used=100, limit=100, window_s=3600, batch=100)
+    doc = member_report(VIP, "u1", claimed, None, None, 60, 0.5, now=T0 + 1, budget=used_up)
+    assert doc["waiting"] == [
+        "claimed by replica-2 until 2027-01-15T08:01:00Z: its batch waits for the connection's "
+        "budget",
+        "the connection's budget is used up (100 of 100 records in the last 3600 s): it waits "
+        "for the window to roll",
+    ]
+    short = BudgetUse(used=97, limit=100, window_s=3600, batch=100)
+    doc = member_report(VIP, "u1", claimed, None, None, 60, 0.5, now=T0 + 1, budget=short)
+    assert doc["waiting"] == [
+        "claimed by replica-2 until 2027-01-15T08:01:00Z: sending",
+        "the connection's budget has room for 3 more records (97 of 100 in the last 3600 s): "
+        "a larger batch waits for the window to roll",
+    ]
+    roomy = BudgetUse(used=0, limit=100, window_s=3600, batch=100)
+    doc = member_report(VIP, "u1", claimed, None, None, 60, 0.5, now=T0 + 1, budget=roomy)
+    assert doc["waiting"] == ["claimed by replica-2 until 2027-01-15T08:01:00Z: sending"]
 
 
 async def test_show_says_a_member_waits_because_its_destination_is_paused(
