@@ -378,6 +378,9 @@ class MemberTable:
             if self._postgres
             else None
         )
+        self._upserts = {
+            adds_only: self._upsert_statement(adds_only=adds_only) for adds_only in (False, True)
+        }
 
     # -- plumbing --------------------------------------------------------------------------------
     @asynccontextmanager
@@ -501,7 +504,9 @@ class MemberTable:
         *,
         adds_only: bool,
     ) -> None:
-        """One INSERT .. ON CONFLICT DO UPDATE .. WHERE newer per chunk of changes."""
+        """One INSERT .. ON CONFLICT DO UPDATE .. WHERE newer, executed for each shaped chunk of
+        changes (the driver sends a chunk as one multi-row statement; the statement itself is
+        compiled once)."""
         for chunk in _shaped_chunks(changes):
             rows = [
                 {
@@ -518,44 +523,48 @@ class MemberTable:
                 }
                 for c in chunk
             ]
-            stmt = self._insert(m).values(rows)
-            new = stmt.excluded
-            same_as_sent = and_(
-                new.action == m.c.sent_action,
-                new.digest == m.c.sent_digest,
-                m.c.outcome.in_((CONFIRMED, INVALID)),
-            )
-            guard = _newer(new.occurred_at, new.position)
-            if adds_only:
-                guard = and_(guard, m.c.action == ADD)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[m.c.audience_id, m.c.external_user_id],
-                set_={
-                    "action": new.action,
-                    "record": new.record,
-                    "digest": new.digest,
-                    "occurred_at": new.occurred_at,
-                    "position": new.position,
-                    "attempts": 0,
-                    "due_since": case(
-                        (m.c.job_request_id.is_not(None), None),
-                        (same_as_sent, None),
-                        else_=func.coalesce(m.c.due_since, now),
-                    ),
-                    "due_rank": case(
-                        (and_(m.c.due_since.is_not(None), m.c.due_rank < rank), m.c.due_rank),
-                        else_=rank,
-                    ),
-                },
-                where=guard,
-            ).returning(m.c.due_since, m.c.job_request_id)
-            written = (await conn.execute(stmt)).all()
+            written = (await conn.execute(self._upserts[adds_only], rows)).all()
             for due_since, job in written:
                 if due_since is None and job is None:
                     counts.noop += 1
                 else:
                     counts.recorded += 1
             counts.superseded += len(chunk) - len(written)
+
+    def _upsert_statement(self, *, adds_only: bool) -> Any:
+        """The upsert of `_upsert`, built once: every value comes from the inserted row
+        (`excluded`), so the statement is the same for every call and compiles once."""
+        stmt = self._insert(m)
+        new = stmt.excluded
+        same_as_sent = and_(
+            new.action == m.c.sent_action,
+            new.digest == m.c.sent_digest,
+            or_(m.c.outcome == CONFIRMED, m.c.outcome == INVALID),  # not IN: executemany
+        )
+        guard = _newer(new.occurred_at, new.position)
+        if adds_only:
+            guard = and_(guard, m.c.action == ADD)
+        return stmt.on_conflict_do_update(
+            index_elements=[m.c.audience_id, m.c.external_user_id],
+            set_={
+                "action": new.action,
+                "record": new.record,
+                "digest": new.digest,
+                "occurred_at": new.occurred_at,
+                "position": new.position,
+                "attempts": 0,
+                "due_since": case(
+                    (m.c.job_request_id.is_not(None), None),
+                    (same_as_sent, None),
+                    else_=func.coalesce(m.c.due_since, new.due_since),
+                ),
+                "due_rank": case(
+                    (and_(m.c.due_since.is_not(None), m.c.due_rank < new.due_rank), m.c.due_rank),
+                    else_=new.due_rank,
+                ),
+            },
+            where=guard,
+        ).returning(m.c.due_since, m.c.job_request_id)
 
     # -- senders ---------------------------------------------------------------------------------
     async def claim_due(

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from alembic import command
+from sqlalchemy import insert, inspect, select, text
+from sqlalchemy.engine import Connection
+
+from syncd.members import MemberChange, MemberTable
 from syncd.store import Store
-from syncd.store.store import head_revision
+from syncd.store.schema import members
+from syncd.store.store import alembic_config, head_revision
 
 
 async def test_connections_racing_to_open_a_new_file_all_succeed(tmp_path: Path) -> None:
@@ -21,3 +29,72 @@ async def test_connections_racing_to_open_a_new_file_all_succeed(tmp_path: Path)
             assert [await s.schema_status() for s in stores] == [(head, head)] * len(stores)
         finally:
             await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_upgrading_to_0005_makes_members_a_rowid_table_and_keeps_every_row(
+    tmp_path: Path,
+) -> None:
+    """Revision 0005 rebuilds SQLite's member table as a rowid table (and 0004 back), with its
+    rows and indexes; the member table works on the result."""
+    store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}")
+
+    def migrate(to: str, *, down: bool = False) -> Callable[[Connection], None]:
+        def run(sync: Connection) -> None:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = sync
+            (command.downgrade if down else command.upgrade)(cfg, to)
+
+        return run
+
+    async def table_sql_rows_and_indexes() -> tuple[str, list[Any], set[str]]:
+        async with store._engine.connect() as conn:
+            sql = await conn.scalar(text("SELECT sql FROM sqlite_master WHERE name = 'members'"))
+            rows = (await conn.execute(select(members).order_by(members.c.external_user_id))).all()
+            indexes = await conn.run_sync(lambda sync: inspect(sync).get_indexes("members"))
+        return str(sql), [tuple(r) for r in rows], {ix["name"] for ix in indexes}
+
+    try:
+        async with store._engine.begin() as conn:
+            await conn.run_sync(migrate("0004"))
+            await conn.execute(
+                insert(members),
+                [
+                    {
+                        "audience_id": 7,
+                        "external_user_id": f"u{i}",
+                        "action": "add",
+                        "record": b'{"externalUserId":"u%d"}' % i,
+                        "digest": bytes(32),
+                        "occurred_at": 100.0 + i,
+                        "position": i,
+                        "due_rank": 0,
+                        "due_since": 100.0 if i % 2 else None,
+                        "attempts": 0,
+                    }
+                    for i in range(50)
+                ],
+            )
+        sql_0004, rows_0004, indexes = await table_sql_rows_and_indexes()
+        assert "WITHOUT ROWID" in sql_0004
+        assert len(rows_0004) == 50
+
+        await store.ensure_schema(auto_upgrade=True)
+        sql_0005, rows_0005, indexes_0005 = await table_sql_rows_and_indexes()
+        assert "WITHOUT ROWID" not in sql_0005
+        assert rows_0005 == rows_0004
+        assert (
+            indexes_0005 == indexes == {"ix_members_due", "ix_members_job", "ix_members_accepted"}
+        )
+        table = MemberTable(store)
+        assert await table.waiting([7]) == 25
+        change = MemberChange(7, "u1", "remove", b"{}", bytes(32), 500.0, 1)
+        assert (await table.record_changes([change])).recorded == 1
+        assert (await table.member(7, "u1")) is not None
+
+        async with store._engine.begin() as conn:
+            await conn.run_sync(migrate("0004", down=True))
+        sql_back, rows_back, _ = await table_sql_rows_and_indexes()
+        assert "WITHOUT ROWID" in sql_back
+        assert len(rows_back) == 50
+    finally:
+        await store.close()
