@@ -28,7 +28,6 @@ versions for autovacuum to reclaim (2.4 kB per member right after a full cycle, 
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections import defaultdict
 from collections.abc import (
@@ -85,8 +84,8 @@ _CONFIRMING_STATES = frozenset({"SUCCEEDED", "COMPLETED", "PARTIALLYSUCCEEDED"})
 _ERASE_LOCK = 0x73796E6365  # pg advisory lock: erase (exclusive) vs record_changes (shared)
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 _TX_ATTEMPTS = 5
-_ROWS_PER_STATEMENT = 1000  # x 8 values per row: within SQLite's and asyncpg's parameter limits
-_SHAPES = (_ROWS_PER_STATEMENT, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)  # rows per INSERT
+_ROWS_PER_STATEMENT = 250  # x 8 values per row: within SQLite's and asyncpg's parameter limits
+_SHAPES = (_ROWS_PER_STATEMENT, 128, 64, 32, 16, 8, 4, 2, 1)  # rows per INSERT
 _MAX_REASON_CHARS = 64
 
 m = members
@@ -193,25 +192,6 @@ class MemberState:
 
 
 # -- pure helpers ---------------------------------------------------------------------------------
-def record_digest(record: bytes) -> bytes:
-    """SHA-256 (32 bytes) of a record's canonical content: its country, its hashed identifiers as
-    a sorted set of (key, hash) pairs, and its consent values. Not the action (a column of its
-    own), the externalUserId (the key), nor the consent's IP address: a change that differs only
-    there is not sent again."""
-    obj = orjson.loads(record)
-    pairs = sorted({(k, v) for pii in obj.get("hashedPII") or () for k, v in pii.items()})
-    consent = obj.get("userConsent")
-    if isinstance(consent, dict) and isinstance(consent.get("geo"), dict):
-        geo = {k: v for k, v in consent["geo"].items() if k != "ipAddress"}
-        consent = (
-            {**consent, "geo": geo} if geo else {k: v for k, v in consent.items() if k != "geo"}
-        )
-    canonical = orjson.dumps(
-        [obj.get("countryCode"), pairs, consent or None], option=orjson.OPT_SORT_KEYS
-    )
-    return hashlib.sha256(canonical).digest()
-
-
 def member_change(
     audience_id: int,
     record: MemberRecord,
@@ -228,7 +208,7 @@ def member_change(
         record.external_user_id,
         UPDATE if identifiers_only else action,
         record.json,
-        record_digest(record.json),
+        record.digest,
         occurred_at,
         position,
     )

@@ -7,6 +7,7 @@ POST) -> job row + the members' sent state.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
@@ -140,6 +141,7 @@ class MemberRecord:
     external_user_id: str
     action: Action
     json: bytes
+    digest: bytes  # record_digest(json), computed where the record is encoded
     occurred_at: float | None = None
     identifiers_only: bool = False  # an event without `audiences`: updates existing members
     dead_letter: str = ""  # a policy kept the record back: its member dead-letter reason
@@ -164,10 +166,12 @@ def member_record(
     identifiers_only: bool = False,
     dead_letter: str = "",
 ) -> MemberRecord:
+    encoded = encode_record(external_user_id, country_code, action, hashed_pii, consent)
     return MemberRecord(
         external_user_id,
         action,
-        encode_record(external_user_id, country_code, action, hashed_pii, consent),
+        encoded,
+        record_digest(encoded),
         occurred_at,
         identifiers_only,
         dead_letter,
@@ -199,6 +203,25 @@ def encode_record(
             body["userConsent"] = user_consent
     encoded: bytes = orjson.dumps(body)  # typed: orjson is Any where mypyc compiles this
     return encoded
+
+
+def record_digest(record: bytes) -> bytes:
+    """SHA-256 (32 bytes) of a record's canonical content: its country, its hashed identifiers as
+    a sorted set of (key, hash) pairs, and its consent values. Not the action (a column of its
+    own), the externalUserId (the key), nor the consent's IP address: a change that differs only
+    there is not sent again."""
+    obj = orjson.loads(record)
+    pairs = sorted({(k, v) for pii in obj.get("hashedPII") or () for k, v in pii.items()})
+    consent = obj.get("userConsent")
+    if isinstance(consent, dict) and isinstance(consent.get("geo"), dict):
+        geo = {k: v for k, v in consent["geo"].items() if k != "ipAddress"}
+        consent = (
+            {**consent, "geo": geo} if geo else {k: v for k, v in consent.items() if k != "geo"}
+        )
+    canonical = orjson.dumps(
+        [obj.get("countryCode"), pairs, consent or None], option=orjson.OPT_SORT_KEYS
+    )
+    return hashlib.sha256(canonical).digest()
 
 
 @lru_cache(maxsize=64)  # a few consents make up most events; their objects are only read

@@ -95,7 +95,7 @@ def _die_with(daemon_pid: int) -> None:
         os._exit(1)
 
 
-_Wire = str | list[tuple[int, str, str, bytes, float | None, bool, str]] | Erase
+_Wire = str | list[tuple[int, str, str, bytes, bytes, float | None, bool, str]] | Erase
 _ACTIONS = {action.value: action for action in Action}
 
 
@@ -113,6 +113,7 @@ def _run_in_worker(values: list[bytes | None]) -> tuple[list[_Wire], RouteCounts
                 r.external_user_id,
                 r.action.value,
                 r.json,
+                r.digest,
                 r.occurred_at,
                 r.identifiers_only,
                 r.dead_letter,
@@ -129,8 +130,8 @@ def _from_wire(wire: list[_Wire]) -> list[Outcome]:
         w
         if isinstance(w, str | Erase)
         else [
-            (i, MemberRecord(user, _ACTIONS[action], json, at, only, dead_letter))
-            for i, user, action, json, at, only, dead_letter in w
+            (i, MemberRecord(user, _ACTIONS[action], json, digest, at, only, dead_letter))
+            for i, user, action, json, digest, at, only, dead_letter in w
         ]
         for w in wire
     ]

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from syncd.amazon.api import records_body
 from syncd.batching import EncodedBatch, build_batches, envelope_size
-from syncd.members import ADD, REMOVE, Claim, record_digest
-from syncd.model import Action, Destination, member_record
+from syncd.members import ADD, REMOVE, Claim
+from syncd.model import Action, Destination, member_record, record_digest
 
 DEST = Destination("vip", "conn-1", 413642381039213536, "US")
 HEX = "a" * 64

@@ -28,8 +28,8 @@ from syncd.errors import (
     RetryableError,
     ThrottledError,
 )
-from syncd.members import ADD, REMOVE, Claim, record_digest
-from syncd.model import Batch, Destination
+from syncd.members import ADD, REMOVE, Claim
+from syncd.model import Batch, Destination, record_digest
 from syncd.observability.metrics import REGISTRY
 from syncd.store import NewJob
 

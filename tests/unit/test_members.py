@@ -25,9 +25,8 @@ from syncd.members import (
     RecordCounts,
     delete_record,
     member_change,
-    record_digest,
 )
-from syncd.model import Action, Consent, member_record
+from syncd.model import Action, Consent, member_record, record_digest
 from syncd.store import NewJob, Store
 from syncd.store.schema import members
 from tests.unit.test_store import T0, FakeClock

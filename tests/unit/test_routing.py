@@ -13,8 +13,15 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from syncd.members import record_digest
-from syncd.model import CONSENT_VALUES, Action, Consent, Destination, ProfileChange, encode_record
+from syncd.model import (
+    CONSENT_VALUES,
+    Action,
+    Consent,
+    Destination,
+    ProfileChange,
+    encode_record,
+    record_digest,
+)
 from syncd.routing import Router, Unusable, external_user_id
 from syncd.sandbox.app import CONSENT_COUNTRIES as SANDBOX_CONSENT_COUNTRIES
 
