@@ -533,7 +533,9 @@ class MemberFeed:
             tg.create_task(self._renew_forever())
             try:
                 while not stop.is_set():
-                    await _until(sender.wait_for_room(2 * sender.workers), stop)
+                    # one claim ahead of the sender's workers: claimed batches hold their
+                    # records twice (claims and body), ~14 MB each at 6,000 records
+                    await _until(sender.wait_for_room(sender.workers + 1), stop)
                     if stop.is_set():
                         break
                     for batch in await self._claim_batches(stop):
