@@ -389,4 +389,6 @@ if __name__ == "__main__":
     parser.add_argument(
         "--max-pending", type=int, help="[kafka] max_pending_events (default: syncd's)"
     )
+    # syncd runs as its image runs it (deploy/Dockerfile sets this)
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     asyncio.run(main(parser.parse_args()))
