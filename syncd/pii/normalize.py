@@ -1,4 +1,4 @@
-"""Field normalization rules (docs/normalization.md: the rules, the deviations D1..D8 and why), pure functions.
+"""Field normalization rules, pure functions (the rules and deviations: docs/normalization.md).
 
 `normalize(field, value, country)` returns the string whose SHA-256 Amazon expects, the value
 itself (lower-cased) when it is already a SHA-256 hex, or None when the value must be omitted.
