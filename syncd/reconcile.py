@@ -74,7 +74,8 @@ COLUMNS = (
     "postal_code",
 )
 IDENTIFIER_COLUMNS = COLUMNS[2:]
-CHUNK_LINES = 2000  # lines hashed and compared as one chunk
+CHUNK_LINES = 5000  # lines hashed and compared as one chunk
+WRITE_BATCH = 5000  # changes recorded per transaction (fewer commits; still short ones)
 IN_FLIGHT = 3  # chunks in the transform at once
 PAGE_ROWS = 2000  # member rows read per page for the removes
 LISTED_LINES = 50  # line numbers listed per unusable reason (the count is exact)
@@ -279,8 +280,15 @@ class Seen:
 
     def add(self, ids: Sequence[str]) -> list[bool]:
         """Add `ids` in order; True for each one not seen before (in the snapshot so far)."""
-        fresh: list[bool] = []
         self._db.execute("BEGIN")
+        before = self._db.total_changes
+        self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", ((e,) for e in ids))
+        if self._db.total_changes - before == len(ids):  # the common case: no duplicate
+            self._db.execute("COMMIT")
+            return [True] * len(ids)
+        self._db.execute("ROLLBACK")
+        self._db.execute("BEGIN")
+        fresh: list[bool] = []
         for euid in ids:
             cursor = self._db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (euid,))
             fresh.append(cursor.rowcount == 1)
@@ -328,13 +336,16 @@ class Reconciler:
             workers=cfg.transform.workers if workers is None else workers,
         )
         self.report = Report()
+        self._writes: list[ReconcileWrite] = []
 
     async def run(self, lines: Iterable[Line]) -> Report:
         with tempfile.TemporaryDirectory(prefix="syncd-reconcile-") as tmp:
             seen = Seen(tmp)
             try:
                 await self._snapshot(lines, seen)
+                await self._flush()
                 await self._absent(seen)
+                await self._flush()
             finally:
                 seen.close()
                 self._transformer.close()
@@ -429,13 +440,21 @@ class Reconciler:
             await self._record(writes)
 
     async def _record(self, writes: list[ReconcileWrite]) -> None:
-        if self._dry_run or not writes:
+        """Record `writes` once WRITE_BATCH of them wait (a commit per few chunks)."""
+        if self._dry_run:
             return
-        done = await self._members.record_reconcile(
-            self._dest.audience_id, writes, occurred_at=self._as_of
-        )
-        self.report.changed_meanwhile += done.changed
-        self.report.erased += done.erased
+        self._writes += writes
+        if len(self._writes) >= WRITE_BATCH:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        writes, self._writes = self._writes, []
+        if writes:
+            done = await self._members.record_reconcile(
+                self._dest.audience_id, writes, occurred_at=self._as_of
+            )
+            self.report.changed_meanwhile += done.changed
+            self.report.erased += done.erased
 
 
 # -- the budget's view ---------------------------------------------------------------------------
@@ -472,7 +491,7 @@ async def budget_view(
 
 def duration(seconds: float) -> str:
     if seconds < 1:
-        return "under a second"
+        return "< 1 s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -518,7 +537,7 @@ def summary(report: Report, dest: Destination, view: BudgetView, *, dry_run: boo
     )
     lines.append(
         f"budget: {view.per_hour} records per {view.window_s:.0f} s, {view.remaining} left in "
-        f"the current window: about {duration(view.seconds(total))} to send it all"
+        f"the current window: sending it all takes about {duration(view.seconds(total))}"
     )
     if dest.paused:
         lines.append("the destination is paused: nothing is sent until it is unpaused")
@@ -546,6 +565,8 @@ async def wait_for_amazon(
     deadline = None if timeout is None else start + timeout
     last_progress = start
     warned = False
+    # nothing sent for this long (and no job, no claim): say so (a short --timeout: sooner)
+    idle_warning_s = IDLE_WARNING_S if timeout is None else min(IDLE_WARNING_S, timeout / 2)
     with Progress(
         TextColumn("sending"),
         BarColumn(),
@@ -576,7 +597,7 @@ async def wait_for_amazon(
             if (
                 not warned
                 and left
-                and idle >= IDLE_WARNING_S
+                and idle >= idle_warning_s
                 and not await members.sending(dest.connection_id, dest.audience_id, idle)
             ):
                 paused = " (the destination is paused)" if dest.paused else ""

@@ -48,6 +48,7 @@ from syncd.reconcile import (
     compare_member,
     read_snapshot,
     snapshot_format,
+    wait_for_amazon,
 )
 from syncd.store import Store
 from syncd.store.schema import members
@@ -439,3 +440,38 @@ async def test_for_any_table_and_snapshot_the_desired_state_is_the_snapshot(
         assert again.counts[UNCHANGED] == len(s)
     finally:
         await store.close()
+
+
+# -- --wait --------------------------------------------------------------------------------------
+async def test_wait_exits_1_with_the_count_when_amazon_refused_some(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    await reconcile(table, snapshot(tmp_path, {"good": "g@x.io", "bad": "b@x.io"}), "jsonl")
+    claims = await table.claim_due([AUDIENCE_ID], 10, LEASE, "sender")
+    assert await table.mark_sent(claims, "job") == []
+    await table.apply_job_outcome("job", "PARTIALLYSUCCEEDED", {"bad": "invalid_pii"})
+    out = io.StringIO()
+    assert await wait_for_amazon(table, DEST, 30.0, out) == 1
+    assert "refused by Amazon: 1" in out.getvalue()
+
+
+async def test_wait_exits_0_once_amazon_accepted_all_of_it(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    await reconcile(table, snapshot(tmp_path, {"a": "a@x.io", "b": "b@x.io"}), "jsonl")
+    assert await table.reconcile_progress(AUDIENCE_ID) == (2, 0)
+    await send_all(table)
+    out = io.StringIO()
+    assert await wait_for_amazon(table, DEST, 30.0, out) == 0
+    assert "Amazon accepted all of it" in out.getvalue()
+
+
+async def test_wait_says_when_nothing_is_sending_and_gives_up_at_the_timeout(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    await reconcile(table, snapshot(tmp_path, {"a": "a@x.io", "b": "b@x.io"}), "jsonl")
+    out = io.StringIO()
+    assert await wait_for_amazon(table, DEST, 2.5, out) == 1
+    text = out.getvalue()
+    assert "nothing is sending" in text
+    assert "timed out: 2 of 2 not accepted yet" in text
