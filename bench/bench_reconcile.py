@@ -208,9 +208,7 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def run_reconcile(
-    config_path: Path, snapshot: Path, fmt: str
-) -> tuple[float, float, float, str]:
+def run_reconcile(config_path: Path, snapshot: Path, fmt: str) -> tuple[float, float, float, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
     cmd = [sys.executable, "-m", "syncd", "reconcile", "--config", str(config_path)]
     cmd += ["--audience", "vip", "--snapshot", str(snapshot), "--format", fmt]
