@@ -7,7 +7,10 @@ members whose desired state differs from what was sent and that have no job pend
 the claim's token); the job poller's terminal state confirms them, marks the refused ones invalid
 or makes them due again (`apply_job_outcome`). The TTL refresher marks confirmed adds due again
 before their audience's ttl runs out (`due_for_refresh`). An erase sends DELETE everywhere and,
-once confirmed, leaves only a tombstone (`erase`, `purge_tombstones`).
+once confirmed, leaves only a tombstone (`erase`, `purge_tombstones`). `syncd reconcile` compares
+a snapshot with the rows (`held_members`, `held_page`) and records the difference
+(`record_reconcile`: optimistic, at the RECONCILE due rank). Due ranks: LIVE changes are claimed
+first, then BACKGROUND (TTL refreshes), then RECONCILE work.
 
 Row states, derived from the columns (never stored twice):
 - due: `due_since` set. Only while no job is pending; the index of due rows is what claims read.

@@ -74,9 +74,9 @@ COLUMNS = (
     "postal_code",
 )
 IDENTIFIER_COLUMNS = COLUMNS[2:]
-CHUNK_LINES = 5000  # lines hashed and compared as one chunk
-WRITE_BATCH = 5000  # changes recorded per transaction (fewer commits; still short ones)
-IN_FLIGHT = 3  # chunks in the transform at once
+CHUNK_LINES = 2000  # lines hashed and compared as one chunk
+WRITE_BATCH = 2000  # changes recorded per transaction (fewer commits; still short ones)
+IN_FLIGHT = 2  # chunks in the transform at once (more only costs memory)
 PAGE_ROWS = 2000  # member rows read per page for the removes
 LISTED_LINES = 50  # line numbers listed per unusable reason (the count is exact)
 WAIT_POLL_S = 1.0

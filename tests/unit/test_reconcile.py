@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from syncd import config as config_mod
+from syncd import reconcile as reconcile_mod
 from syncd.config import Config
 from syncd.errors import UsageError
 from syncd.members import (
@@ -475,3 +476,39 @@ async def test_wait_says_when_nothing_is_sending_and_gives_up_at_the_timeout(
     text = out.getvalue()
     assert "nothing is sending" in text
     assert "timed out: 2 of 2 not accepted yet" in text
+
+
+async def test_a_reconcile_cut_short_and_run_again_does_the_rest(
+    tmp_path: Path, table: MemberTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reconcile_mod, "CHUNK_LINES", 4)
+    monkeypatch.setattr(reconcile_mod, "WRITE_BATCH", 4)
+    m = {f"m{i:02}": f"m{i}@x.io" for i in range(20)}
+    await stream(table, m)
+    await send_all(table)
+    s = {f"m{i:02}": f"m{i}@x.io" for i in range(10)} | {
+        f"n{i:02}": f"n{i}@x.io" for i in range(20)
+    }
+    path = snapshot(tmp_path, s)
+
+    def cut_short(after: int) -> Any:
+        for n, item in enumerate(read_snapshot(path, "jsonl")):
+            if n == after:
+                raise KeyboardInterrupt
+            yield item
+
+    reconciler = Reconciler(CFG, DEST, table, as_of=AS_OF, dry_run=False, workers=0)
+    with pytest.raises(KeyboardInterrupt):
+        await reconciler.run(cut_short(26))
+    partial = await table.reconcile_waiting([AUDIENCE_ID])
+    assert 0 < partial < 30  # some recorded, not all
+    report = await reconcile(table, path, "jsonl", as_of=AS_OF + 1)
+    # the rest, not again what was recorded (the first run got to no remove)
+    assert report.counts[ADDED] == 20 - partial
+    assert report.counts[UNCHANGED] == 10 + partial
+    assert report.counts[REMOVED] == 10
+    want = {p: (ADD, record_of(p, e)[1]) for p, e in s.items()}
+    assert {p: v for p, v in (await desired(table)).items() if v[0] == ADD} == want
+    assert await table.reconcile_waiting([AUDIENCE_ID]) == 30  # 20 adds, 10 removes
+    again = await reconcile(table, path, "jsonl", as_of=AS_OF + 2)
+    assert again.to_send == 0
