@@ -535,9 +535,15 @@ def summary(report: Report, dest: Destination, view: BudgetView, *, dry_run: boo
         f"records to send: {to_send}; waiting on connection {dest.connection_id}: "
         f"{total} in all (live changes and refreshes go first)"
     )
+    needs = view.seconds(total)
     lines.append(
         f"budget: {view.per_hour} records per {view.window_s:.0f} s, {view.remaining} left in "
-        f"the current window: sending it all takes about {duration(view.seconds(total))}"
+        "the current window: "
+        + (
+            "it all fits now (the budget does not hold it back)"
+            if needs == 0
+            else f"about {duration(needs)} until the budget has let it all through"
+        )
     )
     if dest.paused:
         lines.append("the destination is paused: nothing is sent until it is unpaused")

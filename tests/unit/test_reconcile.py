@@ -43,12 +43,14 @@ from syncd.reconcile import (
     REMOVED,
     UNCHANGED,
     WITHDRAWN,
+    BudgetView,
     Reconciler,
     Report,
     compare_absent,
     compare_member,
     read_snapshot,
     snapshot_format,
+    summary,
     wait_for_amazon,
 )
 from syncd.store import Store
@@ -512,3 +514,20 @@ async def test_a_reconcile_cut_short_and_run_again_does_the_rest(
     assert await table.reconcile_waiting([AUDIENCE_ID]) == 30  # 20 adds, 10 removes
     again = await reconcile(table, path, "jsonl", as_of=AS_OF + 2)
     assert again.to_send == 0
+
+
+def test_the_budget_estimate_counts_what_waits_beyond_the_window() -> None:
+    view = BudgetView(waiting=1100, remaining=100, per_hour=3600, window_s=3600.0)
+    assert view.seconds(1100) == 1000.0  # 100 fit now, 1,000 more at one a second
+    assert view.seconds(50) == 0.0
+    report = Report()
+    report.counts[ADDED] = 1000
+    report.bad(7, "bad_country")
+    text = summary(report, DEST, view, dry_run=False)
+    assert "adds       1000" in text
+    assert "bad_country: 1 (lines 7)" in text
+    assert "records to send: 1000; waiting on connection" in text
+    assert "1100 in all" in text
+    assert "about 17 min until the budget has let it all through" in text
+    fits = BudgetView(waiting=10, remaining=5000, per_hour=3600, window_s=3600.0)
+    assert "it all fits now" in summary(report, DEST, fits, dry_run=True)
