@@ -131,8 +131,14 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def table(tmp_path: Path, clock: FakeClock) -> AsyncIterator[MemberTable]:
-    store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}", clock=clock)
+def members_db_url(tmp_path: Path) -> str:
+    """tests/integration/test_reconcile_postgres.py overrides it: the same tests on PostgreSQL."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}"
+
+
+@pytest.fixture
+async def table(members_db_url: str, clock: FakeClock) -> AsyncIterator[MemberTable]:
+    store = await Store.connect(members_db_url, clock=clock)
     await store.ensure_schema(auto_upgrade=True)
     yield MemberTable(store)
     await store.close()
