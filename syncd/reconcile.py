@@ -180,8 +180,10 @@ def _read_parquet(path: Path) -> Iterator[Line]:
             yield number, _fields(values)
 
 
-def _cell(value: Any) -> Any:
-    if value is None or (isinstance(value, str | int) and not isinstance(value, bool)):
+def _cell(value: Any) -> str | None:
+    """A Parquet cell as the text a CSV cell would hold (an integer column of profile ids or
+    phone numbers reads as their digits)."""
+    if value is None or isinstance(value, str):
         return value
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
@@ -665,6 +667,8 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
     if args.timeout is not None and not args.wait:
         raise UsageError("--timeout: only with --wait")
+    if args.wait and args.dry_run:
+        raise UsageError("--wait: a --dry-run records nothing to wait for")
     dest = next((d for d in cfg.destinations if d.audience == args.audience), None)
     if dest is None:
         raise UsageError(f"--audience: no destination has audience {args.audience!r}")

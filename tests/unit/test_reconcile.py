@@ -537,3 +537,58 @@ def test_the_budget_estimate_counts_what_waits_beyond_the_window() -> None:
     assert "about 17 min until the budget has let it all through" in text
     fits = BudgetView(waiting=10, remaining=5000, per_hour=3600, window_s=3600.0)
     assert "it all fits now" in summary(report, DEST, fits, dry_run=True)
+
+
+async def test_a_parquet_snapshot_with_integer_columns_reads_as_text(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    path = tmp_path / "s.parquet"
+    pq.write_table(
+        pa.table(
+            {"profile_id": [1001, 1002], "phone": [12062661000, None], "email": [None, "b@x.io"]}
+        ),
+        path,
+    )
+    lines = list(read_snapshot(path, "parquet"))
+    assert lines == [
+        (1, {"profile_id": "1001", "identifiers": {"phone": "12062661000"}}),
+        (2, {"profile_id": "1002", "identifiers": {"email": "b@x.io"}}),
+    ]
+    report = await reconcile(table, path, "parquet")
+    assert report.counts[ADDED] == 2
+    assert not report.unusable
+
+
+def test_usage_errors_exit_2_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from syncd.cli import main
+
+    config_path = tmp_path / "syncd.toml"
+    config_path.write_text(
+        f'[store]\nurl = "sqlite+aiosqlite:///{tmp_path / "s.db"}"\n\n[[destinations]]\n'
+        'audience = "vip"\nconnection_id = "5a523424-e8b3-4da5-9a32-24a861aea576"\n'
+        "audience_id = 413642381039213536\n"
+    )
+    snap = tmp_path / "s.csv"
+    snap.write_text("profile_id,email\np,a@x.io\n")
+    base = ["reconcile", "--config", str(config_path), "--snapshot", str(snap)]
+    cases = {
+        "--audience": [*base, "--audience", "nope"],
+        "--snapshot": [
+            "reconcile",
+            "--config",
+            str(config_path),
+            "--audience",
+            "vip",
+            "--snapshot",
+            str(tmp_path / "missing.csv"),
+        ],
+        "--timeout": [*base, "--audience", "vip", "--timeout", "5"],
+        "--wait": [*base, "--audience", "vip", "--wait", "--dry-run"],
+        "--as-of": [*base, "--audience", "vip", "--as-of", "yesterday"],
+        "--format": [*base, "--audience", "vip", "--format", "xml"],
+    }
+    for flag, argv in cases.items():
+        assert main(argv) == 2, flag
+        assert flag in capsys.readouterr().err
