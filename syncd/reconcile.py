@@ -40,7 +40,7 @@ import orjson
 from syncd import config as config_mod
 from syncd.config import Config
 from syncd.errors import UsageError
-from syncd.events.canonical import DecodeError, load, occurred_at
+from syncd.events.canonical import DecodeError, load, occurred_at, profile_id
 from syncd.members import (
     ADD,
     RECONCILE_POSITION,
@@ -53,6 +53,7 @@ from syncd.members import (
 )
 from syncd.model import Action, Destination, MemberRecord
 from syncd.observability.logging import get_logger
+from syncd.routing import external_user_id
 from syncd.store import Store
 from syncd.transform import Outcome, Spec, Transformer
 
@@ -190,6 +191,14 @@ def _cell(value: Any) -> str | None:
     return str(value)
 
 
+def member_id(fields: dict[str, Any]) -> str | None:
+    """The externalUserId of a snapshot record, as ingest maps its profile id (None: none)."""
+    try:
+        return external_user_id(profile_id(fields.get("profile_id"), "profile_id"))
+    except DecodeError:
+        return None
+
+
 def event_bytes(fields: dict[str, Any], audience: str) -> bytes | str:
     """A snapshot record as a canonical event adding the member to `audience` (the input of
     the pipeline's transform), or an unusable reason. Its `occurred_at` is not read: every
@@ -247,6 +256,11 @@ def compare_absent(held: HeldMember, as_of: float) -> tuple[str | None, Reconcil
 
 
 # -- the run -------------------------------------------------------------------------------------
+Chunk = tuple[list[int], list["str | None"], Awaitable[tuple[list[Outcome], Any]]]
+"""Line numbers, their members' externalUserIds (None: no profile id) and the transform's
+result."""
+
+
 @dataclass(slots=True)
 class Report:
     """What a reconcile found and did."""
@@ -279,6 +293,8 @@ class Seen:
         self._db.execute("PRAGMA synchronous = OFF")
         self._db.execute("PRAGMA cache_size = -16384")  # 16 MiB
         self._db.execute("CREATE TABLE seen (id TEXT PRIMARY KEY) WITHOUT ROWID")
+        # members of unusable lines: neither added nor removed (a typo must not remove one)
+        self._db.execute("CREATE TABLE kept (id TEXT PRIMARY KEY) WITHOUT ROWID")
 
     def add(self, ids: Sequence[str]) -> list[bool]:
         """Add `ids` in order; True for each one not seen before (in the snapshot so far)."""
@@ -297,13 +313,24 @@ class Seen:
         self._db.execute("COMMIT")
         return fresh
 
+    def keep(self, ids: Sequence[str]) -> None:
+        """Members of unusable lines: `known` from now on, without being seen."""
+        if ids:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR IGNORE INTO kept VALUES (?)", ((e,) for e in ids))
+            self._db.execute("COMMIT")
+
     def known(self, ids: Sequence[str]) -> set[str]:
+        """Those of `ids` seen or kept."""
         found: set[str] = set()
-        for start in range(0, len(ids), 500):
-            part = ids[start : start + 500]
+        for start in range(0, len(ids), 400):
+            part = ids[start : start + 400]
             marks = ",".join("?" * len(part))
-            query = f"SELECT id FROM seen WHERE id IN ({marks})"
-            found.update(row[0] for row in self._db.execute(query, part))
+            query = (
+                f"SELECT id FROM seen WHERE id IN ({marks}) "
+                f"UNION ALL SELECT id FROM kept WHERE id IN ({marks})"
+            )
+            found.update(row[0] for row in self._db.execute(query, [*part, *part]))
         return found
 
     def close(self) -> None:
@@ -356,44 +383,55 @@ class Reconciler:
     async def _snapshot(self, lines: Iterable[Line], seen: Seen) -> None:
         """The snapshot's members, a chunk at a time; up to IN_FLIGHT chunks in the transform
         while the oldest is compared and recorded."""
-        in_flight: deque[tuple[list[int], Awaitable[tuple[list[Outcome], Any]]]] = deque()
+        in_flight: deque[Chunk] = deque()
         numbers: list[int] = []
         values: list[bytes | None] = []
+        ids: list[str | None] = []
         for number, item in lines:
             self.report.lines += 1
             value = item if isinstance(item, str) else event_bytes(item, self._dest.audience)
             if isinstance(value, str):
                 self.report.bad(number, value)
+                if not isinstance(item, str) and (euid := member_id(item)) is not None:
+                    seen.keep([euid])
                 continue
             numbers.append(number)
             values.append(value)
+            ids.append(member_id(item) if isinstance(item, dict) else None)
             if len(values) >= CHUNK_LINES:
-                in_flight.append((numbers, self._transformer.submit(values)))
-                numbers, values = [], []
+                in_flight.append((numbers, ids, self._transformer.submit(values)))
+                numbers, values, ids = [], [], []
                 if len(in_flight) >= IN_FLIGHT:
                     await self._compare(*in_flight.popleft(), seen)
         if values:
-            in_flight.append((numbers, self._transformer.submit(values)))
+            in_flight.append((numbers, ids, self._transformer.submit(values)))
         while in_flight:
             await self._compare(*in_flight.popleft(), seen)
 
     async def _compare(
         self,
         numbers: list[int],
+        ids: list[str | None],
         transformed: Awaitable[tuple[list[Outcome], Any]],
         seen: Seen,
     ) -> None:
         outcomes, _ = await transformed
         records: list[tuple[int, MemberRecord]] = []
-        for number, outcome in zip(numbers, outcomes, strict=True):
+        kept: list[str] = []
+        for number, euid, outcome in zip(numbers, ids, outcomes, strict=True):
             if isinstance(outcome, str):
-                self.report.bad(number, outcome)
+                reason = outcome
             elif not isinstance(outcome, list) or len(outcome) != 1:
-                self.report.bad(number, "not_a_member")  # cannot happen: no erase, one audience
+                reason = "not_a_member"  # cannot happen: no erase, one audience
             elif outcome[0][1].dead_letter:
-                self.report.bad(number, outcome[0][1].dead_letter)
+                reason = outcome[0][1].dead_letter
             else:
                 records.append((number, outcome[0][1]))
+                continue
+            self.report.bad(number, reason)
+            if euid is not None:
+                kept.append(euid)
+        seen.keep(kept)
         fresh = seen.add([r.external_user_id for _, r in records])
         chosen: list[MemberRecord] = []
         for (number, record), new in zip(records, fresh, strict=True):
@@ -511,7 +549,8 @@ def summary(report: Report, dest: Destination, view: BudgetView, *, dry_run: boo
         f"  changes    {c[CHANGED]}  (members whose identifiers changed: sent again)",
         f"  removes    {c[REMOVED]}",
         f"  unchanged  {c[UNCHANGED]}",
-        f"  unusable   {sum(report.unusable.values())}",
+        f"  unusable   {sum(report.unusable.values())}"
+        + ("  (their members are left as they are)" if report.unusable else ""),
     ]
     for reason, n in sorted(report.unusable.items()):
         listed = report.unusable_lines[reason]

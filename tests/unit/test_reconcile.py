@@ -243,8 +243,12 @@ async def test_unusable_lines_are_counted_and_the_rest_goes_through(
         "short,row\n"
         "ok2,e@example.com,\n"
     )
+    await stream(table, {"bad-country": "b@example.com", "gone": "g@example.com"})
+    await send_all(table)
     report = await reconcile(table, path, "csv")
     assert report.counts[ADDED] == 2
+    # the member of an unusable line is neither added nor removed; one the snapshot lacks is
+    assert report.counts[REMOVED] == 1
     assert dict(report.unusable) == {
         "bad_country": 1,
         "no_profile_id": 1,
@@ -259,7 +263,11 @@ async def test_unusable_lines_are_counted_and_the_rest_goes_through(
         "duplicate_profile_id": [6],
         "bad_csv_row": [7],
     }
-    assert set(await desired(table)) == {"ok1", "ok2"}
+    assert {p for p, (a, _) in (await desired(table)).items() if a == ADD} == {
+        "ok1",
+        "ok2",
+        "bad-country",
+    }
 
 
 def test_a_csv_header_without_profile_id_or_with_unknown_columns_is_a_usage_error(
