@@ -1263,15 +1263,20 @@ class MemberTable:
                 found.update((row[0], _held(row)) for row in result)
         return found
 
-    async def held_page(self, audience_id: int, after: str | None, limit: int) -> list[HeldMember]:
+    async def held_page(
+        self, audience_id: int, after: str | None, limit: int, *, action: str | None = None
+    ) -> list[HeldMember]:
         """Up to `limit` rows of `audience_id` after the key `after` (None: from the first), in
-        key order (the primary key's range, the database's collation), with their records."""
+        key order (the primary key's range, the database's collation), with their records;
+        only those whose desired action is `action` if given."""
         query = (
             select(*_held_columns(), m.c.record)
             .where(m.c.audience_id == audience_id)
             .order_by(m.c.external_user_id)
             .limit(limit)
         )
+        if action is not None:
+            query = query.where(m.c.action == action)
         if after is not None:
             query = query.where(m.c.external_user_id > after)
         async with self._store._read() as conn:

@@ -462,14 +462,15 @@ class Reconciler:
         """The audience's rows the snapshot lacks, a page at a time in key order."""
         after: str | None = None
         while True:
-            page = await self._members.held_page(self._dest.audience_id, after, PAGE_ROWS)
+            page = await self._members.held_page(
+                self._dest.audience_id, after, PAGE_ROWS, action=ADD
+            )
             if not page:
                 return
             after = page[-1].external_user_id
-            adds = [h for h in page if h.action == ADD]
-            known = seen.known([h.external_user_id for h in adds])
+            known = seen.known([h.external_user_id for h in page])
             writes: list[ReconcileWrite] = []
-            for held in adds:
+            for held in page:
                 if held.external_user_id in known:
                     continue
                 kind, write = compare_absent(held, self._as_of)
