@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "syncd.store.commands",  # jobs, db upgrade
     "syncd.amazon.onboarding",  # terms, connections, audiences (status: syncd.operate)
     "syncd.operate",  # members
+    "syncd.reconcile",  # reconcile
 )
 
 

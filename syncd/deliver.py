@@ -473,6 +473,7 @@ class Members(Protocol):
     ) -> list[Claim]: ...
     async def refuse(self, claims: Sequence[Claim], reason: str) -> list[Claim]: ...
     async def waiting(self, audience_ids: Sequence[int]) -> int: ...
+    async def reconcile_waiting(self, audience_ids: Sequence[int]) -> int: ...
 
 
 IDLE_CLAIM_S = 1.0  # nothing due: look again this often (changes other replicas recorded)
@@ -517,6 +518,7 @@ class MemberFeed:
         self._wake = asyncio.Event()
         self._claiming_done = asyncio.Event()
         self._waiting = metrics.MEMBER_CHANGES_WAITING.labels(connection_id)
+        self._reconcile_waiting = metrics.RECONCILE_WAITING.labels(connection_id)
 
     def wake(self) -> None:
         """Changes of this connection were recorded: claim now rather than at the next look."""
@@ -630,6 +632,7 @@ class MemberFeed:
                     members=len(lost),
                 )
         self._waiting.set(await self._members.waiting(self._audience_ids))
+        self._reconcile_waiting.set(await self._members.reconcile_waiting(self._audience_ids))
 
     # -- outcomes ------------------------------------------------------------------------------
     async def accepted(self, part: EncodedBatch, job: NewJob) -> None:

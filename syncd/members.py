@@ -7,7 +7,10 @@ members whose desired state differs from what was sent and that have no job pend
 the claim's token); the job poller's terminal state confirms them, marks the refused ones invalid
 or makes them due again (`apply_job_outcome`). The TTL refresher marks confirmed adds due again
 before their audience's ttl runs out (`due_for_refresh`). An erase sends DELETE everywhere and,
-once confirmed, leaves only a tombstone (`erase`, `purge_tombstones`).
+once confirmed, leaves only a tombstone (`erase`, `purge_tombstones`). `syncd reconcile` compares
+a snapshot with the rows (`held_members`, `held_page`) and records the difference
+(`record_reconcile`: optimistic, at the RECONCILE due rank). Due ranks: LIVE changes are claimed
+first, then BACKGROUND (TTL refreshes), then RECONCILE work.
 
 Row states, derived from the columns (never stored twice):
 - due: `due_since` set. Only while no job is pending; the index of due rows is what claims read.
@@ -73,7 +76,9 @@ ADD = "add"
 REMOVE = "remove"
 UPDATE = "update"  # identifiers only: applies to members whose desired action is ADD
 LIVE = 0  # due rank of changes from the stream: claimed first
-BACKGROUND = 1  # due rank of TTL refreshes and reconcile work
+BACKGROUND = 1  # due rank of TTL refreshes: claimed after live changes
+RECONCILE = 2  # due rank of `syncd reconcile` work: claimed after refreshes (never starves them)
+RECONCILE_POSITION = -1  # `position` of a reconcile's change: a live change at the same time wins
 
 CONFIRMED = "confirmed"
 INVALID = "invalid"
@@ -189,6 +194,46 @@ class MemberState:
     claimed_by: str | None
     claimed_until: float | None
     in_sync: bool  # desired equals what was last sent
+
+
+@dataclass(frozen=True, slots=True)
+class HeldMember:
+    """A member row as `syncd reconcile` compares it: its desired state, and what Amazon was
+    sent of it. `record` is read only by `held_page` (a desired add may become a remove)."""
+
+    external_user_id: str
+    action: str
+    digest: bytes
+    occurred_at: float
+    position: int
+    never_sent: bool  # no POST of it was ever accepted and none is pending
+    invalid: bool  # Amazon refused the desired state as it stands (sent as is, marked invalid)
+    record: bytes | None = None
+
+    @property
+    def order(self) -> tuple[float, int]:
+        return (self.occurred_at, self.position)
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileWrite:
+    """A desired state `syncd reconcile` records for one member, with the row it compared
+    (`held` None: there was no row). Applied only if that row is still as compared."""
+
+    external_user_id: str
+    action: str  # ADD or REMOVE
+    record: bytes
+    digest: bytes
+    held: HeldMember | None
+
+
+@dataclass(slots=True)
+class ReconcileCounts:
+    """What `record_reconcile` did with its writes (each counts once)."""
+
+    written: int = 0
+    changed: int = 0  # the row changed since it was compared: left to that change
+    erased: int = 0  # the member was erased at or after the reconcile's time
 
 
 # -- pure helpers ---------------------------------------------------------------------------------
@@ -611,7 +656,7 @@ class MemberTable:
         audiences that filled their last share, each read from the due index after the last key
         taken from it."""
         picked: list[tuple[int, str]] = []
-        for rank in (LIVE, BACKGROUND):
+        for rank in (LIVE, BACKGROUND, RECONCILE):
             after: dict[int, tuple[float, str]] = {}
             open_ = list(audience_ids)
             while open_ and len(picked) < limit:
@@ -1193,6 +1238,193 @@ class MemberTable:
             total += deleted
         return total
 
+    # -- reconcile (syncd/reconcile.py) ----------------------------------------------------------
+    async def held_members(self, audience_id: int, ids: Sequence[str]) -> dict[str, HeldMember]:
+        """The rows of `ids` in `audience_id` (by primary key), without their records."""
+        found: dict[str, HeldMember] = {}
+        async with self._store._read() as conn:
+            for chunk in _chunks(sorted(set(ids))):
+                result = await conn.execute(
+                    select(*_held_columns()).where(
+                        m.c.audience_id == audience_id, m.c.external_user_id.in_(chunk)
+                    )
+                )
+                found.update((row[0], _held(row)) for row in result)
+        return found
+
+    async def held_page(
+        self, audience_id: int, after: str | None, limit: int, *, action: str | None = None
+    ) -> list[HeldMember]:
+        """Up to `limit` rows of `audience_id` after the key `after` (None: from the first), in
+        key order (the primary key's range, the database's collation), with their records;
+        only those whose desired action is `action` if given."""
+        query = (
+            select(*_held_columns(), m.c.record)
+            .where(m.c.audience_id == audience_id)
+            .order_by(m.c.external_user_id)
+            .limit(limit)
+        )
+        if action is not None:
+            query = query.where(m.c.action == action)
+        if after is not None:
+            query = query.where(m.c.external_user_id > after)
+        async with self._store._read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_held(row, bytes(row[-1])) for row in rows]
+
+    async def record_reconcile(
+        self, audience_id: int, writes: Sequence[ReconcileWrite], *, occurred_at: float
+    ) -> ReconcileCounts:
+        """Record a reconcile's desired states in one transaction, each with `occurred_at` (the
+        reconcile's time) and `RECONCILE_POSITION`, due at RECONCILE rank (after live changes and
+        refreshes; a row due already keeps its rank). A write applies only where the member's
+        row is still as compared (`held`: the same desired state, or still no row) and the
+        member was not erased at or after `occurred_at`. A remove of a member Amazon was never
+        sent (no POST accepted, none pending or under way) is recorded without being due:
+        there is nothing to take out."""
+        counts = ReconcileCounts()
+        by_id = {w.external_user_id: w for w in writes}
+        ids = sorted(by_id)
+
+        async def op(conn: AsyncConnection, now: float) -> ReconcileCounts:
+            done = ReconcileCounts()
+            if self._postgres:  # an erase must not slip between the tombstone check and a write
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": _ERASE_LOCK}
+                )
+            erased_at = await self._tombstones(conn, [(audience_id, e) for e in ids])
+            current: dict[str, HeldMember] = {}
+            for chunk in _chunks(ids):
+                query = (
+                    select(*_held_columns())
+                    .where(m.c.audience_id == audience_id, m.c.external_user_id.in_(chunk))
+                    .order_by(m.c.external_user_id)
+                )
+                if self._postgres:
+                    query = query.with_for_update()
+                current.update((row[0], _held(row)) for row in await conn.execute(query))
+            inserts: list[ReconcileWrite] = []
+            updates: dict[str, list[ReconcileWrite]] = {ADD: [], REMOVE: []}
+            for euid in ids:
+                w = by_id[euid]
+                erased = erased_at.get((audience_id, euid))
+                if erased is not None and erased >= occurred_at:
+                    done.erased += 1
+                    continue
+                now_held = current.get(euid)
+                if now_held is None and w.held is None:
+                    inserts.append(w)
+                elif (
+                    now_held is not None
+                    and w.held is not None
+                    and (now_held.action, now_held.digest, now_held.order)
+                    == (w.held.action, w.held.digest, w.held.order)
+                ):
+                    updates[w.action].append(w)
+                else:
+                    done.changed += 1
+            for part in _shaped_chunks(inserts):
+                rows = [
+                    {
+                        "audience_id": audience_id,
+                        "external_user_id": w.external_user_id,
+                        "action": w.action,
+                        "record": w.record,
+                        "digest": w.digest,
+                        "occurred_at": occurred_at,
+                        "position": RECONCILE_POSITION,
+                        "due_rank": RECONCILE,
+                        "due_since": now,
+                        "attempts": 0,
+                    }
+                    for w in part
+                ]
+                stmt = self._insert(m).values(rows).on_conflict_do_nothing()
+                result = await conn.execute(stmt.returning(m.c.external_user_id))
+                inserted = len(result.all())
+                done.written += inserted
+                done.changed += len(part) - inserted
+            for action, group in updates.items():
+                if group:
+                    await conn.execute(
+                        _reconcile_update(action, now),
+                        [
+                            {
+                                "a": audience_id,
+                                "e": w.external_user_id,
+                                "r": w.record,
+                                "d": w.digest,
+                                "at": occurred_at,
+                            }
+                            for w in group
+                        ],
+                    )
+                    done.written += len(group)
+            return done
+
+        if not writes:
+            return counts
+        return await self._transaction(op)
+
+    async def reconcile_progress(self, audience_id: int) -> tuple[int, int]:
+        """(left, refused) of the reconcile changes `audience_id` holds (rows whose desired
+        state a reconcile recorded): left = due or sent with its job pending; refused = Amazon
+        refused it, or its sends failed too often (not due until it changes). One pass over the
+        audience's rows."""
+        mine = and_(m.c.audience_id == audience_id, m.c.position == RECONCILE_POSITION)
+        left = or_(m.c.due_since.is_not(None), m.c.job_request_id.is_not(None))
+        refused = and_(
+            m.c.due_since.is_(None),
+            m.c.job_request_id.is_(None),
+            m.c.outcome.in_((INVALID, FAILED)),
+            ~_differs(),
+        )
+        async with self._store._read() as conn:
+            row = (
+                await conn.execute(
+                    select(
+                        func.coalesce(func.sum(case((left, 1), else_=0)), 0),
+                        func.coalesce(func.sum(case((refused, 1), else_=0)), 0),
+                    ).where(mine)
+                )
+            ).one()
+        return int(row[0]), int(row[1])
+
+    async def sending(self, connection_id: str, audience_id: int, within_s: float) -> bool:
+        """Whether something sends for the connection: a job of it created within `within_s`,
+        or a member of `audience_id` under a sender's lease now."""
+        async with self._store._read() as conn:
+            now = await self._store._now(conn)
+            job = await conn.scalar(
+                select(jobs.c.job_request_id)
+                .where(jobs.c.created_at > now - within_s, jobs.c.connection_id == connection_id)
+                .limit(1)
+            )
+            claimed = await conn.scalar(
+                select(m.c.external_user_id)
+                .where(
+                    m.c.audience_id == audience_id,
+                    m.c.due_since.is_not(None),
+                    m.c.claimed_until > now,
+                )
+                .limit(1)
+            )
+        return job is not None or claimed is not None
+
+    async def reconcile_waiting(self, audience_ids: Sequence[int]) -> int:
+        """Members of `audience_ids` due at RECONCILE rank (read from the index of due rows)."""
+        if not audience_ids:
+            return 0
+        async with self._store._read() as conn:
+            count = await conn.scalar(
+                select(func.count()).where(
+                    m.c.audience_id.in_(sorted(set(audience_ids))),
+                    m.c.due_rank == RECONCILE,
+                    m.c.due_since.is_not(None),
+                )
+            )
+        return int(count or 0)
+
 
 def _claim_groups(claims: Iterable[Claim]) -> dict[tuple[int, str], list[Claim]]:
     groups: dict[tuple[int, str], list[Claim]] = defaultdict(list)
@@ -1234,3 +1466,68 @@ def _dead_columns() -> tuple[Any, ...]:
 def _dead(row: Any, reason: str) -> DeadMember:
     audience_id, euid, sent_action, record, differs = row
     return DeadMember(audience_id, euid, sent_action, None if differs else bytes(record), reason)
+
+
+def _held_columns() -> tuple[Any, ...]:
+    never_sent = and_(m.c.sent_action.is_(None), m.c.job_request_id.is_(None))
+    invalid = and_(m.c.outcome == INVALID, m.c.job_request_id.is_(None), ~_differs())
+    return (
+        m.c.external_user_id,
+        m.c.action,
+        m.c.digest,
+        m.c.occurred_at,
+        m.c.position,
+        case((never_sent, True), else_=False),
+        case((invalid, True), else_=False),
+    )
+
+
+def _held(row: Any, record: bytes | None = None) -> HeldMember:
+    euid, action, digest, occurred_at, position, never_sent, invalid = row[:7]
+    return HeldMember(
+        euid,
+        action,
+        bytes(digest),
+        float(occurred_at),
+        int(position),
+        bool(never_sent),
+        bool(invalid),
+        record,
+    )
+
+
+def _reconcile_update(action: str, now: float) -> Any:
+    """The UPDATE of one reconcile write (executemany: a, e, r, d, at). Due at RECONCILE rank
+    unless a job is pending, the new state equals what Amazon holds, or (a remove) Amazon was
+    never sent the member; a row due already keeps its due time and a lower rank."""
+    same_as_sent = and_(
+        m.c.sent_action == action,
+        m.c.sent_digest == bindparam("d"),
+        or_(m.c.outcome == CONFIRMED, m.c.outcome == INVALID),  # no IN: an executemany
+    )
+    never_sent = and_(
+        m.c.sent_action.is_(None),
+        or_(m.c.claimed_until.is_(None), m.c.claimed_until <= now),
+    )
+    nothing_to_send = or_(same_as_sent, never_sent) if action == REMOVE else same_as_sent
+    return (
+        update(m)
+        .where(m.c.audience_id == bindparam("a"), m.c.external_user_id == bindparam("e"))
+        .values(
+            action=action,
+            record=bindparam("r"),
+            digest=bindparam("d"),
+            occurred_at=bindparam("at"),
+            position=RECONCILE_POSITION,
+            attempts=0,
+            due_since=case(
+                (m.c.job_request_id.is_not(None), None),
+                (nothing_to_send, None),
+                else_=func.coalesce(m.c.due_since, now),
+            ),
+            due_rank=case(
+                (and_(m.c.due_since.is_not(None), m.c.due_rank < RECONCILE), m.c.due_rank),
+                else_=RECONCILE,
+            ),
+        )
+    )

@@ -134,6 +134,13 @@ MEMBER_CHANGES_WAITING = Gauge(
     ["connection"],
     registry=REGISTRY,
 )
+RECONCILE_WAITING = Gauge(
+    "syncd_reconcile_waiting_records",
+    "Records of `syncd reconcile` work due on the connection (sent after live changes and TTL "
+    "refreshes)",
+    ["connection"],
+    registry=REGISTRY,
+)
 
 # --- budget ------------------------------------------------------------------------------------
 BUDGET_LIMIT = Gauge(

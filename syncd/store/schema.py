@@ -113,7 +113,7 @@ members = Table(
     Column("digest", Bytes, nullable=False),  # SHA-256 of the canonical record (32 bytes)
     Column("occurred_at", Float, nullable=False),
     Column("position", BigInteger, nullable=False),  # tie-break: the later wins
-    Column("due_rank", SmallInteger, nullable=False),  # 0 live, 1 refresh/reconcile
+    Column("due_rank", SmallInteger, nullable=False),  # 0 live, 1 TTL refresh, 2 reconcile
     Column("due_since", Float),  # set: desired differs from sent (or must be re-sent)
     # sent: what the last POST carried and what became of it
     Column("sent_action", String(6)),

@@ -1,0 +1,602 @@
+"""`syncd reconcile` below the process level: the snapshot readers (JSON lines, CSV, Parquet give
+the same members; bad lines by number and reason), the compare rules, and a whole reconcile
+against the member table on SQLite (injected clock): the desired state equals the snapshot for
+any table and snapshot (hypothesis), the same snapshot again writes nothing, a row that changed
+since compared or holds a newer change is left alone, and reconcile work is claimed after live
+changes and TTL refreshes."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+
+from syncd import config as config_mod
+from syncd import reconcile as reconcile_mod
+from syncd.config import Config
+from syncd.errors import UsageError
+from syncd.members import (
+    ADD,
+    BACKGROUND,
+    RECONCILE,
+    REMOVE,
+    HeldMember,
+    MemberTable,
+    member_change,
+)
+from syncd.model import Action, Destination
+from syncd.pii import build_hashed_pii
+from syncd.reconcile import (
+    ADDED,
+    CHANGED,
+    NEWER,
+    REMOVED,
+    UNCHANGED,
+    WITHDRAWN,
+    BudgetView,
+    Reconciler,
+    Report,
+    compare_absent,
+    compare_member,
+    read_snapshot,
+    snapshot_format,
+    summary,
+    wait_for_amazon,
+)
+from syncd.store import Store
+from syncd.store.schema import members
+from tests.unit.test_store import T0, FakeClock
+
+AUDIENCE_ID = 413642381039213536
+AS_OF = T0 + 100.0
+LEASE = 60.0
+ROWS = [
+    {"profile_id": "p1", "country": "US", "email": "Jane.Doe@Example.com", "phone": ""},
+    {"profile_id": "p2", "country": "", "email": "b@example.com", "phone": "+1 206 266 1000"},
+    {"profile_id": "p3", "country": "GB", "email": "c@example.co.uk", "phone": ""},
+]
+
+
+def config() -> Config:
+    return config_mod.from_mapping(
+        {
+            "transform": {"workers": 0},
+            "destinations": [
+                {
+                    "audience": "vip",
+                    "connection_id": "5a523424-e8b3-4da5-9a32-24a861aea576",
+                    "audience_id": AUDIENCE_ID,
+                    "country_code": "US",
+                }
+            ],
+        }
+    )
+
+
+CFG = config()
+DEST: Destination = CFG.destinations[0]
+
+
+def jsonl(rows: list[dict[str, str]]) -> bytes:
+    out = []
+    for r in rows:
+        ids = {k: v for k, v in r.items() if k not in ("profile_id", "country") and v}
+        doc: dict[str, Any] = {"profile_id": r["profile_id"], "identifiers": ids}
+        if r.get("country"):
+            doc["country"] = r["country"]
+        out.append(orjson.dumps(doc))
+    return b"\n".join(out) + b"\n"
+
+
+def csv_text(rows: list[dict[str, str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_snapshots(tmp: Path, rows: list[dict[str, str]]) -> dict[str, Path]:
+    paths = {"jsonl": tmp / "s.jsonl", "csv": tmp / "s.csv", "parquet": tmp / "s.parquet"}
+    paths["jsonl"].write_bytes(jsonl(rows))
+    paths["csv"].write_text(csv_text(rows))
+    columns = {k: [r[k] or None for r in rows] for k in rows[0]}
+    pq.write_table(pa.table(columns), paths["parquet"])
+    return paths
+
+
+def record_of(profile: str, email: str, country: str = "US") -> tuple[bytes, bytes]:
+    """The record and digest the pipeline makes of a member with one email."""
+    from syncd.members import record_digest
+    from syncd.model import member_record
+
+    pii = build_hashed_pii({"email": [email]}, country, strict_reference=False)
+    record = member_record(profile, country, Action.ADD, pii.objects).json
+    return record, record_digest(record)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def members_db_url(tmp_path: Path) -> str:
+    """tests/integration/test_reconcile_postgres.py overrides it: the same tests on PostgreSQL."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}"
+
+
+@pytest.fixture
+async def table(members_db_url: str, clock: FakeClock) -> AsyncIterator[MemberTable]:
+    store = await Store.connect(members_db_url, clock=clock)
+    await store.ensure_schema(auto_upgrade=True)
+    yield MemberTable(store)
+    await store.close()
+
+
+async def reconcile(
+    table: MemberTable, path: Path, fmt: str, *, dry_run: bool = False, as_of: float = AS_OF
+) -> Report:
+    lines = read_snapshot(path, fmt)
+    return await Reconciler(CFG, DEST, table, as_of=as_of, dry_run=dry_run, workers=0).run(lines)
+
+
+async def stream(table: MemberTable, members_: dict[str, str], at: float = T0) -> None:
+    """Live adds of `members_` ({profile: email}), as ingest records them."""
+    from syncd.model import member_record
+
+    changes = []
+    for i, (profile, email) in enumerate(sorted(members_.items())):
+        pii = build_hashed_pii({"email": [email]}, "US", strict_reference=False)
+        rec = member_record(profile, "US", Action.ADD, pii.objects)
+        changes.append(member_change(AUDIENCE_ID, rec, occurred_at=at, position=i))
+    await table.record_changes(changes)
+
+
+async def send_all(table: MemberTable, job: str = "job") -> int:
+    """Claim everything due, store it sent and confirmed (Amazon accepted it)."""
+    sent = 0
+    while claims := await table.claim_due([AUDIENCE_ID], 1000, LEASE, "sender"):
+        assert await table.mark_sent(claims, f"{job}-{sent}") == []
+        await table.apply_job_outcome(f"{job}-{sent}", "SUCCEEDED")
+        sent += len(claims)
+    return sent
+
+
+async def desired(table: MemberTable) -> dict[str, tuple[str, bytes]]:
+    async with table._store._read() as conn:
+        rows = await conn.execute(
+            select(members.c.external_user_id, members.c.action, members.c.digest).where(
+                members.c.audience_id == AUDIENCE_ID
+            )
+        )
+        return {e: (a, bytes(d)) for e, a, d in rows}
+
+
+# -- readers -------------------------------------------------------------------------------------
+def test_the_format_comes_from_the_extension_unless_given(tmp_path: Path) -> None:
+    assert snapshot_format(tmp_path / "a.jsonl", None) == "jsonl"
+    assert snapshot_format(tmp_path / "a.CSV", None) == "csv"
+    assert snapshot_format(tmp_path / "a.parquet", None) == "parquet"
+    assert snapshot_format(tmp_path / "a.txt", "csv") == "csv"
+    with pytest.raises(UsageError, match="--format"):
+        snapshot_format(tmp_path / "a.txt", None)
+
+
+async def test_csv_json_lines_and_parquet_give_the_same_desired_state(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    paths = write_snapshots(tmp_path, ROWS)
+    states = {}
+    for fmt, path in paths.items():
+        store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / fmt}.db", clock=clock)
+        await store.ensure_schema(auto_upgrade=True)
+        try:
+            t = MemberTable(store)
+            report = await reconcile(t, path, fmt)
+            assert report.counts[ADDED] == 3
+            assert not report.unusable
+            states[fmt] = await desired(t)
+        finally:
+            await store.close()
+    assert states["jsonl"] == states["csv"] == states["parquet"]
+    assert set(states["csv"]) == {"p1", "p2", "p3"}
+
+
+def test_bad_lines_are_reported_by_number_and_reason(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(
+        b'{"profile_id": "ok1", "identifiers": {"email": "a@example.com"}}\n'
+        b"not json\n"
+        b"\n"
+        b'{"identifiers": {"email": "b@example.com"}}\n'
+        b'{"profile_id": "x", "audiences": {"add": ["vip"]}, "identifiers": {"email": "c@x.io"}}\n'
+        b'{"profile_id": "ok2", "identifiers": {"email": "d@example.com"}}\n'
+    )
+    lines = list(read_snapshot(path, "jsonl"))
+    assert [n for n, _ in lines] == [1, 2, 4, 5, 6]  # the blank line is skipped
+    assert lines[1][1] == "not_json"
+    assert isinstance(lines[0][1], dict)
+
+
+async def test_unusable_lines_are_counted_and_the_rest_goes_through(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    path = tmp_path / "s.csv"
+    path.write_text(
+        "profile_id,email,country\n"
+        "ok1,a@example.com,US\n"
+        "bad-country,b@example.com,Narnia\n"
+        ",c@example.com,US\n"
+        "no-id,,US\n"
+        "ok1,a@example.com,US\n"
+        "short,row\n"
+        "ok2,e@example.com,\n"
+    )
+    await stream(table, {"bad-country": "b@example.com", "gone": "g@example.com"})
+    await send_all(table)
+    report = await reconcile(table, path, "csv")
+    assert report.counts[ADDED] == 2
+    # the member of an unusable line is neither added nor removed; one the snapshot lacks is
+    assert report.counts[REMOVED] == 1
+    assert dict(report.unusable) == {
+        "bad_country": 1,
+        "no_profile_id": 1,
+        "no_usable_identifier": 1,
+        "duplicate_profile_id": 1,
+        "bad_csv_row": 1,
+    }
+    assert report.unusable_lines == {
+        "bad_country": [3],
+        "no_profile_id": [4],
+        "no_usable_identifier": [5],
+        "duplicate_profile_id": [6],
+        "bad_csv_row": [7],
+    }
+    assert {p for p, (a, _) in (await desired(table)).items() if a == ADD} == {
+        "ok1",
+        "ok2",
+        "bad-country",
+    }
+
+
+def test_a_csv_header_without_profile_id_or_with_unknown_columns_is_a_usage_error(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.csv"
+    path.write_text("email,country\na@example.com,US\n")
+    with pytest.raises(UsageError, match="profile_id"):
+        list(read_snapshot(path, "csv"))
+    path.write_text("profile_id,mail\np,a@example.com\n")
+    with pytest.raises(UsageError, match="mail"):
+        list(read_snapshot(path, "csv"))
+
+
+# -- compare rules -------------------------------------------------------------------------------
+def held(
+    action: str = ADD,
+    digest: bytes = b"d1",
+    at: float = T0,
+    never_sent: bool = False,
+    invalid: bool = False,
+) -> HeldMember:
+    record = orjson.dumps({"externalUserId": "u", "action": "CREATE", "hashedPII": []})
+    return HeldMember("u", action, digest, at, 0, never_sent, invalid, record)
+
+
+def test_compare_rules_for_a_snapshot_member() -> None:
+    assert compare_member("u", ADD, b"r", b"d1", held(), AS_OF) == (UNCHANGED, None)
+    kind, write = compare_member("u", ADD, b"r", b"d2", held(), AS_OF)
+    assert kind == CHANGED
+    assert write is not None
+    assert write.held == held()
+    assert compare_member("u", ADD, b"r", b"d1", held(REMOVE), AS_OF)[0] == ADDED
+    assert compare_member("u", ADD, b"r", b"d1", None, AS_OF)[0] == ADDED
+    # a change at or after --as-of stands
+    assert compare_member("u", ADD, b"r", b"d2", held(at=AS_OF + 1), AS_OF) == (NEWER, None)
+    # a remove (strict consent DENIED) of a member removed already: unchanged whatever digest
+    assert compare_member("u", REMOVE, b"r", b"d2", held(REMOVE), AS_OF) == (UNCHANGED, None)
+
+
+def test_compare_rules_for_a_member_the_snapshot_lacks() -> None:
+    assert compare_absent(held(REMOVE), AS_OF) == (None, None)
+    assert compare_absent(held(invalid=True), AS_OF) == ("invalid", None)
+    assert compare_absent(held(at=AS_OF), AS_OF) == (NEWER, None)
+    kind, write = compare_absent(held(), AS_OF)
+    assert kind == REMOVED
+    assert write is not None
+    assert write.action == REMOVE
+    assert orjson.loads(write.record)["action"] == "DELETE"
+    assert write.digest == b"d1"
+    assert compare_absent(held(never_sent=True), AS_OF)[0] == WITHDRAWN
+
+
+# -- a whole reconcile ---------------------------------------------------------------------------
+def snapshot(tmp: Path, members_: dict[str, str]) -> Path:
+    path = tmp / "snap.jsonl"
+    path.write_bytes(
+        b"".join(
+            orjson.dumps({"profile_id": p, "country": "US", "identifiers": {"email": e}}) + b"\n"
+            for p, e in sorted(members_.items())
+        )
+    )
+    return path
+
+
+async def test_mirror_sends_exactly_the_difference_and_the_same_snapshot_again_nothing(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    m = {"keep": "k@x.io", "change": "old@x.io", "drop": "d@x.io"}
+    await stream(table, m)
+    assert await send_all(table) == 3
+    s = {"keep": "k@x.io", "change": "new@x.io", "new": "n@x.io"}
+    path = snapshot(tmp_path, s)
+    dry = await reconcile(table, path, "jsonl", dry_run=True)
+    assert await table.waiting([AUDIENCE_ID]) == 0  # a dry run changes nothing
+    report = await reconcile(table, path, "jsonl")
+    assert dry.counts == report.counts
+    assert (report.counts[ADDED], report.counts[CHANGED], report.counts[REMOVED]) == (1, 1, 1)
+    assert report.counts[UNCHANGED] == 1
+    assert await table.reconcile_waiting([AUDIENCE_ID]) == 3
+    assert await table.reconcile_progress(AUDIENCE_ID) == (3, 0)
+    claims = await table.claim_due([AUDIENCE_ID], 1000, LEASE, "sender")
+    assert {(c.external_user_id, c.action) for c in claims} == {
+        ("change", ADD),
+        ("new", ADD),
+        ("drop", REMOVE),
+    }
+    assert await table.mark_sent(claims, "rec") == []
+    await table.apply_job_outcome("rec", "SUCCEEDED")
+    assert await table.reconcile_progress(AUDIENCE_ID) == (0, 0)
+    again = await reconcile(table, path, "jsonl", as_of=AS_OF + 50)
+    assert again.to_send == 0
+    assert again.counts[UNCHANGED] == 3
+    assert await table.waiting([AUDIENCE_ID]) == 0
+
+
+async def test_reconcile_work_is_claimed_after_live_changes_and_refreshes(
+    tmp_path: Path, table: MemberTable, clock: FakeClock
+) -> None:
+    await stream(table, {"old": "o@x.io"})
+    await send_all(table)
+    await reconcile(table, snapshot(tmp_path, {"old": "o@x.io", "r1": "1@x.io"}), "jsonl")
+    clock.advance(10)
+    assert await table.due_for_refresh(AUDIENCE_ID, 5, 10) == 1  # "old" is due for a refresh
+    await stream(table, {"live": "l@x.io"}, at=AS_OF + 10)
+    claims = await table.claim_due([AUDIENCE_ID], 1, LEASE, "a")
+    claims += await table.claim_due([AUDIENCE_ID], 1, LEASE, "b")
+    claims += await table.claim_due([AUDIENCE_ID], 1, LEASE, "c")
+    assert [c.external_user_id for c in claims] == ["live", "old", "r1"]
+    async with table._store._read() as conn:
+        ranks = dict(
+            (await conn.execute(select(members.c.external_user_id, members.c.due_rank))).all()
+        )
+    assert ranks == {"live": 0, "old": BACKGROUND, "r1": RECONCILE}
+
+
+async def test_a_newer_live_change_wins_and_a_row_changed_since_compared_is_left(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    await stream(table, {"a": "a@x.io", "b": "b@x.io"})
+    await send_all(table)
+    # "a" changed live after --as-of: the snapshot's older view does not overwrite it
+    await stream(table, {"a": "a2@x.io"}, at=AS_OF + 5)
+    report = await reconcile(table, snapshot(tmp_path, {"a": "a3@x.io"}), "jsonl")
+    assert report.counts[NEWER] == 1
+    assert report.counts[REMOVED] == 1
+    _record, digest = record_of("a", "a2@x.io")
+    assert (await desired(table))["a"] == (ADD, digest)
+    # a write whose row changed between compare and write does not apply
+    stale = (await table.held_members(AUDIENCE_ID, ["a"]))["a"]
+    await stream(table, {"a": "a4@x.io"}, at=AS_OF + 6)
+    from syncd.members import ReconcileWrite
+
+    new_record, new_digest = record_of("a", "a5@x.io")
+    done = await table.record_reconcile(
+        AUDIENCE_ID, [ReconcileWrite("a", ADD, new_record, new_digest, stale)], occurred_at=AS_OF
+    )
+    assert (done.written, done.changed) == (0, 1)
+    assert (await desired(table))["a"] == (ADD, record_of("a", "a4@x.io")[1])
+
+
+async def test_a_member_never_sent_is_removed_without_a_delete(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    await stream(table, {"pending": "p@x.io"})  # due, never sent
+    report = await reconcile(table, snapshot(tmp_path, {}), "jsonl")
+    assert report.counts[WITHDRAWN] == 1
+    assert report.to_send == 0
+    assert await table.waiting([AUDIENCE_ID]) == 0
+    assert (await desired(table))["pending"][0] == REMOVE
+
+
+emails = st.sampled_from(["a@x.io", "b@x.io", "c@x.io"])
+profiles = st.dictionaries(st.sampled_from([f"p{i}" for i in range(12)]), emails, max_size=12)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(m=profiles, s=profiles, sent=st.booleans())
+async def test_for_any_table_and_snapshot_the_desired_state_is_the_snapshot(
+    tmp_path_factory: pytest.TempPathFactory,
+    m: dict[str, str],
+    s: dict[str, str],
+    sent: bool,
+) -> None:
+    tmp = tmp_path_factory.mktemp("prop")
+    store = await Store.connect(f"sqlite+aiosqlite:///{tmp / 'syncd.db'}", clock=FakeClock())
+    await store.ensure_schema(auto_upgrade=True)
+    try:
+        t = MemberTable(store)
+        if m:
+            await stream(t, m)
+            if sent:
+                await send_all(t)
+        report = await reconcile(t, snapshot(tmp, s), "jsonl")
+        want = {p: (ADD, record_of(p, e)[1]) for p, e in s.items()}
+        got = {p: v for p, v in (await desired(t)).items() if v[0] == ADD}
+        assert got == want
+        changed = sum(1 for p in s.keys() & m.keys() if s[p] != m[p])
+        if sent:  # everything of M reached Amazon: the difference, exactly, is sent
+            assert report.to_send == len(s.keys() - m.keys()) + len(m.keys() - s.keys()) + changed
+        again = await reconcile(t, snapshot(tmp, s), "jsonl", as_of=AS_OF + 1)
+        assert again.to_send == 0
+        assert again.counts[UNCHANGED] == len(s)
+    finally:
+        await store.close()
+
+
+# -- --wait --------------------------------------------------------------------------------------
+async def test_wait_exits_1_with_the_count_when_amazon_refused_some(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    await reconcile(table, snapshot(tmp_path, {"good": "g@x.io", "bad": "b@x.io"}), "jsonl")
+    claims = await table.claim_due([AUDIENCE_ID], 10, LEASE, "sender")
+    assert await table.mark_sent(claims, "job") == []
+    await table.apply_job_outcome("job", "PARTIALLYSUCCEEDED", {"bad": "invalid_pii"})
+    out = io.StringIO()
+    assert await wait_for_amazon(table, DEST, 30.0, out) == 1
+    assert "refused by Amazon: 1" in out.getvalue()
+
+
+async def test_wait_exits_0_once_amazon_accepted_all_of_it(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    await reconcile(table, snapshot(tmp_path, {"a": "a@x.io", "b": "b@x.io"}), "jsonl")
+    assert await table.reconcile_progress(AUDIENCE_ID) == (2, 0)
+    await send_all(table)
+    out = io.StringIO()
+    assert await wait_for_amazon(table, DEST, 30.0, out) == 0
+    assert "Amazon accepted all of it" in out.getvalue()
+
+
+async def test_wait_says_when_nothing_is_sending_and_gives_up_at_the_timeout(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    await reconcile(table, snapshot(tmp_path, {"a": "a@x.io", "b": "b@x.io"}), "jsonl")
+    out = io.StringIO()
+    assert await wait_for_amazon(table, DEST, 2.5, out) == 1
+    text = out.getvalue()
+    assert "nothing is sending" in text
+    assert "timed out: 2 of 2 not accepted yet" in text
+
+
+async def test_a_reconcile_cut_short_and_run_again_does_the_rest(
+    tmp_path: Path, table: MemberTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reconcile_mod, "CHUNK_LINES", 4)
+    monkeypatch.setattr(reconcile_mod, "WRITE_BATCH", 4)
+    m = {f"m{i:02}": f"m{i}@x.io" for i in range(20)}
+    await stream(table, m)
+    await send_all(table)
+    s = {f"m{i:02}": f"m{i}@x.io" for i in range(10)} | {
+        f"n{i:02}": f"n{i}@x.io" for i in range(20)
+    }
+    path = snapshot(tmp_path, s)
+
+    def cut_short(after: int) -> Any:
+        for n, item in enumerate(read_snapshot(path, "jsonl")):
+            if n == after:
+                raise KeyboardInterrupt
+            yield item
+
+    reconciler = Reconciler(CFG, DEST, table, as_of=AS_OF, dry_run=False, workers=0)
+    with pytest.raises(KeyboardInterrupt):
+        await reconciler.run(cut_short(26))
+    partial = await table.reconcile_waiting([AUDIENCE_ID])
+    assert 0 < partial < 30  # some recorded, not all
+    report = await reconcile(table, path, "jsonl", as_of=AS_OF + 1)
+    # the rest, not again what was recorded (the first run got to no remove)
+    assert report.counts[ADDED] == 20 - partial
+    assert report.counts[UNCHANGED] == 10 + partial
+    assert report.counts[REMOVED] == 10
+    want = {p: (ADD, record_of(p, e)[1]) for p, e in s.items()}
+    assert {p: v for p, v in (await desired(table)).items() if v[0] == ADD} == want
+    assert await table.reconcile_waiting([AUDIENCE_ID]) == 30  # 20 adds, 10 removes
+    again = await reconcile(table, path, "jsonl", as_of=AS_OF + 2)
+    assert again.to_send == 0
+
+
+def test_the_budget_estimate_counts_what_waits_beyond_the_window() -> None:
+    view = BudgetView(waiting=1100, remaining=100, per_hour=3600, window_s=3600.0)
+    assert view.seconds(1100) == 1000.0  # 100 fit now, 1,000 more at one a second
+    assert view.seconds(50) == 0.0
+    report = Report()
+    report.counts[ADDED] = 1000
+    report.bad(7, "bad_country")
+    text = summary(report, DEST, view, dry_run=False)
+    assert "adds       1000" in text
+    assert "bad_country: 1 (lines 7)" in text
+    assert "records to send: 1000; waiting on connection" in text
+    assert "1100 in all" in text
+    assert "about 17 min until the budget has let it all through" in text
+    fits = BudgetView(waiting=10, remaining=5000, per_hour=3600, window_s=3600.0)
+    assert "it all fits now" in summary(report, DEST, fits, dry_run=True)
+
+
+async def test_a_parquet_snapshot_with_integer_columns_reads_as_text(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    path = tmp_path / "s.parquet"
+    pq.write_table(
+        pa.table(
+            {"profile_id": [1001, 1002], "phone": [12062661000, None], "email": [None, "b@x.io"]}
+        ),
+        path,
+    )
+    lines = list(read_snapshot(path, "parquet"))
+    assert lines == [
+        (1, {"profile_id": "1001", "identifiers": {"phone": "12062661000"}}),
+        (2, {"profile_id": "1002", "identifiers": {"email": "b@x.io"}}),
+    ]
+    report = await reconcile(table, path, "parquet")
+    assert report.counts[ADDED] == 2
+    assert not report.unusable
+
+
+def test_usage_errors_exit_2_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from syncd.cli import main
+
+    config_path = tmp_path / "syncd.toml"
+    config_path.write_text(
+        f'[store]\nurl = "sqlite+aiosqlite:///{tmp_path / "s.db"}"\n\n[[destinations]]\n'
+        'audience = "vip"\nconnection_id = "5a523424-e8b3-4da5-9a32-24a861aea576"\n'
+        "audience_id = 413642381039213536\n"
+    )
+    snap = tmp_path / "s.csv"
+    snap.write_text("profile_id,email\np,a@x.io\n")
+    base = ["reconcile", "--config", str(config_path), "--snapshot", str(snap)]
+    cases = {
+        "--audience": [*base, "--audience", "nope"],
+        "--snapshot": [
+            "reconcile",
+            "--config",
+            str(config_path),
+            "--audience",
+            "vip",
+            "--snapshot",
+            str(tmp_path / "missing.csv"),
+        ],
+        "--timeout": [*base, "--audience", "vip", "--timeout", "5"],
+        "--wait": [*base, "--audience", "vip", "--wait", "--dry-run"],
+        "--as-of": [*base, "--audience", "vip", "--as-of", "yesterday"],
+        "--format": [*base, "--audience", "vip", "--format", "xml"],
+    }
+    for flag, argv in cases.items():
+        assert main(argv) == 2, flag
+        assert flag in capsys.readouterr().err
