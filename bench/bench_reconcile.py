@@ -36,8 +36,8 @@ from sqlalchemy import select
 
 from bench.bench_member_size import store_url
 from syncd import config as config_mod
-from syncd.members import ADD, CONFIRMED, RECONCILE, MemberTable, record_digest
-from syncd.model import MemberRecord
+from syncd.members import ADD, CONFIRMED, RECONCILE, MemberTable
+from syncd.model import MemberRecord, record_digest
 from syncd.runtime import compiled
 from syncd.store import Store
 from syncd.store.schema import members

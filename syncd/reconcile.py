@@ -49,7 +49,6 @@ from syncd.members import (
     MemberTable,
     ReconcileWrite,
     delete_record,
-    record_digest,
 )
 from syncd.model import Action, Destination, MemberRecord
 from syncd.observability.logging import get_logger
@@ -449,7 +448,7 @@ class Reconciler:
                 record.external_user_id,
                 action,
                 record.json,
-                record_digest(record.json),
+                record.digest,
                 held.get(record.external_user_id),
                 self._as_of,
             )

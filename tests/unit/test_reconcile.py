@@ -117,8 +117,7 @@ def write_snapshots(tmp: Path, rows: list[dict[str, str]]) -> dict[str, Path]:
 
 def record_of(profile: str, email: str, country: str = "US") -> tuple[bytes, bytes]:
     """The record and digest the pipeline makes of a member with one email."""
-    from syncd.members import record_digest
-    from syncd.model import member_record
+    from syncd.model import member_record, record_digest
 
     pii = build_hashed_pii({"email": [email]}, country, strict_reference=False)
     record = member_record(profile, country, Action.ADD, pii.objects).json
