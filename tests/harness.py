@@ -158,8 +158,9 @@ async def running_sandbox(
 
 
 def provide(state: SandboxState, destinations: Iterable[dict[str, Any]]) -> None:
-    """Set the sandbox up as the destinations need it: the AMC terms accepted, each connection
-    and each audience (tied to its destination's connection) there; what exists stays."""
+    """Set the sandbox up as the destinations (raw config tables) need it: the AMC terms
+    accepted, each connection and each audience (tied to its destination's connection) there;
+    what exists stays."""
     state.terms_accepted = True
     for dest in destinations:
         state.provide_connection(dest["connection_id"])

@@ -25,14 +25,16 @@ import secrets
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from syncd import config as config_mod
 from syncd.amazon import api
+from syncd.model import Destination
 
 
 @dataclass
@@ -111,6 +113,13 @@ class SandboxSettings:
         default=False, metadata={"help": "LwA refuses the refresh token (invalid_grant)"}
     )
     seed: int | None = field(default=None, metadata={"help": "seed of the outcome/fault RNGs"})
+    provide_for: str = field(
+        default="",
+        metadata={
+            "help": "set up what this syncd config's [[destinations]] name: the AMC terms "
+            "accepted, their connections and audiences (a local stack)"
+        },
+    )
 
 
 HANG_S = 600.0  # a "timeout" fault holds the request this long (or until shutdown/reset)
@@ -724,6 +733,8 @@ class SandboxState:
         self.terms_accepted = False
         self.closing = asyncio.Event()
         self.reset()
+        if settings.provide_for:
+            self.provide(config_mod.load(settings.provide_for).destinations)
 
     def reset(self) -> None:
         """Forget jobs, ledger, members, windows, counters, log and faults (tokens, audiences,
@@ -1096,6 +1107,14 @@ class SandboxState:
         if ttl is not None:
             body["metadata"] = {"ttl": ttl}
         return self._add_audience(audience_id, body)
+
+    def provide(self, destinations: Iterable[Destination]) -> None:
+        """Set up what `destinations` need, as an advertiser sets it up at Amazon: the AMC terms
+        accepted, each connection and each audience (tied to its destination's connection)."""
+        self.terms_accepted = True
+        for dest in destinations:
+            self.provide_connection(dest.connection_id)
+            self.provide_audience(dest.audience_id, dest.connection_id)
 
     def provide_connection(self, connection_id: str) -> dict[str, Any]:
         """Make sure the connection `connection_id` exists (see `provide_audience`)."""
