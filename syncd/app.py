@@ -3,7 +3,8 @@
     ingest:  source -> transform (decode, route, hash; worker processes)
              -> record (member table: one write per chunk) -> commit
     senders: per connection, claim due members -> batch -> deliver (budget, POST)
-             -> job row + members' sent state (one transaction)
+             -> job row + members' sent state (one transaction); a connection the start-up
+             checks (those of check-config --online) find a setup fault in starts blocked
     side loops: job poller (outcomes -> members), audiences (metadata, TTL refresh, tombstone
                 purge), offset commits, store health, token, HTTP
 
@@ -39,16 +40,22 @@ from syncd.audiences import AudienceWatcher
 from syncd.budget import Budget
 from syncd.config import Config
 from syncd.deliver import ConnectionSender, MemberFeed
-from syncd.errors import AuthError, RetryableError
+from syncd.errors import AmazonError, AuthError, RetryableError
 from syncd.jobs import MemberOutcomes, Poller
 from syncd.members import ADD, MemberChange, MemberTable, dead_letter_value, member_change
-from syncd.model import Erase, MemberRecord, SourceRef
+from syncd.model import Destination, Erase, MemberRecord, SourceRef
 from syncd.observability import metrics
 from syncd.observability.http import bound_port, start_http
 from syncd.observability.logging import configure as configure_logging
 from syncd.observability.logging import get_logger
 from syncd.operate import report_at_start, watch_store_size
-from syncd.preflight import AmazonUnreachableError, Finding, check_client_config, check_online
+from syncd.preflight import (
+    AmazonUnreachableError,
+    Finding,
+    check_client_config,
+    check_online,
+    setup_faults,
+)
 from syncd.routing import RouteCounts
 from syncd.runtime import compiled, tune_process
 from syncd.source import DLQ_RETRY_BACKOFF_S, KafkaSource, Message, OffsetTracker
@@ -66,6 +73,9 @@ BLOCKED_PROBE_FACTOR = 5  # a blocked connection's probes back off to 5 x amazon
 # Claims of due members are leased for this long and renewed every third of it while held: a
 # replica that dies (SIGKILL, OOM) leaves its members to the others this soon.
 CLAIM_LEASE_S = 30.0
+# The start-up checks of the setup (and a blocked connection's checks again) are given up after
+# this: Amazon's retries through an outage must not hold the start back (nothing is blocked).
+SETUP_CHECK_TIMEOUT_S = 30.0
 
 
 class Pipeline:
@@ -267,6 +277,31 @@ class Pipeline:
         return self._tracker.pending() + self._unapplied
 
 
+async def _check_again(
+    cfg: Config, client: AmazonClient, sender: ConnectionSender, destinations: list[Destination]
+) -> tuple[str, AmazonError] | None:
+    """A blocked connection's start-up checks again: its fault (cause, error), None once they
+    pass. No verdict (Amazon unreachable, a failure of the check itself) keeps it blocked."""
+    try:
+        async with asyncio.timeout(SETUP_CHECK_TIMEOUT_S):
+            mine = dataclasses.replace(cfg, destinations=tuple(destinations))
+            faults = await setup_faults(mine, client)
+    except Exception as exc:
+        error = AmazonError(f"start-up checks got no verdict: {str(exc)[:300] or repr(exc)}")
+        return sender.blocked, error
+    finding = faults.get(sender.connection_id)
+    return None if finding is None else (finding.cause, _setup_error(finding))
+
+
+def _setup_error(finding: Finding) -> AmazonError:
+    """A failed start-up check as the error a blocked connection reports."""
+    return AmazonError(
+        f"start-up check: {finding.item}: {finding.detail}",
+        status=finding.status,
+        operation="setup_check",
+    )
+
+
 def _wake(feeds: dict[str, MemberFeed], connection_id: str) -> None:
     """Wake the connection's feed; a connection whose destinations are all paused has none."""
     if (feed := feeds.get(connection_id)) is not None:
@@ -398,6 +433,8 @@ class Daemon:
             background.append(task)
             return task
 
+        for conn, probe in (await self._check_setup(cfg, client, senders, sending)).items():
+            spawn(probe(), f"setup-check:{conn}")
         for conn, sender in senders.items():
             spawn(sender.run(), f"sender:{conn}")
             spawn(feeds[conn].run(sender, halt), f"feed:{conn}")
@@ -451,6 +488,36 @@ class Daemon:
         await runner.cleanup()
         log.info("syncd stopped", pending_events=tracker.pending())
         return 1 if self.fatal is not None else 0
+
+    async def _check_setup(
+        self,
+        cfg: Config,
+        client: AmazonClient,
+        senders: dict[str, ConnectionSender],
+        sending: list[Destination],
+    ) -> dict[str, Callable[[], Awaitable[None]]]:
+        """The start-up checks (those of `check-config --online`) of the destinations that
+        send: a connection a setup fault keeps from sending (terms, connection, an audience's
+        metadata) is blocked before its first POST, its changes wait; its prober re-runs its
+        checks and opens it once they pass. Amazon giving no verdict blocks nothing (a records
+        POST finds the fault then); refused credentials are the token loop's."""
+        try:
+            async with asyncio.timeout(SETUP_CHECK_TIMEOUT_S):
+                checked = dataclasses.replace(cfg, destinations=tuple(sending))
+                faults = await setup_faults(checked, client)
+        except (AmazonUnreachableError, TimeoutError) as exc:
+            log.warning(
+                "start-up checks got no verdict from amazon; nothing blocked",
+                error=str(exc)[:300] or type(exc).__name__,
+            )
+            return {}
+        probes = {}
+        for conn, finding in faults.items():
+            mine = [d for d in sending if d.connection_id == conn]
+            check = functools.partial(_check_again, cfg, client, senders[conn], mine)
+            probes[conn] = senders[conn].block(finding.cause, _setup_error(finding), check)
+        log.info("start-up checks done", connections=len(senders), blocked=sorted(probes))
+        return probes
 
     def _on_task_done(self, task: asyncio.Task[None], halt: asyncio.Event) -> None:
         if task.cancelled() or task.exception() is None:

@@ -29,6 +29,9 @@ Amazon accepted it or may have (202, 5xx: re-stamped now), kept unconfirmed when
   pauses for the Retry-After (cause `throttled`), then resends.
 - 5xx, timeouts, anything unexpected: resent after a pause; failing for longer than
   `failing_after_s`, the connection is blocked the same way (cause `failing`).
+A setup fault `syncd run`'s start-up checks find (those of `check-config --online`: terms,
+connection, an audience's metadata) blocks the connection the same way before its first POST
+(`block`); its prober re-runs the checks instead of resending a part, never POSTing records.
 LwA refusing the refresh token (AuthError) is not the connection's: it stops the sender and
 makes the daemon fatal (unready, waiting for new credentials); nothing is marked sent.
 429s also halve the connection's concurrency (AIMD) and successes grow it back.
@@ -194,7 +197,9 @@ class ConnectionSender:
         self._workers = max_concurrency
         self._busy = 0
         self._inflight = metrics.INFLIGHT_REQUESTS.labels(connection_id)
-        self._prober: asyncio.Task[Any] | None = None  # set while the connection is blocked
+        # set while the connection is blocked: the task probing it (or `block`'s token until
+        # its prober runs)
+        self._prober: object | None = None
         self._cause = ""
         self._blocked_at = 0.0
         self._open = asyncio.Event()
@@ -385,6 +390,41 @@ class ConnectionSender:
             self._prober = asyncio.current_task()
             self._open.clear()
             self._blocked_at = self._clock()
+        self._report(cause, exc, pause_s)
+        await self._sleep(pause_s)
+
+    def block(
+        self,
+        cause: str,
+        exc: AmazonError,
+        check: Callable[[], Awaitable[tuple[str, AmazonError] | None]],
+    ) -> Callable[[], Awaitable[None]]:
+        """Block the connection now for a setup fault found without a POST (`syncd run`'s
+        start-up checks), as a refused POST would: the feed claims nothing, the metric and the
+        log say why. Returns the prober, to run as a task: where a worker would resend its part
+        after each pause, it runs `check` (the fault's cause and error while it lasts, None once
+        it cleared; never a records POST), and it opens the connection once the fault cleared."""
+        token = object()  # the prober until its task runs
+        self._prober = token
+        self._open.clear()
+        self._blocked_at = self._clock()
+        self._report(cause, exc, self._pause_s)
+
+        async def probe() -> None:
+            if self._prober is not token:
+                return
+            self._prober = asyncio.current_task()
+            delivery = _Delivery(deque())  # paces the checks as a part's resends are paced
+            await self._sleep(self._pause(delivery))
+            while (fault := await check()) is not None:
+                await self._hold(*fault, self._pause(delivery))
+            self._resume()
+
+        return probe
+
+    def _report(self, cause: str, exc: AmazonError, pause_s: float) -> None:
+        """Set the metric and log the block (once per cause: a probe that meets it again logs
+        at info)."""
         if cause != self._cause:
             if self._cause:
                 metrics.CONNECTION_BLOCKED.labels(self.connection_id, self._cause).set(0)
@@ -407,7 +447,6 @@ class ConnectionSender:
                 status=exc.status,
                 retry_in_s=round(pause_s, 3),
             )
-        await self._sleep(pause_s)
 
     def _resume(self) -> None:
         """The prober got through: open the connection again."""

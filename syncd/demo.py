@@ -114,8 +114,12 @@ def demo_config(
 
 
 def create_audiences(sandbox: SandboxState) -> list[dict[str, Any]]:
-    """The demo's destinations, each audience created at the sandbox first (as an advertiser
-    creates it at Amazon), with the id the sandbox gave it."""
+    """The demo's destinations, set up at the sandbox first as an advertiser sets them up at
+    Amazon (`syncd run` checks them at start): the AMC terms accepted, the connections there,
+    each audience created, with the id the sandbox gave it."""
+    sandbox.terms_accepted = True
+    for dest in DESTINATIONS:
+        sandbox.provide_connection(str(dest["connection_id"]))
     return [
         {
             **dest,

@@ -1,17 +1,23 @@
 """Drive real `syncd run` processes in integration tests: config files, process control,
 readiness and metrics over HTTP, and waiting on observable state with deadlines (no sleeps as
-synchronization)."""
+synchronization).
+
+`syncd run` checks its destinations at Amazon at start (terms, connections, audiences), so a
+daemon started against a sandbox of `running_sandbox` finds there what its config names, as an
+advertiser would have set it up (`provide`); `DaemonProcess(..., provide=False)` leaves the
+sandbox as the test made it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +26,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from syncd.embedded import free_port
+from syncd.sandbox import server
+from syncd.sandbox.app import SandboxSettings, SandboxState
 
 CONNECTION = "5a523424-e8b3-4da5-9a32-24a861aea576"
 OTHER_CONNECTION = "0b7e6f52-3c1d-4b8e-9f0a-8d2c4e6a1b3c"
@@ -133,14 +141,43 @@ def sqlite_daemon_config(
     )
 
 
+_SANDBOXES: dict[str, SandboxState] = {}  # the running sandboxes, by API URL
+
+
+@contextlib.asynccontextmanager
+async def running_sandbox(
+    settings: SandboxSettings | None = None, **kwargs: Any
+) -> AsyncIterator[server.RunningSandbox]:
+    """`syncd.sandbox.server.running_sandbox`, known to `DaemonProcess` by its URL."""
+    async with server.running_sandbox(settings, **kwargs) as sandbox:
+        _SANDBOXES[sandbox.url] = sandbox.state
+        try:
+            yield sandbox
+        finally:
+            _SANDBOXES.pop(sandbox.url, None)
+
+
+def provide(state: SandboxState, destinations: Iterable[dict[str, Any]]) -> None:
+    """Set the sandbox up as the destinations (raw config tables) need it: the AMC terms
+    accepted, each connection and each audience (tied to its destination's connection) there;
+    what exists stays."""
+    state.terms_accepted = True
+    for dest in destinations:
+        state.provide_connection(dest["connection_id"])
+        state.provide_audience(dest["audience_id"], dest["connection_id"])
+
+
 class DaemonProcess:
     """One `syncd run` child process with its config file and log file. Every process started
     is killed at the end of its test if it is still running (see `kill_leftovers`)."""
 
     started: ClassVar[list[DaemonProcess]] = []
 
-    def __init__(self, tmp: Path, raw: dict[str, Any], name: str = "syncd") -> None:
+    def __init__(
+        self, tmp: Path, raw: dict[str, Any], name: str = "syncd", *, provide: bool = True
+    ) -> None:
         self.raw = raw
+        self.provide = provide
         self.config_path = tmp / f"{name}.toml"
         self.config_path.write_text(to_toml(raw))
         self.log_path = tmp / f"{name}.log"
@@ -148,6 +185,9 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DaemonProcess:
+        sandbox = _SANDBOXES.get(self.raw["amazon"]["api_url"])
+        if self.provide and sandbox is not None:
+            provide(sandbox, self.raw["destinations"])
         log = self.log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
         self.proc = subprocess.Popen(

@@ -25,14 +25,16 @@ import secrets
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from syncd import config as config_mod
 from syncd.amazon import api
+from syncd.model import Destination
 
 
 @dataclass
@@ -111,6 +113,13 @@ class SandboxSettings:
         default=False, metadata={"help": "LwA refuses the refresh token (invalid_grant)"}
     )
     seed: int | None = field(default=None, metadata={"help": "seed of the outcome/fault RNGs"})
+    provide_for: str = field(
+        default="",
+        metadata={
+            "help": "set up what this syncd config's [[destinations]] name: the AMC terms "
+            "accepted, their connections and audiences (a local stack)"
+        },
+    )
 
 
 HANG_S = 600.0  # a "timeout" fault holds the request this long (or until shutdown/reset)
@@ -724,6 +733,8 @@ class SandboxState:
         self.terms_accepted = False
         self.closing = asyncio.Event()
         self.reset()
+        if settings.provide_for:
+            self.provide(config_mod.load(settings.provide_for).destinations)
 
     def reset(self) -> None:
         """Forget jobs, ledger, members, windows, counters, log and faults (tokens, audiences,
@@ -1080,6 +1091,42 @@ class SandboxState:
         }
         self.audiences[audience_id] = audience
         return audience
+
+    def provide_audience(
+        self, audience_id: int, connection_id: str, ttl: int | None = None
+    ) -> dict[str, Any]:
+        """Make sure the audience `audience_id` exists, tied to `connection_id` (a test's or a
+        local stack's setup: Amazon gives ids itself, configs name fixed ones). An existing one
+        is left as it is."""
+        if audience_id in self.audiences:
+            return self.audiences[audience_id]
+        body: dict[str, Any] = {
+            "name": f"providedAudience{audience_id}",
+            "targetResource": {"connectionId": connection_id},
+        }
+        if ttl is not None:
+            body["metadata"] = {"ttl": ttl}
+        return self._add_audience(audience_id, body)
+
+    def provide(self, destinations: Iterable[Destination]) -> None:
+        """Set up what `destinations` need, as an advertiser sets it up at Amazon: the AMC terms
+        accepted, each connection and each audience (tied to its destination's connection)."""
+        self.terms_accepted = True
+        for dest in destinations:
+            self.provide_connection(dest.connection_id)
+            self.provide_audience(dest.audience_id, dest.connection_id)
+
+    def provide_connection(self, connection_id: str) -> dict[str, Any]:
+        """Make sure the connection `connection_id` exists (see `provide_audience`)."""
+        if connection_id not in self.connections:
+            self.connections[connection_id] = {
+                "amcInstanceId": "amcsandbox",
+                "isDefault": False,
+                "clientId": self.settings.client_id,
+                "connectionId": connection_id,
+                "customerId": "A0SANDBOXCUSTOMER",
+            }
+        return self.connections[connection_id]
 
     def audience_view(self, audience_id: int) -> dict[str, Any] | None:
         audience = self.audiences.get(audience_id)
@@ -1491,6 +1538,44 @@ async def control_members(request: web.Request) -> web.Response:
     return json_response(view)
 
 
+async def control_provide(request: web.Request) -> web.Response:
+    """`{"terms_accepted": true, "connections": [id, ...], "audiences": [{"audienceId": n,
+    "connectionId": id, "ttl": s}, ...]}`: make these exist as a setup made them (ids a config
+    names; what exists stays). Every key is optional."""
+    state = request.app[SANDBOX_STATE]
+    try:
+        body = orjson.loads(await request.read())
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        audiences = body.get("audiences", [])
+        connections = body.get("connections", [])
+        if not isinstance(audiences, list) or not isinstance(connections, list):
+            raise ValueError("audiences and connections must be lists")
+        for connection_id in connections:
+            if not isinstance(connection_id, str) or not connection_id:
+                raise ValueError("a connection id must be a non-empty string")
+            state.provide_connection(connection_id)
+        for audience in audiences:
+            audience_id, connection_id = audience["audienceId"], audience["connectionId"]
+            ttl = audience.get("ttl")
+            if check_audience_id(audience_id) or not isinstance(connection_id, str):
+                raise ValueError("an audience needs an integer audienceId and a connectionId")
+            if problem := check_ttl(ttl):
+                raise ValueError(problem)
+            state.provide_audience(audience_id, connection_id, ttl)
+        if body.get("terms_accepted"):
+            state.terms_accepted = True
+    except (orjson.JSONDecodeError, ValueError, TypeError, KeyError) as exc:
+        return json_response({"message": str(exc)}, 400)
+    return json_response(
+        {
+            "terms_accepted": state.terms_accepted,
+            "connections": sorted(state.connections),
+            "audiences": sorted(state.audiences),
+        }
+    )
+
+
 async def control_reset(request: web.Request) -> web.Response:
     request.app[SANDBOX_STATE].reset()
     return web.Response(status=204)
@@ -1524,5 +1609,6 @@ def create_app(
     r.add_get(CONTROL_PREFIX + "/log", control_log)
     r.add_get(CONTROL_PREFIX + "/audiences/{audienceId}/members", control_members)
     r.add_post(CONTROL_PREFIX + "/faults", control_faults)
+    r.add_post(CONTROL_PREFIX + "/provide", control_provide)
     r.add_post(CONTROL_PREFIX + "/reset", control_reset)
     return app

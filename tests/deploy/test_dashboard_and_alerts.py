@@ -21,9 +21,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from syncd import synth
 from syncd.sandbox.app import SandboxSettings
-from syncd.sandbox.server import running_sandbox
 from tests.fixtures.kafka import KafkaCluster
-from tests.harness import DESTINATIONS, DaemonProcess, daemon_config, produce, wait_for
+from tests.harness import (
+    DESTINATIONS,
+    DaemonProcess,
+    daemon_config,
+    produce,
+    running_sandbox,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_FILES = ROOT / "helm" / "syncd" / "files"

@@ -1,7 +1,8 @@
 """Amazon refusing on purpose, against real processes (broker, sandbox, `syncd run`): a setup
-fault on one connection, a Retry-After longer than syncd's retry time, a 400 for some records.
-Nothing of a blocked connection is dead-lettered or lost, the other connection flows, and only
-the records Amazon refused are dead-lettered."""
+fault on one connection, a Retry-After longer than syncd's retry time, a 400 for some records,
+an audience Amazon does not have (found by the start-up checks). Nothing of a blocked connection
+is dead-lettered or lost, the other connection flows, and only the records Amazon refused are
+dead-lettered."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
 from syncd import synth
+from syncd.members import MemberTable
 from syncd.sandbox.app import SandboxSettings
-from syncd.sandbox.server import running_sandbox
+from syncd.sandbox.server import RunningSandbox
+from syncd.store import Store
 from tests.harness import (
     CONNECTION,
     DESTINATIONS,
@@ -23,7 +27,9 @@ from tests.harness import (
     committed_offsets,
     end_offsets,
     produce,
+    provide,
     read_topic,
+    running_sandbox,
     sqlite_daemon_config,
     wait_for,
 )
@@ -219,4 +225,123 @@ async def test_only_the_records_amazon_refuses_are_dead_lettered_and_the_rest_de
         assert not any(pid.startswith("refuse-") for pid, _ in delivered(sb))
         await all_committed(daemon, kafka.bootstrap, topic)
         assert await read_topic(kafka.bootstrap, dlq, refused + 1, timeout=2.0) == dead
+        assert await daemon.terminate() == 0
+
+
+async def _waiting(store_url: str, audience_id: int) -> int:
+    store = await Store.connect(store_url)
+    try:
+        return await MemberTable(store).waiting([audience_id])
+    finally:
+        await store.close()
+
+
+async def test_a_destination_whose_audience_amazon_lacks_is_blocked_at_start_until_created(
+    kafka: Any, sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    """`syncd run` checks each destination at start, as `check-config --online` does: the
+    newsletter audience was never created at Amazon, so its connection is blocked before any
+    POST (metric and log naming the destination), its changes are recorded and wait, vip flows;
+    once the audience exists the waiting changes go out, without a restart."""
+    topic = f"startup-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=2)
+    events = list(synth.events(200, seed=75, audiences=("vip", "newsletter")))
+    want_vip, want_newsletter = (changes_for(events, c) for c in (CONNECTION, OTHER_CONNECTION))
+    assert want_vip
+    assert want_newsletter
+    destinations = [d for d in DESTINATIONS if d["audience"] in ("vip", "newsletter")]
+    vip, newsletter = destinations
+    provide(sandbox.state, [vip])  # terms, vip's connection and audience
+    sandbox.state.provide_connection(OTHER_CONNECTION)  # the connection, not the audience
+    raw = sqlite_daemon_config(kafka.bootstrap, sandbox, topic, tmp_path, destinations=destinations)
+    daemon = DaemonProcess(tmp_path, raw, provide=False).start()
+    await produce(kafka.bootstrap, topic, events)
+    blocked = {"connection": OTHER_CONNECTION, "cause": "not_found"}
+    store_url = raw["store"]["url"]
+
+    async def vip_delivered_newsletter_waiting() -> bool:
+        daemon.check_alive()
+        return (
+            delivered_to(sandbox, CONNECTION) >= want_vip
+            and await daemon.metric("syncd_connection_blocked", blocked) == 1
+            and await _waiting(store_url, newsletter["audience_id"]) == len(want_newsletter)
+        )
+
+    await wait_for(vip_delivered_newsletter_waiting, 60, "vip delivered, newsletter blocked")
+    await all_committed(daemon, kafka.bootstrap, topic)  # recorded: the offsets commit
+    assert sandbox.state.ledger(OTHER_CONNECTION) == []  # nothing sent for it...
+    assert not any(
+        route.startswith("POST /amc/audiences/records ") and not route.endswith(" 202")
+        for route in sandbox.state.stats()["requests"]
+    )  # ...not even a POST that Amazon refused
+    assert newsletter["audience_id"] not in sandbox.state.audiences
+    assert await daemon.metric("syncd_connection_blocked", {"connection": CONNECTION}) == 0
+    [report] = [
+        orjson.loads(line)
+        for line in daemon.logs().splitlines()
+        if line.startswith("{") and "connection blocked (not_found)" in line
+    ]
+    assert report["connection"] == OTHER_CONNECTION
+    assert f"destination 'newsletter' (audience_id {newsletter['audience_id']})" in report["error"]
+    assert "404" in report["error"]
+    logs = daemon.logs()
+    assert not {pid for pid, _ in want_newsletter | want_vip if pid in logs}  # no member ids
+
+    # the advertiser creates the audience (with the id the config names): no restart
+    async with aiohttp.ClientSession() as http:
+        body = {
+            "audiences": [
+                {"audienceId": newsletter["audience_id"], "connectionId": OTHER_CONNECTION}
+            ]
+        }
+        async with http.post(f"{sandbox.url}/_sandbox/provide", json=body) as answer:
+            assert answer.status == 200, await answer.text()
+
+    async def newsletter_caught_up() -> bool:
+        daemon.check_alive()
+        return (
+            delivered_to(sandbox, OTHER_CONNECTION) >= want_newsletter
+            and await daemon.metric("syncd_connection_blocked", blocked) == 0
+        )
+
+    await wait_for(newsletter_caught_up, 60, "the newsletter changes delivered once it exists")
+    daemon.check_alive()  # the same process throughout
+    assert delivered_to(sandbox, OTHER_CONNECTION) == want_newsletter
+    assert "connection resumed" in daemon.logs()
+    assert await daemon.metric("syncd_events_dead_lettered_total") == 0
+    assert await daemon.terminate() == 0
+
+
+async def test_no_verdict_at_start_blocks_nothing_and_the_daemon_runs_on(
+    kafka: Any, tmp_path: Path
+) -> None:
+    """Amazon answers every API call 5xx while `syncd run` starts: the start-up checks give up
+    (no verdict), nothing is blocked and the daemon stays up; once Amazon answers, every change
+    is delivered."""
+    topic = f"startup-5xx-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=1)
+    events = list(synth.events(60, seed=76))
+    settings = SandboxSettings(job_delay_s=0.2, rate_per_s=1000, burst=1000, error_rate=1.0)
+    async with running_sandbox(settings) as sb:
+        raw = sqlite_daemon_config(
+            kafka.bootstrap, sb, topic, tmp_path, amazon={"max_retry_time_s": 2.0}
+        )
+        daemon = DaemonProcess(tmp_path, raw).start()
+        await produce(kafka.bootstrap, topic, events)
+
+        async def gave_up() -> bool:
+            daemon.check_alive()
+            return "start-up checks got no verdict from amazon; nothing blocked" in daemon.logs()
+
+        await wait_for(gave_up, 60, "the start-up checks given up")
+        for cause in ("unauthorized", "forbidden", "not_found", "bad_request"):  # setup faults
+            assert await daemon.metric("syncd_connection_blocked", {"cause": cause}) == 0
+        sb.state.set_faults({"error_rate": 0.0})
+
+        async def arrived() -> bool:
+            daemon.check_alive()
+            return expected(events) <= delivered(sb)
+
+        await wait_for(arrived, 60, "every change delivered once Amazon answers")
+        assert "connection blocked (not_found)" not in daemon.logs()
         assert await daemon.terminate() == 0

@@ -14,7 +14,6 @@ import pytest
 
 from syncd import synth
 from syncd.sandbox.app import SandboxSettings
-from syncd.sandbox.server import running_sandbox
 from tests.fixtures.postgres import new_database
 from tests.harness import (
     CONNECTION,
@@ -23,6 +22,7 @@ from tests.harness import (
     committed_offsets,
     daemon_config,
     produce,
+    running_sandbox,
     wait_for,
 )
 

@@ -13,12 +13,12 @@ import orjson
 import pytest
 
 from syncd.sandbox.app import SandboxSettings
-from syncd.sandbox.server import running_sandbox
 from tests.harness import (
     CONNECTION,
     DaemonProcess,
     produce,
     read_topic,
+    running_sandbox,
     sqlite_daemon_config,
     wait_for,
 )

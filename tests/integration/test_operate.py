@@ -2,7 +2,8 @@
 through MemberTable/Store calls with real sandbox jobs: `syncd audiences status` prints the
 member counts, Amazon's figures and the 24 h match ratio (the sandbox resolves 42 % of
 members), `syncd members show` explains one member, `syncd members purge` drops an audience no
-destination names any more."""
+destination names any more. Then the same figures from a running `syncd run`: its /metrics and
+the status show the sandbox's match ratio and audience size."""
 
 from __future__ import annotations
 
@@ -10,25 +11,36 @@ import asyncio
 import hashlib
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from syncd import config as config_mod
+from syncd import synth
 from syncd.amazon.api import JobStatus, records_body
 from syncd.amazon.client import AmazonClient
 from syncd.embedded import free_port
 from syncd.members import ADD, REMOVE, MemberChange, MemberTable, member_change
 from syncd.model import Action, member_record
 from syncd.sandbox.app import SandboxSettings
-from syncd.sandbox.server import RunningSandbox, running_sandbox
+from syncd.sandbox.server import RunningSandbox
 from syncd.store import NewJob, Store
 from syncd.store.reasons import classify_invalid_reason
-from tests.harness import sqlite_daemon_config, to_toml
+from tests.harness import (
+    DESTINATIONS,
+    DaemonProcess,
+    produce,
+    running_sandbox,
+    sqlite_daemon_config,
+    to_toml,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -332,3 +344,75 @@ async def test_purge_drops_an_orphaned_audience_only_when_asked_and_not_a_named_
 
 def iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- a running daemon: the match ratio and Amazon's size on /metrics and in the status ----------
+async def test_a_running_daemon_and_the_status_show_the_match_ratio_and_amazons_size(
+    kafka: Any, tmp_path: Path
+) -> None:
+    """`syncd run` against a sandbox resolving 42 % of members: /metrics (the audience's job
+    records, matched / received) and `syncd audiences status` (text and --json) show the match
+    ratio the sandbox reports, near 0.42, and its audience size (Amazon's metadata, read at
+    start: a second start reads it once everything is delivered)."""
+    settings = SandboxSettings(
+        job_delay_s=0.0, match_rate=0.42, seed=7, rate_per_s=1000, burst=1000
+    )
+    topic = f"match-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=2)
+    events = list(synth.events(500, seed=78, audiences=("vip",), remove_ratio=0.0))
+    [vip] = [d for d in DESTINATIONS if d["audience"] == "vip"]
+    async with running_sandbox(settings) as sb:
+        raw = sqlite_daemon_config(kafka.bootstrap, sb, topic, tmp_path, destinations=[vip])
+        daemon = DaemonProcess(tmp_path, raw, name="first").start()
+        await produce(kafka.bootstrap, topic, events)
+        await daemon.wait_ready()
+        labels = {"audience": "vip", "kind": "received"}
+
+        async def polled() -> bool:
+            daemon.check_alive()
+            return await daemon.metric("syncd_audience_job_records_total", labels) == len(events)
+
+        await wait_for(polled, 90, "every member sent and its job polled")
+        size = sb.state.audience_view(vip["audience_id"])["metadata"]["audienceSize"]
+        received, matched = size["receivedRecordSize"], size["idResolutionCount"]
+        members = sb.state.members_view(vip["audience_id"])
+        assert members is not None
+        assert received == len(events)  # each member once
+        assert size["dspAudienceSize"] == members["size"] == len(events)  # every add is live
+        expected = matched / received
+        assert abs(expected - 0.42) < 0.05  # the sandbox resolves 42 % of members, per member
+        # /metrics: the audience's job records, as Amazon's job statuses gave them
+        matched_labels = {"audience": "vip", "kind": "matched"}
+        assert await daemon.metric("syncd_audience_job_records_total", matched_labels) == matched
+        assert await daemon.terminate() == 0
+
+        daemon = DaemonProcess(tmp_path, raw, name="second").start()
+        await daemon.wait_ready()
+        gauges = {"dsp": members["size"], "received": received, "matched": matched}
+
+        async def sizes_read() -> bool:
+            daemon.check_alive()
+            for kind, value in gauges.items():
+                labels = {"audience": "vip", "kind": kind}
+                if await daemon.metric("syncd_audience_size", labels) != value:
+                    return False
+            return True
+
+        await wait_for(sizes_read, 60, "Amazon's audienceSize figures on /metrics")
+
+        config = str(daemon.config_path)
+        code, out, err = await syncd("audiences", "status", "--config", config, "--json")
+        assert code == 0, err
+        [status] = orjson.loads(out)
+        assert status["match_ratio"] == expected
+        assert (status["received"], status["matched"]) == (received, matched)
+        assert (status["amazon_received"], status["amazon_matched"]) == (received, matched)
+        assert status["dsp_audience_size"] == members["size"]
+        assert status["members"]["member"] == len(events)
+
+        code, out, err = await syncd("audiences", "status", "--config", config)
+        assert code == 0, err
+        amazon_row, members_row = [line for line in out.splitlines() if " vip " in line]
+        assert f" {members['size']:,} " in amazon_row
+        assert f" {expected:.1%}" in members_row
+        assert await daemon.terminate() == 0

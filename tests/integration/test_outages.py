@@ -14,7 +14,6 @@ import pytest
 
 from syncd import synth
 from syncd.sandbox.app import SandboxSettings
-from syncd.sandbox.server import running_sandbox
 from syncd.store import Store
 from tests.harness import (
     CONNECTION,
@@ -24,6 +23,7 @@ from tests.harness import (
     daemon_config,
     end_offsets,
     produce,
+    running_sandbox,
     sqlite_daemon_config,
     wait_for,
 )

@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from syncd import synth
 from syncd.config import AmazonConfig
 from syncd.sandbox.app import SandboxSettings
-from syncd.sandbox.server import running_sandbox
 from syncd.store import Store
 from tests.harness import (
     CONNECTION,
@@ -38,6 +37,7 @@ from tests.harness import (
     is_transform_worker,
     produce,
     read_topic,
+    running_sandbox,
     sqlite_daemon_config,
     wait_for,
 )

@@ -26,6 +26,7 @@ SYNCD = Path(sys.executable).parent / "syncd"
 LISTENING = re.compile(r"^sandbox listening on (http://127\.0\.0\.1:(\d+))$")
 CONNECTION = "5a523424-e8b3-4da5-9a32-24a861aea576"
 AUDIENCE = 413642381039213536
+EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "config.example.toml"
 
 
 @contextlib.asynccontextmanager
@@ -186,3 +187,25 @@ async def test_help_lists_the_membership_flags() -> None:
     text = out.decode()
     for flag in ("--match-rate", "--strict-audiences", "--require-consent"):
         assert flag in text
+
+
+async def test_provide_for_sets_up_what_a_syncd_config_names() -> None:
+    """`--provide-for CONFIG` (the local stack's sandbox): the AMC terms accepted, the
+    config's connections and audiences there with its ids, tied to their connections, so that
+    `syncd run` passes its start-up checks; `--strict-audiences` takes the records."""
+    flags = ("--strict-audiences", "--provide-for", str(EXAMPLE_CONFIG))
+    async with start_sandbox(*flags) as (_, url), aiohttp.ClientSession() as http:
+        headers = await login(http, url)
+        connections = {**headers, "Accept": api.CONNECTIONS_MEDIA_TYPE}
+        async with http.get(url + api.TERMS_PATH, headers=connections) as r:
+            assert r.status == 200
+            assert (await r.json(content_type=None))["hasAccepted"] is True
+        params = {"connectionId": CONNECTION}
+        async with http.get(url + api.CONNECTIONS_PATH, params=params, headers=connections) as r:
+            assert r.status == 200
+        async with http.get(f"{url}{api.METADATA_PATH}/347891", headers=headers) as r:
+            assert r.status == 200
+            assert (await r.json(content_type=None))["targetResource"] == params
+        payload = orjson.dumps(api.records_body(347891, CONNECTION, [member(0, "US")]))
+        async with http.post(url + api.RECORDS_PATH, data=payload, headers=headers) as r:
+            assert r.status == 202

@@ -14,8 +14,15 @@ import pytest
 
 from syncd import synth
 from syncd.sandbox.app import SandboxSettings
-from syncd.sandbox.server import running_sandbox
-from tests.harness import CONNECTION, DaemonProcess, daemon_config, produce, to_toml, wait_for
+from tests.harness import (
+    CONNECTION,
+    DaemonProcess,
+    daemon_config,
+    produce,
+    running_sandbox,
+    to_toml,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 

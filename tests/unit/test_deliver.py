@@ -525,6 +525,44 @@ async def test_a_setup_fault_blocks_the_connection_holds_its_batches_and_resumes
     assert s.blocked == ""
 
 
+async def test_a_fault_found_without_a_post_blocks_at_once_and_the_checks_probe_until_clear(
+    sender: tuple[ConnectionSender, Fakes],
+) -> None:
+    """`block` (syncd run's start-up checks): blocked before any POST; the prober runs the
+    checks after each pause (doubling, capped) instead of POSTing; a check that finds another
+    cause switches the metric; once the checks pass the connection opens and sends."""
+    s, fakes = sender
+    faults: list[tuple[str, AmazonError] | None] = [
+        ("not_found", AmazonError("start-up check: audience gone", status=404)),
+        ("not_found", AmazonError("start-up checks got no verdict")),
+        ("forbidden", AmazonError("start-up check: AMC terms", status=403)),
+        ("forbidden", AmazonError("start-up check: AMC terms", status=403)),
+        None,
+    ]
+    seen: list[tuple[str, int]] = []  # at each check: the cause blocked for, POSTs so far
+
+    async def check() -> tuple[str, AmazonError] | None:
+        seen.append((s.blocked, fakes.kinds().count("post")))
+        return faults.pop(0)
+
+    fakes.pause_gate = asyncio.Event()
+    probe = s.block("not_found", AmazonError("start-up check: audience gone", status=404), check)
+    assert s.blocked == "not_found"  # at once, before the prober runs
+    assert blocked(s.connection_id, "not_found") == 1
+    s.submit(encoded(s.connection_id))  # waits: nothing is POSTed while blocked
+    task = asyncio.create_task(probe())
+    fakes.pause_gate.set()
+    await asyncio.wait_for(task, DEADLINE_S)
+    await drained(s)
+    assert seen == [("not_found", 0)] * 3 + [("forbidden", 0)] * 2  # no POST while blocked
+    assert fakes.pauses == [1.0, 2.0, 4.0, 8.0, 8.0]  # a pause before each check
+    assert fakes.kinds().count("post") == 1  # sent once open, never as a probe
+    assert len(fakes.acked) == 1
+    assert s.blocked == ""
+    assert blocked(s.connection_id, "not_found") == 0
+    assert blocked(s.connection_id, "forbidden") == 0
+
+
 # answer -> how its reservation is settled ("release", "confirm", or kept: None)
 SETTLEMENTS: dict[str, tuple[Exception, str | None]] = {
     "429": (ThrottledError("HTTP 429", retry_after=1.0), "release"),

@@ -963,6 +963,43 @@ async def test_control_endpoints(client: Client) -> None:
     assert (await client.post_records(body()))[0] == 202  # faults cleared, token still valid
 
 
+async def test_provide_sets_up_terms_connections_and_audiences_with_given_ids(
+    client: Client,
+) -> None:
+    url, state = client.sandbox.url, client.sandbox.state
+    assert not state.terms_accepted
+    provided = {
+        "terms_accepted": True,
+        "connections": [CONNECTION],
+        "audiences": [{"audienceId": 347891, "connectionId": CONNECTION, "ttl": 86400}],
+    }
+    async with client.http.post(f"{url}/_sandbox/provide", json=provided) as r:
+        assert r.status == 200
+        assert await r.json() == {
+            "terms_accepted": True,
+            "connections": [CONNECTION],
+            "audiences": [347891],
+        }
+    view = state.audience_view(347891)
+    assert view is not None
+    assert view["targetResource"] == {"connectionId": CONNECTION}
+    assert view["metadata"]["ttl"] == 86400
+    again = {"audiences": [{"audienceId": 347891, "connectionId": "other"}]}
+    async with client.http.post(f"{url}/_sandbox/provide", json=again) as r:
+        assert r.status == 200  # what exists stays as it is
+    assert state.audiences[347891]["targetResource"] == {"connectionId": CONNECTION}
+    for bad in (
+        [],
+        {"audiences": [{"audienceId": "x", "connectionId": "c"}]},
+        {"audiences": [{"audienceId": 5}]},
+        {"connections": [""]},
+        {"audiences": [{"audienceId": 6, "connectionId": "c", "ttl": -1}]},
+    ):
+        async with client.http.post(f"{url}/_sandbox/provide", json=bad) as r:
+            assert r.status == 400, bad
+    assert sorted(state.audiences) == [347891]
+
+
 async def test_without_ledger_records_are_only_counted(custom_client: Any) -> None:
     async with custom_client(SandboxSettings(keep_ledger=False)) as c:
         assert (await c.post_records(body([record(i) for i in range(10)])))[0] == 202
