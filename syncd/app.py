@@ -39,7 +39,7 @@ from syncd.amazon.client import AmazonClient
 from syncd.audiences import AudienceWatcher
 from syncd.budget import Budget
 from syncd.config import Config
-from syncd.deliver import ConnectionSender, MemberFeed
+from syncd.deliver import BlockLog, ConnectionSender, MemberFeed
 from syncd.errors import AmazonError, AuthError, RetryableError
 from syncd.jobs import MemberOutcomes, Poller
 from syncd.members import ADD, MemberChange, MemberTable, dead_letter_value, member_change
@@ -381,6 +381,7 @@ class Daemon:
         lease_s = cfg.amazon.max_retry_time_s + 2 * cfg.amazon.request_timeout_s
         feeds: dict[str, MemberFeed] = {}
         senders: dict[str, ConnectionSender] = {}
+        blocks = BlockLog(store)
         # a paused destination's changes are recorded and wait: no feed claims its members
         sending = [d for d in cfg.destinations if not d.paused]
         for conn in sorted({d.connection_id for d in sending}):
@@ -407,7 +408,9 @@ class Daemon:
                 pause_s=cfg.amazon.backoff_base_s,
                 max_pause_s=BLOCKED_PROBE_FACTOR * cfg.amazon.backoff_max_s,
                 failing_after_s=cfg.amazon.max_retry_time_s,
+                on_block=blocks,
             )
+            blocks(conn, "")  # open until found blocked: no stale record of an earlier run
         pipeline = self.pipeline = Pipeline(
             cfg, source, tracker, members, transformer, wake=lambda c: _wake(feeds, c)
         )
@@ -448,6 +451,7 @@ class Daemon:
             outcomes=MemberOutcomes(members, source, audiences),
         )
         spawn(poller.run(poll_stop), "poller")
+        spawn(blocks.run(), "blocked-connections")
         watcher = AudienceWatcher(client, members, cfg.destinations, cfg.members)
         spawn(watcher.run(halt), "audiences")
         spawn(report_at_start(cfg.destinations, members), "report")

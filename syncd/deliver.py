@@ -182,8 +182,10 @@ class ConnectionSender:
         failing_after_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_block: Callable[[str, str], None] = lambda connection_id, cause: None,
     ) -> None:
         self.connection_id = connection_id
+        self._on_block = on_block  # told (connection_id, cause) when it blocks, "" when it opens
         self._poster = poster
         self._budget = budget
         self._outcomes = outcomes
@@ -430,6 +432,7 @@ class ConnectionSender:
                 metrics.CONNECTION_BLOCKED.labels(self.connection_id, self._cause).set(0)
             metrics.CONNECTION_BLOCKED.labels(self.connection_id, cause).set(1)
             self._cause = cause
+            self._on_block(self.connection_id, cause)
             level = log.warning if cause == "throttled" else log.error
             level(
                 f"connection blocked ({cause}): its records and offsets wait; {ADVICE[cause]}",
@@ -461,6 +464,7 @@ class ConnectionSender:
         )
         self._prober = None
         self._cause = ""
+        self._on_block(self.connection_id, "")
         self._open.set()
         self._changed.set()
 
@@ -513,6 +517,47 @@ class Members(Protocol):
     async def refuse(self, claims: Sequence[Claim], reason: str) -> list[Claim]: ...
     async def waiting(self, audience_ids: Sequence[int]) -> int: ...
     async def reconcile_waiting(self, audience_ids: Sequence[int]) -> int: ...
+
+
+class BlockStore(Protocol):
+    async def set_blocked(self, connection_id: str, cause: str) -> None: ...
+
+
+class BlockLog:
+    """The store's copy of which connections are blocked and why, for `syncd members show`
+    (the metric is this replica's alone): a sender's `on_block`. Each connection's newest state
+    is written, in the background, and written again after a store error."""
+
+    def __init__(self, store: BlockStore, retry_s: float = 5.0) -> None:
+        self._store = store
+        self._retry_s = retry_s
+        self._wanted: dict[str, str] = {}
+        self._written: dict[str, str] = {}
+        self._changed = asyncio.Event()
+
+    def __call__(self, connection_id: str, cause: str) -> None:
+        self._wanted[connection_id] = cause
+        self._changed.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            for connection_id, cause in list(self._wanted.items()):
+                if self._written.get(connection_id) == cause:
+                    continue
+                try:
+                    await self._store.set_blocked(connection_id, cause)
+                except Exception as exc:  # the store is down: try again
+                    log.warning(
+                        "blocked connection not recorded in the store; retrying",
+                        connection=connection_id,
+                        error=repr(exc)[:300],
+                    )
+                    self._changed.set()
+                    await asyncio.sleep(self._retry_s)
+                    break
+                self._written[connection_id] = cause
 
 
 IDLE_CLAIM_S = 1.0  # nothing due: look again this often (changes other replicas recorded)

@@ -27,6 +27,7 @@ from syncd import config as config_mod
 from syncd.amazon.client import AmazonClient
 from syncd.audiences import DEFAULT_TTL_S, METADATA_TIMEOUT_S, SIZE_KINDS
 from syncd.config import Config
+from syncd.deliver import ADVICE
 from syncd.errors import ConfigError, FatalError, UsageError
 from syncd.members import ADD, CONFIRMED, FAILED, INVALID, MemberState, MemberTable
 from syncd.model import Destination
@@ -313,10 +314,12 @@ def member_report(
     refresh_at: float,
     now: float,
     budget: BudgetUse | None = None,
+    blocked: tuple[str, float] | None = None,
 ) -> dict[str, Any]:
     """What `members show` prints about one member. `ttl` is the audience's (None: unknown, the
     default applies); `now` decides whether a claim is live; `budget` is the connection's, for
-    a member waiting to be claimed. Times are ISO 8601 UTC."""
+    a member waiting to be claimed; `blocked` the connection's (cause, since) when a sender
+    found it blocked. Times are ISO 8601 UTC."""
     doc: dict[str, Any] = {
         "audience": dest.audience,
         "audience_id": dest.audience_id,
@@ -353,6 +356,14 @@ def member_report(
             "failed_attempts": member.attempts,
         }
     doc["waiting"] = _waiting(member, job, now, budget, paused=dest.paused)
+    if blocked is not None and member.due_since is not None and not dest.paused:
+        cause, since = blocked
+        doc["waiting"].insert(
+            0,
+            f"its connection {dest.connection_id} is blocked ({cause}) since {_iso(since)}: "
+            f"{ADVICE.get(cause, 'see the syncd_connection_blocked alert')}; its changes wait "
+            "and it resumes by itself once the fault clears",
+        )
     effective_ttl = DEFAULT_TTL_S if ttl is None else ttl
     if member.action == ADD and member.outcome == CONFIRMED and member.accepted_at is not None:
         if effective_ttl > 0:
@@ -469,6 +480,7 @@ async def show_member(
         window_s = cfg.budget.window_seconds
         used = await store.budget_used(dest.connection_id, window_s)
         budget = BudgetUse(used, cfg.budget.records_per_hour, window_s, cfg.batch.max_records)
+    blocked = await store.blocked(dest.connection_id) if budget is not None else None
     return member_report(
         dest,
         profile_id,
@@ -479,6 +491,7 @@ async def show_member(
         cfg.members.refresh_at,
         await store.now(),
         budget,
+        blocked,
     )
 
 

@@ -164,3 +164,12 @@ tombstones = Table(
     Index("ix_tombstones_erased_at", "erased_at"),
     sqlite_with_rowid=False,
 )
+
+# -- connections a sender found blocked by a setup fault (deliver.py), for `members show` ---------
+connection_blocks = Table(
+    "connection_blocks",
+    metadata,
+    Column("connection_id", String(128), primary_key=True),
+    Column("cause", String(32), nullable=False),  # syncd_connection_blocked's cause label
+    Column("since", Float, nullable=False),  # when it was first found blocked for this cause
+)

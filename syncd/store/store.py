@@ -55,7 +55,14 @@ from sqlalchemy.util import await_only
 from syncd.amazon.api import JobStatus
 from syncd.errors import SchemaOutdatedError
 from syncd.store.reasons import invalid_reason_counts
-from syncd.store.schema import EXPIRED, PENDING, budget_reservations, job_counts, jobs
+from syncd.store.schema import (
+    EXPIRED,
+    PENDING,
+    budget_reservations,
+    connection_blocks,
+    job_counts,
+    jobs,
+)
 
 _PG_ISOLATION = "READ COMMITTED"  # pinned: see the module docstring
 _MIGRATION_LOCK = 0x73796E6364  # pg_advisory_xact_lock key: "syncd" in hex
@@ -507,6 +514,36 @@ class Store:
                 )
             )
         return int(used or 0)
+
+    # -- blocked connections ---------------------------------------------------------------------
+    async def set_blocked(self, connection_id: str, cause: str) -> None:
+        """Record that a sender found `connection_id` blocked for `cause` ("": open again). The
+        time is kept while the cause stays the same."""
+        b = connection_blocks
+        async with self._write() as conn:
+            if not cause:
+                await conn.execute(delete(b).where(b.c.connection_id == connection_id))
+                return
+            now = await self._now(conn)
+            stmt = self._insert(b).values(connection_id=connection_id, cause=cause, since=now)
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[b.c.connection_id],
+                    set_={"cause": cause, "since": now},
+                    where=b.c.cause != stmt.excluded.cause,
+                )
+            )
+
+    async def blocked(self, connection_id: str) -> tuple[str, float] | None:
+        """(cause, since) of a connection a sender found blocked, or None."""
+        b = connection_blocks
+        async with self._read() as conn:
+            row = (
+                await conn.execute(
+                    select(b.c.cause, b.c.since).where(b.c.connection_id == connection_id)
+                )
+            ).first()
+        return None if row is None else (str(row[0]), float(row[1]))
 
     # -- plumbing --------------------------------------------------------------------------------
     def _insert(self, table: Any) -> Any:

@@ -225,6 +225,55 @@ async def test_show_names_the_pending_job_that_holds_a_member(kafka: Any, tmp_pa
         assert await daemon.terminate() == 0
 
 
+async def test_show_says_a_member_waits_for_its_blocked_connection(
+    kafka: Any, sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    """The newsletter audience does not exist at Amazon: `syncd run`'s start-up checks block its
+    connection (not_found). `members show` says the member waits for that setup fault, and that
+    it goes out by itself once the fault clears; after the audience is created it is a member."""
+    sandbox.state.terms_accepted = True
+    sandbox.state.provide_connection(OTHER_CONNECTION)  # the connection, not the audience
+    topic = f"blocked-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=1)
+    raw = sqlite_daemon_config(
+        kafka.bootstrap, sandbox, topic, tmp_path, destinations=[NEWSLETTER_DEST]
+    )
+    daemon = DaemonProcess(tmp_path, raw, name="blocked", provide=False).start()
+    await daemon.wait_ready()
+    store_url = raw["store"]["url"]
+    at = "2026-11-22T10:00:01Z"
+    await produce(kafka.bootstrap, topic, [add("x-1", at, "newsletter")])
+    blocked = {"connection": OTHER_CONNECTION, "cause": "not_found"}
+
+    async def waits_blocked() -> bool:
+        daemon.check_alive()
+        row = await member(store_url, NEWSLETTER, "x-1")
+        return row is not None and await daemon.metric("syncd_connection_blocked", blocked) == 1
+
+    await wait_for(waits_blocked, 60, "x-1 recorded, its connection blocked")
+    doc, human = await show(daemon, "newsletter", "x-1", country="GB")
+    assert sent_to(sandbox, OTHER_CONNECTION, "x-1") == []
+    assert doc["state"] == "pending"
+    waiting = " / ".join(doc["waiting"])
+    assert f"connection {OTHER_CONNECTION} is blocked (not_found) since " in waiting
+    assert "resumes by itself once the fault clears" in waiting
+    assert "blocked (not_found)" in human
+
+    sandbox.state.provide_audience(NEWSLETTER, OTHER_CONNECTION)
+
+    async def delivered() -> bool:
+        daemon.check_alive()
+        row = await member(store_url, NEWSLETTER, "x-1")
+        return row is not None and row.outcome == "confirmed"
+
+    await wait_for(delivered, 90, "x-1 delivered once its audience exists")
+    doc, human = await show(daemon, "newsletter", "x-1", country="GB")
+    assert doc["state"] == "member"
+    assert doc["waiting"] == []
+    assert "blocked" not in human
+    assert await daemon.terminate() == 0
+
+
 async def test_show_says_amazon_refused_a_member(kafka: Any, tmp_path: Path) -> None:
     """Amazon requires consent of UK members: a GB add without it ends in the job's
     invalidRecords. `members show` says Amazon refused it, why, and that it is not sent again

@@ -19,7 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncd.batching import EncodedBatch, build_batches
-from syncd.deliver import BISECT_LIMIT, AdaptiveLimit, ConnectionSender, cancel_and_wait
+from syncd.deliver import (
+    BISECT_LIMIT,
+    AdaptiveLimit,
+    BlockLog,
+    ConnectionSender,
+    cancel_and_wait,
+)
 from syncd.errors import (
     AmazonError,
     AuthError,
@@ -692,5 +698,42 @@ async def test_no_answer_stops_the_sender_and_every_record_ends_accepted_or_reje
             f"m{i}" for i in range(members) for _ in range(2)
         )
         assert s.blocked == ""
+    finally:
+        await cancel_and_wait(task)
+
+
+async def test_the_block_log_writes_each_connections_newest_state_and_retries_after_errors() -> (
+    None
+):
+    """BlockLog (a sender's on_block) keeps the store's record of blocked connections: the newest
+    state of each connection is written once; a store error is retried, not lost."""
+    written: list[tuple[str, str]] = []
+    failures = [RuntimeError("store down")]
+    wrote = asyncio.Event()
+
+    class Store:
+        async def set_blocked(self, connection_id: str, cause: str) -> None:
+            if failures:
+                raise failures.pop()
+            written.append((connection_id, cause))
+            wrote.set()
+
+    async def until_written(n: int) -> None:
+        while len(written) < n:
+            wrote.clear()
+            await wrote.wait()
+
+    blocks = BlockLog(Store(), retry_s=0)
+    task = asyncio.create_task(blocks.run())
+    try:
+        blocks("c1", "")
+        blocks("c1", "forbidden")  # before the first write: only the newest is written
+        blocks("c2", "not_found")
+        await asyncio.wait_for(until_written(2), 5)
+        assert sorted(written) == [("c1", "forbidden"), ("c2", "not_found")]
+        blocks("c2", "not_found")  # unchanged: not written again
+        blocks("c2", "")
+        await asyncio.wait_for(until_written(3), 5)
+        assert written[2:] == [("c2", "")]
     finally:
         await cancel_and_wait(task)

@@ -597,3 +597,21 @@ async def test_upgrading_a_store_with_jobs_counts_them_and_indexes_terminal_at(
         assert await s.job_counts() == {"FAILED": 1, "PENDING": 3, "SUCCEEDED": 2}
     finally:
         await s.close()
+
+
+async def test_a_blocked_connection_is_recorded_with_its_cause_and_since_until_it_opens(
+    store: Store, clock: FakeClock
+) -> None:
+    assert await store.blocked("c1") is None
+    await store.set_blocked("c1", "forbidden")
+    since = clock()
+    clock.advance(30)
+    await store.set_blocked("c1", "forbidden")  # the same cause again: since stays
+    assert await store.blocked("c1") == ("forbidden", since)
+    await store.set_blocked("c1", "not_found")  # another cause: since is now
+    assert await store.blocked("c1") == ("not_found", clock())
+    assert await store.blocked("c2") is None
+    await store.set_blocked("c1", "")
+    assert await store.blocked("c1") is None
+    await store.set_blocked("c1", "")  # opening an open one changes nothing
+    assert await store.blocked("c1") is None
