@@ -31,10 +31,9 @@ from syncd.config import KafkaConfig
 from syncd.model import SourceRef
 from syncd.observability import metrics
 from syncd.observability.logging import get_logger
+from syncd.vocabulary import Partition
 
 log = get_logger("syncd.source")
-
-Partition = tuple[str, int]
 
 REASON_HEADER = "syncd-reason"
 SOURCE_HEADER = "syncd-source"
@@ -94,7 +93,7 @@ class OffsetTracker:
         """Hand out one event made of `parts` pieces of work; 0 parts means done already."""
         if parts < 0:
             raise ValueError("parts must be >= 0")
-        partition = (ref.topic, ref.partition)
+        partition = ref.topic_partition
         state = self._partitions.setdefault(partition, _PartitionOffsets())
         if ref.offset <= state.last:
             # The consumer went back (an offset reset, a seek after a rebalance): start the
@@ -117,7 +116,7 @@ class OffsetTracker:
 
     def done(self, ref: SourceRef, parts: int = 1) -> None:
         """`parts` pieces of the event at `ref` are finished."""
-        state = self._partitions.get((ref.topic, ref.partition))
+        state = self._partitions.get(ref.topic_partition)
         if state is None:
             return
         left = state.open_parts.get(ref.offset)
@@ -217,10 +216,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._source = source
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._source._on_revoked({(tp.topic, tp.partition) for tp in revoked})
+        await self._source._on_revoked({Partition(*tp) for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._source._on_assigned({(tp.topic, tp.partition) for tp in assigned})
+        self._source._on_assigned({Partition(*tp) for tp in assigned})
 
 
 class KafkaSource:
@@ -308,7 +307,7 @@ class KafkaSource:
     def assigned(self) -> set[Partition]:
         if self._consumer is None:
             return set()
-        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        return {Partition(*tp) for tp in self._consumer.assignment()}
 
     # -- reading ---------------------------------------------------------------------------
     async def fetch(self, timeout_ms: int = 500, max_records: int = 5000) -> list[Message]:
@@ -329,7 +328,7 @@ class KafkaSource:
                         key=record.key,
                     )
                 )
-            self._positions[(tp.topic, tp.partition)] = records[-1].offset + 1
+            self._positions[Partition(*tp)] = records[-1].offset + 1
             metrics.EVENTS_CONSUMED.labels(tp.topic).inc(len(records))
         return out
 
@@ -354,7 +353,7 @@ class KafkaSource:
         """Partitions paused on the consumer right now."""
         if self._consumer is None:
             return set()
-        return {(tp.topic, tp.partition) for tp in self._consumer.paused()}
+        return {Partition(*tp) for tp in self._consumer.paused()}
 
     def _apply(self, partitions: set[Partition], *, pause: bool) -> None:
         if not partitions:
@@ -379,7 +378,7 @@ class KafkaSource:
         paused = self.paused
         self._end_offsets = {p: o for p, o in self._end_offsets.items() if p in paused}
         for tp in self._consumer.assignment():
-            partition = (tp.topic, tp.partition)
+            partition = Partition(*tp)
             highwater = self._consumer.highwater(tp)
             position = self._positions.get(partition)
             if partition in self._end_offsets:
@@ -411,7 +410,7 @@ class KafkaSource:
             log.debug("end offsets of paused partitions not known; lag kept", error=repr(exc))
             return
         for tp, offset in answer.items():
-            partition = (tp.topic, tp.partition)
+            partition = Partition(*tp)
             if partition in self.paused:  # resumed meanwhile: fetches report it again
                 self._end_offsets[partition] = offset
 
@@ -475,15 +474,15 @@ class KafkaSource:
         moved, kept = self._revoked - assigned, self._revoked & assigned
         self._revoked = set()
         self._tracker.forget(moved)
-        for topic, partition in moved:
-            self._positions.pop((topic, partition), None)
+        for partition in moved:
+            self._positions.pop(partition, None)
             with contextlib.suppress(KeyError):  # no lag sample was set for it
-                metrics.CONSUMER_LAG.remove(topic, str(partition))
+                metrics.CONSUMER_LAG.remove(partition.topic, str(partition.partition))
         consumer = self._require_consumer()
-        for topic, partition in kept:
-            position = self._positions.get((topic, partition))
+        for partition in kept:
+            position = self._positions.get(partition)
             if position is not None:
-                consumer.seek(TopicPartition(topic, partition), position)
+                consumer.seek(TopicPartition(*partition), position)
         self._joined = True
         self._apply(self._paused & assigned, pause=True)
         log.info("partitions assigned", partitions=sorted(f"{t}/{p}" for t, p in assigned))
