@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 
 from syncd import runtime
-from syncd.model import PII_KEYS
 from syncd.pii import build_hashed_pii, normalize
+from syncd.vocabulary import PII_KEYS
 
 Record = tuple[str, dict[str, str]]
 

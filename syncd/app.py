@@ -152,7 +152,7 @@ class Pipeline:
             mine = [
                 (message, outcome)
                 for message, outcome in zip(messages, outcomes, strict=True)
-                if (message.ref.topic, message.ref.partition) in assigned
+                if message.ref.topic_partition in assigned
             ]
             await self._record(mine)
             self._unapplied -= len(messages)

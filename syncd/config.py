@@ -22,9 +22,9 @@ import orjson
 
 from syncd.errors import ConfigError
 from syncd.model import Destination
+from syncd.vocabulary import Region
 
 SECRET_KEYS = frozenset({"client_secret", "refresh_token", "sasl_password", "password"})
-REGIONS = ("NA", "EU", "FE")
 MAX_RECORDS_PER_POST = 6000
 MAX_AUDIENCE_ID = 2**63 - 1  # a signed 64-bit integer: the store's BIGINT and every JSON encoder
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
@@ -54,7 +54,7 @@ class KafkaConfig:
 
 @dataclass(frozen=True)
 class AmazonConfig:
-    region: str = "NA"
+    region: str = Region.NA.value
     client_id: str = ""
     client_secret: str = ""
     refresh_token: str = ""
@@ -414,7 +414,7 @@ def _validate(cfg: Config) -> None:
     )
     need(k.max_pending_events >= 1, "kafka.max_pending_events", "must be >= 1")
     need(k.commit_interval_ms >= 1, "kafka.commit_interval_ms", "must be >= 1")
-    need(a.region in REGIONS, "amazon.region", f"must be one of {', '.join(REGIONS)}")
+    need(a.region in tuple(Region), "amazon.region", f"must be one of {', '.join(Region)}")
     need(a.request_timeout_s > 0, "amazon.request_timeout_s", "must be > 0")
     need(a.max_attempts >= 1, "amazon.max_attempts", "must be >= 1")
     need(a.max_concurrency >= 1, "amazon.max_concurrency", "must be >= 1")

@@ -32,6 +32,7 @@ from syncd.runtime import tune_process
 from syncd.sandbox.app import SandboxSettings, SandboxState
 from syncd.sandbox.server import running_sandbox
 from syncd.store import Store
+from syncd.vocabulary import JobState
 
 TOPIC = "profile-changes"
 DLQ_TOPIC = "syncd-dead-letters"
@@ -72,7 +73,7 @@ class Summary:
 
     @property
     def ok(self) -> bool:
-        return bool(self.jobs) and "PENDING" not in self.jobs
+        return bool(self.jobs) and JobState.PENDING not in self.jobs
 
 
 def demo_config(
@@ -239,9 +240,11 @@ async def _run_until_done(
                 total_jobs = sum(jobs.values())
                 progress.update(p_events, completed=acked)
                 progress.update(
-                    p_jobs, completed=total_jobs - jobs.get("PENDING", 0), total=total_jobs or None
+                    p_jobs,
+                    completed=total_jobs - jobs.get(JobState.PENDING, 0),
+                    total=total_jobs or None,
                 )
-                if acked >= produced and total_jobs and not jobs.get("PENDING"):
+                if acked >= produced and total_jobs and not jobs.get(JobState.PENDING):
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(task), timeout=0.25)

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from syncd.amazon.api import JOB_STATES, JobStatus
+from syncd.amazon.api import JobStatus
 from syncd.config import PollConfig
 from syncd.errors import AmazonError, AuthError
 from syncd.members import DeadMember, MemberDeadLetters, MemberTable, dead_letter_value
@@ -36,7 +36,7 @@ from syncd.observability import metrics
 from syncd.observability.logging import get_logger
 from syncd.store import JobRow, persist
 from syncd.store.reasons import classify_invalid_reason, invalid_reason_counts
-from syncd.store.schema import EXPIRED
+from syncd.vocabulary import JobState
 
 log = get_logger("syncd.jobs")
 
@@ -111,7 +111,7 @@ class MemberOutcomes:
         Looks for them in the member table, so an expiry a crash interrupted is settled too."""
         while expired := await self._members.expired_jobs():
             for job_request_id in expired:
-                await self._members.apply_job_outcome(job_request_id, EXPIRED)
+                await self._members.apply_job_outcome(job_request_id, JobState.EXPIRED)
 
     async def _dead_letter(self, dead: DeadMember, detail: str) -> None:
         value = dead_letter_value(
@@ -226,7 +226,7 @@ class Poller:
         if status.id_resolution_count is not None:
             matched = metrics.AUDIENCE_JOB_RECORDS.labels(audience, "matched")
             matched.inc(status.id_resolution_count)
-        failed = self._failed_in_row[audience] + 1 if status.job_state == "FAILED" else 0
+        failed = self._failed_in_row[audience] + 1 if status.job_state == JobState.FAILED else 0
         self._failed_in_row[audience] = failed
         metrics.AUDIENCE_FAILED_JOBS.labels(audience).set(failed)
 
@@ -269,7 +269,7 @@ class Poller:
         self._housekept_at = now
         expired = await self._store.expire_jobs(self._cfg.max_job_age_s)
         if expired:
-            metrics.JOBS_FINISHED.labels(EXPIRED).inc(expired)
+            metrics.JOBS_FINISHED.labels(JobState.EXPIRED).inc(expired)
             log.warning(
                 "jobs expired without a terminal state; no longer polled, their members due",
                 jobs=expired,
@@ -286,5 +286,5 @@ class Poller:
                 retention_days=self._cfg.retention_days,
             )
         counts = await self._store.job_counts()
-        for state in {*JOB_STATES, EXPIRED, *counts}:
+        for state in {*JobState, *counts}:
             metrics.JOBS.labels(state).set(counts.get(state, 0))

@@ -67,8 +67,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from syncd.model import Action, MemberRecord
 from syncd.store import NewJob, Store
-from syncd.store.schema import EXPIRED as EXPIRED_JOB
 from syncd.store.schema import jobs, members, tombstones
+from syncd.vocabulary import CONFIRMING_JOB_STATES, JobState
 
 T = TypeVar("T")
 
@@ -85,7 +85,6 @@ INVALID = "invalid"
 FAILED = "failed"
 EXPIRED = "expired"
 
-_CONFIRMING_STATES = frozenset({"SUCCEEDED", "COMPLETED", "PARTIALLYSUCCEEDED"})
 _ERASE_LOCK = 0x73796E6365  # pg advisory lock: erase (exclusive) vs record_changes (shared)
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 _TX_ATTEMPTS = 5
@@ -874,11 +873,11 @@ class MemberTable:
         desired state changed meanwhile is due whatever the outcome. A confirmed or refused
         DELETE of an erased member removes its row (its tombstone stays)."""
         refused = {euid: r[:_MAX_REASON_CHARS] for euid, r in (invalid or {}).items()}
-        if state in _CONFIRMING_STATES:
+        if state in CONFIRMING_JOB_STATES:
             outcome = CONFIRMED
-        elif state == "FAILED":
+        elif state == JobState.FAILED:
             outcome = FAILED
-        elif state == "EXPIRED":
+        elif state == JobState.EXPIRED:
             outcome = EXPIRED
         else:
             raise ValueError(f"{state!r} is not a terminal job state")
@@ -944,7 +943,7 @@ class MemberTable:
                 .where(
                     m.c.job_request_id.is_not(None),
                     m.c.job_request_id.in_(
-                        select(jobs.c.job_request_id).where(jobs.c.state == EXPIRED_JOB)
+                        select(jobs.c.job_request_id).where(jobs.c.state == JobState.EXPIRED)
                     ),
                 )
                 .distinct()

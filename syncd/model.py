@@ -15,22 +15,7 @@ from typing import Any
 
 import orjson
 
-# The eight hashedPII keys of the Amazon API, in the API's order.
-PII_KEYS: tuple[str, ...] = (
-    "email",
-    "phone",
-    "firstname",
-    "lastname",
-    "address",
-    "city",
-    "state",
-    "postal",
-)
-
-CONSENT_VALUES = frozenset({"GRANTED", "DENIED", "NOT_APPLICABLE", "UNKNOWN"})
-
-TERMINAL_JOB_STATES = frozenset({"SUCCEEDED", "PARTIALLYSUCCEEDED", "FAILED", "COMPLETED"})
-"""Every Amazon job state but PENDING is terminal. EXPIRED is syncd's own (gave up polling)."""
+from syncd.vocabulary import Partition
 
 
 class Action(StrEnum):
@@ -51,6 +36,10 @@ class SourceRef:
     topic: str
     partition: int
     offset: int
+
+    @property
+    def topic_partition(self) -> Partition:
+        return Partition(self.topic, self.partition)
 
 
 @dataclass(frozen=True, slots=True)

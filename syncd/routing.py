@@ -23,7 +23,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from syncd.amazon.api import EXTERNAL_USER_ID
 from syncd.model import (
@@ -36,9 +36,11 @@ from syncd.model import (
 )
 from syncd.observability import metrics
 from syncd.pii import HashedPII, build_hashed_pii, normalize_country
+from syncd.vocabulary import CONSENT_ANSWERS, ConsentSignal
 
 _ADD = Action.ADD
 _REMOVE = Action.REMOVE
+_DENIED: Final = ConsentSignal.DENIED.value
 
 STRICT = "strict"
 CONSENT_MISSING = "consent_missing"
@@ -50,7 +52,6 @@ CONSENT_COUNTRIES = frozenset({
     "IS", "LI", "NO", "GB", "CH",
 })
 # fmt: on
-_ANSWERED = frozenset({"GRANTED", "DENIED"})
 
 
 class Unusable(Exception):
@@ -104,9 +105,9 @@ def strict_consent(
     withdrawn consent must reach every strict audience, and a remove of a non-member is
     harmless); no answer in a country that needs one keeps the add back."""
     user_data = consent.amzn_user_data if consent is not None else None
-    if user_data == "DENIED":
+    if user_data == _DENIED:
         return _REMOVE, False, ""
-    if country in CONSENT_COUNTRIES and user_data not in _ANSWERED:
+    if country in CONSENT_COUNTRIES and user_data not in CONSENT_ANSWERS:
         return _ADD, identifiers_only, CONSENT_MISSING
     return _ADD, identifiers_only, ""
 

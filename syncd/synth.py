@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import orjson
 
+from syncd.vocabulary import ConsentSignal
+
+_GRANTED = ConsentSignal.GRANTED.value
 _FIRST = [
     "James",
     "Mary",
@@ -160,6 +163,6 @@ def events(
             "country": country,
             "identifiers": identifiers,
             "audiences": {action: [audience]},
-            "consent": {"amzn_user_data": "GRANTED", "amzn_ad_storage": "GRANTED"},
+            "consent": {"amzn_user_data": _GRANTED, "amzn_ad_storage": _GRANTED},
         }
         yield pid.encode(), orjson.dumps(event)

@@ -1,7 +1,8 @@
 """Constants and typed results of the Advertiser audiences API (see shared spec amazon-api.md).
 
 Pure data: no I/O here. The client (client.py) and the sandbox (syncd/sandbox) both import it,
-so the two can never disagree about a path or a media type.
+so the two can never disagree about a path or a media type. The words the API shares with the
+rest of syncd (job states, consent values, regions, PII keys and caps) are in syncd.vocabulary.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-REGIONS: dict[str, tuple[str, str]] = {
+from syncd.vocabulary import JobState, Region
+
+ENDPOINTS: dict[str, tuple[str, str]] = {
     # region: (API base URL, LwA token URL)
-    "NA": ("https://advertising-api.amazon.com", "https://api.amazon.com/auth/o2/token"),
-    "EU": ("https://advertising-api-eu.amazon.com", "https://api.amazon.co.uk/auth/o2/token"),
-    "FE": ("https://advertising-api-fe.amazon.com", "https://api.amazon.co.jp/auth/o2/token"),
+    Region.NA: ("https://advertising-api.amazon.com", "https://api.amazon.com/auth/o2/token"),
+    Region.EU: ("https://advertising-api-eu.amazon.com", "https://api.amazon.co.uk/auth/o2/token"),
+    Region.FE: ("https://advertising-api-fe.amazon.com", "https://api.amazon.co.jp/auth/o2/token"),
 }
 
 TOKEN_PATH = "/auth/o2/token"
@@ -29,15 +32,11 @@ CONNECTIONS_MEDIA_TYPE = "application/vnd.amcaudiencesconnections.v1+json"  # co
 CLIENT_ID_HEADER = "Amazon-Advertising-API-ClientId"
 
 MAX_RECORDS_PER_REQUEST = 10_000  # OpenAPI bound; Amazon's guidance (and our maximum) is 6000
-MAX_HASHED_PII_OBJECTS = 100
-MAX_HASHED_VALUES_PER_MEMBER = 100
 # Whole-string patterns: use `fullmatch` (`match` would accept a prefix, and with `$` also a
 # trailing newline).
 EXTERNAL_USER_ID = re.compile(r"[0-9a-zA-Z_-]{1,128}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 TTL_MAX_SECONDS = 34_300_800
-JOB_STATES = ("PENDING", "SUCCEEDED", "PARTIALLYSUCCEEDED", "FAILED", "COMPLETED")
-CONSENT_VALUES = ("GRANTED", "DENIED", "NOT_APPLICABLE", "UNKNOWN")
 MATCHING_COUNTRIES = frozenset(
     [
         "AE",
@@ -89,7 +88,7 @@ class JobStatus:
 
     @property
     def terminal(self) -> bool:
-        return self.job_state != "PENDING"
+        return self.job_state != JobState.PENDING
 
 
 @dataclass(frozen=True, slots=True)

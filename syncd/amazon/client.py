@@ -25,10 +25,9 @@ from syncd.amazon.api import (
     CLIENT_ID_HEADER,
     CONNECTIONS_MEDIA_TYPE,
     CONNECTIONS_PATH,
-    JOB_STATES,
+    ENDPOINTS,
     METADATA_PATH,
     RECORDS_PATH,
-    REGIONS,
     TERMS_PATH,
     Audience,
     Connection,
@@ -58,6 +57,7 @@ from syncd.errors import (
     ThrottledError,
 )
 from syncd.observability import metrics
+from syncd.vocabulary import AMAZON_JOB_STATES
 
 OnThrottle = Callable[[float | None], None]
 
@@ -81,7 +81,7 @@ class AmazonClient:
         sleep: Sleep = asyncio.sleep,
         rng: Rng = random.random,
     ) -> None:
-        default_api, default_token = REGIONS[cfg.region]
+        default_api, default_token = ENDPOINTS[cfg.region]
         self._cfg = cfg
         self.api_url = (cfg.api_url or default_api).rstrip("/")
         self.token_url = cfg.token_url or default_token
@@ -565,7 +565,7 @@ def _opt_int(value: Any) -> int | None:
 
 def _job_status(data: Any, job_request_id: str, operation: str) -> JobStatus:
     state = _field(data, "jobState", operation)
-    if state not in JOB_STATES:
+    if not isinstance(state, str) or state not in AMAZON_JOB_STATES:
         raise AmazonError(
             f"{operation}: unknown jobState {str(state)[:40]!r}", status=200, operation=operation
         )

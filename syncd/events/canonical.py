@@ -44,11 +44,12 @@ import ipaddress
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
-from syncd.model import CONSENT_VALUES, Consent, ProfileChange
+from syncd.model import Consent, ProfileChange
+from syncd.vocabulary import CONSENT_VALUES, PiiKey
 
 DEFAULT_MAX_BYTES = 1_000_000
 MAX_IDENTIFIER_VALUES = 1000
@@ -56,19 +57,20 @@ MAX_EVENT_ID_CHARS = 128
 MAX_FUTURE_S = 300.0  # how far ahead of the clock an occurred_at may be (contract: 5 minutes)
 
 IDENTIFIER_KEYS: dict[str, str] = {
-    "email": "email",
-    "phone": "phone",
-    "first_name": "firstname",
-    "firstname": "firstname",
-    "last_name": "lastname",
-    "lastname": "lastname",
-    "address": "address",
-    "city": "city",
-    "state": "state",
-    "postal_code": "postal",
-    "postal": "postal",
+    "email": PiiKey.EMAIL.value,
+    "phone": PiiKey.PHONE.value,
+    "first_name": PiiKey.FIRSTNAME.value,
+    "firstname": PiiKey.FIRSTNAME.value,
+    "last_name": PiiKey.LASTNAME.value,
+    "lastname": PiiKey.LASTNAME.value,
+    "address": PiiKey.ADDRESS.value,
+    "city": PiiKey.CITY.value,
+    "state": PiiKey.STATE.value,
+    "postal_code": PiiKey.POSTAL.value,
+    "postal": PiiKey.POSTAL.value,
 }
 SECOND_ADDRESS_LINE_KEYS = ("address2", "address_line2")
+_ADDRESS: Final = PiiKey.ADDRESS.value
 
 
 class DecodeError(Exception):
@@ -265,7 +267,7 @@ def _identifiers(value: object) -> dict[str, list[str]]:
         key = IDENTIFIER_KEYS.get(name)
         if key is None:
             continue
-        if key == "address":
+        if key == _ADDRESS:
             values = _address(value)
         elif type(raw) is str:  # the common case
             if not raw.strip() or count >= MAX_IDENTIFIER_VALUES:
@@ -282,7 +284,7 @@ def _identifiers(value: object) -> dict[str, list[str]]:
             values = string_values(raw, f"identifiers.{name}")
         count = _collect(found, key, values, count)
     if "address" not in value and any(k in value for k in SECOND_ADDRESS_LINE_KEYS):
-        _collect(found, "address", _address(value), count)
+        _collect(found, _ADDRESS, _address(value), count)
     return found
 
 

@@ -37,23 +37,24 @@ from syncd.events.canonical import (
     string_values,
 )
 from syncd.model import ProfileChange
+from syncd.vocabulary import PiiKey
 
 TRACK_ACTIONS = {"Audience Entered": "add", "Audience Exited": "remove"}
 
 _TRAIT_KEYS = {
-    "email": "email",
-    "phone": "phone",
-    "first_name": "firstname",
-    "firstName": "firstname",
-    "last_name": "lastname",
-    "lastName": "lastname",
+    "email": PiiKey.EMAIL.value,
+    "phone": PiiKey.PHONE.value,
+    "first_name": PiiKey.FIRSTNAME.value,
+    "firstName": PiiKey.FIRSTNAME.value,
+    "last_name": PiiKey.LASTNAME.value,
+    "lastName": PiiKey.LASTNAME.value,
 }
 _ADDRESS_KEYS = {
-    "street": "address",
-    "city": "city",
-    "state": "state",
-    "postal_code": "postal",
-    "postalCode": "postal",
+    "street": PiiKey.ADDRESS.value,
+    "city": PiiKey.CITY.value,
+    "state": PiiKey.STATE.value,
+    "postal_code": PiiKey.POSTAL.value,
+    "postalCode": PiiKey.POSTAL.value,
 }
 
 
@@ -110,7 +111,7 @@ def _identifiers(doc: dict[str, Any]) -> tuple[dict[str, list[str]], str | None]
             found.add(key, string_values(traits.get(name), f"{where}.{name}"))
         address = traits.get("address")
         if isinstance(address, str | list):
-            found.add("address", string_values(address, f"{where}.address"))
+            found.add(PiiKey.ADDRESS.value, string_values(address, f"{where}.address"))
             continue
         address = _object(address, f"{where}.address", "bad_identifiers")
         for name, key in _ADDRESS_KEYS.items():

@@ -1,11 +1,10 @@
 """The PII engine: Amazon's normalization rules and SHA-256 hashing of member identifiers."""
 
-from syncd.pii.hashing import MAX_HASHED_VALUES, HashedPII, build_hashed_pii, hash_field
+from syncd.pii.hashing import HashedPII, build_hashed_pii, hash_field
 from syncd.pii.normalize import FIELDS, normalize, normalize_country
 
 __all__ = [
     "FIELDS",
-    "MAX_HASHED_VALUES",
     "HashedPII",
     "build_hashed_pii",
     "hash_field",

@@ -7,11 +7,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from syncd.model import PII_KEYS
 from syncd.pii.normalize import RULES, Rule, normalize, prehashed, rules_country
-
-MAX_HASHED_VALUES = 100
-"""Amazon's cap on hashed values per member (all objects of one record together)."""
+from syncd.vocabulary import MAX_HASHED_VALUES_PER_MEMBER, PII_KEYS
 
 try:
     # CPython's own SHA-256, hashlib's fallback: same digests, but for values this short a call
@@ -107,9 +104,10 @@ def build_hashed_pii(
     """Hash every identifier of one member into `hashedPII` objects.
 
     Object i holds the i-th distinct valid value of each key, so each object has at most one
-    value per key. Values that hash alike are sent once. Past `MAX_HASHED_VALUES` values the
-    rest is dropped: objects fill in order (keys in `PII_KEYS` order within one object), so the
-    first values of every key are the ones kept. Keys outside `PII_KEYS` are ignored.
+    value per key. Values that hash alike are sent once. Past `MAX_HASHED_VALUES_PER_MEMBER`
+    values the rest is dropped: objects fill in order (keys in `PII_KEYS` order within one
+    object), so the first values of every key are the ones kept. Keys outside `PII_KEYS` are
+    ignored.
     """
     dropped = _empty_counter()
     rules = rules_country(country)
@@ -133,7 +131,7 @@ def build_hashed_pii(
                 continue
             digest = _sha256(normalized.encode()).hexdigest()
         first[key] = digest
-    if not more:  # one object at most, within the cap: len(PII_KEYS) < MAX_HASHED_VALUES
+    if not more:  # one object at most, within the cap: len(PII_KEYS) < MAX_HASHED_VALUES_PER_MEMBER
         return HashedPII([first] if first else [], dropped)
 
     columns = [(key, more.get(key) or [digest]) for key, digest in first.items()]
@@ -144,7 +142,7 @@ def build_hashed_pii(
         for key, digests in columns:
             if index >= len(digests):
                 continue
-            if kept < MAX_HASHED_VALUES:
+            if kept < MAX_HASHED_VALUES_PER_MEMBER:
                 obj[key] = digests[index]
                 kept += 1
             else:

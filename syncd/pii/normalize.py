@@ -23,6 +23,7 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 from syncd.pii.phone import e164
+from syncd.vocabulary import PiiKey
 
 # --- countries ---------------------------------------------------------------------------------
 
@@ -311,14 +312,14 @@ Rule = Callable[[str, str, bool], str | None]
 """A field rule: (trimmed non-empty value, `rules_country` code, strict) -> normalized or None."""
 
 RULES: dict[str, Rule] = {
-    "email": _email,
-    "phone": _phone,
-    "firstname": _name,
-    "lastname": _name,
-    "address": _address,
-    "city": _city,
-    "state": _state,
-    "postal": _postal,
+    PiiKey.EMAIL.value: _email,
+    PiiKey.PHONE.value: _phone,
+    PiiKey.FIRSTNAME.value: _name,
+    PiiKey.LASTNAME.value: _name,
+    PiiKey.ADDRESS.value: _address,
+    PiiKey.CITY.value: _city,
+    PiiKey.STATE.value: _state,
+    PiiKey.POSTAL.value: _postal,
 }
 FIELDS = frozenset(RULES)
 

@@ -16,9 +16,9 @@ from typing import IO, Any
 
 import orjson
 
-from syncd.model import PII_KEYS
 from syncd.pii.hashing import hash_field
 from syncd.pii.normalize import FIELDS, normalize_country
+from syncd.vocabulary import PII_KEYS
 
 _OMITTED = orjson.dumps({"normalized": None, "sha256": None}) + b"\n"
 _FIELD_ERROR = "field must be one of: " + " ".join(PII_KEYS)

@@ -35,6 +35,16 @@ from aiohttp import web
 from syncd import config as config_mod
 from syncd.amazon import api
 from syncd.model import Destination
+from syncd.vocabulary import (
+    CONSENT_ANSWERS,
+    CONSENT_VALUES,
+    MAX_HASHED_PII_OBJECTS,
+    MAX_HASHED_VALUES_PER_MEMBER,
+    PII_KEYS,
+    TERMINAL_JOB_STATES,
+    ConsentSignal,
+    JobState,
+)
 
 
 @dataclass
@@ -126,7 +136,6 @@ HANG_S = 600.0  # a "timeout" fault holds the request this long (or until shutdo
 LOG_SIZE = 2000  # recent requests kept for GET /_sandbox/log
 CONTROL_PREFIX = "/_sandbox"
 API_PREFIX = "/amc/"
-TERMINAL_STATES = frozenset(api.JOB_STATES) - {"PENDING"}
 FAULT_KEYS = frozenset(
     {
         "throttle_for_s",
@@ -145,9 +154,7 @@ FAULT_KEYS = frozenset(
 # Validation: small functions returning an error message (naming field and rule) or None.
 # ----------------------------------------------------------------------------------------------
 
-PII_KEYS = frozenset(
-    {"email", "phone", "firstname", "lastname", "address", "city", "state", "postal"}
-)
+PII_KEY_SET = frozenset(PII_KEYS)
 ACTIONS = ("CREATE", "DELETE")
 TARGET_TYPES = ("AMC", "DSP")
 RECORDS_BODY_KEYS = frozenset({"audienceId", "targetResource", "records"})
@@ -162,7 +169,6 @@ GEO_KEYS = frozenset({"countryCode", "ipAddress"})
 # Iceland, Liechtenstein, Norway, the United Kingdom and Switzerland.
 EU_COUNTRIES = "AT BE BG CY CZ DE DK EE ES FI FR GR HR HU IE IT LT LU LV MT NL PL PT RO SE SI SK"
 CONSENT_COUNTRIES = frozenset(f"{EU_COUNTRIES} IS LI NO GB CH".split())
-CONSENT_SIGNALS = ("GRANTED", "DENIED")  # what Amazon accepts for amznUserData
 METADATA_KEYS = frozenset({"name", "description", "countryCode", "targetResource", "metadata"})
 CONNECTION_KEYS = frozenset(
     {
@@ -280,7 +286,7 @@ def check_pii_object(obj: Any) -> Check:
     """One hashedPII object; the message continues its path (" must be ...", ".email ...")."""
     if not isinstance(obj, dict) or not obj:
         return " must be a non-empty object"
-    error = check_keys(obj, PII_KEYS, "")
+    error = check_keys(obj, PII_KEY_SET, "")
     if error:
         return error
     if _all_digests(obj.values()):  # the common case
@@ -292,7 +298,7 @@ def check_pii_object(obj: Any) -> Check:
 
 
 def check_hashed_pii(value: Any) -> Check:
-    limit = api.MAX_HASHED_PII_OBJECTS
+    limit = MAX_HASHED_PII_OBJECTS
     if not isinstance(value, list) or not 1 <= len(value) <= limit:
         return f".hashedPII must be an array of 1 to {limit} objects"
     total = 0
@@ -301,10 +307,10 @@ def check_hashed_pii(value: Any) -> Check:
         if error:
             return f".hashedPII[{j}]{error}"
         total += len(obj)
-    if total > api.MAX_HASHED_VALUES_PER_MEMBER:
+    if total > MAX_HASHED_VALUES_PER_MEMBER:
         return (
             f".hashedPII holds {total} hashed values; "
-            f"at most {api.MAX_HASHED_VALUES_PER_MEMBER} per member"
+            f"at most {MAX_HASHED_VALUES_PER_MEMBER} per member"
         )
     return None
 
@@ -363,8 +369,8 @@ def check_user_consent(value: Any) -> Check:
     if error:
         return error
     for key, grant in amzn.items():
-        if not isinstance(grant, str) or grant not in api.CONSENT_VALUES:
-            return f".userConsent.consent.amzn.{key} must be one of {', '.join(api.CONSENT_VALUES)}"
+        if not isinstance(grant, str) or grant not in CONSENT_VALUES:
+            return f".userConsent.consent.amzn.{key} must be one of {', '.join(ConsentSignal)}"
     return None
 
 
@@ -384,7 +390,7 @@ def consent_refusal(record: dict[str, Any], audience_country: str | None) -> Che
         return None
     consent = user_consent.get("consent") or {}
     amzn = consent.get("amzn") or {}
-    if amzn.get("amznUserData") in CONSENT_SIGNALS or consent.get("tcf") or consent.get("gpp"):
+    if amzn.get("amznUserData") in CONSENT_ANSWERS or consent.get("tcf") or consent.get("gpp"):
         return None
     return (
         "CONSENT_REQUIRED: a UK/EEA/CH member needs consent: userConsent.consent.amzn."
@@ -623,9 +629,9 @@ class Job:
 
     def status(self, now: float) -> dict[str, Any]:
         if now < self.ready_at:
-            return {"jobRequestId": self.job_request_id, "jobState": "PENDING"}
+            return {"jobRequestId": self.job_request_id, "jobState": JobState.PENDING}
         valid = self.received - len(self.invalid_records)
-        failed = self.final_state == "FAILED"
+        failed = self.final_state == JobState.FAILED
         body: dict[str, Any] = {
             "jobRequestId": self.job_request_id,
             "jobState": self.final_state,
@@ -958,9 +964,9 @@ class SandboxState:
         Unless it FAILED, its valid records apply to the audience's members in order now."""
         s = self.settings
         roll = self.outcomes.random()
-        state = "FAILED" if roll < s.failed_rate else "SUCCEEDED"
-        if state != "FAILED" and roll < s.failed_rate + s.partial_rate:
-            state = "PARTIALLYSUCCEEDED"
+        state = JobState.FAILED if roll < s.failed_rate else JobState.SUCCEEDED
+        if state != JobState.FAILED and roll < s.failed_rate + s.partial_rate:
+            state = JobState.PARTIALLYSUCCEEDED
         audience = self.audiences[audience_id]
         invalid: list[dict[str, str]] = []
         valid: list[dict[str, Any]] = []
@@ -976,11 +982,11 @@ class SandboxState:
                         "error": problem,
                     }
                 )
-        if invalid and state == "SUCCEEDED":
-            state = "PARTIALLYSUCCEEDED"
+        if invalid and state == JobState.SUCCEEDED:
+            state = JobState.PARTIALLYSUCCEEDED
         membership = self.membership(audience_id)
         resolved = 0
-        if state != "FAILED":
+        if state != JobState.FAILED:
             for record in valid:
                 member = record["externalUserId"]
                 if record.get("countryCode", audience["countryCode"]) in api.MATCHING_COUNTRIES:
@@ -1052,7 +1058,7 @@ class SandboxState:
         if job is None:
             return None
         status = job.status(time.monotonic())
-        if status["jobState"] in TERMINAL_STATES:
+        if status["jobState"] in TERMINAL_JOB_STATES:
             if job.observed_terminal:
                 self.counters["terminal_polls"] += 1
             job.observed_terminal = True

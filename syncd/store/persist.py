@@ -1,8 +1,10 @@
-"""Writes that must not be lost: retried until the store takes them.
+"""Writes that must not be lost: retried through the store's transient errors until it takes them.
 
 A store outage must stop progress, not lose state: a job row not stored means its offsets are
 not acknowledged, and a budget reservation not recorded means no POST. Callers wait here, with
 capped exponential backoff, until the database is back; the wait is what applies backpressure.
+Only an outage is waited out (`transient`); any other error is a bug or a refusal that no wait
+would cure, and is raised at once.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from syncd.observability.logging import get_logger
 
@@ -20,6 +25,32 @@ T = TypeVar("T")
 FIRST_PAUSE_S = 0.5
 MAX_PAUSE_S = 30.0
 
+# PostgreSQL SQLSTATEs that a wait cures: classes 08 (connection exception), 53 (insufficient
+# resources: too many connections, disk full) and 57P (shutdown, crash, starting up), and the
+# conflicts a retried transaction gets past (serialization failure, deadlock, lock not free).
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P")
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+
+
+def transient(exc: BaseException) -> bool:
+    """The store or the network is unavailable for now: the same write may succeed later.
+
+    - the network: OSError (refused, reset, unreachable, DNS) and timeouts (asyncio's included);
+    - SQLAlchemy: a lost connection (`connection_invalidated`, DisconnectionError), the pool's
+      checkout timeout, and OperationalError (SQLite: database locked, disk I/O);
+    - PostgreSQL: the SQLSTATEs above, on SQLAlchemy's wrapper or a bare asyncpg error.
+    Anything else (TypeError, IntegrityError, a missing table, ...) is not."""
+    if isinstance(exc, OSError | TimeoutError | PoolTimeoutError | DisconnectionError):
+        return True
+    if isinstance(exc, DBAPIError) and (
+        exc.connection_invalidated or isinstance(exc, OperationalError)
+    ):
+        return True
+    sqlstate = getattr(exc.orig if isinstance(exc, DBAPIError) else exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and (
+        sqlstate.startswith(_TRANSIENT_SQLSTATE_PREFIXES) or sqlstate in _TRANSIENT_SQLSTATES
+    )
+
 
 async def persist(
     op: Callable[[], Awaitable[T]],
@@ -27,12 +58,15 @@ async def persist(
     what: str,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> T:
-    """`await op()`, retried on any error until it succeeds. `what` names it in the log."""
+    """`await op()`, retried on transient errors until it succeeds; any other error is raised
+    from the first attempt. `what` names the write in the log."""
     pause = FIRST_PAUSE_S
     while True:
         try:
             return await op()
-        except Exception as exc:  # the store is unreachable or refused; nothing else to do
+        except Exception as exc:
+            if not transient(exc):
+                raise
             log.warning("store write failed; retrying", what=what, error=repr(exc)[:300])
             await sleep(pause)
             pause = min(pause * 2, MAX_PAUSE_S)

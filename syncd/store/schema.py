@@ -26,9 +26,6 @@ from sqlalchemy.engine import Dialect
 
 metadata = MetaData()
 
-PENDING = "PENDING"  # the only non-terminal job state
-EXPIRED = "EXPIRED"  # terminal: syncd gave up polling after poll.max_job_age_s
-
 jobs = Table(
     "jobs",
     metadata,

@@ -55,14 +55,8 @@ from sqlalchemy.util import await_only
 from syncd.amazon.api import JobStatus
 from syncd.errors import SchemaOutdatedError
 from syncd.store.reasons import invalid_reason_counts
-from syncd.store.schema import (
-    EXPIRED,
-    PENDING,
-    budget_reservations,
-    connection_blocks,
-    job_counts,
-    jobs,
-)
+from syncd.store.schema import budget_reservations, connection_blocks, job_counts, jobs
+from syncd.vocabulary import JobState
 
 _PG_ISOLATION = "READ COMMITTED"  # pinned: see the module docstring
 _MIGRATION_LOCK = 0x73796E6364  # pg_advisory_xact_lock key: "syncd" in hex
@@ -109,7 +103,7 @@ class JobRow(NewJob):
 
     @property
     def terminal(self) -> bool:
-        return self.state != PENDING
+        return self.state != JobState.PENDING
 
     @classmethod
     def from_mapping(cls, row: Mapping[Any, Any]) -> JobRow:
@@ -239,7 +233,7 @@ class Store:
             "records": job.records,
             "adds": job.adds,
             "removes": job.removes,
-            "state": PENDING,
+            "state": JobState.PENDING,
             "created_at": now,
             "next_poll_at": now + first_poll_after_s,
             "polls": 0,
@@ -253,7 +247,7 @@ class Store:
             .returning(jobs.c.job_request_id)
         )
         if added is not None:
-            await self._count(conn, {PENDING: 1})
+            await self._count(conn, {JobState.PENDING: 1})
 
     async def claim_due_jobs(self, owner: str, limit: int, lease_s: float) -> list[JobRow]:
         """Atomically claim up to `limit` due PENDING jobs for `lease_s` seconds: no other owner
@@ -263,7 +257,7 @@ class Store:
             due = (
                 select(jobs.c.job_request_id)
                 .where(
-                    jobs.c.state == PENDING,
+                    jobs.c.state == JobState.PENDING,
                     jobs.c.next_poll_at <= now,
                     (jobs.c.claimed_until.is_(None)) | (jobs.c.claimed_until <= now),
                 )
@@ -294,7 +288,7 @@ class Store:
         claimed again. Returns whether it was stored: a job that is terminal meanwhile (e.g.
         expired) is left as it is, and so is a job claimed since by someone else, unless
         `status` is terminal."""
-        where = [jobs.c.job_request_id == claim.job_request_id, jobs.c.state == PENDING]
+        where = [jobs.c.job_request_id == claim.job_request_id, jobs.c.state == JobState.PENDING]
         terminal = status is not None and status.terminal
         if not terminal:
             where += [jobs.c.owner == claim.owner, jobs.c.claimed_until == claim.claimed_until]
@@ -322,7 +316,7 @@ class Store:
             result = await conn.execute(update(jobs).where(*where).values(values))
             stored = result.rowcount == 1
             if stored and status is not None and terminal:
-                await self._count(conn, {PENDING: -1, status.job_state: 1})
+                await self._count(conn, {JobState.PENDING: -1, status.job_state: 1})
         return stored
 
     async def expire_jobs(self, max_age_s: float) -> int:
@@ -331,12 +325,12 @@ class Store:
             now = await self._now(conn)
             result = await conn.execute(
                 update(jobs)
-                .where(jobs.c.state == PENDING, jobs.c.created_at <= now - max_age_s)
-                .values(state=EXPIRED, terminal_at=now, owner=None, claimed_until=None)
+                .where(jobs.c.state == JobState.PENDING, jobs.c.created_at <= now - max_age_s)
+                .values(state=JobState.EXPIRED, terminal_at=now, owner=None, claimed_until=None)
             )
             expired = int(result.rowcount)
             if expired:
-                await self._count(conn, {PENDING: -expired, EXPIRED: expired})
+                await self._count(conn, {JobState.PENDING: -expired, JobState.EXPIRED: expired})
         return expired
 
     async def purge_jobs(self, older_than_s: float) -> int:
@@ -346,7 +340,7 @@ class Store:
             now = await self._now(conn)
             old = (
                 select(jobs.c.job_request_id)
-                .where(jobs.c.terminal_at <= now - older_than_s, jobs.c.state != PENDING)
+                .where(jobs.c.terminal_at <= now - older_than_s, jobs.c.state != JobState.PENDING)
                 .limit(_PURGE_BATCH)
             )
             if self._postgres:
@@ -368,7 +362,9 @@ class Store:
         )
         async with self._read() as conn:
             now = await self._now(conn)
-            first = await conn.scalar(select(func.min(due_at)).where(jobs.c.state == PENDING))
+            first = await conn.scalar(
+                select(func.min(due_at)).where(jobs.c.state == JobState.PENDING)
+            )
         return None if first is None else max(0.0, float(first) - now)
 
     async def job_counts(self) -> dict[str, int]:

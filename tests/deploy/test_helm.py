@@ -149,7 +149,7 @@ def test_pod_is_locked_down_and_probed(chart: helm.Chart, values: dict[str, Any]
     assert syncd["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert syncd["ports"] == [{"name": "metrics", "containerPort": 9108, "protocol": "TCP"}]
     drain = config_toml(docs)["shutdown"]["drain_seconds"]
-    # after the drain: the final commit and leaving the group, each bounded in syncd/source.py
+    # after the drain: the final commit and leaving the group, each bounded (source/consumer.py)
     exit_s = source.COMMIT_TIMEOUT_S + source.STOP_TIMEOUT_S
     assert pod["terminationGracePeriodSeconds"] == math.ceil(drain) + 20
     assert pod["terminationGracePeriodSeconds"] >= drain + exit_s

@@ -14,9 +14,9 @@ from sqlalchemy import text
 
 from syncd.members import ADD, REMOVE, Claim, MemberChange, MemberTable
 from syncd.store import Store
+from tests.fakes import T0, FakeClock
 from tests.unit.test_members import *  # noqa: F403  (the unit suite, re-run on PostgreSQL)
 from tests.unit.test_members import A1, A2, LEASE, change
-from tests.unit.test_store import T0, FakeClock
 
 pytestmark = pytest.mark.integration
 

@@ -32,8 +32,8 @@ from syncd.members import ADD, MemberTable
 from syncd.model import Destination
 from syncd.observability.metrics import REGISTRY
 from syncd.store import Store
+from tests.fakes import T0, FakeClock
 from tests.unit.test_members import A1, A2, change, send
-from tests.unit.test_store import T0, FakeClock
 
 
 # -- [members] config -----------------------------------------------------------------------------

@@ -10,19 +10,7 @@ import pytest
 from syncd.amazon.auth import TokenProvider
 from syncd.amazon.retry import Retrier, RetryPolicy
 from syncd.errors import AmazonError, AuthError, RetryableError
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+from tests.fakes import FakeTime
 
 
 class FakeLwa:

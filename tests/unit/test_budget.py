@@ -14,7 +14,7 @@ from syncd.budget import MAX_NAP_S, Budget
 from syncd.config import BudgetConfig
 from syncd.observability.metrics import REGISTRY
 from syncd.store import Store
-from tests.unit.test_store import T0, FakeClock
+from tests.fakes import T0, FakeClock
 
 WINDOW = 100
 LIMIT = 1000

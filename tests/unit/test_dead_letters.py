@@ -5,8 +5,6 @@ the event is read again). Member dead letters: tests/unit/test_feed.py."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -18,6 +16,7 @@ from syncd.members import MemberTable
 from syncd.model import Destination, SourceRef
 from syncd.source import KafkaSource, Message, OffsetTracker
 from syncd.transform import Transformer
+from tests.fakes import until
 
 DEADLINE_S = 5.0
 DEST = Destination("vip", "conn-1", 413642381039213536, "US")
@@ -57,14 +56,6 @@ def pipeline(source: FakeSource, tracker: OffsetTracker) -> Pipeline:
         cast(MemberTable, None),
         cast(Transformer, None),
     )
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.001)
 
 
 async def test_an_event_is_acknowledged_only_after_the_broker_acknowledged_its_dead_letter() -> (

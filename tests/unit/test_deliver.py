@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,29 +37,13 @@ from syncd.members import ADD, REMOVE, Claim
 from syncd.model import Batch, Destination, record_digest
 from syncd.observability.metrics import REGISTRY
 from syncd.store import NewJob
+from tests.fakes import FakeClock, until
 
 DEADLINE_S = 5.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def gauge(name: str, connection: str) -> float | None:
     return REGISTRY.get_sample_value(name, {"connection": connection})
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Let the loop run until `condition` holds; fail with `what` at the deadline."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.001)
 
 
 async def settle(rounds: int = 50) -> None:
@@ -73,7 +56,7 @@ async def settle(rounds: int = 50) -> None:
 
 
 def test_throttling_halves_the_limit_once_per_cooldown_down_to_one() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     label = uuid.uuid4().hex
     limit = AdaptiveLimit(8, label=label, cooldown_s=1.0, clock=clock)
     assert limit.limit == 8
@@ -97,7 +80,7 @@ def test_throttling_halves_the_limit_once_per_cooldown_down_to_one() -> None:
 
 
 def test_successes_grow_the_limit_back_by_one_per_limit_successes_up_to_the_maximum() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     label = uuid.uuid4().hex
     limit = AdaptiveLimit(8, label=label, clock=clock)
     limit.on_success()
@@ -119,7 +102,7 @@ def test_successes_grow_the_limit_back_by_one_per_limit_successes_up_to_the_maxi
 
 
 async def test_the_limit_caps_concurrent_holders_and_a_cut_applies_to_the_next_ones() -> None:
-    limit = AdaptiveLimit(4, label=uuid.uuid4().hex, clock=Clock())
+    limit = AdaptiveLimit(4, label=uuid.uuid4().hex, clock=FakeClock(100.0))
     inside = 0
     first, rest = asyncio.Event(), asyncio.Event()
 
@@ -169,7 +152,7 @@ class Fakes:
     accepted_parts: list[EncodedBatch] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
     pauses: list[float] = field(default_factory=list)
-    clock: Clock = field(default_factory=Clock)
+    clock: FakeClock = field(default_factory=lambda: FakeClock(100.0))
     pause_gate: asyncio.Event | None = None  # when set: each pause waits for it
 
     # poster

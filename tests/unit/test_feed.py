@@ -7,7 +7,6 @@ a chunk's changes and erases are recorded in order before its events are done.""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,18 +26,11 @@ from syncd.model import Action, Destination, Erase, SourceRef, member_record
 from syncd.source import KafkaSource, Message, OffsetTracker
 from syncd.store import Store
 from syncd.transform import Outcome, Transformer
+from tests.fakes import until
 
 DEADLINE_S = 10.0
 DEST = Destination("vip", "conn-1", 413642381039213536, "US")
 HEX = "b" * 64
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.005)
 
 
 def record(euid: str, email: str = HEX, action: Action = Action.ADD) -> bytes:

@@ -29,7 +29,7 @@ from syncd.members import (
 from syncd.model import Action, Consent, member_record, record_digest
 from syncd.store import NewJob, Store
 from syncd.store.schema import members
-from tests.unit.test_store import T0, FakeClock
+from tests.fakes import T0, FakeClock
 
 A1 = 413642381039213536  # real audience ids have 18 digits
 A2 = 413642381039213537

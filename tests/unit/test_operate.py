@@ -39,8 +39,8 @@ from syncd.operate import (
 from syncd.routing import external_user_id
 from syncd.store import NewJob, Store
 from syncd.store.store import alembic_config, head_revision
+from tests.fakes import T0, FakeClock
 from tests.harness import wait_for
-from tests.unit.test_store import T0, FakeClock
 
 A1 = 413642381039213536
 A2 = 413642381039213537

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 
-from syncd.pii import MAX_HASHED_VALUES, build_hashed_pii
+from syncd.pii import build_hashed_pii
+from syncd.vocabulary import MAX_HASHED_VALUES_PER_MEMBER
 
 
 def sha(text: str) -> str:
@@ -66,8 +67,8 @@ def test_at_most_100_values_and_the_first_ones_are_kept() -> None:
     phones = [f"+1 206 266 {i:04d}" for i in range(40)]
     pii = build_hashed_pii({"email": emails, "phone": phones}, "US")
     values = [v for obj in pii.objects for v in obj.values()]
-    assert len(values) == MAX_HASHED_VALUES
-    assert len(set(values)) == MAX_HASHED_VALUES
+    assert len(values) == MAX_HASHED_VALUES_PER_MEMBER
+    assert len(set(values)) == MAX_HASHED_VALUES_PER_MEMBER
     # Objects fill in order, email before phone: 40 full objects, then 20 emails alone.
     assert [len(obj) for obj in pii.objects] == [2] * 40 + [1] * 20
     assert pii.objects[0] == {"email": sha("user0@x.com"), "phone": sha("12062660000")}

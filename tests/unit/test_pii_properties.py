@@ -8,8 +8,8 @@ import re
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from syncd.model import PII_KEYS
 from syncd.pii import hash_field, normalize, normalize_country
+from syncd.vocabulary import PII_KEYS
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 COUNTRIES = st.sampled_from(

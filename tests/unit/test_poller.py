@@ -25,7 +25,7 @@ from syncd.model import Action, member_record
 from syncd.observability.metrics import REGISTRY
 from syncd.store import JobRow, NewJob, Store
 from syncd.store.reasons import INVALID_REASONS
-from tests.unit.test_store import T0, FakeClock
+from tests.fakes import T0, FakeClock
 
 CFG = PollConfig(
     first_delay_s=10, max_interval_s=60, max_job_age_s=1000, concurrency=2, claim_batch=5

@@ -14,7 +14,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from syncd.model import (
-    CONSENT_VALUES,
     Action,
     Consent,
     Destination,
@@ -24,6 +23,7 @@ from syncd.model import (
 )
 from syncd.routing import Router, Unusable, external_user_id
 from syncd.sandbox.app import CONSENT_COUNTRIES as SANDBOX_CONSENT_COUNTRIES
+from syncd.vocabulary import CONSENT_VALUES
 
 # Amazon's externalUserId pattern, written out here as the oracle (not imported from syncd).
 API_ID = re.compile(r"[0-9a-zA-Z_-]{1,128}")

@@ -20,6 +20,7 @@ from syncd.amazon import api
 from syncd.cli import build_parser
 from syncd.sandbox.app import SandboxSettings, SandboxState
 from syncd.sandbox.server import running_sandbox, settings_from_args
+from tests.fakes import FakeClock
 from tests.unit.test_sandbox_validation import (
     AUDIENCE,
     CONNECTION,
@@ -36,23 +37,13 @@ START = 1_700_000_000.0
 DAY = 86400
 
 
-class Clock:
-    """A wall clock the test moves by hand."""
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @contextlib.asynccontextmanager
-async def sandbox_client(clock: Clock | None = None, **settings: Any) -> AsyncIterator[Client]:
+async def sandbox_client(clock: FakeClock | None = None, **settings: Any) -> AsyncIterator[Client]:
     """A logged-in client of a dedicated sandbox with immediate jobs and no throttling."""
     defaults: dict[str, Any] = {"job_delay_s": 0, "rate_per_s": 1000, "burst": 1000}
     config = SandboxSettings(**{**defaults, **settings})
     async with (
-        running_sandbox(config, clock=clock or Clock()) as sb,
+        running_sandbox(config, clock=clock or FakeClock(START)) as sb,
         aiohttp.ClientSession() as http,
     ):
         client = Client(http, sb)
@@ -106,7 +97,7 @@ async def set_ttl(client: Client, audience_id: int, ttl: int) -> None:
 
 
 async def test_create_adds_members_for_the_ttl_after_their_last_add() -> None:
-    clock = Clock()
+    clock = FakeClock(START)
     async with sandbox_client(clock) as c:
         audience = await new_audience(c, ttl=100)
         await post(c, record(0), record(1), audience_id=audience)
@@ -144,7 +135,7 @@ async def test_delete_removes_a_member_and_order_within_a_job_counts() -> None:
 async def test_ttl_zero_hides_members_and_a_larger_ttl_brings_them_back() -> None:
     """Amazon's guide: ttl is a logical removal; reverting it from 0 lets members re-enter by
     the date they were added."""
-    clock = Clock()
+    clock = FakeClock(START)
     async with sandbox_client(clock) as c:
         audience = await new_audience(c, ttl=100)
         await post(c, record(0), audience_id=audience)
@@ -229,7 +220,7 @@ _STEP = st.one_of(
 
 @given(st.lists(_STEP, max_size=40))
 def test_membership_follows_the_ttl_rule(steps: list[tuple[str, int]]) -> None:
-    clock = Clock()
+    clock = FakeClock(START)
     state = SandboxState(SandboxSettings(), clock=clock)
     model, ttl = _Model(), api.TTL_MAX_SECONDS
     state.accept_records(body([record(0, action="DELETE")]))  # creates the audience

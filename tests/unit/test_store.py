@@ -23,19 +23,7 @@ from syncd.store import JobRow, NewJob, Store
 from syncd.store import store as store_mod
 from syncd.store.schema import jobs
 from syncd.store.store import alembic_config, head_revision
-
-T0 = 1_800_000_000.0
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.fakes import T0, FakeClock
 
 
 def new_job(job_id: str, records: int = 10, connection: str = "conn-1") -> NewJob:
