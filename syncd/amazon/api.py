@@ -1,4 +1,4 @@
-"""Constants and typed results of the Advertiser audiences API (see shared spec amazon-api.md).
+"""Constants and typed results of the Advertiser audiences API, as syncd uses it.
 
 Pure data: no I/O here. The client (client.py) and the sandbox (syncd/sandbox) both import it,
 so the two can never disagree about a path or a media type. The words the API shares with the

@@ -76,7 +76,7 @@ async def readiness(daemon: DaemonProcess) -> dict[str, bool]:
 async def test_store_outage_holds_acks_and_recovers_without_loss(
     kafka: Any, private_pg: PrivatePostgres, tmp_path: Path
 ) -> None:
-    """README: "nothing is POSTed or acknowledged while the store cannot record it". Every
+    """Guarantees: "nothing is POSTed or acknowledged while the store cannot record it". Every
     budget reservation and job row needs the store, so from the moment PostgreSQL is down no
     POST may reach Amazon and no offset of an event produced since may be committed."""
     topic = f"store-out-{uuid.uuid4().hex[:8]}"
