@@ -366,3 +366,33 @@ def alive(pid: int) -> bool:
 def is_transform_worker(pid: int) -> bool:
     """A syncd transform worker: a process multiprocessing spawned (not its resource tracker)."""
     return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+async def run_syncd(*args: str, **env: str) -> tuple[int, str, str]:
+    """`python -m syncd ARGS` as an operator runs it (no SYNCD_ overrides of this process,
+    `env` added, a wide terminal for rich tables): (exit code, stdout, stderr)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "syncd",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**base, "COLUMNS": "250", **env},
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+async def waiting_members(store_url: str, audience_id: int) -> int:
+    """Members of the audience whose desired state waits to be sent (MemberTable.waiting)."""
+    from syncd.members import MemberTable
+    from syncd.store import Store
+
+    store = await Store.connect(store_url)
+    try:
+        return await MemberTable(store).waiting([audience_id])
+    finally:
+        await store.close()

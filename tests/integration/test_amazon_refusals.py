@@ -15,10 +15,8 @@ import orjson
 import pytest
 
 from syncd import synth
-from syncd.members import MemberTable
 from syncd.sandbox.app import SandboxSettings
 from syncd.sandbox.server import RunningSandbox
-from syncd.store import Store
 from tests.harness import (
     CONNECTION,
     DESTINATIONS,
@@ -32,6 +30,7 @@ from tests.harness import (
     running_sandbox,
     sqlite_daemon_config,
     wait_for,
+    waiting_members,
 )
 from tests.integration.test_reliability import delivered, expected
 
@@ -228,14 +227,6 @@ async def test_only_the_records_amazon_refuses_are_dead_lettered_and_the_rest_de
         assert await daemon.terminate() == 0
 
 
-async def _waiting(store_url: str, audience_id: int) -> int:
-    store = await Store.connect(store_url)
-    try:
-        return await MemberTable(store).waiting([audience_id])
-    finally:
-        await store.close()
-
-
 async def test_a_destination_whose_audience_amazon_lacks_is_blocked_at_start_until_created(
     kafka: Any, sandbox: RunningSandbox, tmp_path: Path
 ) -> None:
@@ -264,7 +255,7 @@ async def test_a_destination_whose_audience_amazon_lacks_is_blocked_at_start_unt
         return (
             delivered_to(sandbox, CONNECTION) >= want_vip
             and await daemon.metric("syncd_connection_blocked", blocked) == 1
-            and await _waiting(store_url, newsletter["audience_id"]) == len(want_newsletter)
+            and await waiting_members(store_url, newsletter["audience_id"]) == len(want_newsletter)
         )
 
     await wait_for(vip_delivered_newsletter_waiting, 60, "vip delivered, newsletter blocked")
@@ -344,4 +335,56 @@ async def test_no_verdict_at_start_blocks_nothing_and_the_daemon_runs_on(
 
         await wait_for(arrived, 60, "every change delivered once Amazon answers")
         assert "connection blocked (not_found)" not in daemon.logs()
+        assert await daemon.terminate() == 0
+
+
+async def test_each_record_a_job_lists_as_invalid_reaches_the_dead_letter_topic(
+    kafka: Any, tmp_path: Path
+) -> None:
+    """Amazon accepts the POSTs but lists about a fifth of the records in their jobs'
+    invalidRecords: each one reaches the dead-letter topic once, as a member dead letter with its
+    externalUserId, audience, hashed record and Amazon's message; nothing else is dead-lettered."""
+    topic, dlq = f"invalid-{uuid.uuid4().hex[:8]}", f"dlq-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=2)
+    await kafka.create_topic(dlq, partitions=1)
+    events = list(synth.events(300, seed=77))
+    settings = SandboxSettings(
+        job_delay_s=0.2, rate_per_s=1000, burst=1000, invalid_record_rate=0.2, seed=77
+    )
+    async with running_sandbox(settings) as sb:
+        raw = sqlite_daemon_config(
+            kafka.bootstrap, sb, topic, tmp_path, batch={"max_records": 50, "linger_ms": 200}
+        )
+        raw["kafka"]["dead_letter_topic"] = dlq
+        daemon = DaemonProcess(tmp_path, raw).start()
+        await produce(kafka.bootstrap, topic, events)
+        want = changes_for(events, CONNECTION) | changes_for(events, OTHER_CONNECTION)
+
+        async def every_job_seen_to_its_end() -> bool:
+            daemon.check_alive()
+            jobs = list(sb.state.jobs.values())
+            sent = delivered_to(sb, CONNECTION) | delivered_to(sb, OTHER_CONNECTION)
+            return sent >= want and bool(jobs) and all(j.observed_terminal for j in jobs)
+
+        await wait_for(every_job_seen_to_its_end, 90, "every change sent, every job polled")
+        invalid = [
+            (job.audience_id, entry["externalId"], entry["error"])
+            for job in sb.state.jobs.values()
+            for entry in job.invalid_records
+        ]
+        assert len(invalid) > 20  # the seeded rate refused a fair share
+        dead = await read_topic(kafka.bootstrap, dlq, len(invalid) + 1, timeout=15)
+        names = {d["audience_id"]: d["audience"] for d in DESTINATIONS}
+        got = []
+        for message in dead:
+            headers = dict(message.headers)
+            assert headers["syncd-kind"] == b"member"
+            assert headers["syncd-reason"] == b"invalid_pii"
+            value = orjson.loads(message.value)
+            assert value["audience"] == names[value["audience_id"]]
+            assert value["record"]["externalUserId"] == value["externalUserId"]
+            assert all(len(h) == 64 for pii in value["record"]["hashedPII"] for h in pii.values())
+            got.append((value["audience_id"], value["externalUserId"], headers["syncd-detail"]))
+        assert sorted((a, e) for a, e, _ in got) == sorted((a, e) for a, e, _ in invalid)
+        assert all(detail.decode().startswith("INVALID_HASHED_PII") for _, _, detail in got)
         assert await daemon.terminate() == 0

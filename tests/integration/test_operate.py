@@ -7,10 +7,7 @@ the status show the sandbox's match ratio and audience size."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -36,6 +33,7 @@ from tests.harness import (
     DESTINATIONS,
     DaemonProcess,
     produce,
+    run_syncd,
     running_sandbox,
     sqlite_daemon_config,
     to_toml,
@@ -159,27 +157,13 @@ async def filled(match_sandbox: RunningSandbox, tmp_path: Path) -> Filled:
     return Filled(path, cfg.store.url, audience_id, statuses, match_sandbox)
 
 
-async def syncd(*args: str, **env: str) -> tuple[int, str, str]:
-    """Run `python -m syncd ARGS` (the sandbox keeps serving meanwhile)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "syncd",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "COLUMNS": "200", **env},
-    )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert proc.returncode is not None
-    return proc.returncode, stdout.decode(), stderr.decode()
-
-
 # -- syncd audiences status ----------------------------------------------------------------------
 async def test_status_json_per_destination_with_the_match_ratio_of_the_jobs(
     filled: Filled,
 ) -> None:
-    code, out, err = await syncd("audiences", "status", "--config", str(filled.config), "--json")
+    code, out, err = await run_syncd(
+        "audiences", "status", "--config", str(filled.config), "--json"
+    )
     assert code == 0, err
     vip, lapsed = orjson.loads(out)
     received = sum(s.received_record_size or 0 for s in filled.statuses)
@@ -206,7 +190,7 @@ async def test_status_json_per_destination_with_the_match_ratio_of_the_jobs(
 
 
 async def test_status_table_for_people(filled: Filled) -> None:
-    code, out, err = await syncd("audiences", "status", "--config", str(filled.config))
+    code, out, err = await run_syncd("audiences", "status", "--config", str(filled.config))
     assert code == 0, err
     received = sum(s.received_record_size or 0 for s in filled.statuses)
     matched = sum(s.id_resolution_count or 0 for s in filled.statuses)
@@ -228,7 +212,7 @@ async def test_status_when_amazon_cannot_be_reached_still_shows_the_store(
     filled: Filled, tmp_path: Path
 ) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
-    code, out, err = await syncd(
+    code, out, err = await run_syncd(
         "audiences",
         "status",
         "--config",
@@ -249,7 +233,7 @@ async def test_status_when_amazon_cannot_be_reached_still_shows_the_store(
 # -- syncd members show --------------------------------------------------------------------------
 async def member_show(filled: Filled, profile: str, *flags: str) -> tuple[int, str, str]:
     config = str(filled.config)
-    return await syncd(
+    return await run_syncd(
         "members", "show", "--config", config, "--audience", "vip", "--profile", profile, *flags
     )
 
@@ -308,7 +292,7 @@ async def test_show_explains_why_members_wait(filled: Filled) -> None:
 
 async def test_show_names_an_unknown_audience_flag(filled: Filled) -> None:
     config = str(filled.config)
-    code, _, err = await syncd(
+    code, _, err = await run_syncd(
         "members", "show", "--config", config, "--audience", "nope", "--profile", "u1"
     )
     assert code == 2
@@ -320,23 +304,25 @@ async def test_purge_drops_an_orphaned_audience_only_when_asked_and_not_a_named_
     filled: Filled,
 ) -> None:
     config = str(filled.config)
-    code, _, err = await syncd("members", "purge", "--config", config, "--audience-id", str(ORPHAN))
+    code, _, err = await run_syncd(
+        "members", "purge", "--config", config, "--audience-id", str(ORPHAN)
+    )
     assert code == 2
     assert "--yes" in err
     named = str(filled.audience_id)
-    code, _, err = await syncd(
+    code, _, err = await run_syncd(
         "members", "purge", "--config", config, "--audience-id", named, "--yes"
     )
     assert code == 2
     assert "--audience-id" in err
     assert "'vip'" in err
 
-    code, out, err = await syncd(
+    code, out, err = await run_syncd(
         "members", "purge", "--config", config, "--audience-id", str(ORPHAN), "--yes"
     )
     assert code == 0, err
     assert f"dropped 3 member rows of audience_id {ORPHAN}" in out
-    code, out, err = await syncd("audiences", "status", "--config", config, "--json")
+    code, out, err = await run_syncd("audiences", "status", "--config", config, "--json")
     assert code == 0, err
     assert str(ORPHAN) not in err
     assert orjson.loads(out)[0]["members"]["member"] == 990  # the named audience is untouched
@@ -401,7 +387,7 @@ async def test_a_running_daemon_and_the_status_show_the_match_ratio_and_amazons_
         await wait_for(sizes_read, 60, "Amazon's audienceSize figures on /metrics")
 
         config = str(daemon.config_path)
-        code, out, err = await syncd("audiences", "status", "--config", config, "--json")
+        code, out, err = await run_syncd("audiences", "status", "--config", config, "--json")
         assert code == 0, err
         [status] = orjson.loads(out)
         assert status["match_ratio"] == expected
@@ -410,7 +396,7 @@ async def test_a_running_daemon_and_the_status_show_the_match_ratio_and_amazons_
         assert status["dsp_audience_size"] == members["size"]
         assert status["members"]["member"] == len(events)
 
-        code, out, err = await syncd("audiences", "status", "--config", config)
+        code, out, err = await run_syncd("audiences", "status", "--config", config)
         assert code == 0, err
         amazon_row, members_row = [line for line in out.splitlines() if " vip " in line]
         assert f" {members['size']:,} " in amazon_row

@@ -5,9 +5,6 @@ and `syncd members purge` drops."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,8 +21,10 @@ from tests.harness import (
     DaemonProcess,
     committed_offsets,
     produce,
+    run_syncd,
     sqlite_daemon_config,
     wait_for,
+    waiting_members,
 )
 
 NEWSLETTER = next(d["audience_id"] for d in DESTINATIONS if d["audience"] == "newsletter")
@@ -50,14 +49,6 @@ def ledger(sandbox: Any, connection: str) -> set[tuple[str, str]]:
     }
 
 
-async def _waiting(store_url: str, audience_id: int) -> int:
-    store = await Store.connect(store_url)
-    try:
-        return await MemberTable(store).waiting([audience_id])
-    finally:
-        await store.close()
-
-
 async def test_a_paused_destination_waits_and_catches_up_once_unpaused(
     kafka: Any, sandbox: Any, tmp_path: Path
 ) -> None:
@@ -80,7 +71,7 @@ async def test_a_paused_destination_waits_and_catches_up_once_unpaused(
         return (
             ledger(sandbox, CONNECTION) >= want_vip
             and sum(committed.values()) >= len(events)
-            and await _waiting(store_url, VIP) == 0
+            and await waiting_members(store_url, VIP) == 0
         )
 
     await wait_for(vip_sent_and_all_recorded, 60, "vip delivered, every event recorded")
@@ -89,7 +80,7 @@ async def test_a_paused_destination_waits_and_catches_up_once_unpaused(
     assert await daemon.terminate() == 0
     assert ledger(sandbox, CONNECTION) == want_vip
     assert sandbox.state.ledger(OTHER_CONNECTION) == []  # nothing sent...
-    assert await _waiting(store_url, NEWSLETTER) == len(want_newsletter)  # ...nothing lost
+    assert await waiting_members(store_url, NEWSLETTER) == len(want_newsletter)  # ...nothing lost
     assert "destination paused" in daemon.logs()
 
     # unpaused: the same consumer group (its offsets are committed: nothing is read again)
@@ -107,23 +98,6 @@ async def test_a_paused_destination_waits_and_catches_up_once_unpaused(
     assert len(sandbox.state.ledger(OTHER_CONNECTION)) == len(want_newsletter)  # each once
     members = {m for m, _ in sandbox.state.membership(NEWSLETTER).live(0, 10**9)}
     assert members == {p for p, action in want_newsletter if action == "CREATE"}
-
-
-async def syncd(*args: str) -> tuple[int, str, str]:
-    """`python -m syncd ARGS` as an operator runs it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "syncd",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert proc.returncode is not None
-    return proc.returncode, stdout.decode(), stderr.decode()
 
 
 async def test_a_removed_destination_is_reported_at_start_up_and_purged(
@@ -165,7 +139,7 @@ async def test_a_removed_destination_is_reported_at_start_up_and_purged(
     assert (line["audience_id"], line["members"]) == (NEWSLETTER, newsletter)
 
     config = str(daemon.config_path)
-    code, out, err = await syncd(
+    code, out, err = await run_syncd(
         "members", "purge", "--config", config, "--audience-id", str(NEWSLETTER), "--yes"
     )
     assert code == 0, err

@@ -5,9 +5,6 @@ text; neither ever holds the member's email or its hash."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +16,7 @@ import pytest
 from syncd.members import MemberState, MemberTable
 from syncd.pii.hashing import hash_field
 from syncd.sandbox.app import SandboxSettings
-from syncd.sandbox.server import RunningSandbox, running_sandbox
+from syncd.sandbox.server import RunningSandbox
 from syncd.store import Store
 from tests.harness import (
     CONNECTION,
@@ -27,6 +24,8 @@ from tests.harness import (
     OTHER_CONNECTION,
     DaemonProcess,
     produce,
+    run_syncd,
+    running_sandbox,
     sqlite_daemon_config,
     wait_for,
 )
@@ -66,23 +65,6 @@ async def member(store_url: str, audience_id: int, profile: str) -> MemberState 
         await store.close()
 
 
-async def syncd(*args: str) -> tuple[int, str, str]:
-    """`python -m syncd ARGS` as an operator runs it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "syncd",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**env, "COLUMNS": "250"},
-    )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert proc.returncode is not None
-    return proc.returncode, stdout.decode(), stderr.decode()
-
-
 async def show(
     daemon: DaemonProcess, audience: str, profile: str, country: str = "US"
 ) -> tuple[dict[str, Any], str]:
@@ -90,9 +72,9 @@ async def show(
     text for people). Neither holds the profile's email nor its hash."""
     base = ("members", "show", "--config", str(daemon.config_path))
     base += ("--audience", audience, "--profile", profile)
-    code, out, err = await syncd(*base, "--json")
+    code, out, err = await run_syncd(*base, "--json")
     assert code == 0, err
-    code, human, err = await syncd(*base)
+    code, human, err = await run_syncd(*base)
     assert code == 0, err
     hashed = hash_field("email", email(profile), country)
     assert hashed is not None

@@ -27,9 +27,15 @@ import pytest
 
 from syncd.members import MemberTable
 from syncd.sandbox.app import SandboxSettings
-from syncd.sandbox.server import running_sandbox
 from syncd.store import Store
-from tests.harness import CONNECTION, DaemonProcess, daemon_config, produce, wait_for
+from tests.harness import (
+    CONNECTION,
+    DaemonProcess,
+    daemon_config,
+    produce,
+    running_sandbox,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
