@@ -25,8 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from syncd import synth
 from syncd.embedded import EmbeddedBroker
 from syncd.sandbox.app import SandboxSettings
-from syncd.sandbox.server import running_sandbox
-from tests.harness import CONNECTION, DaemonProcess, daemon_config, produce, wait_for
+from tests.harness import (
+    CONNECTION,
+    DaemonProcess,
+    daemon_config,
+    produce,
+    running_sandbox,
+    wait_for,
+)
 
 TOPIC = "bench-budget"
 

@@ -58,6 +58,7 @@ from tests.harness import (
     end_offsets,
     is_transform_worker,
     produce,
+    provide_at,
 )
 
 TOPIC = "bench-profile-changes"
@@ -299,6 +300,7 @@ async def bench(args: argparse.Namespace, tmp: Path, url: str) -> None:
         print(f"produced {events:,} events in {time.monotonic() - t0:.1f}s", flush=True)
         ends = await end_offsets(broker.bootstrap, TOPIC)
         raw = config(broker.bootstrap, sandbox_url, url, "bench", args.workers, args.max_pending)
+        await provide_at(sandbox_url, raw["destinations"])
         daemon = DaemonProcess(tmp, raw).start()
         assert daemon.proc is not None
         pid = daemon.proc.pid

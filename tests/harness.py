@@ -396,3 +396,20 @@ async def waiting_members(store_url: str, audience_id: int) -> int:
         return await MemberTable(store).waiting([audience_id])
     finally:
         await store.close()
+
+
+async def provide_at(sandbox_url: str, destinations: Iterable[dict[str, Any]]) -> None:
+    """`provide` over HTTP, for a sandbox in another process (POST /_sandbox/provide)."""
+    body = {
+        "terms_accepted": True,
+        "connections": sorted({d["connection_id"] for d in destinations}),
+        "audiences": [
+            {"audienceId": int(d["audience_id"]), "connectionId": d["connection_id"]}
+            for d in destinations
+        ],
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{sandbox_url}/_sandbox/provide", json=body) as answer,
+    ):
+        assert answer.status == 200, await answer.text()
