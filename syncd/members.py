@@ -22,11 +22,8 @@ Every operation is one short write transaction: on SQLite under the store's writ
 (`BEGIN IMMEDIATE`), on PostgreSQL at READ COMMITTED whatever the database's default (claims skip
 rows other replicas lock; guarded writes re-check their condition on the newest row version), and
 rerun when PostgreSQL reports a deadlock or a serialization failure. Rows are written in key order
-so that concurrent writers rarely deadlock at all. Times come from the store's clock.
-
-Size (bench/bench_member_size.py, 100k confirmed members, 328-byte records): SQLite ~560 bytes
-per member (a WITHOUT ROWID table); PostgreSQL ~630 live, and each send cycle leaves ~3 dead row
-versions for autovacuum to reclaim (2.4 kB per member right after a full cycle, unvacuumed).
+so that concurrent writers rarely deadlock at all. Times come from the store's clock. Its size
+per member is measured in docs/benchmarks.md.
 """
 
 from __future__ import annotations
