@@ -302,6 +302,19 @@ def _setup_error(finding: Finding) -> AmazonError:
     )
 
 
+def refused_credentials(exc: BaseException | None) -> AuthError | None:
+    """The AuthError a task failed with, also where a task group wrapped it (a sender's workers
+    meeting the refused token all at once), so that the daemon stays up unready instead of
+    exiting; None when the failure is anything else too."""
+    if isinstance(exc, AuthError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        auth, rest = exc.split(AuthError)
+        if auth is not None and rest is None:
+            return refused_credentials(auth.exceptions[0])
+    return None
+
+
 def _wake(feeds: dict[str, MemberFeed], connection_id: str) -> None:
     """Wake the connection's feed; a connection whose destinations are all paused has none."""
     if (feed := feeds.get(connection_id)) is not None:
@@ -526,7 +539,7 @@ class Daemon:
     def _on_task_done(self, task: asyncio.Task[None], halt: asyncio.Event) -> None:
         if task.cancelled() or task.exception() is None:
             return
-        exc = task.exception()
+        exc = refused_credentials(task.exception()) or task.exception()
         self.fatal = exc
         if isinstance(exc, AuthError):
             log.error("amazon credentials refused", task=task.get_name(), error=str(exc))
