@@ -50,7 +50,7 @@ from typing import Any, Protocol
 from syncd.amazon.retry import nothing_accepted, retry_reason
 from syncd.batching import EncodedBatch, build_batches
 from syncd.errors import AmazonError, AuthError, RejectedError, RetryableError, ThrottledError
-from syncd.members import Claim, MemberDeadLetters, dead_letter_value
+from syncd.members import RECONCILE, Claim, MemberDeadLetters, dead_letter_value
 from syncd.model import Action, Batch, Destination
 from syncd.observability import metrics
 from syncd.observability.logging import get_logger
@@ -515,8 +515,7 @@ class Members(Protocol):
         self, claims: Sequence[Claim], job: NewJob, *, first_poll_after_s: float
     ) -> list[Claim]: ...
     async def refuse(self, claims: Sequence[Claim], reason: str) -> list[Claim]: ...
-    async def waiting(self, audience_ids: Sequence[int]) -> int: ...
-    async def reconcile_waiting(self, audience_ids: Sequence[int]) -> int: ...
+    async def waiting(self, audience_ids: Sequence[int], rank: int | None = None) -> int: ...
 
 
 class BlockStore(Protocol):
@@ -716,7 +715,7 @@ class MemberFeed:
                     members=len(lost),
                 )
         self._waiting.set(await self._members.waiting(self._audience_ids))
-        self._reconcile_waiting.set(await self._members.reconcile_waiting(self._audience_ids))
+        self._reconcile_waiting.set(await self._members.waiting(self._audience_ids, RECONCILE))
 
     # -- outcomes ------------------------------------------------------------------------------
     async def accepted(self, part: EncodedBatch, job: NewJob) -> None:

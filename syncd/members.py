@@ -799,16 +799,18 @@ class MemberTable:
         await self._forget_consent_ips(conn, [c for c in claims if c not in gone])
         return lost
 
-    async def waiting(self, audience_ids: Sequence[int]) -> int:
-        """Due members of `audience_ids` (read from the index of due rows)."""
+    async def waiting(self, audience_ids: Sequence[int], rank: int | None = None) -> int:
+        """Due members of `audience_ids`, of one due `rank` if given (RECONCILE: reconcile work
+        waiting), read from the index of due rows."""
         if not audience_ids:
             return 0
+        query = select(func.count()).where(
+            m.c.audience_id.in_(sorted(set(audience_ids))), m.c.due_since.is_not(None)
+        )
+        if rank is not None:
+            query = query.where(m.c.due_rank == rank)
         async with self._store._read() as conn:
-            count = await conn.scalar(
-                select(func.count()).where(
-                    m.c.audience_id.in_(sorted(set(audience_ids))), m.c.due_since.is_not(None)
-                )
-            )
+            count = await conn.scalar(query)
         return int(count or 0)
 
     async def release(self, claims: Sequence[Claim]) -> None:
@@ -1406,20 +1408,6 @@ class MemberTable:
                 .limit(1)
             )
         return job is not None or claimed is not None
-
-    async def reconcile_waiting(self, audience_ids: Sequence[int]) -> int:
-        """Members of `audience_ids` due at RECONCILE rank (read from the index of due rows)."""
-        if not audience_ids:
-            return 0
-        async with self._store._read() as conn:
-            count = await conn.scalar(
-                select(func.count()).where(
-                    m.c.audience_id.in_(sorted(set(audience_ids))),
-                    m.c.due_rank == RECONCILE,
-                    m.c.due_since.is_not(None),
-                )
-            )
-        return int(count or 0)
 
 
 def _claim_groups(claims: Iterable[Claim]) -> dict[tuple[int, str], list[Claim]]:

@@ -346,7 +346,7 @@ async def test_mirror_sends_exactly_the_difference_and_the_same_snapshot_again_n
     assert dry.counts == report.counts
     assert (report.counts[ADDED], report.counts[CHANGED], report.counts[REMOVED]) == (1, 1, 1)
     assert report.counts[UNCHANGED] == 1
-    assert await table.reconcile_waiting([AUDIENCE_ID]) == 3
+    assert await table.waiting([AUDIENCE_ID], RECONCILE) == 3
     assert await table.reconcile_progress(AUDIENCE_ID) == (3, 0)
     claims = await table.claim_due([AUDIENCE_ID], 1000, LEASE, "sender")
     assert {(c.external_user_id, c.action) for c in claims} == {
@@ -515,7 +515,7 @@ async def test_a_reconcile_cut_short_and_run_again_does_the_rest(
     reconciler = Reconciler(CFG, DEST, table, as_of=AS_OF, dry_run=False, workers=0)
     with pytest.raises(KeyboardInterrupt):
         await reconciler.run(cut_short(26))
-    partial = await table.reconcile_waiting([AUDIENCE_ID])
+    partial = await table.waiting([AUDIENCE_ID], RECONCILE)
     assert 0 < partial < 30  # some recorded, not all
     report = await reconcile(table, path, "jsonl", as_of=AS_OF + 1)
     # the rest, not again what was recorded (the first run got to no remove)
@@ -524,7 +524,7 @@ async def test_a_reconcile_cut_short_and_run_again_does_the_rest(
     assert report.counts[REMOVED] == 10
     want = {p: (ADD, record_of(p, e)[1]) for p, e in s.items()}
     assert {p: v for p, v in (await desired(table)).items() if v[0] == ADD} == want
-    assert await table.reconcile_waiting([AUDIENCE_ID]) == 30  # 20 adds, 10 removes
+    assert await table.waiting([AUDIENCE_ID], RECONCILE) == 30  # 20 adds, 10 removes
     again = await reconcile(table, path, "jsonl", as_of=AS_OF + 2)
     assert again.to_send == 0
 
