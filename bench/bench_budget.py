@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from syncd import synth
 from syncd.embedded import EmbeddedBroker
-from syncd.sandbox.app import SandboxSettings
+from syncd.sandbox.state import SandboxSettings
 from tests.harness import (
     CONNECTION,
     DaemonProcess,

@@ -29,8 +29,8 @@ from syncd.embedded import EmbeddedBroker
 from syncd.observability import metrics
 from syncd.operate import AudienceStatus, audience_status, print_status
 from syncd.runtime import tune_process
-from syncd.sandbox.app import SandboxSettings, SandboxState
 from syncd.sandbox.server import running_sandbox
+from syncd.sandbox.state import SandboxSettings, SandboxState
 from syncd.store import Store
 from syncd.vocabulary import JobState
 

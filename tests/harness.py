@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from syncd.embedded import free_port
 from syncd.sandbox import server
-from syncd.sandbox.app import SandboxSettings, SandboxState
+from syncd.sandbox.state import SandboxSettings, SandboxState
 
 CONNECTION = "5a523424-e8b3-4da5-9a32-24a861aea576"
 OTHER_CONNECTION = "0b7e6f52-3c1d-4b8e-9f0a-8d2c4e6a1b3c"

@@ -21,7 +21,8 @@ from aiohttp import web
 
 from syncd.amazon.api import TOKEN_PATH
 from syncd.runtime import tune_process
-from syncd.sandbox.app import SANDBOX_STATE, SandboxSettings, SandboxState, create_app
+from syncd.sandbox.app import SANDBOX_STATE, create_app
+from syncd.sandbox.state import SandboxSettings, SandboxState
 
 SHUTDOWN_TIMEOUT_S = 5.0
 

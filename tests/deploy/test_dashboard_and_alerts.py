@@ -20,7 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from syncd import synth
-from syncd.sandbox.app import SandboxSettings
+from syncd.sandbox.state import SandboxSettings
 from tests.fixtures.kafka import KafkaCluster
 from tests.harness import (
     DESTINATIONS,

@@ -15,8 +15,8 @@ import orjson
 import pytest
 
 from syncd import synth
-from syncd.sandbox.app import SandboxSettings
 from syncd.sandbox.server import RunningSandbox
+from syncd.sandbox.state import SandboxSettings
 from tests.harness import (
     CONNECTION,
     DESTINATIONS,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from syncd import synth
-from syncd.sandbox.app import SandboxSettings
+from syncd.sandbox.state import SandboxSettings
 from tests.fixtures.postgres import new_database
 from tests.harness import (
     CONNECTION,

@@ -20,8 +20,8 @@ from syncd.amazon.client import AmazonClient
 from syncd.config import AmazonConfig
 from syncd.embedded import free_port
 from syncd.errors import AuthError, NotSentError, RejectedError, RetryableError
-from syncd.sandbox.app import SandboxSettings
 from syncd.sandbox.server import RunningSandbox, running_sandbox
+from syncd.sandbox.state import SandboxSettings
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
-from syncd.sandbox.app import SandboxSettings
+from syncd.sandbox.state import SandboxSettings
 from tests.harness import (
     CONNECTION,
     DaemonProcess,

@@ -25,8 +25,8 @@ from syncd.amazon.client import AmazonClient
 from syncd.embedded import free_port
 from syncd.members import ADD, REMOVE, MemberChange, MemberTable, member_change
 from syncd.model import Action, member_record
-from syncd.sandbox.app import SandboxSettings
 from syncd.sandbox.server import RunningSandbox
+from syncd.sandbox.state import SandboxSettings
 from syncd.store import NewJob, Store
 from syncd.store.reasons import classify_invalid_reason
 from tests.harness import (

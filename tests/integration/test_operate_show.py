@@ -15,8 +15,8 @@ import pytest
 
 from syncd.members import MemberState, MemberTable
 from syncd.pii.hashing import hash_field
-from syncd.sandbox.app import SandboxSettings
 from syncd.sandbox.server import RunningSandbox
+from syncd.sandbox.state import SandboxSettings
 from syncd.store import Store
 from tests.harness import (
     CONNECTION,

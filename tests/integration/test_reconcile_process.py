@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from syncd.members import MemberTable
-from syncd.sandbox.app import SandboxSettings
+from syncd.sandbox.state import SandboxSettings
 from syncd.store import Store
 from tests.harness import (
     CONNECTION,

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from syncd import synth
 from syncd.config import AmazonConfig
-from syncd.sandbox.app import SandboxSettings
+from syncd.sandbox.state import SandboxSettings
 from syncd.store import Store
 from tests.harness import (
     CONNECTION,

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from syncd import synth
-from syncd.sandbox.app import SandboxSettings
+from syncd.sandbox.state import SandboxSettings
 from tests.harness import (
     CONNECTION,
     DaemonProcess,

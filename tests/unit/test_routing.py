@@ -22,7 +22,7 @@ from syncd.model import (
     record_digest,
 )
 from syncd.routing import Router, Unusable, external_user_id
-from syncd.sandbox.app import CONSENT_COUNTRIES as SANDBOX_CONSENT_COUNTRIES
+from syncd.sandbox.validation import CONSENT_COUNTRIES as SANDBOX_CONSENT_COUNTRIES
 from syncd.vocabulary import CONSENT_VALUES
 
 # Amazon's externalUserId pattern, written out here as the oracle (not imported from syncd).

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from syncd.amazon import api
 from syncd.cli import build_parser
-from syncd.sandbox.app import SandboxSettings, SandboxState
 from syncd.sandbox.server import running_sandbox, settings_from_args
+from syncd.sandbox.state import SandboxSettings, SandboxState
 from tests.fakes import FakeClock
 from tests.unit.test_sandbox_validation import (
     AUDIENCE,

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from syncd.amazon import api
 from syncd.cli import build_parser
-from syncd.sandbox.app import RollingWindow, SandboxSettings, TokenBucket, _all_digests
 from syncd.sandbox.server import RunningSandbox, running_sandbox, settings_from_args
+from syncd.sandbox.state import RollingWindow, SandboxSettings, TokenBucket
+from syncd.sandbox.validation import _all_digests
 
 CONNECTION = "5a523424-e8b3-4da5-9a32-24a861aea576"
 AUDIENCE = 413642381039213536
@@ -917,7 +918,7 @@ async def test_latency_is_added(custom_client: Any) -> None:
 
 
 def test_unknown_fault_is_rejected() -> None:
-    from syncd.sandbox.app import SandboxState
+    from syncd.sandbox.state import SandboxState
 
     with pytest.raises(ValueError, match="unknown fault"):
         SandboxState(SandboxSettings()).set_faults({"storm": 1})
