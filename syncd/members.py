@@ -31,15 +31,12 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import (
-    AsyncIterator,
-    Awaitable,
     Callable,
     Iterable,
     Iterator,
     Mapping,
     Sequence,
 )
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -59,8 +56,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from syncd.model import Action, MemberRecord
 from syncd.store import NewJob, Store
@@ -392,35 +389,18 @@ class MemberTable:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._postgres = store._postgres
-        # PostgreSQL: READ COMMITTED pinned, so the guarded upserts and SKIP LOCKED claims behave
-        # the same whatever default_transaction_isolation the database was given.
-        self._pg_engine: AsyncEngine | None = (
-            store._engine.execution_options(isolation_level="READ COMMITTED")
-            if self._postgres
-            else None
-        )
         self._upserts = {
             adds_only: self._upsert_statement(adds_only=adds_only) for adds_only in (False, True)
         }
 
     # -- plumbing --------------------------------------------------------------------------------
-    @asynccontextmanager
-    async def _begin(self) -> AsyncIterator[AsyncConnection]:
-        if self._pg_engine is None:
-            async with self._store._write() as conn:
-                yield conn
-        else:
-            async with self._pg_engine.begin() as conn:
-                yield conn
-
-    async def _transaction(self, op: Callable[[AsyncConnection, float], Awaitable[T]]) -> T:
-        """`op(conn, now)` in one write transaction, rerun (from scratch) on a deadlock or
-        serialization failure."""
+    async def _transaction(self, op: Callable[[Connection, float], T]) -> T:
+        """`op(conn, now)` in one write transaction (`Store.run_write`), rerun (from scratch) on a
+        deadlock or serialization failure."""
         attempt = 1
         while True:
             try:
-                async with self._begin() as conn:
-                    return await op(conn, await self._store._now(conn))
+                return await self._store.run_write(op)
             except DBAPIError as exc:
                 if attempt >= _TX_ATTEMPTS or not _retryable(exc):
                     raise
@@ -443,28 +423,26 @@ class MemberTable:
         counts = RecordCounts()
         rounds = _rounds(changes, counts)
 
-        async def op(conn: AsyncConnection, now: float) -> RecordCounts:
+        def op(conn: Connection, now: float) -> RecordCounts:
             done = RecordCounts(superseded=counts.superseded)
             if self._postgres:  # an erase must not slip between the tombstone check and a write
-                await conn.execute(
-                    text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": _ERASE_LOCK}
-                )
+                conn.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": _ERASE_LOCK})
             for changes_of_round in rounds:
-                await self._apply(conn, changes_of_round, now, rank, done)
+                self._apply(conn, changes_of_round, now, rank, done)
             return done
 
         return await self._transaction(op)
 
-    async def _apply(
+    def _apply(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         changes: Sequence[MemberChange],
         now: float,
         rank: int,
         counts: RecordCounts,
     ) -> None:
         """Record changes of distinct members (see `record_changes`)."""
-        erased_at = await self._tombstones(conn, [c.key for c in changes])
+        erased_at = self._tombstones(conn, [c.key for c in changes])
         live = []
         for change in changes:
             erased = erased_at.get(change.key)
@@ -474,23 +452,23 @@ class MemberTable:
                 live.append(change)
         full = [c for c in live if c.action != UPDATE]
         updates = [c for c in live if c.action == UPDATE]
-        members_now = await self._adds(conn, [c.key for c in updates])
+        members_now = self._adds(conn, [c.key for c in updates])
         as_adds = []
         for c in updates:
             if c.key in members_now:
                 as_adds.append(MemberChange(*c.key, ADD, c.record, c.digest, *c.order))
             else:
                 counts.not_member += 1
-        await self._upsert(conn, full, now, rank, counts, adds_only=False)
-        await self._upsert(conn, as_adds, now, rank, counts, adds_only=True)
+        self._upsert(conn, full, now, rank, counts, adds_only=False)
+        self._upsert(conn, as_adds, now, rank, counts, adds_only=True)
 
-    async def _tombstones(
-        self, conn: AsyncConnection, keys: Sequence[tuple[int, str]]
+    def _tombstones(
+        self, conn: Connection, keys: Sequence[tuple[int, str]]
     ) -> dict[tuple[int, str], float]:
         found: dict[tuple[int, str], float] = {}
         for audience_id, ids in _by_audience(keys).items():
             for chunk in _chunks(ids):
-                result = await conn.execute(
+                result = conn.execute(
                     select(t.c.external_user_id, t.c.erased_at).where(
                         t.c.audience_id == audience_id, t.c.external_user_id.in_(chunk)
                     )
@@ -498,14 +476,12 @@ class MemberTable:
                 found.update({(audience_id, row[0]): float(row[1]) for row in result})
         return found
 
-    async def _adds(
-        self, conn: AsyncConnection, keys: Sequence[tuple[int, str]]
-    ) -> set[tuple[int, str]]:
+    def _adds(self, conn: Connection, keys: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
         """The keys among `keys` whose member row's desired action is ADD."""
         found: set[tuple[int, str]] = set()
         for audience_id, ids in _by_audience(keys).items():
             for chunk in _chunks(ids):
-                result = await conn.execute(
+                result = conn.execute(
                     select(m.c.external_user_id).where(
                         m.c.audience_id == audience_id,
                         m.c.external_user_id.in_(chunk),
@@ -515,9 +491,9 @@ class MemberTable:
                 found.update((audience_id, row[0]) for row in result)
         return found
 
-    async def _upsert(
+    def _upsert(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         changes: Sequence[MemberChange],
         now: float,
         rank: int,
@@ -544,7 +520,7 @@ class MemberTable:
                 }
                 for c in chunk
             ]
-            written = (await conn.execute(self._upserts[adds_only], rows)).all()
+            written = (conn.execute(self._upserts[adds_only], rows)).all()
             for due_since, job in written:
                 if due_since is None and job is None:
                     counts.noop += 1
@@ -596,8 +572,8 @@ class MemberTable:
         shared evenly between the audiences that have some (an audience with fewer leaves its
         share to the others). Rows another replica holds (lease or lock) are skipped."""
 
-        async def op(conn: AsyncConnection, now: float) -> list[Claim]:
-            picked = await self._pick(conn, sorted(set(audience_ids)), limit, now)
+        def op(conn: Connection, now: float) -> list[Claim]:
+            picked = self._pick(conn, sorted(set(audience_ids)), limit, now)
             token = uuid.uuid4().hex
             claims: list[Claim] = []
             for audience_id, ids in _by_audience(picked).items():
@@ -609,7 +585,7 @@ class MemberTable:
                     )
                     if self._postgres:
                         lockable = lockable.with_for_update(skip_locked=True)
-                    result = await conn.execute(
+                    result = conn.execute(
                         update(m)
                         .where(
                             m.c.audience_id == audience_id,
@@ -645,8 +621,8 @@ class MemberTable:
             return []
         return await self._transaction(op)
 
-    async def _pick(
-        self, conn: AsyncConnection, audience_ids: list[int], limit: int, now: float
+    def _pick(
+        self, conn: Connection, audience_ids: list[int], limit: int, now: float
     ) -> list[tuple[int, str]]:
         """Keys of up to `limit` claimable members: per rank, rounds of equal shares over the
         audiences that filled their last share, each read from the due index after the last key
@@ -677,7 +653,7 @@ class MemberTable:
                                 and_(m.c.due_since == since, m.c.external_user_id > euid),
                             )
                         )
-                    rows = (await conn.execute(query)).all()
+                    rows = (conn.execute(query)).all()
                     picked.extend((audience_id, row[1]) for row in rows)
                     if len(rows) == want:
                         still_open.append(audience_id)
@@ -701,18 +677,18 @@ class MemberTable:
         one transaction: the job is stored whatever happened to the claims (the poller follows
         it), the members only where their lease still holds. Returns the lost claims."""
 
-        async def op(conn: AsyncConnection, now: float) -> list[Claim]:
-            await self._store.insert_job(conn, now, job, first_poll_after_s)
-            return await self._mark_sent(conn, now, claims, job.job_request_id)
+        def op(conn: Connection, now: float) -> list[Claim]:
+            self._store.insert_job(conn, now, job, first_poll_after_s)
+            return self._mark_sent(conn, now, claims, job.job_request_id)
 
         return await self._transaction(op)
 
-    async def _mark_sent(
-        self, conn: AsyncConnection, now: float, claims: Sequence[Claim], job_request_id: str
+    def _mark_sent(
+        self, conn: Connection, now: float, claims: Sequence[Claim], job_request_id: str
     ) -> list[Claim]:
-        return await self._sent(conn, now, claims, {"job_request_id": job_request_id})
+        return self._sent(conn, now, claims, {"job_request_id": job_request_id})
 
-    async def _forget_consent_ips(self, conn: AsyncConnection, accepted: Sequence[Claim]) -> None:
+    def _forget_consent_ips(self, conn: Connection, accepted: Sequence[Claim]) -> None:
         """The store keeps a consent IP only until the change that carried it is accepted (or
         refused for good): from here the record keeps `geo.countryCode` alone (refreshes send
         that). A row whose record changed since the claim keeps its own (not sent yet)."""
@@ -722,7 +698,7 @@ class MemberTable:
             if (new := without_consent_ip(c.record)) is not c.record
         ]
         if params:
-            await conn.execute(
+            conn.execute(
                 update(m)
                 .where(
                     m.c.audience_id == bindparam("a"),
@@ -741,9 +717,9 @@ class MemberTable:
         values = {"outcome": INVALID, "reason": reason[:_MAX_REASON_CHARS], "accepted_at": None}
         return await self._transaction(lambda conn, now: self._sent(conn, now, claims, values))
 
-    async def _sent(
+    def _sent(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         now: float,
         claims: Sequence[Claim],
         values: Mapping[str, Any],
@@ -754,7 +730,7 @@ class MemberTable:
         for (audience_id, token), group in _claim_groups(claims).items():
             sent = {c.external_user_id: c for c in group}
             for chunk in _chunks(sorted(sent)):
-                result = await conn.execute(
+                result = conn.execute(
                     update(m)
                     .where(
                         m.c.audience_id == audience_id,
@@ -782,7 +758,7 @@ class MemberTable:
                 ]
                 if changed:
                     due = None if "job_request_id" in values else now  # pending: the poller's
-                    await conn.execute(
+                    conn.execute(
                         update(m)
                         .where(
                             m.c.audience_id == bindparam("a"),
@@ -796,7 +772,7 @@ class MemberTable:
                 kept = {row[0] for row in written}
                 lost.extend(sent[euid] for euid in chunk if euid not in kept)
         gone = set(lost)
-        await self._forget_consent_ips(conn, [c for c in claims if c not in gone])
+        self._forget_consent_ips(conn, [c for c in claims if c not in gone])
         return lost
 
     async def waiting(self, audience_ids: Sequence[int], rank: int | None = None) -> int:
@@ -823,7 +799,7 @@ class MemberTable:
         return await self._lease(claims, lease_s)
 
     async def _lease(self, claims: Sequence[Claim], lease_s: float | None) -> list[Claim]:
-        async def op(conn: AsyncConnection, now: float) -> list[Claim]:
+        def op(conn: Connection, now: float) -> list[Claim]:
             lost: list[Claim] = []
             for (audience_id, token), group in _claim_groups(claims).items():
                 held = {c.external_user_id: c for c in group}
@@ -836,7 +812,7 @@ class MemberTable:
                         }
                     else:
                         values = {"claimed_until": now + lease_s}
-                    result = await conn.execute(
+                    result = conn.execute(
                         update(m)
                         .where(
                             m.c.audience_id == audience_id,
@@ -882,47 +858,47 @@ class MemberTable:
             raise ValueError(f"{state!r} is not a terminal job state")
         short_reason = None if reason is None else reason[:_MAX_REASON_CHARS]
 
-        async def op(conn: AsyncConnection, now: float) -> JobOutcome:
+        def op(conn: Connection, now: float) -> JobOutcome:
             result = JobOutcome()
             of_job = m.c.job_request_id == job_request_id
             if self._postgres:  # lock the job's rows in key order: no deadlock with ingest
-                await conn.execute(
+                conn.execute(
                     select(m.c.audience_id)
                     .where(of_job)
                     .order_by(m.c.audience_id, m.c.external_user_id)
                     .with_for_update()
                 )
             if outcome == CONFIRMED:
-                result.erased = await self._finish_erasures(conn, of_job)
+                result.erased = self._finish_erasures(conn, of_job)
                 for euid, why in sorted(refused.items()):
-                    rows = await conn.execute(
+                    rows = conn.execute(
                         update(m)
                         .where(of_job, m.c.external_user_id == euid)
                         .values(_settle(now, INVALID, why, accepted=False))
                         .returning(*_dead_columns())
                     )
                     result.invalid.extend(_dead(row, why) for row in rows)
-                confirmed = await conn.execute(
+                confirmed = conn.execute(
                     update(m).where(of_job).values(_settle(now, CONFIRMED, None, accepted=True))
                 )
                 result.confirmed = int(confirmed.rowcount)
             elif outcome == FAILED:
                 exhausted = and_(m.c.attempts + 1 >= max_attempts, ~_differs())
-                rows = await conn.execute(
+                rows = conn.execute(
                     update(m)
                     .where(of_job, exhausted)
                     .values(_settle(now, FAILED, short_reason, accepted=False, retry=False))
                     .returning(*_dead_columns())
                 )
                 result.dead = [_dead(row, short_reason or FAILED) for row in rows]
-                retried = await conn.execute(
+                retried = conn.execute(
                     update(m)
                     .where(of_job)
                     .values(_settle(now, FAILED, short_reason, accepted=False, retry=True))
                 )
                 result.retried = int(retried.rowcount)
             else:
-                retried = await conn.execute(
+                retried = conn.execute(
                     update(m)
                     .where(of_job)
                     .values(job_request_id=None, outcome=EXPIRED, reason=None, due_since=now)
@@ -950,7 +926,7 @@ class MemberTable:
             )
             return sorted(result.scalars())
 
-    async def _finish_erasures(self, conn: AsyncConnection, of_job: ColumnElement[bool]) -> int:
+    def _finish_erasures(self, conn: Connection, of_job: ColumnElement[bool]) -> int:
         """Delete the job's rows whose DELETE was the member's erase (desired remove, sent as is,
         not newer than the tombstone)."""
         erased = exists().where(
@@ -958,9 +934,7 @@ class MemberTable:
             t.c.external_user_id == m.c.external_user_id,
             t.c.erased_at >= m.c.occurred_at,
         )
-        result = await conn.execute(
-            delete(m).where(of_job, m.c.action == REMOVE, ~_differs(), erased)
-        )
+        result = conn.execute(delete(m).where(of_job, m.c.action == REMOVE, ~_differs(), erased))
         return int(result.rowcount)
 
     # -- TTL refresh -----------------------------------------------------------------------------
@@ -969,7 +943,7 @@ class MemberTable:
         CREATE was accepted more than `older_than_s` seconds ago, oldest first, walking the index
         on accepted_at. Returns how many; fewer than `limit` means none is left for now."""
 
-        async def op(conn: AsyncConnection, now: float) -> int:
+        def op(conn: Connection, now: float) -> int:
             stale = and_(
                 m.c.audience_id == audience_id,
                 m.c.accepted_at.is_not(None),
@@ -989,10 +963,10 @@ class MemberTable:
             )
             if self._postgres:
                 oldest = oldest.with_for_update(skip_locked=True)
-            ids = list((await conn.execute(oldest)).scalars())
+            ids = list((conn.execute(oldest)).scalars())
             marked = 0
             for chunk in _chunks(ids):
-                result = await conn.execute(
+                result = conn.execute(
                     update(m)
                     .where(stale, m.c.external_user_id.in_(chunk))
                     .values(due_since=now, due_rank=BACKGROUND)
@@ -1020,10 +994,10 @@ class MemberTable:
         DELETE (due, or once the job pending for them ends)."""
         keys = sorted({(a, e) for a in set(audience_ids) for e in set(external_user_ids)})
 
-        async def op(conn: AsyncConnection, now: float) -> int:
+        def op(conn: Connection, now: float) -> int:
             if self._postgres:
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ERASE_LOCK})
-            await self._add_tombstones(conn, keys, occurred_at)
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ERASE_LOCK})
+            self._add_tombstones(conn, keys, occurred_at)
             deletes = 0
             for audience_id, ids in _by_audience(keys).items():
                 for chunk in _chunks(ids):
@@ -1038,9 +1012,9 @@ class MemberTable:
                         m.c.outcome.in_((CONFIRMED, INVALID)),
                         m.c.job_request_id.is_(None),
                     )
-                    await conn.execute(delete(m).where(where, done))
+                    conn.execute(delete(m).where(where, done))
                     rows = (
-                        await conn.execute(
+                        conn.execute(
                             select(m.c.external_user_id, m.c.action, m.c.record)
                             .where(where)
                             .order_by(m.c.external_user_id)
@@ -1055,7 +1029,7 @@ class MemberTable:
                         for euid, action, record in rows
                     ]
                     if params:
-                        await conn.execute(
+                        conn.execute(
                             update(m)
                             .where(
                                 m.c.audience_id == bindparam("a"),
@@ -1080,8 +1054,8 @@ class MemberTable:
 
         return await self._transaction(op)
 
-    async def _add_tombstones(
-        self, conn: AsyncConnection, keys: Sequence[tuple[int, str]], erased_at: float
+    def _add_tombstones(
+        self, conn: Connection, keys: Sequence[tuple[int, str]], erased_at: float
     ) -> None:
         for chunk in _shaped_chunks(keys):
             stmt = self._insert(t).values(
@@ -1095,20 +1069,18 @@ class MemberTable:
                 set_={"erased_at": stmt.excluded.erased_at},
                 where=stmt.excluded.erased_at > t.c.erased_at,
             )
-            await conn.execute(stmt)
+            conn.execute(stmt)
 
     async def purge_tombstones(self, older_than_s: float) -> int:
         """Delete tombstones of erases more than `older_than_s` ago whose member rows are gone
         (a DELETE still waiting keeps its tombstone). Returns how many."""
 
-        async def op(conn: AsyncConnection, now: float) -> int:
+        def op(conn: Connection, now: float) -> int:
             row_left = exists().where(
                 m.c.audience_id == t.c.audience_id,
                 m.c.external_user_id == t.c.external_user_id,
             )
-            result = await conn.execute(
-                delete(t).where(t.c.erased_at < now - older_than_s, ~row_left)
-            )
+            result = conn.execute(delete(t).where(t.c.erased_at < now - older_than_s, ~row_left))
             return int(result.rowcount)
 
         return await self._transaction(op)
@@ -1214,7 +1186,7 @@ class MemberTable:
         Its tombstones stay until `purge_tombstones` (should a destination name the audience
         again, an erased profile must not come back). Returns how many rows were deleted."""
 
-        async def op(conn: AsyncConnection, now: float) -> int:
+        def op(conn: Connection, now: float) -> int:
             keys = (
                 select(m.c.external_user_id)
                 .where(m.c.audience_id == audience_id)
@@ -1223,10 +1195,10 @@ class MemberTable:
             )
             if self._postgres:
                 keys = keys.with_for_update()
-            ids = list((await conn.execute(keys)).scalars())
+            ids = list((conn.execute(keys)).scalars())
             if not ids:
                 return 0
-            result = await conn.execute(
+            result = conn.execute(
                 delete(m).where(m.c.audience_id == audience_id, m.c.external_user_id.in_(ids))
             )
             return int(result.rowcount)
@@ -1284,13 +1256,11 @@ class MemberTable:
         by_id = {w.external_user_id: w for w in writes}
         ids = sorted(by_id)
 
-        async def op(conn: AsyncConnection, now: float) -> ReconcileCounts:
+        def op(conn: Connection, now: float) -> ReconcileCounts:
             done = ReconcileCounts()
             if self._postgres:  # an erase must not slip between the tombstone check and a write
-                await conn.execute(
-                    text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": _ERASE_LOCK}
-                )
-            erased_at = await self._tombstones(conn, [(audience_id, e) for e in ids])
+                conn.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": _ERASE_LOCK})
+            erased_at = self._tombstones(conn, [(audience_id, e) for e in ids])
             current: dict[str, HeldMember] = {}
             for chunk in _chunks(ids):
                 query = (
@@ -1300,7 +1270,7 @@ class MemberTable:
                 )
                 if self._postgres:
                     query = query.with_for_update()
-                current.update((row[0], _held(row)) for row in await conn.execute(query))
+                current.update((row[0], _held(row)) for row in conn.execute(query))
             inserts: list[ReconcileWrite] = []
             updates: dict[str, list[ReconcileWrite]] = {ADD: [], REMOVE: []}
             for euid in ids:
@@ -1338,13 +1308,13 @@ class MemberTable:
                     for w in part
                 ]
                 stmt = self._insert(m).values(rows).on_conflict_do_nothing()
-                result = await conn.execute(stmt.returning(m.c.external_user_id))
+                result = conn.execute(stmt.returning(m.c.external_user_id))
                 inserted = len(result.all())
                 done.written += inserted
                 done.changed += len(part) - inserted
             for action, group in updates.items():
                 if group:
-                    await conn.execute(
+                    conn.execute(
                         _reconcile_update(action, now),
                         [
                             {

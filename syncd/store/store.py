@@ -35,16 +35,30 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import ColumnElement, case, delete, event, func, insert, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Executable,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -58,9 +72,11 @@ from syncd.store.reasons import invalid_reason_counts
 from syncd.store.schema import budget_reservations, connection_blocks, job_counts, jobs
 from syncd.vocabulary import JobState
 
+T = TypeVar("T")
 _PG_ISOLATION = "READ COMMITTED"  # pinned: see the module docstring
 _MIGRATION_LOCK = 0x73796E6364  # pg_advisory_xact_lock key: "syncd" in hex
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
+_PG_NOW = text("SELECT CAST(extract(epoch FROM clock_timestamp()) AS double precision)")
 _PING_TIMEOUT_S = 5.0
 _IDS_PER_QUERY = 500
 _PURGE_BATCH = 1000  # terminal jobs deleted per purge_jobs call: short transactions
@@ -136,6 +152,14 @@ class Store:
         # SQLite has one writer at a time: queue this process's writers here rather than in
         # SQLite's busy handler (which sleeps); busy_timeout still covers other processes.
         self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        # SQLite: `run_write` transactions run whole in this one thread, on a synchronous engine
+        # of the same file (one thread hop per transaction instead of one per statement).
+        self._writer: ThreadPoolExecutor | None = None
+        self._sync_engine: Engine | None = None
+        if not self._postgres:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="syncd-store-writer")
+            self._sync_engine = create_engine(engine.url.set(drivername="sqlite"))
+            _configure_sqlite(self._sync_engine, time.sleep)
 
     @classmethod
     async def connect(cls, url: str, *, clock: Callable[[], float] | None = None) -> Store:
@@ -143,7 +167,7 @@ class Store:
         clock, for tests."""
         if url.startswith("sqlite"):
             engine = create_async_engine(url)
-            _configure_sqlite(engine)
+            _configure_sqlite(engine.sync_engine, _sleep_in_greenlet)
         else:
             engine = create_async_engine(
                 url,
@@ -156,6 +180,11 @@ class Store:
 
     async def close(self) -> None:
         await self._engine.dispose()
+        if self._writer is not None and self._sync_engine is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._writer, self._sync_engine.dispose
+            )
+            self._writer.shutdown()
 
     async def ping(self) -> bool:
         """True when the store answers a trivial query within a few seconds. Never raises."""
@@ -217,11 +246,10 @@ class Store:
     # -- jobs ------------------------------------------------------------------------------------
     async def add_job(self, job: NewJob, *, first_poll_after_s: float) -> None:
         """Track a job; a job_request_id already stored is left as it is."""
-        async with self._write() as conn:
-            await self.insert_job(conn, await self._now(conn), job, first_poll_after_s)
+        await self.run_write(lambda conn, now: self.insert_job(conn, now, job, first_poll_after_s))
 
-    async def insert_job(
-        self, conn: AsyncConnection, now: float, job: NewJob, first_poll_after_s: float
+    def insert_job(
+        self, conn: Connection, now: float, job: NewJob, first_poll_after_s: float
     ) -> None:
         """`add_job` inside the caller's write transaction (the member table stores a job with
         its members' sent state in one)."""
@@ -240,14 +268,15 @@ class Store:
             "invalid_records": 0,
             "invalid_reasons": {},
         }
-        added = await conn.scalar(
+        added = conn.scalar(
             self._insert(jobs)
             .values(values)
             .on_conflict_do_nothing()
             .returning(jobs.c.job_request_id)
         )
-        if added is not None:
-            await self._count(conn, {JobState.PENDING: 1})
+        count = self._count_statement({JobState.PENDING: 1})
+        if added is not None and count is not None:
+            conn.execute(count)
 
     async def claim_due_jobs(self, owner: str, limit: int, lease_s: float) -> list[JobRow]:
         """Atomically claim up to `limit` due PENDING jobs for `lease_s` seconds: no other owner
@@ -547,18 +576,51 @@ class Store:
         return (pg_insert if self._postgres else sqlite_insert)(table)
 
     async def _count(self, conn: AsyncConnection, changes: Mapping[str, int]) -> None:
-        """Add `changes` ({state: +-jobs}) to the job counts, in one statement, rows in state
-        order (concurrent writers lock them in the same order: no deadlock)."""
+        count = self._count_statement(changes)
+        if count is not None:
+            await conn.execute(count)
+
+    def _count_statement(self, changes: Mapping[str, int]) -> Executable | None:
+        """The statement adding `changes` ({state: +-jobs}) to the job counts, rows in state
+        order (concurrent writers lock them in the same order: no deadlock); None if none."""
         rows = [{"state": k, "jobs": n} for k, n in sorted(changes.items()) if n]
         if not rows:
-            return
+            return None
         upsert = self._insert(job_counts).values(rows)
-        await conn.execute(
-            upsert.on_conflict_do_update(
-                index_elements=[job_counts.c.state],
-                set_={"jobs": job_counts.c.jobs + upsert.excluded.jobs},
-            )
+        statement: Executable = upsert.on_conflict_do_update(
+            index_elements=[job_counts.c.state],
+            set_={"jobs": job_counts.c.jobs + upsert.excluded.jobs},
         )
+        return statement
+
+    async def run_write(self, op: Callable[[Connection, float], T]) -> T:
+        """`op(conn, now)`, plain synchronous SQLAlchemy, as one write transaction. SQLite: run
+        whole in the writer thread, under the write lock, so that the lock is held for the work
+        alone and not for the event loop's turns between statements (the lock is what every
+        writer of the process queues for). PostgreSQL: in SQLAlchemy's greenlet (`run_sync`)."""
+        if self._writer is None:
+            async with self._engine.begin() as conn:
+                return await conn.run_sync(lambda sync: op(sync, self._now_sync(sync)))
+        assert self._write_lock is not None
+        async with self._write_lock:
+            done = asyncio.get_running_loop().run_in_executor(self._writer, self._in_writer, op)
+            try:
+                return await asyncio.shield(done)
+            except asyncio.CancelledError:
+                await asyncio.wait([done])  # the transaction ends before the lock is given up
+                raise
+
+    def _in_writer(self, op: Callable[[Connection, float], T]) -> T:
+        assert self._sync_engine is not None
+        with self._sync_engine.begin() as conn:
+            return op(conn, self._now_sync(conn))
+
+    def _now_sync(self, conn: Connection) -> float:
+        if self._clock is not None:
+            return self._clock()
+        if self._postgres:
+            return float(conn.scalar(_PG_NOW))
+        return time.time()
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
@@ -581,10 +643,7 @@ class Store:
         if self._clock is not None:
             return self._clock()
         if self._postgres:
-            now = await conn.scalar(
-                text("SELECT CAST(extract(epoch FROM clock_timestamp()) AS double precision)")
-            )
-            return float(now)
+            return float(await conn.scalar(_PG_NOW))
         return time.time()
 
 
@@ -601,30 +660,30 @@ def _upgrade_to_head(connection: Connection) -> None:
     command.upgrade(cfg, "head")
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: Engine, sleep: Callable[[float], None]) -> None:
     """WAL, busy timeout, and SQLAlchemy (not the driver) in charge of BEGIN, so that writes
-    take the lock up front (`BEGIN IMMEDIATE`) and reads see one snapshot (`BEGIN`)."""
+    take the lock up front (`BEGIN IMMEDIATE`) and reads see one snapshot (`BEGIN`). `sleep`
+    waits between attempts to switch to WAL, as the engine's connections can."""
 
-    @event.listens_for(engine.sync_engine, "connect")
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
-        _enable_wal(cursor)
+        _enable_wal(cursor, sleep)
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         read_only = conn.get_execution_options().get("syncd_read_only", False)
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def _enable_wal(cursor: Any) -> None:
+def _enable_wal(cursor: Any, sleep: Callable[[float], None]) -> None:
     """Switch the file to WAL (persistent, so later connections find it done). Connections racing
-        to switch a new file can get "database is locked" without SQLite's busy handler being asked,
-        so retry for as long as the busy timeout (sleeping on the event loop: this runs in
-    SQLAlchemy's greenlet)."""
+    to switch a new file can get "database is locked" without SQLite's busy handler being asked,
+    so retry for as long as the busy timeout."""
     deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_MS / 1000
     delay = 0.005
     while True:
@@ -634,5 +693,11 @@ def _enable_wal(cursor: Any) -> None:
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() + delay > deadline:
                 raise
-        await_only(asyncio.sleep(delay))
+        sleep(delay)
         delay = min(delay * 2, 0.2)
+
+
+def _sleep_in_greenlet(seconds: float) -> None:
+    """Sleep on the event loop from the async engine's connect (it runs in SQLAlchemy's
+    greenlet)."""
+    await_only(asyncio.sleep(seconds))

@@ -46,8 +46,10 @@ async def test_transactions_run_read_committed_whatever_the_default(
     level = request.node.callspec.params["pg_isolated_url"]
     async with table._store._read() as conn:
         assert await conn.scalar(text("SHOW default_transaction_isolation")) == level
-    async with table._begin() as conn:
-        assert await conn.scalar(text("SHOW transaction_isolation")) == "read committed"
+    in_write = await table._transaction(
+        lambda conn, now: conn.scalar(text("SHOW transaction_isolation"))
+    )
+    assert in_write == "read committed"
 
 
 async def test_replicas_claiming_at_once_never_share_a_member(

@@ -875,7 +875,7 @@ async def test_chunks_of_any_size_are_written_by_a_few_distinct_statements(
         if statement.lstrip().upper().startswith("INSERT INTO MEMBERS"):
             texts.add(statement)
 
-    engine = table._store._engine.sync_engine
+    engine = table._store._sync_engine or table._store._engine.sync_engine  # where writes run
     event.listen(engine, "before_cursor_execute", seen)
     try:
         position = 0
