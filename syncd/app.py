@@ -502,8 +502,10 @@ class Daemon:
         """The start-up checks (those of `check-config --online`) of the destinations that
         send: a connection a setup fault keeps from sending (terms, connection, an audience's
         metadata) is blocked before its first POST, its changes wait; its prober re-runs its
-        checks and opens it once they pass. Amazon giving no verdict blocks nothing (a records
-        POST finds the fault then); refused credentials are the token loop's."""
+        checks and opens it once they pass. No verdict blocks nothing (a records POST finds the
+        fault then): Amazon unreachable, or the checks failing on their own (a bug, an answer
+        they do not expect; a single answer must not stop syncd). Refused credentials are the
+        token loop's."""
         try:
             async with asyncio.timeout(SETUP_CHECK_TIMEOUT_S):
                 checked = dataclasses.replace(cfg, destinations=tuple(sending))
@@ -513,6 +515,9 @@ class Daemon:
                 "start-up checks got no verdict from amazon; nothing blocked",
                 error=str(exc)[:300] or type(exc).__name__,
             )
+            return {}
+        except Exception as exc:
+            log.warning("start-up checks failed; nothing blocked", error=repr(exc)[:300])
             return {}
         probes = {}
         for conn, finding in faults.items():
