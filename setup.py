@@ -1,5 +1,5 @@
-"""The transform's hot path compiled to C with mypyc (it type-checks --strict already): ~20%
-less CPU per event than interpreted (README, Benchmarks). Everything else stays pure Python.
+"""The transform's hot path compiled to C with mypyc (it type-checks --strict already): less
+CPU per event than interpreted (docs/benchmarks.md). Everything else stays pure Python.
 
 SYNCD_PURE_PYTHON=1 installs without compiling (no C compiler needed); so does a build whose
 compile step fails, with a warning. Either way the modules behave the same."""

@@ -11,28 +11,21 @@
 Ingest and sending meet only in the member table: a connection out of budget or blocked keeps
 its changes there (one per member) while reading goes on; a commit follows the recording, not
 Amazon's answer, and a replay of recorded events sends nothing.
-
-Also the `syncd run` and `syncd check-config` commands.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
 import functools
 import itertools
 import os
-import signal
 import socket
-import sys
 import uuid
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
 from typing import Any
-
-import orjson
 
 from syncd import config as config_mod
 from syncd.amazon.client import AmazonClient
@@ -46,18 +39,11 @@ from syncd.members import ADD, MemberChange, MemberTable, dead_letter_value, mem
 from syncd.model import Destination, Erase, MemberRecord, SourceRef
 from syncd.observability import metrics
 from syncd.observability.http import bound_port, start_http
-from syncd.observability.logging import configure as configure_logging
 from syncd.observability.logging import get_logger
 from syncd.operate import report_at_start, watch_store_size
-from syncd.preflight import (
-    AmazonUnreachableError,
-    Finding,
-    check_client_config,
-    check_online,
-    setup_faults,
-)
+from syncd.preflight import AmazonUnreachableError, Finding, setup_faults
 from syncd.routing import RouteCounts
-from syncd.runtime import compiled, tune_process
+from syncd.runtime import compiled
 from syncd.source import DLQ_RETRY_BACKOFF_S, KafkaSource, Message, OffsetTracker
 from syncd.store import Store, persist
 from syncd.transform import Outcome, Spec, Transformer
@@ -516,8 +502,10 @@ class Daemon:
         """The start-up checks (those of `check-config --online`) of the destinations that
         send: a connection a setup fault keeps from sending (terms, connection, an audience's
         metadata) is blocked before its first POST, its changes wait; its prober re-runs its
-        checks and opens it once they pass. Amazon giving no verdict blocks nothing (a records
-        POST finds the fault then); refused credentials are the token loop's."""
+        checks and opens it once they pass. No verdict blocks nothing (a records POST finds the
+        fault then): Amazon unreachable, or the checks failing on their own (a bug, an answer
+        they do not expect; a single answer must not stop syncd). Refused credentials are the
+        token loop's."""
         try:
             async with asyncio.timeout(SETUP_CHECK_TIMEOUT_S):
                 checked = dataclasses.replace(cfg, destinations=tuple(sending))
@@ -527,6 +515,9 @@ class Daemon:
                 "start-up checks got no verdict from amazon; nothing blocked",
                 error=str(exc)[:300] or type(exc).__name__,
             )
+            return {}
+        except Exception as exc:
+            log.warning("start-up checks failed; nothing blocked", error=repr(exc)[:300])
             return {}
         probes = {}
         for conn, finding in faults.items():
@@ -597,71 +588,3 @@ class Daemon:
             self.kafka_ok = await source.reachable()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(halt.wait(), timeout=HEALTH_INTERVAL_S)
-
-
-# -- commands ------------------------------------------------------------------------------------
-def add_parser(sub: Any) -> None:
-    run = sub.add_parser("run", help="run the daemon")
-    run.add_argument("--config", required=True, help="TOML config file")
-    run.set_defaults(func=_cmd_run)
-    check = sub.add_parser("check-config", help="validate and print the effective config")
-    check.add_argument("--config", required=True, help="TOML config file")
-    check.add_argument(
-        "--online",
-        action="store_true",
-        help="also check credentials, terms, connections and audiences against Amazon",
-    )
-    check.set_defaults(func=_cmd_check_config)
-
-
-def _cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(args.config)
-    sys.stdout.write(orjson.dumps(config_mod.masked(cfg), option=orjson.OPT_INDENT_2).decode())
-    sys.stdout.write("\n")
-    return asyncio.run(_check_online(cfg)) if args.online else 0
-
-
-async def _check_online(cfg: Config) -> int:
-    """Report each online check on stderr; 2 naming the first failed item, 1 unreachable."""
-    config_mod.require_credentials(cfg)
-    config_mod.require_destinations(cfg)
-    first_failure: Finding | None = None
-    async with AmazonClient(check_client_config(cfg.amazon)) as client:
-        try:
-            async for finding in check_online(cfg, client):
-                print(
-                    f"{'ok  ' if finding.ok else 'FAIL'} {finding.item}: {finding.detail}",
-                    file=sys.stderr,
-                )
-                if not finding.ok and first_failure is None:
-                    first_failure = finding
-        except AmazonUnreachableError as exc:
-            print(f"syncd: amazon could not be checked: {exc}", file=sys.stderr)
-            return 1
-    if first_failure is not None:
-        print(
-            f"syncd: check-config --online: {first_failure.item}: {first_failure.detail}",
-            file=sys.stderr,
-        )
-        return 2
-    return 0
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(args.config)
-    configure_logging(cfg.log.level)
-    tune_process(daemon=True)
-    return asyncio.run(run_until_signalled(cfg))
-
-
-async def run_until_signalled(
-    cfg: Config, on_started: Callable[[Daemon], None] | None = None
-) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    daemon = Daemon(cfg)
-    if on_started is not None:
-        on_started(daemon)
-    return await daemon.run(stop)

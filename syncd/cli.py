@@ -14,7 +14,7 @@ from syncd.observability.logging import for_commands as logs_for_commands
 
 # Modules that contribute subcommands, in the order `syncd --help` lists them.
 COMMAND_MODULES = (
-    "syncd.app",  # run, check-config
+    "syncd.commands",  # run, check-config
     "syncd.demo",  # demo
     "syncd.sandbox.server",  # sandbox
     "syncd.pii.stream",  # hash

@@ -619,7 +619,7 @@ class MemberFeed:
             try:
                 while not stop.is_set():
                     # one claim ahead of the sender's workers: claimed batches hold their
-                    # records twice (claims and body), ~14 MB each at 6,000 records
+                    # records twice (claims and body)
                     await _until(sender.wait_for_room(sender.workers + 1), stop)
                     if stop.is_set():
                         break

@@ -10,20 +10,17 @@ from pathlib import Path
 # The daemon's event loop shares the GIL with the threads that carry chunks to and from the
 # transform workers (multiprocessing's queue feeder and the pool's result reader) and with
 # aiosqlite's thread. A thread that wants the GIL while the loop runs Python code waits for the
-# switch interval, 5 ms by default. bench/bench_e2e.py, 400k events, 1 worker, 5 runs each way
-# alternated: 0.5 ms was ahead in every pair (README, Benchmarks). Which waits it shortens is not
-# isolated: the worker's time blocked on sending its results stayed at 6-10% (see
-# transform._widen_pipes for what shortened those).
+# switch interval (5 ms by default); a shorter one keeps them moving (docs/benchmarks.md).
 DAEMON_SWITCH_INTERVAL_S = 0.0005
 
 
 def tune_process(*, daemon: bool = False) -> None:
     """Call once at start-up, after the imports, in every process that handles events.
 
-    Each event (each record, in the sandbox) allocates dozens of short-lived objects; with
-    CPython's default thresholds (a collection every 700 allocations) the cycle collector took
-    6.1 s of a 34 s run of bench/bench_e2e.py. Reference counting frees nearly all of them, so
-    collect young objects less often (0.9 s in the same run), yet still run a full collection
+    Each event (each record, in the sandbox) allocates dozens of short-lived objects, nearly
+    all freed by reference counting; at CPython's default thresholds (a collection every 700
+    allocations) the cycle collector still takes a sizeable share of the CPU
+    (docs/benchmarks.md). So collect young objects less often, yet still run a full collection
     every ~10M allocations so that cyclic garbage cannot pile up over a long run. `freeze`
     exempts the objects of start-up (modules, config) from every later collection.
 

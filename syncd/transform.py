@@ -141,12 +141,10 @@ PIPE_BYTES = 1 << 20  # Linux's limit for an unprivileged process (/proc/sys/fs/
 
 
 def _widen_pipes(pool: ProcessPoolExecutor) -> None:
-    """Give the pool's two pipes 1 MiB instead of 64 KiB. A chunk's results (~1.7 MB for 2,000
-    events) otherwise cross in ~26 rounds, and the worker stops at each until the daemon's reader
-    thread gets the CPU and the GIL: bench_e2e (300k events, 1 worker, 2 runs each way): the
-    worker spent 4-8% of its time sending instead of 6-10%, and ran chunks 85-89% instead of
-    82-86%. The queues are the executor's private attributes: where they or the fcntl are not
-    there, nothing changes."""
+    """Give the pool's two pipes 1 MiB instead of 64 KiB. A chunk's results otherwise cross in
+    many rounds, and the worker stops at each until the daemon's reader thread gets the CPU and
+    the GIL (docs/benchmarks.md). The queues are the executor's private attributes: where they
+    or the fcntl are not there, nothing changes."""
     if sys.platform != "linux":
         return
     import fcntl

@@ -22,6 +22,7 @@ pytest_plugins = [
     "tests.fixtures.kafka",
     "tests.fixtures.postgres",
     "tests.fixtures.sandbox",
+    "tests.fixtures.store",
 ]
 
 

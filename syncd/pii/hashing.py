@@ -11,8 +11,9 @@ from syncd.pii.normalize import RULES, Rule, normalize, prehashed, rules_country
 from syncd.vocabulary import MAX_HASHED_VALUES_PER_MEMBER, PII_KEYS
 
 try:
-    # CPython's own SHA-256, hashlib's fallback: same digests, but for values this short a call
-    # costs ~40% less than OpenSSL's (whose per-call setup dominates). 3.11: _sha256, 3.12+: _sha2.
+    # CPython's own SHA-256, hashlib's fallback: same digests, and for values this short a call
+    # is cheaper than OpenSSL's, whose per-call setup dominates (docs/benchmarks.md).
+    # 3.11: _sha256, 3.12+: _sha2.
     from _sha256 import sha256 as _sha256  # type: ignore[import-not-found,unused-ignore]
 except ImportError:  # other interpreters
     try:
@@ -40,7 +41,7 @@ def hash_field(
 
 def _empty_counter() -> Counter[tuple[str, str]]:
     """`Counter()` without `Counter.__init__`, a Python-level call that does nothing here but
-    costs ~1 us, 4% of a record's budget. The result is a complete, empty Counter."""
+    costs time on every record (docs/benchmarks.md). The result is a complete, empty Counter."""
     return Counter.__new__(Counter)
 
 

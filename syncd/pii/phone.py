@@ -5,10 +5,10 @@
 with at most one leading "+" (what the normalizer produces for nearly every number), takes a
 direct path: it replays the steps `parse` takes on such a string, with libphonenumber's own
 metadata and the same regular expressions compiled once per region, and skips the generic
-extraction and normalization work that is a no-op on it (~2 us a number instead of ~27). Anything
-else goes to the reference. It reads libphonenumber internals (`_test_number_length`, the length
-limits), so tests/unit/test_pii_phone_fastpath.py holds the two against each other: run it after
-any upgrade of `phonenumbers`.
+extraction and normalization work that is a no-op on it (docs/benchmarks.md). Anything else
+goes to the reference. It reads libphonenumber internals (`_test_number_length`, the length
+limits), so tests/unit/test_pii_phone_fastpath.py holds the two against each other: run it
+after any upgrade of `phonenumbers`.
 """
 
 from __future__ import annotations

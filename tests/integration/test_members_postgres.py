@@ -22,18 +22,18 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def members_db_url(pg_isolated_url: str) -> str:
+def store_db_url(pg_isolated_url: str) -> str:
     """Overrides the unit suite's SQLite URL: a fresh database whose sessions default to each
     isolation level in turn (the member table must not depend on it)."""
     return pg_isolated_url
 
 
 @pytest.fixture
-async def replicas(members_db_url: str, clock: FakeClock) -> AsyncIterator[list[MemberTable]]:
+async def replicas(store_db_url: str, clock: FakeClock) -> AsyncIterator[list[MemberTable]]:
     """Four replicas on one database, sharing one (injected) clock. The schema is upgraded by one
     of them first: replicas upgrading at once fail under a repeatable-read default (the store's
     upgrade, not the member table, is what that is about)."""
-    stores = [await Store.connect(members_db_url, clock=clock) for _ in range(4)]
+    stores = [await Store.connect(store_db_url, clock=clock) for _ in range(4)]
     for s in stores:
         await s.ensure_schema(auto_upgrade=True)
     yield [MemberTable(s) for s in stores]
@@ -41,7 +41,7 @@ async def replicas(members_db_url: str, clock: FakeClock) -> AsyncIterator[list[
 
 
 async def test_transactions_run_read_committed_whatever_the_default(
-    table: MemberTable, members_db_url: str, request: pytest.FixtureRequest
+    table: MemberTable, store_db_url: str, request: pytest.FixtureRequest
 ) -> None:
     level = request.node.callspec.params["pg_isolated_url"]
     async with table._store._read() as conn:

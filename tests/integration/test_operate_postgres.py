@@ -11,6 +11,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def operate_db_url(pg_isolated_url: str) -> str:
+def store_db_url(pg_isolated_url: str) -> str:
     """Overrides the unit suite's SQLite URL."""
     return pg_isolated_url

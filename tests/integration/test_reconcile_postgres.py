@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.test_reconcile import (  # the unit tests re-run on PostgreSQL, and their fixtures
-    clock,
-    table,
+from tests.unit.test_reconcile import (  # the unit tests re-run on PostgreSQL
     test_a_member_never_sent_is_removed_without_a_delete,
     test_a_newer_live_change_wins_and_a_row_changed_since_compared_is_left,
     test_a_reconcile_cut_short_and_run_again_does_the_rest,
@@ -24,8 +22,6 @@ from tests.unit.test_reconcile import (  # the unit tests re-run on PostgreSQL, 
 pytestmark = pytest.mark.integration
 
 __all__ = [
-    "clock",
-    "table",
     "test_a_member_never_sent_is_removed_without_a_delete",
     "test_a_newer_live_change_wins_and_a_row_changed_since_compared_is_left",
     "test_a_reconcile_cut_short_and_run_again_does_the_rest",
@@ -39,5 +35,5 @@ __all__ = [
 
 
 @pytest.fixture
-def members_db_url(pg_isolated_url: str) -> str:
+def store_db_url(pg_isolated_url: str) -> str:
     return pg_isolated_url

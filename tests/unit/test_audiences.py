@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +29,6 @@ from syncd.errors import ConfigError, RejectedError, RetryableError
 from syncd.members import ADD, MemberTable
 from syncd.model import Destination
 from syncd.observability.metrics import REGISTRY
-from syncd.store import Store
 from tests.fakes import T0, FakeClock
 from tests.unit.test_members import A1, A2, change, send
 
@@ -134,19 +131,6 @@ def not_found() -> RejectedError:
 
 def forbidden() -> RejectedError:
     return RejectedError("metadata_get failed: HTTP 403: terms", status=403)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def table(tmp_path: Path, clock: FakeClock) -> AsyncIterator[MemberTable]:
-    store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}", clock=clock)
-    await store.ensure_schema(auto_upgrade=True)
-    yield MemberTable(store)
-    await store.close()
 
 
 async def confirmed_members(table: MemberTable, *ids: str, audience: int = A1) -> None:

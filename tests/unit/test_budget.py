@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -39,10 +38,7 @@ class Sleeper:
 
 
 @pytest.fixture
-async def setup(tmp_path: Path) -> AsyncIterator[tuple[Budget, Store, FakeClock, Sleeper]]:
-    clock = FakeClock()
-    store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}", clock=clock)
-    await store.ensure_schema(auto_upgrade=True)
+def setup(store: Store, clock: FakeClock) -> tuple[Budget, Store, FakeClock, Sleeper]:
     sleeper = Sleeper(clock)
     budget = Budget(
         store,
@@ -51,8 +47,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[Budget, Store, FakeClock,
         clock=clock,
     )
     sleeper.budget = budget
-    yield budget, store, clock, sleeper
-    await store.close()
+    return budget, store, clock, sleeper
 
 
 def gauge(name: str, connection: str) -> float | None:

@@ -1,12 +1,10 @@
 """The member table on SQLite with an injected clock. tests/integration/test_members_postgres.py
-runs the same tests against PostgreSQL by overriding the `members_db_url` fixture."""
+runs the same tests against PostgreSQL by overriding the `store_db_url` fixture."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import orjson
 import pytest
@@ -27,7 +25,7 @@ from syncd.members import (
     member_change,
 )
 from syncd.model import Action, Consent, member_record, record_digest
-from syncd.store import NewJob, Store
+from syncd.store import NewJob
 from syncd.store.schema import members
 from tests.fakes import T0, FakeClock
 
@@ -55,24 +53,6 @@ def change(
     return member_change(
         audience, record, occurred_at=at, position=pos, identifiers_only=action == UPDATE
     )
-
-
-@pytest.fixture
-def members_db_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def table(members_db_url: str, clock: FakeClock) -> AsyncIterator[MemberTable]:
-    store = await Store.connect(members_db_url, clock=clock)
-    await store.ensure_schema(auto_upgrade=True)
-    yield MemberTable(store)
-    await store.close()
 
 
 async def send(

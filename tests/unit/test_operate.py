@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -57,29 +55,6 @@ def change(euid: str, action: str = ADD, audience: int = A1, at: float = T0, pos
     api_action = Action.REMOVE if action == REMOVE else Action.ADD
     record = member_record(euid, "US", api_action, [{"email": sha(f"{euid}@example.com")}])
     return member_change(audience, record, occurred_at=at, position=pos)
-
-
-@pytest.fixture
-def operate_db_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def store(operate_db_url: str, clock: FakeClock) -> AsyncIterator[Store]:
-    s = await Store.connect(operate_db_url, clock=clock)
-    await s.ensure_schema(auto_upgrade=True)
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-def table(store: Store) -> MemberTable:
-    return MemberTable(store)
 
 
 async def finish_job(
@@ -135,9 +110,9 @@ async def test_recent_matches_sum_the_jobs_of_one_audience_that_ended_within_24_
 
 
 async def test_upgrading_a_0003_store_with_jobs_adds_matched_records_and_its_index(
-    operate_db_url: str, clock: FakeClock
+    store_db_url: str, clock: FakeClock
 ) -> None:
-    s = await Store.connect(operate_db_url, clock=clock)
+    s = await Store.connect(store_db_url, clock=clock)
     try:
 
         def to_0003(sync: Connection) -> None:

@@ -7,8 +7,7 @@ import dataclasses
 import importlib
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -66,19 +65,6 @@ class FakeClient:
         if isinstance(answer, AmazonError):
             raise answer
         return answer
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def store(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
-    s = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 'p.db'}", clock=clock)
-    await s.ensure_schema(auto_upgrade=True)
-    yield s
-    await s.close()
 
 
 @pytest.fixture

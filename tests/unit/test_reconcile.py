@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ from syncd.reconcile import (
 )
 from syncd.store import Store
 from syncd.store.schema import members
-from tests.unit.test_store import T0, FakeClock
+from tests.fakes import T0, FakeClock
 
 AUDIENCE_ID = 413642381039213536
 AS_OF = T0 + 100.0
@@ -122,25 +121,6 @@ def record_of(profile: str, email: str, country: str = "US") -> tuple[bytes, byt
     pii = build_hashed_pii({"email": [email]}, country, strict_reference=False)
     record = member_record(profile, country, Action.ADD, pii.objects).json
     return record, record_digest(record)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def members_db_url(tmp_path: Path) -> str:
-    """tests/integration/test_reconcile_postgres.py overrides it: the same tests on PostgreSQL."""
-    return f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}"
-
-
-@pytest.fixture
-async def table(members_db_url: str, clock: FakeClock) -> AsyncIterator[MemberTable]:
-    store = await Store.connect(members_db_url, clock=clock)
-    await store.ensure_schema(auto_upgrade=True)
-    yield MemberTable(store)
-    await store.close()
 
 
 async def reconcile(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -33,24 +32,6 @@ def new_job(job_id: str, records: int = 10, connection: str = "conn-1") -> NewJo
 async def claimed(store: Store, owner: str = "a") -> dict[str, JobRow]:
     """Claim every due job; {job_request_id: the claim}."""
     return {j.job_request_id: j for j in await store.claim_due_jobs(owner, 1000, 60)}
-
-
-@pytest.fixture
-def store_db_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def store(store_db_url: str, clock: FakeClock) -> AsyncIterator[Store]:
-    s = await Store.connect(store_db_url, clock=clock)
-    await s.ensure_schema(auto_upgrade=True)
-    yield s
-    await s.close()
 
 
 # the revision of the newest file in migrations/versions/ (named NNNN_*.py)

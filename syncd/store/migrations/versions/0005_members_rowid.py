@@ -2,8 +2,8 @@
 
 A WITHOUT ROWID table keeps each row in its key's b-tree, which suits small rows; a member's row
 is about 1 kB (its record), so random keys left those pages half empty and every claim, send and
-confirm moved rows around them: 1.8 kB per member and twice the CPU per change of a rowid table
-(bench/bench_e2e.py). PostgreSQL: nothing changes.
+confirm moved rows around them: a rowid table is smaller per member and cheaper per change
+(docs/benchmarks.md). PostgreSQL: nothing changes.
 
 Revision ID: 0005
 Revises: 0004
