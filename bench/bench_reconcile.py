@@ -29,13 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import orjson
 from sqlalchemy import select
 
-from bench.bench_member_size import store_url
 from syncd import config as config_mod
+from syncd.localstack import DESTINATIONS, store_url, to_toml
 from syncd.members import ADD, CONFIRMED, RECONCILE, MemberTable
 from syncd.model import MemberRecord, record_digest
 from syncd.runtime import compiled
@@ -43,8 +41,8 @@ from syncd.store import Store
 from syncd.store.schema import members
 from syncd.transform import Spec, Transformer
 
-AUDIENCE = 413642381039213536
-CONNECTION = "5a523424-e8b3-4da5-9a32-24a861aea576"
+VIP = DESTINATIONS[0]  # the one destination of the config
+AUDIENCE = int(VIP["audience_id"])
 CHUNK = 5000
 T0 = time.time() - 86400.0  # when the table's members were recorded and accepted
 
@@ -160,31 +158,7 @@ def config(url: str, workers: int) -> config_mod.Config:
 
 
 def raw_config(url: str, workers: int) -> dict[str, Any]:
-    return {
-        "store": {"url": url},
-        "transform": {"workers": workers},
-        "destinations": [
-            {
-                "audience": "vip",
-                "connection_id": CONNECTION,
-                "audience_id": AUDIENCE,
-                "country_code": "US",
-            }
-        ],
-    }
-
-
-def toml(raw: dict[str, Any]) -> str:
-    dest = raw["destinations"][0]
-    return (
-        f'[store]\nurl = "{raw["store"]["url"]}"\n\n'
-        f"[transform]\nworkers = {raw['transform']['workers']}\n\n"
-        "[[destinations]]\n"
-        + "".join(
-            f"{k} = {orjson.dumps(v).decode() if isinstance(v, str) else v}\n"
-            for k, v in dest.items()
-        )
-    )
+    return {"store": {"url": url}, "transform": {"workers": workers}, "destinations": [VIP]}
 
 
 def rss_mb(pid: int) -> float:
@@ -240,7 +214,7 @@ async def recorded(url: str) -> list[str]:
                 )
             )
             ids = list(rows.scalars())
-        assert await MemberTable(store).reconcile_waiting([AUDIENCE]) == len(ids)
+        assert await MemberTable(store).waiting([AUDIENCE], RECONCILE) == len(ids)
         return ids
     finally:
         await store.close()
@@ -261,7 +235,7 @@ async def main(args: argparse.Namespace) -> None:
                 f"(snapshot {snapshot.stat().st_size / 1e6:.0f} MB)"
             )
             config_path = tmp / "syncd.toml"
-            config_path.write_text(toml(raw_config(url, args.workers)))
+            config_path.write_text(to_toml(raw_config(url, args.workers)))
             elapsed, peak, cpu, out = run_reconcile(config_path, snapshot, args.format)
             print(out.rstrip())
             ids = await recorded(url)

@@ -1,9 +1,10 @@
 """`syncd demo`: the whole pipeline on embedded defaults, no setup.
 
-An embedded Kafka-protocol broker, the local Amazon sandbox and a SQLite store in a temporary
-directory; a synthetic stream of realistic profile changes is produced, the real daemon runs
-until every event is acknowledged and every job is terminal, then a summary and the
-audiences' status (`syncd audiences status`) are printed.
+The local stack (`syncd.localstack`): an embedded Kafka-protocol broker, the Amazon sandbox set
+up for the config's destinations and a SQLite store in a temporary directory; a synthetic
+stream of realistic profile changes is produced, the real daemon runs until every event is
+acknowledged and every job is terminal, then a summary and the audiences' status (`syncd
+audiences status`) are printed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -25,38 +25,24 @@ from rich.table import Table
 from syncd import config as config_mod
 from syncd import synth
 from syncd.app import Daemon
-from syncd.embedded import EmbeddedBroker
+from syncd.config import AmazonConfig, ShutdownConfig
+from syncd.localstack import (
+    EmbeddedBroker,
+    produce,
+    provide,
+    running_sandbox,
+    sqlite_daemon_config,
+)
 from syncd.observability import metrics
 from syncd.operate import AudienceStatus, audience_status, print_status
 from syncd.runtime import tune_process
-from syncd.sandbox.server import running_sandbox
-from syncd.sandbox.state import SandboxSettings, SandboxState
+from syncd.sandbox.server import RunningSandbox
+from syncd.sandbox.state import SandboxSettings
 from syncd.store import Store
 from syncd.vocabulary import JobState
 
 TOPIC = "profile-changes"
 DLQ_TOPIC = "syncd-dead-letters"
-CONNECTIONS = ("5a523424-e8b3-4da5-9a32-24a861aea576", "0b7e6f52-3c1d-4b8e-9f0a-8d2c4e6a1b3c")
-DESTINATIONS = [
-    {
-        "audience": "vip",
-        "connection_id": CONNECTIONS[0],
-        "audience_id": 413642381039213536,
-        "country_code": "US",
-    },
-    {
-        "audience": "lapsed",
-        "connection_id": CONNECTIONS[0],
-        "audience_id": 347891,
-        "country_code": "US",
-    },
-    {
-        "audience": "newsletter",
-        "connection_id": CONNECTIONS[1],
-        "audience_id": 901234567890123456,
-        "country_code": "GB",
-    },
-]
 
 
 @dataclass
@@ -76,78 +62,38 @@ class Summary:
         return bool(self.jobs) and JobState.PENDING not in self.jobs
 
 
-def demo_config(
-    tmp: Path,
-    broker: str,
-    api_url: str,
-    token_url: str,
-    destinations: list[dict[str, Any]] = DESTINATIONS,
-    **over: Any,
-) -> dict[str, Any]:
-    settings = SandboxSettings()
-    raw: dict[str, Any] = {
-        "kafka": {
-            "bootstrap_servers": broker,
-            "topics": [TOPIC],
-            "group_id": "syncd-demo",
-            "dead_letter_topic": DLQ_TOPIC,
-            "commit_interval_ms": 200,
-        },
-        "amazon": {
-            "client_id": settings.client_id,
-            "client_secret": settings.client_secret,
-            "refresh_token": settings.refresh_token,
-            "api_url": api_url,
-            "token_url": token_url,
-            "backoff_base_s": 0.05,
-            "backoff_max_s": 2.0,
-        },
-        "store": {"url": f"sqlite+aiosqlite:///{tmp / 'syncd.db'}", "auto_upgrade": True},
-        "batch": {"linger_ms": 300},
-        "poll": {"first_delay_s": 0.5, "max_interval_s": 2.0},
-        "http": {"listen": "127.0.0.1:0"},
-        "log": {"level": "warning"},
-        "destinations": destinations,
-    }
-    for section, values in over.items():
-        raw.setdefault(section, {}).update(values)
-    return raw
+def demo_sandbox(seed: int) -> SandboxSettings:
+    """Amazon as the demo shows it: jobs of a second, some partial, a few invalid records, a
+    share of members matched, a request rate that paces the run."""
+    return SandboxSettings(
+        job_delay_s=1.0,
+        partial_rate=0.1,
+        invalid_record_rate=0.002,
+        keep_ledger=False,
+        rate_per_s=500.0,
+        burst=500,
+        seed=seed,
+        match_rate=0.62,  # Amazon resolves a share of what it receives
+    )
 
 
-def create_audiences(sandbox: SandboxState) -> list[dict[str, Any]]:
-    """The demo's destinations, set up at the sandbox first as an advertiser sets them up at
-    Amazon (`syncd run` checks them at start): the AMC terms accepted, the connections there,
-    each audience created, with the id the sandbox gave it."""
-    sandbox.terms_accepted = True
-    for dest in DESTINATIONS:
-        sandbox.provide_connection(str(dest["connection_id"]))
-    return [
-        {
-            **dest,
-            "audience_id": sandbox.create_audience(
-                {
-                    "name": f"syncddemo{dest['audience']}",
-                    "countryCode": dest["country_code"],
-                    "targetResource": {"connectionId": dest["connection_id"]},
-                }
-            )["audienceId"],
-        }
-        for dest in DESTINATIONS
-    ]
-
-
-async def produce(bootstrap: str, topic: str, messages: Any) -> int:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
-    await producer.start()
-    count = 0
-    try:
-        for key, value in messages:
-            await producer.send(topic, value, key=key)
-            count += 1
-        await producer.flush()
-    finally:
-        await producer.stop()
-    return count
+def demo_config(tmp: Path, broker: str, sandbox: RunningSandbox) -> dict[str, Any]:
+    """The local stack's config (`DESTINATIONS`), paced for a run of tens of seconds and quiet
+    logs; Amazon's timeouts and the drain are syncd's defaults."""
+    return sqlite_daemon_config(
+        broker,
+        sandbox,
+        TOPIC,
+        tmp,
+        dlq=DLQ_TOPIC,
+        group="syncd-demo",
+        kafka={"commit_interval_ms": 200},
+        amazon={"backoff_max_s": 2.0, "request_timeout_s": AmazonConfig().request_timeout_s},
+        batch={"linger_ms": 300},
+        poll={"first_delay_s": 0.5, "max_interval_s": 2.0},
+        shutdown={"drain_seconds": ShutdownConfig().drain_seconds},
+        log={"level": "warning"},
+    )
 
 
 def _sample(name: str, labels: dict[str, str] | None = None) -> float:
@@ -174,26 +120,10 @@ async def run_demo(
         try:
             await broker.create_topic(TOPIC, partitions=4)
             await broker.create_topic(DLQ_TOPIC, partitions=1)
-            sandbox_settings = SandboxSettings(
-                job_delay_s=1.0,
-                partial_rate=0.1,
-                invalid_record_rate=0.002,
-                keep_ledger=False,
-                rate_per_s=500.0,
-                burst=500,
-                seed=seed,
-                match_rate=0.62,  # Amazon resolves a share of what it receives
-            )
-            async with running_sandbox(sandbox_settings) as sandbox:
-                cfg = config_mod.from_mapping(
-                    demo_config(
-                        tmp,
-                        broker.bootstrap,
-                        sandbox.url,
-                        sandbox.token_url,
-                        create_audiences(sandbox.state),
-                    )
-                )
+            async with running_sandbox(demo_sandbox(seed)) as sandbox:
+                raw = demo_config(tmp, broker.bootstrap, sandbox)
+                provide(sandbox.state, raw["destinations"])
+                cfg = config_mod.from_mapping(raw)
                 produced = await produce(
                     broker.bootstrap, TOPIC, synth.events(events, seed=seed, bad_ratio=0.002)
                 )

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
+from syncd.localstack import DaemonProcess
 from syncd.runtime import stale_compiled_modules
-from tests.harness import DaemonProcess
 
 # Tests do not time things: a property example slowed by a busy CI machine is not a failure.
 settings.register_profile("syncd", deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -20,9 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from syncd import synth
-from syncd.sandbox.state import SandboxSettings
-from tests.fixtures.kafka import KafkaCluster
-from tests.harness import (
+from syncd.localstack import (
     DESTINATIONS,
     DaemonProcess,
     daemon_config,
@@ -30,6 +28,8 @@ from tests.harness import (
     running_sandbox,
     wait_for,
 )
+from syncd.sandbox.state import SandboxSettings
+from tests.fixtures.kafka import KafkaCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_FILES = ROOT / "helm" / "syncd" / "files"

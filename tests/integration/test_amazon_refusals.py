@@ -15,9 +15,7 @@ import orjson
 import pytest
 
 from syncd import synth
-from syncd.sandbox.server import RunningSandbox
-from syncd.sandbox.state import SandboxSettings
-from tests.harness import (
+from syncd.localstack import (
     CONNECTION,
     DESTINATIONS,
     OTHER_CONNECTION,
@@ -26,12 +24,13 @@ from tests.harness import (
     end_offsets,
     produce,
     provide,
-    read_topic,
     running_sandbox,
     sqlite_daemon_config,
     wait_for,
-    waiting_members,
 )
+from syncd.sandbox.server import RunningSandbox
+from syncd.sandbox.state import SandboxSettings
+from tests.harness import read_topic, waiting_members
 from tests.integration.test_reliability import delivered, expected
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

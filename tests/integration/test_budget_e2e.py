@@ -13,9 +13,7 @@ from typing import Any
 import pytest
 
 from syncd import synth
-from syncd.sandbox.state import SandboxSettings
-from tests.fixtures.postgres import new_database
-from tests.harness import (
+from syncd.localstack import (
     CONNECTION,
     OTHER_CONNECTION,
     DaemonProcess,
@@ -25,6 +23,8 @@ from tests.harness import (
     running_sandbox,
     wait_for,
 )
+from syncd.sandbox.state import SandboxSettings
+from tests.fixtures.postgres import new_database
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
-from syncd.embedded import free_port
+from syncd.localstack import free_port, sqlite_daemon_config, to_toml
 from syncd.sandbox.server import RunningSandbox
-from tests.harness import sqlite_daemon_config, to_toml
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,8 @@ from syncd import cli
 from syncd.amazon.api import records_body
 from syncd.amazon.client import AmazonClient
 from syncd.config import AmazonConfig
-from syncd.embedded import free_port
 from syncd.errors import AuthError, NotSentError, RejectedError, RetryableError
+from syncd.localstack import free_port
 from syncd.sandbox.server import RunningSandbox, running_sandbox
 from syncd.sandbox.state import SandboxSettings
 

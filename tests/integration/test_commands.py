@@ -12,8 +12,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from syncd.localstack import daemon_config, to_toml
 from syncd.store import NewJob, Store
-from tests.harness import daemon_config, to_toml
 
 pytestmark = pytest.mark.integration
 

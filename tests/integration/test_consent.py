@@ -12,16 +12,16 @@ import aiohttp
 import orjson
 import pytest
 
-from syncd.sandbox.state import SandboxSettings
-from tests.harness import (
+from syncd.localstack import (
     CONNECTION,
     DaemonProcess,
     produce,
-    read_topic,
     running_sandbox,
     sqlite_daemon_config,
     wait_for,
 )
+from syncd.sandbox.state import SandboxSettings
+from tests.harness import read_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

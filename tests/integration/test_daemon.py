@@ -12,9 +12,7 @@ import orjson
 import pytest
 
 from syncd import synth
-from syncd.members import MemberTable
-from syncd.store import Store
-from tests.harness import (
+from syncd.localstack import (
     CONNECTION,
     DESTINATIONS,
     OTHER_CONNECTION,
@@ -23,10 +21,12 @@ from tests.harness import (
     daemon_config,
     end_offsets,
     produce,
-    read_topic,
     sqlite_daemon_config,
     wait_for,
 )
+from syncd.members import MemberTable
+from syncd.store import Store
+from tests.harness import read_topic
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.harness import CONNECTION, DaemonProcess, produce, sqlite_daemon_config, wait_for
+from syncd.localstack import CONNECTION, DaemonProcess, produce, sqlite_daemon_config, wait_for
 
 pytestmark = pytest.mark.integration
 

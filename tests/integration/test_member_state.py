@@ -15,9 +15,7 @@ import orjson
 import pytest
 
 from syncd import synth
-from syncd.members import MemberTable
-from syncd.store import Store
-from tests.harness import (
+from syncd.localstack import (
     CONNECTION,
     DESTINATIONS,
     OTHER_CONNECTION,
@@ -27,6 +25,8 @@ from tests.harness import (
     sqlite_daemon_config,
     wait_for,
 )
+from syncd.members import MemberTable
+from syncd.store import Store
 
 AUDIENCE_IDS = {d["audience"]: d["audience_id"] for d in DESTINATIONS}
 VIP = AUDIENCE_IDS["vip"]

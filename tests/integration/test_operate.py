@@ -22,23 +22,23 @@ from syncd import config as config_mod
 from syncd import synth
 from syncd.amazon.api import JobStatus, records_body
 from syncd.amazon.client import AmazonClient
-from syncd.embedded import free_port
+from syncd.localstack import (
+    DESTINATIONS,
+    DaemonProcess,
+    free_port,
+    produce,
+    running_sandbox,
+    sqlite_daemon_config,
+    to_toml,
+    wait_for,
+)
 from syncd.members import ADD, REMOVE, MemberChange, MemberTable, member_change
 from syncd.model import Action, member_record
 from syncd.sandbox.server import RunningSandbox
 from syncd.sandbox.state import SandboxSettings
 from syncd.store import NewJob, Store
 from syncd.store.reasons import classify_invalid_reason
-from tests.harness import (
-    DESTINATIONS,
-    DaemonProcess,
-    produce,
-    run_syncd,
-    running_sandbox,
-    sqlite_daemon_config,
-    to_toml,
-    wait_for,
-)
+from tests.harness import run_syncd
 
 pytestmark = pytest.mark.integration
 

@@ -12,20 +12,19 @@ from typing import Any
 import orjson
 
 from syncd import synth
-from syncd.members import MemberTable
-from syncd.store import Store
-from tests.harness import (
+from syncd.localstack import (
     CONNECTION,
     DESTINATIONS,
     OTHER_CONNECTION,
     DaemonProcess,
     committed_offsets,
     produce,
-    run_syncd,
     sqlite_daemon_config,
     wait_for,
-    waiting_members,
 )
+from syncd.members import MemberTable
+from syncd.store import Store
+from tests.harness import run_syncd, waiting_members
 
 NEWSLETTER = next(d["audience_id"] for d in DESTINATIONS if d["audience"] == "newsletter")
 VIP = next(d["audience_id"] for d in DESTINATIONS if d["audience"] == "vip")

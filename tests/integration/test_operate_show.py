@@ -13,22 +13,22 @@ from typing import Any
 import orjson
 import pytest
 
-from syncd.members import MemberState, MemberTable
-from syncd.pii.hashing import hash_field
-from syncd.sandbox.server import RunningSandbox
-from syncd.sandbox.state import SandboxSettings
-from syncd.store import Store
-from tests.harness import (
+from syncd.localstack import (
     CONNECTION,
     DESTINATIONS,
     OTHER_CONNECTION,
     DaemonProcess,
     produce,
-    run_syncd,
     running_sandbox,
     sqlite_daemon_config,
     wait_for,
 )
+from syncd.members import MemberState, MemberTable
+from syncd.pii.hashing import hash_field
+from syncd.sandbox.server import RunningSandbox
+from syncd.sandbox.state import SandboxSettings
+from syncd.store import Store
+from tests.harness import run_syncd
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,7 @@ from typing import Any
 import pytest
 
 from syncd import synth
-from syncd.sandbox.state import SandboxSettings
-from syncd.store import Store
-from tests.harness import (
+from syncd.localstack import (
     CONNECTION,
     OTHER_CONNECTION,
     DaemonProcess,
@@ -27,6 +25,8 @@ from tests.harness import (
     sqlite_daemon_config,
     wait_for,
 )
+from syncd.sandbox.state import SandboxSettings
+from syncd.store import Store
 from tests.integration.test_reliability import delivered, expected, holds_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

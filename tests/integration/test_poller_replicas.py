@@ -13,10 +13,10 @@ import pytest
 from syncd.amazon.client import AmazonClient
 from syncd.config import AmazonConfig, PollConfig
 from syncd.jobs import Poller
+from syncd.localstack import wait_for
 from syncd.sandbox.server import RunningSandbox, running_sandbox
 from syncd.sandbox.state import SandboxSettings
 from syncd.store import NewJob, Store
-from tests.harness import wait_for
 
 pytestmark = pytest.mark.integration
 

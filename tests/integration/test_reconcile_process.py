@@ -25,17 +25,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from syncd.members import MemberTable
-from syncd.sandbox.state import SandboxSettings
-from syncd.store import Store
-from tests.harness import (
+from syncd.localstack import (
     CONNECTION,
     DaemonProcess,
     daemon_config,
     produce,
     running_sandbox,
+    sandbox_settings,
     wait_for,
 )
+from syncd.members import MemberTable
+from syncd.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -135,13 +135,7 @@ async def test_reconcile_mirrors_the_snapshot_within_the_budget_after_live_chang
 ) -> None:
     topic = f"reconcile-{uuid.uuid4().hex[:8]}"
     await kafka.create_topic(topic, partitions=2)
-    settings = SandboxSettings(
-        job_delay_s=0.2,
-        window_seconds=WINDOW_S,
-        window_budget=BUDGET,
-        rate_per_s=1000,
-        burst=1000,
-    )
+    settings = sandbox_settings(window_seconds=WINDOW_S, window_budget=BUDGET)
     now = datetime.now(UTC)
     m = {f"m{i:02}": f"m{i}@example.com" for i in range(40)}
     s = {p: e for p, e in m.items() if p >= "m10"}  # m00..m09 leave

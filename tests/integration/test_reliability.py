@@ -23,24 +23,23 @@ from hypothesis import strategies as st
 
 from syncd import synth
 from syncd.config import AmazonConfig
-from syncd.sandbox.state import SandboxSettings
-from syncd.store import Store
-from tests.harness import (
+from syncd.localstack import (
     CONNECTION,
     OTHER_CONNECTION,
     DaemonProcess,
-    alive,
     child_processes,
     committed_offsets,
     daemon_config,
     end_offsets,
     is_transform_worker,
     produce,
-    read_topic,
     running_sandbox,
     sqlite_daemon_config,
     wait_for,
 )
+from syncd.sandbox.state import SandboxSettings
+from syncd.store import Store
+from tests.harness import alive, read_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PENDING = 400

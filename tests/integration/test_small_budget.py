@@ -13,13 +13,13 @@ import orjson
 import pytest
 
 from syncd import synth
-from syncd.sandbox.state import SandboxSettings
-from tests.harness import (
+from syncd.localstack import (
     CONNECTION,
     DaemonProcess,
     daemon_config,
     produce,
     running_sandbox,
+    sandbox_settings,
     to_toml,
     wait_for,
 )
@@ -84,13 +84,7 @@ async def test_a_budget_smaller_than_a_batch_delivers_everything_within_the_wind
     await kafka.create_topic(topic, partitions=1)
     backlog = 3 * BUDGET
     await produce(kafka.bootstrap, topic, synth.events(backlog, seed=31, audiences=("vip",)))
-    settings = SandboxSettings(
-        job_delay_s=0.2,
-        window_seconds=WINDOW_S,
-        window_budget=BUDGET,
-        rate_per_s=1000.0,
-        burst=1000,
-    )
+    settings = sandbox_settings(window_seconds=WINDOW_S, window_budget=BUDGET)
     async with running_sandbox(settings) as sandbox:
         raw = small_budget_config(
             kafka.bootstrap,

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.consumer.fetcher import READ_COMMITTED, READ_UNCOMMITTED
 
 from syncd.config import KafkaConfig
+from syncd.localstack import metadata_answered
 from syncd.model import SourceRef
 from syncd.observability.metrics import REGISTRY
 from syncd.source import (
@@ -25,7 +26,7 @@ from syncd.source import (
     OffsetTracker,
     client_options,
 )
-from tests.fixtures.kafka import KafkaCluster, TansuBroker, metadata_answered
+from tests.fixtures.kafka import KafkaCluster, TansuBroker
 
 DEADLINE_S = 30.0
 

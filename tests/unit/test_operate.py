@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from syncd import config as config_mod
 from syncd.amazon.api import JobStatus
+from syncd.localstack import wait_for
 from syncd.members import ADD, REMOVE, MemberState, MemberTable, member_change
 from syncd.model import Action, Destination, member_record
 from syncd.observability.metrics import REGISTRY
@@ -38,7 +39,6 @@ from syncd.routing import external_user_id
 from syncd.store import NewJob, Store
 from syncd.store.store import alembic_config, head_revision
 from tests.fakes import T0, FakeClock
-from tests.harness import wait_for
 
 A1 = 413642381039213536
 A2 = 413642381039213537
