@@ -573,47 +573,13 @@ class MemberTable:
         share to the others). Rows another replica holds (lease or lock) are skipped."""
 
         def op(conn: Connection, now: float) -> list[Claim]:
-            picked = self._pick(conn, sorted(set(audience_ids)), limit, now)
             token = uuid.uuid4().hex
-            claims: list[Claim] = []
-            for audience_id, ids in _by_audience(picked).items():
-                for chunk in _chunks(ids):
-                    lockable = select(m.c.external_user_id).where(
-                        m.c.audience_id == audience_id,
-                        m.c.external_user_id.in_(chunk),
-                        _claimable(now),
-                    )
-                    if self._postgres:
-                        lockable = lockable.with_for_update(skip_locked=True)
-                    result = conn.execute(
-                        update(m)
-                        .where(
-                            m.c.audience_id == audience_id,
-                            m.c.external_user_id.in_(lockable.scalar_subquery()),
-                        )
-                        .values(claimed_by=owner, claim_token=token, claimed_until=now + lease_s)
-                        .returning(
-                            m.c.external_user_id,
-                            m.c.action,
-                            m.c.record,
-                            m.c.digest,
-                            m.c.due_rank,
-                            m.c.occurred_at,
-                        )
-                    )
-                    claims.extend(
-                        Claim(
-                            audience_id,
-                            euid,
-                            action,
-                            bytes(record),
-                            bytes(digest),
-                            token,
-                            rank > 0,
-                            float(at),
-                        )
-                        for euid, action, record, digest, rank, at in result
-                    )
+            audiences = sorted(set(audience_ids))
+            if self._postgres:
+                picked = self._pick(conn, audiences, limit, now)
+                claims = self._lease_keys(conn, picked, now, lease_s, owner, token)
+            else:
+                claims = _claim_rowids(conn, audiences, limit, now, lease_s, owner, token)
             claims.sort(key=lambda c: (c.refresh, c.audience_id, c.external_user_id))
             return claims
 
@@ -624,42 +590,77 @@ class MemberTable:
     def _pick(
         self, conn: Connection, audience_ids: list[int], limit: int, now: float
     ) -> list[tuple[int, str]]:
-        """Keys of up to `limit` claimable members: per rank, rounds of equal shares over the
-        audiences that filled their last share, each read from the due index after the last key
-        taken from it."""
+        """Keys of up to `limit` claimable members (`_share_out`), each share read from the due
+        index after the last key taken from it."""
         picked: list[tuple[int, str]] = []
-        for rank in (LIVE, BACKGROUND, RECONCILE):
-            after: dict[int, tuple[float, str]] = {}
-            open_ = list(audience_ids)
-            while open_ and len(picked) < limit:
-                share = -(-(limit - len(picked)) // len(open_))
-                still_open = []
-                for audience_id in open_:
-                    want = min(share, limit - len(picked))
-                    if want == 0:
-                        break
-                    query = (
-                        select(m.c.due_since, m.c.external_user_id)
-                        .where(m.c.audience_id == audience_id, m.c.due_rank == rank)
-                        .where(_claimable(now))
-                        .order_by(m.c.due_since, m.c.external_user_id)
-                        .limit(want)
+        after: dict[tuple[int, int], tuple[float, str]] = {}
+
+        def take(audience_id: int, rank: int, want: int) -> int:
+            query = (
+                select(m.c.due_since, m.c.external_user_id)
+                .where(m.c.audience_id == audience_id, m.c.due_rank == rank)
+                .where(_claimable(now))
+                .order_by(m.c.due_since, m.c.external_user_id)
+                .limit(want)
+            )
+            if (audience_id, rank) in after:
+                since, euid = after[(audience_id, rank)]
+                query = query.where(
+                    or_(
+                        m.c.due_since > since,
+                        and_(m.c.due_since == since, m.c.external_user_id > euid),
                     )
-                    if audience_id in after:
-                        since, euid = after[audience_id]
-                        query = query.where(
-                            or_(
-                                m.c.due_since > since,
-                                and_(m.c.due_since == since, m.c.external_user_id > euid),
-                            )
-                        )
-                    rows = (conn.execute(query)).all()
-                    picked.extend((audience_id, row[1]) for row in rows)
-                    if len(rows) == want:
-                        still_open.append(audience_id)
-                        after[audience_id] = (float(rows[-1][0]), rows[-1][1])
-                open_ = still_open
+                )
+            rows = conn.execute(query).all()
+            picked.extend((audience_id, row[1]) for row in rows)
+            if rows:
+                after[(audience_id, rank)] = (float(rows[-1][0]), rows[-1][1])
+            return len(rows)
+
+        _share_out(audience_ids, limit, take)
         return picked
+
+    def _lease_keys(
+        self,
+        conn: Connection,
+        picked: list[tuple[int, str]],
+        now: float,
+        lease_s: float,
+        owner: str,
+        token: str,
+    ) -> list[Claim]:
+        """Lease the picked rows no other replica locks (PostgreSQL: SKIP LOCKED)."""
+        claims: list[Claim] = []
+        for audience_id, ids in _by_audience(picked).items():
+            for chunk in _chunks(ids):
+                lockable = (
+                    select(m.c.external_user_id)
+                    .where(
+                        m.c.audience_id == audience_id,
+                        m.c.external_user_id.in_(chunk),
+                        _claimable(now),
+                    )
+                    .with_for_update(skip_locked=True)
+                )
+                result = conn.execute(
+                    update(m)
+                    .where(
+                        m.c.audience_id == audience_id,
+                        m.c.external_user_id.in_(lockable.scalar_subquery()),
+                    )
+                    .values(claimed_by=owner, claim_token=token, claimed_until=now + lease_s)
+                    .returning(
+                        m.c.audience_id,
+                        m.c.external_user_id,
+                        m.c.action,
+                        m.c.record,
+                        m.c.digest,
+                        m.c.due_rank,
+                        m.c.occurred_at,
+                    )
+                )
+                claims.extend(_claim(row, token) for row in result)
+        return claims
 
     async def mark_sent(self, claims: Sequence[Claim], job_request_id: str) -> list[Claim]:
         """Amazon accepted the POST of `claims` (202, `job_request_id`): store what was sent, the
@@ -729,32 +730,40 @@ class MemberTable:
         lost: list[Claim] = []
         for (audience_id, token), group in _claim_groups(claims).items():
             sent = {c.external_user_id: c for c in group}
-            for chunk in _chunks(sorted(sent)):
-                result = conn.execute(
-                    update(m)
-                    .where(
-                        m.c.audience_id == audience_id,
-                        m.c.external_user_id.in_(chunk),
-                        m.c.claim_token == token,
-                    )
-                    .values(
-                        sent_action=m.c.action,
-                        sent_digest=m.c.digest,
-                        sent_at=now,
-                        due_since=None,
-                        claimed_by=None,
-                        claim_token=None,
-                        claimed_until=None,
-                        **values,
-                    )
-                    .returning(m.c.external_user_id, m.c.action, m.c.digest)
+            # SQLite: one chunk (its statements take any number of ids in one step)
+            for chunk in _chunks(sorted(sent)) if self._postgres else [sorted(sent)]:
+                ours = and_(m.c.audience_id == audience_id, m.c.claim_token == token)
+                update_sent = update(m).values(
+                    sent_action=m.c.action,
+                    sent_digest=m.c.digest,
+                    sent_at=now,
+                    due_since=None,
+                    claimed_by=None,
+                    claim_token=None,
+                    claimed_until=None,
+                    **values,
                 )
-                written = result.all()
+                if self._postgres:
+                    returned = conn.execute(
+                        update_sent.where(ours, m.c.external_user_id.in_(chunk)).returning(
+                            m.c.external_user_id, m.c.action, m.c.digest
+                        )
+                    )
+                    written = [(euid, action, bytes(digest)) for euid, action, digest in returned]
+                else:
+                    ids = orjson.dumps(chunk).decode()
+                    held = conn.exec_driver_sql(_SQLITE_HELD, (audience_id, token, ids))
+                    written = [
+                        (e, a, bytes.fromhex(d)) for e, a, d in orjson.loads(held.scalar_one())
+                    ]
+                    conn.execute(
+                        update_sent.where(ours, m.c.external_user_id.in_(_IDS)), {"ids": ids}
+                    )
                 # The row may have changed since the claim: the sent state is the claim's.
                 changed = [
                     {"a": audience_id, "e": euid, "sa": c.action, "sd": c.digest}
                     for euid, action, digest in written
-                    if (c := sent[euid]).action != action or c.digest != bytes(digest)
+                    if (c := sent[euid]).action != action or c.digest != digest
                 ]
                 if changed:
                     due = None if "job_request_id" in values else now  # pending: the poller's
@@ -1378,6 +1387,94 @@ class MemberTable:
                 .limit(1)
             )
         return job is not None or claimed is not None
+
+
+def _share_out(audience_ids: list[int], limit: int, take: Callable[[int, int, int], int]) -> None:
+    """The order of a claim: per rank (live changes first), rounds of equal shares of what is
+    left of `limit` over the audiences that filled their last share (an audience with fewer
+    leaves its share to the others). `take(audience_id, rank, want)` takes up to `want` claimable
+    members and returns how many it took."""
+    taken = 0
+    for rank in (LIVE, BACKGROUND, RECONCILE):
+        open_ = list(audience_ids)
+        while open_ and taken < limit:
+            share = -(-(limit - taken) // len(open_))
+            still_open = []
+            for audience_id in open_:
+                want = min(share, limit - taken)
+                if want == 0:
+                    break
+                got = take(audience_id, rank, want)
+                taken += got
+                if got == want:
+                    still_open.append(audience_id)
+            open_ = still_open
+
+
+# SQLite: Python's sqlite3 gives the GIL up around each step of a statement, that is for each
+# row read or returned, and the event loop's thread takes it meanwhile: a claim's thousands of
+# rows cost a GIL hand-over each, under the write lock. These statements take or read a whole
+# share in one step (rowids and rows aggregated into one JSON value).
+_SQLITE_PICK = (
+    "SELECT json_group_array(rowid) FROM (SELECT rowid FROM members"
+    " WHERE audience_id = ? AND due_rank = ? AND due_since IS NOT NULL"
+    " AND job_request_id IS NULL AND (claimed_until IS NULL OR claimed_until <= ?)"
+    " ORDER BY due_since, external_user_id LIMIT ?)"
+)
+_SQLITE_LEASE = (
+    "UPDATE members SET claimed_by = ?, claim_token = ?, claimed_until = ?"
+    " WHERE rowid IN (SELECT value FROM json_each(?))"
+)
+_SQLITE_HELD = (
+    "SELECT json_group_array(json_array(external_user_id, action, hex(digest))) FROM members"
+    " WHERE audience_id = ? AND claim_token = ? AND external_user_id IN"
+    " (SELECT value FROM json_each(?))"
+)
+_IDS = select(func.json_each(bindparam("ids")).table_valued("value").c.value).scalar_subquery()
+_SQLITE_CLAIMED = (
+    "SELECT json_group_array(json_array(audience_id, external_user_id, action,"
+    " CAST(record AS TEXT), hex(digest), due_rank, occurred_at))"
+    " FROM members WHERE rowid IN (SELECT value FROM json_each(?))"
+)
+
+
+def _claim_rowids(
+    conn: Connection,
+    audience_ids: list[int],
+    limit: int,
+    now: float,
+    lease_s: float,
+    owner: str,
+    token: str,
+) -> list[Claim]:
+    """SQLite's claim (under the write lock: no other writer between reading and leasing):
+    each share leased as it is picked, so the next round's reads skip it."""
+    rowids: list[int] = []
+
+    def take(audience_id: int, rank: int, want: int) -> int:
+        picked = conn.exec_driver_sql(_SQLITE_PICK, (audience_id, rank, now, want)).scalar_one()
+        if picked == "[]":
+            return 0
+        conn.exec_driver_sql(_SQLITE_LEASE, (owner, token, now + lease_s, picked))
+        ids = orjson.loads(picked)
+        rowids.extend(ids)
+        return len(ids)
+
+    _share_out(audience_ids, limit, take)
+    if not rowids:
+        return []
+    rows = conn.exec_driver_sql(_SQLITE_CLAIMED, (orjson.dumps(rowids).decode(),)).scalar_one()
+    return [
+        _claim((a, euid, action, record.encode(), bytes.fromhex(digest), rank, at), token)
+        for a, euid, action, record, digest, rank, at in orjson.loads(rows)
+    ]
+
+
+def _claim(row: Any, token: str) -> Claim:
+    audience_id, euid, action, record, digest, rank, at = row
+    return Claim(
+        int(audience_id), euid, action, bytes(record), bytes(digest), token, rank > 0, float(at)
+    )
 
 
 def _claim_groups(claims: Iterable[Claim]) -> dict[tuple[int, str], list[Claim]]:
