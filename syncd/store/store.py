@@ -3,8 +3,9 @@
 SQLite (`sqlite+aiosqlite`, one replica) and PostgreSQL (`postgresql+asyncpg`, many replicas)
 run the same statements. Atomicity:
 
-- SQLite: every write is one `BEGIN IMMEDIATE` transaction (the database-wide write lock), WAL
-  journal, `busy_timeout` so that other processes wait instead of failing.
+- SQLite: every write is one `BEGIN IMMEDIATE` transaction (the database-wide write lock), run
+  whole in the store's writer thread (`run_write`); WAL journal, `busy_timeout` so that other
+  processes wait instead of failing.
 - PostgreSQL: jobs are claimed with `UPDATE .. WHERE id IN (SELECT .. FOR UPDATE SKIP LOCKED)`;
   budget reservations of one connection are serialized by `pg_advisory_xact_lock`. Every
   transaction runs at READ COMMITTED, whatever the database's `default_transaction_isolation`:
@@ -48,7 +49,6 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import (
     ColumnElement,
     Engine,
-    Executable,
     case,
     create_engine,
     delete,
@@ -76,6 +76,7 @@ T = TypeVar("T")
 _PG_ISOLATION = "READ COMMITTED"  # pinned: see the module docstring
 _MIGRATION_LOCK = 0x73796E6364  # pg_advisory_xact_lock key: "syncd" in hex
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
+_PG_CONNECTION_LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:c))")
 _PG_NOW = text("SELECT CAST(extract(epoch FROM clock_timestamp()) AS double precision)")
 _PING_TIMEOUT_S = 5.0
 _IDS_PER_QUERY = 500
@@ -149,11 +150,10 @@ class Store:
         self._engine = engine
         self._clock = clock
         self._postgres = engine.dialect.name == "postgresql"
-        # SQLite has one writer at a time: queue this process's writers here rather than in
-        # SQLite's busy handler (which sleeps); busy_timeout still covers other processes.
-        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
-        # SQLite: `run_write` transactions run whole in this one thread, on a synchronous engine
-        # of the same file (one thread hop per transaction instead of one per statement).
+        # SQLite has one writer at a time: this process's writes queue here, and run in one
+        # thread (with a synchronous engine of the same file), rather than in SQLite's busy
+        # handler, which sleeps; busy_timeout still covers other processes.
+        self._write_lock = asyncio.Lock()
         self._writer: ThreadPoolExecutor | None = None
         self._sync_engine: Engine | None = None
         if not self._postgres:
@@ -223,10 +223,13 @@ class Store:
 
     async def upgrade(self) -> None:
         """Apply every migration up to head, in one transaction (replicas take turns)."""
-        async with self._write() as conn:
+
+        def op(conn: Connection, _now: float) -> None:
             if self._postgres:
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
-            await conn.run_sync(_upgrade_to_head)
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+            _upgrade_to_head(conn)
+
+        await self.run_write(op)
 
     async def ensure_schema(self, *, auto_upgrade: bool) -> None:
         """Return when the schema is at head; upgrade first if `auto_upgrade`, else raise
@@ -274,15 +277,14 @@ class Store:
             .on_conflict_do_nothing()
             .returning(jobs.c.job_request_id)
         )
-        count = self._count_statement({JobState.PENDING: 1})
-        if added is not None and count is not None:
-            conn.execute(count)
+        if added is not None:
+            self._count(conn, {JobState.PENDING: 1})
 
     async def claim_due_jobs(self, owner: str, limit: int, lease_s: float) -> list[JobRow]:
         """Atomically claim up to `limit` due PENDING jobs for `lease_s` seconds: no other owner
         gets them until `record_poll` or the lease runs out."""
-        async with self._write() as conn:
-            now = await self._now(conn)
+
+        def op(conn: Connection, now: float) -> list[JobRow]:
             due = (
                 select(jobs.c.job_request_id)
                 .where(
@@ -295,14 +297,15 @@ class Store:
             )
             if self._postgres:
                 due = due.with_for_update(skip_locked=True)
-            result = await conn.execute(
+            result = conn.execute(
                 update(jobs)
                 .where(jobs.c.job_request_id.in_(due.scalar_subquery()))
                 .values(owner=owner, claimed_until=now + lease_s)
                 .returning(*jobs.c)
             )
-            rows = [JobRow.from_mapping(r) for r in result.mappings()]
-        return sorted(rows, key=lambda r: r.next_poll_at)
+            return [JobRow.from_mapping(r) for r in result.mappings()]
+
+        return sorted(await self.run_write(op), key=lambda r: r.next_poll_at)
 
     async def record_poll(
         self,
@@ -321,8 +324,8 @@ class Store:
         terminal = status is not None and status.terminal
         if not terminal:
             where += [jobs.c.owner == claim.owner, jobs.c.claimed_until == claim.claimed_until]
-        async with self._write() as conn:
-            now = await self._now(conn)
+
+        def op(conn: Connection, now: float) -> bool:
             values: dict[str, Any] = {
                 "polls": jobs.c.polls + 1,
                 "last_polled_at": now,
@@ -342,31 +345,33 @@ class Store:
                     "received_records": status.received_record_size,
                     "matched_records": status.id_resolution_count,
                 }
-            result = await conn.execute(update(jobs).where(*where).values(values))
-            stored = result.rowcount == 1
+            stored = conn.execute(update(jobs).where(*where).values(values)).rowcount == 1
             if stored and status is not None and terminal:
-                await self._count(conn, {JobState.PENDING: -1, status.job_state: 1})
-        return stored
+                self._count(conn, {JobState.PENDING: -1, status.job_state: 1})
+            return stored
+
+        return await self.run_write(op)
 
     async def expire_jobs(self, max_age_s: float) -> int:
         """Mark PENDING jobs created more than `max_age_s` ago EXPIRED (terminal); how many."""
-        async with self._write() as conn:
-            now = await self._now(conn)
-            result = await conn.execute(
+
+        def op(conn: Connection, now: float) -> int:
+            result = conn.execute(
                 update(jobs)
                 .where(jobs.c.state == JobState.PENDING, jobs.c.created_at <= now - max_age_s)
                 .values(state=JobState.EXPIRED, terminal_at=now, owner=None, claimed_until=None)
             )
             expired = int(result.rowcount)
-            if expired:
-                await self._count(conn, {JobState.PENDING: -expired, JobState.EXPIRED: expired})
-        return expired
+            self._count(conn, {JobState.PENDING: -expired, JobState.EXPIRED: expired})
+            return expired
+
+        return await self.run_write(op)
 
     async def purge_jobs(self, older_than_s: float) -> int:
         """Delete jobs terminal for more than `older_than_s` (a bounded batch per call: call
         again while it returns a full batch); how many."""
-        async with self._write() as conn:
-            now = await self._now(conn)
+
+        def op(conn: Connection, now: float) -> int:
             old = (
                 select(jobs.c.job_request_id)
                 .where(jobs.c.terminal_at <= now - older_than_s, jobs.c.state != JobState.PENDING)
@@ -374,14 +379,16 @@ class Store:
             )
             if self._postgres:
                 old = old.with_for_update(skip_locked=True)
-            result = await conn.execute(
+            result = conn.execute(
                 delete(jobs)
                 .where(jobs.c.job_request_id.in_(old.scalar_subquery()))
                 .returning(jobs.c.state)
             )
             gone = Counter(row[0] for row in result)
-            await self._count(conn, {state: -n for state, n in gone.items()})
-        return gone.total()
+            self._count(conn, {state: -n for state, n in gone.items()})
+            return gone.total()
+
+        return await self.run_write(op)
 
     async def next_due_in(self) -> float | None:
         """Seconds until some PENDING job is due and unclaimed (0 if one is now); None if none."""
@@ -473,13 +480,14 @@ class Store:
         if records > limit:
             raise ValueError(f"{records} records can never fit a budget of {limit} per window")
         r = budget_reservations
-        async with self._write() as conn:
-            if self._postgres:
-                await conn.execute(
+
+        def op(conn: Connection, now: float) -> tuple[int | None, float]:
+            if self._postgres:  # the time once the connection's lock is held
+                conn.execute(
                     text("SELECT pg_advisory_xact_lock(hashtext(:c))"), {"c": connection_id}
                 )
-            now = await self._now(conn)
-            await conn.execute(
+                now = self._now_sync(conn)
+            conn.execute(
                 delete(r).where(
                     r.c.connection_id == connection_id, r.c.stamped_at <= now - 2 * window_s
                 )
@@ -487,11 +495,10 @@ class Store:
             leaves = _leaves_at(window_s)
             in_window = (r.c.connection_id == connection_id) & (leaves > now)
             used = int(
-                await conn.scalar(select(func.coalesce(func.sum(r.c.records), 0)).where(in_window))
-                or 0
+                conn.scalar(select(func.coalesce(func.sum(r.c.records), 0)).where(in_window)) or 0
             )
             if used + records <= limit:
-                new_id = await conn.scalar(
+                new_id = conn.scalar(
                     insert(r)
                     .values(
                         connection_id=connection_id,
@@ -507,26 +514,29 @@ class Store:
             ranked = (
                 select(leaves.label("leaves"), freed.label("freed")).where(in_window).subquery()
             )
-            resume_at = await conn.scalar(
+            resume_at = conn.scalar(
                 select(func.min(ranked.c.leaves)).where(ranked.c.freed >= used + records - limit)
             )
-        return None, (window_s if resume_at is None else max(0.0, float(resume_at) - now))
+            return None, (window_s if resume_at is None else max(0.0, float(resume_at) - now))
+
+        return await self.run_write(op)
 
     async def release(self, reservation_id: int) -> None:
         """Drop a reservation whose POST never happened."""
         r = budget_reservations
-        async with self._write() as conn:
-            await conn.execute(delete(r).where(r.c.id == reservation_id))
+        await self.run_write(
+            lambda conn, _now: conn.execute(delete(r).where(r.c.id == reservation_id))
+        )
 
     async def confirm(self, reservation_id: int) -> None:
         """Re-stamp a reservation at now (Amazon accepted its POST): it counts one window from
         here."""
         r = budget_reservations
-        async with self._write() as conn:
-            now = await self._now(conn)
-            await conn.execute(
+        await self.run_write(
+            lambda conn, now: conn.execute(
                 update(r).where(r.c.id == reservation_id).values(stamped_at=now, confirmed=True)
             )
+        )
 
     async def budget_used(self, connection_id: str, window_s: float) -> int:
         """Records of `connection_id` counted in the rolling window that ends now."""
@@ -545,19 +555,21 @@ class Store:
         """Record that a sender found `connection_id` blocked for `cause` ("": open again). The
         time is kept while the cause stays the same."""
         b = connection_blocks
-        async with self._write() as conn:
+
+        def op(conn: Connection, now: float) -> None:
             if not cause:
-                await conn.execute(delete(b).where(b.c.connection_id == connection_id))
+                conn.execute(delete(b).where(b.c.connection_id == connection_id))
                 return
-            now = await self._now(conn)
             stmt = self._insert(b).values(connection_id=connection_id, cause=cause, since=now)
-            await conn.execute(
+            conn.execute(
                 stmt.on_conflict_do_update(
                     index_elements=[b.c.connection_id],
                     set_={"cause": cause, "since": now},
                     where=b.c.cause != stmt.excluded.cause,
                 )
             )
+
+        await self.run_write(op)
 
     async def blocked(self, connection_id: str) -> tuple[str, float] | None:
         """(cause, since) of a connection a sender found blocked, or None."""
@@ -575,45 +587,46 @@ class Store:
         """INSERT with the dialect's ON CONFLICT."""
         return (pg_insert if self._postgres else sqlite_insert)(table)
 
-    async def _count(self, conn: AsyncConnection, changes: Mapping[str, int]) -> None:
-        count = self._count_statement(changes)
-        if count is not None:
-            await conn.execute(count)
-
-    def _count_statement(self, changes: Mapping[str, int]) -> Executable | None:
-        """The statement adding `changes` ({state: +-jobs}) to the job counts, rows in state
-        order (concurrent writers lock them in the same order: no deadlock); None if none."""
+    def _count(self, conn: Connection, changes: Mapping[str, int]) -> None:
+        """Add `changes` ({state: +-jobs}) to the job counts, in one statement, rows in state
+        order (concurrent writers lock them in the same order: no deadlock)."""
         rows = [{"state": k, "jobs": n} for k, n in sorted(changes.items()) if n]
         if not rows:
-            return None
+            return
         upsert = self._insert(job_counts).values(rows)
-        statement: Executable = upsert.on_conflict_do_update(
-            index_elements=[job_counts.c.state],
-            set_={"jobs": job_counts.c.jobs + upsert.excluded.jobs},
+        conn.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[job_counts.c.state],
+                set_={"jobs": job_counts.c.jobs + upsert.excluded.jobs},
+            )
         )
-        return statement
 
     async def run_write(self, op: Callable[[Connection, float], T]) -> T:
-        """`op(conn, now)`, plain synchronous SQLAlchemy, as one write transaction. SQLite: run
-        whole in the writer thread, under the write lock, so that the lock is held for the work
-        alone and not for the event loop's turns between statements (the lock is what every
-        writer of the process queues for). PostgreSQL: in SQLAlchemy's greenlet (`run_sync`)."""
+        """`op(conn, now)`, plain synchronous SQLAlchemy, as one write transaction.
+
+        SQLite: the process's writes take turns (the write lock) and each runs whole in the
+        writer thread: one thread hand-over per transaction, not one per statement, so the lock
+        is held for the work and not for the event loop's turns between statements.
+        PostgreSQL: in SQLAlchemy's greenlet (`run_sync`), concurrently."""
         if self._writer is None:
             async with self._engine.begin() as conn:
                 return await conn.run_sync(lambda sync: op(sync, self._now_sync(sync)))
-        assert self._write_lock is not None
         async with self._write_lock:
-            done = asyncio.get_running_loop().run_in_executor(self._writer, self._in_writer, op)
+            # A test's clock moves in the event loop's thread: read it there, once it is our turn.
+            now = None if self._clock is None else self._clock()
+            done = asyncio.get_running_loop().run_in_executor(
+                self._writer, self._in_writer, op, now
+            )
             try:
                 return await asyncio.shield(done)
             except asyncio.CancelledError:
                 await asyncio.wait([done])  # the transaction ends before the lock is given up
                 raise
 
-    def _in_writer(self, op: Callable[[Connection, float], T]) -> T:
+    def _in_writer(self, op: Callable[[Connection, float], T], now: float | None) -> T:
         assert self._sync_engine is not None
         with self._sync_engine.begin() as conn:
-            return op(conn, self._now_sync(conn))
+            return op(conn, self._now_sync(conn) if now is None else now)
 
     def _now_sync(self, conn: Connection) -> float:
         if self._clock is not None:
@@ -621,16 +634,6 @@ class Store:
         if self._postgres:
             return float(conn.scalar(_PG_NOW))
         return time.time()
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        """One transaction; on SQLite it holds the write lock from its first statement."""
-        if self._write_lock is None:
-            async with self._engine.begin() as conn:
-                yield conn
-            return
-        async with self._write_lock, self._engine.begin() as conn:
-            yield conn
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
