@@ -28,6 +28,7 @@ per member is measured in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import defaultdict
 from collections.abc import (
@@ -42,13 +43,18 @@ from typing import Any, Protocol, TypeVar
 
 import orjson
 from sqlalchemy import (
+    Boolean,
+    Column,
     ColumnElement,
+    MetaData,
+    Table,
     and_,
     bindparam,
     case,
     delete,
     exists,
     func,
+    literal,
     or_,
     select,
     text,
@@ -360,6 +366,12 @@ def _newer(occurred_at: Any, position: Any) -> ColumnElement[bool]:
     )
 
 
+def _applies(newer: ColumnElement[bool], *, adds_only: bool) -> ColumnElement[bool]:
+    """The upsert's guard: the change is newer (and, for an identifiers-only UPDATE applied as
+    an add, the member's desired action is ADD)."""
+    return and_(newer, m.c.action == ADD) if adds_only else newer
+
+
 def _differs() -> ColumnElement[bool]:
     """Desired differs from what was last sent (or nothing was)."""
     return or_(
@@ -391,6 +403,10 @@ class MemberTable:
         self._postgres = store._postgres
         self._upserts = {
             adds_only: self._upsert_statement(adds_only=adds_only) for adds_only in (False, True)
+        }
+        self._staged_upserts = {
+            adds_only: self._upsert_statement(adds_only=adds_only, staged_source=True)
+            for adds_only in (False, True)
         }
 
     # -- plumbing --------------------------------------------------------------------------------
@@ -503,7 +519,10 @@ class MemberTable:
     ) -> None:
         """One INSERT .. ON CONFLICT DO UPDATE .. WHERE newer, executed for each shaped chunk of
         changes (the driver sends a chunk as one multi-row statement; the statement itself is
-        compiled once)."""
+        compiled once). SQLite: `_upsert_staged`."""
+        if not self._postgres:
+            self._upsert_staged(conn, changes, now, rank, counts, adds_only=adds_only)
+            return
         for chunk in _shaped_chunks(changes):
             rows = [
                 {
@@ -520,7 +539,7 @@ class MemberTable:
                 }
                 for c in chunk
             ]
-            written = (conn.execute(self._upserts[adds_only], rows)).all()
+            written = conn.execute(self._upserts[adds_only], rows).all()
             for due_since, job in written:
                 if due_since is None and job is None:
                     counts.noop += 1
@@ -528,20 +547,96 @@ class MemberTable:
                     counts.recorded += 1
             counts.superseded += len(chunk) - len(written)
 
-    def _upsert_statement(self, *, adds_only: bool) -> Any:
+    def _upsert_staged(
+        self,
+        conn: Connection,
+        changes: Sequence[MemberChange],
+        now: float,
+        rank: int,
+        counts: RecordCounts,
+        *,
+        adds_only: bool,
+    ) -> None:
+        """SQLite's `_upsert`, in a dozen statement steps instead of one per row returned (see
+        _SQLITE_PICK): the changes are staged in a temporary table, flagged where they will
+        apply (the upsert's own guard), upserted from there in one statement, and counted."""
+        if not changes:
+            return
+        conn.exec_driver_sql(_SQLITE_STAGING)
+        conn.exec_driver_sql("DELETE FROM staged_changes")
+        for chunk in _shaped_chunks(changes):
+            values = [
+                v
+                for c in chunk
+                for v in (
+                    c.audience_id,
+                    c.external_user_id,
+                    c.action,
+                    c.record,
+                    c.digest,
+                    c.occurred_at,
+                    c.position,
+                )
+            ]
+            conn.exec_driver_sql(_stage_statement(len(chunk)), tuple(values))
+        guard = _applies(_newer(staged.c.occurred_at, staged.c.position), adds_only=adds_only)
+        held_back = exists().where(
+            m.c.audience_id == staged.c.audience_id,
+            m.c.external_user_id == staged.c.external_user_id,
+            ~guard,
+        )
+        conn.execute(update(staged).values(applies=~held_back))
+        conn.execute(self._staged_upserts[adds_only], {"rank": rank, "now": now})
+        applied, recorded = conn.execute(
+            select(
+                func.count(),
+                func.coalesce(
+                    func.sum(
+                        case(
+                            (or_(m.c.due_since.is_not(None), m.c.job_request_id.is_not(None)), 1),
+                            else_=0,
+                        )
+                    ),
+                    0,
+                ),
+            )
+            .select_from(staged)
+            .join(
+                m,
+                and_(
+                    m.c.audience_id == staged.c.audience_id,
+                    m.c.external_user_id == staged.c.external_user_id,
+                ),
+            )
+            .where(staged.c.applies)
+        ).one()
+        counts.recorded += int(recorded)
+        counts.noop += int(applied) - int(recorded)
+        counts.superseded += len(changes) - int(applied)
+
+    def _upsert_statement(self, *, adds_only: bool, staged_source: bool = False) -> Any:
         """The upsert of `_upsert`, built once: every value comes from the inserted row
-        (`excluded`), so the statement is the same for every call and compiles once."""
+        (`excluded`), so the statement is the same for every call and compiles once. With
+        `staged_source` (SQLite), the rows come from `staged_changes` (the flagged ones), with
+        the due rank and time as parameters."""
         stmt = self._insert(m)
+        if staged_source:
+            stmt = stmt.from_select(
+                [*_STAGED_COLUMNS, "due_rank", "due_since", "attempts"],
+                select(
+                    *(staged.c[name] for name in _STAGED_COLUMNS),
+                    bindparam("rank"),
+                    bindparam("now"),
+                    literal(0),
+                ).where(staged.c.applies),
+            )
         new = stmt.excluded
         same_as_sent = and_(
             new.action == m.c.sent_action,
             new.digest == m.c.sent_digest,
             or_(m.c.outcome == CONFIRMED, m.c.outcome == INVALID),  # not IN: executemany
         )
-        guard = _newer(new.occurred_at, new.position)
-        if adds_only:
-            guard = and_(guard, m.c.action == ADD)
-        return stmt.on_conflict_do_update(
+        upsert = stmt.on_conflict_do_update(
             index_elements=[m.c.audience_id, m.c.external_user_id],
             set_={
                 "action": new.action,
@@ -560,8 +655,9 @@ class MemberTable:
                     else_=new.due_rank,
                 ),
             },
-            where=guard,
-        ).returning(m.c.due_since, m.c.job_request_id)
+            where=_applies(_newer(new.occurred_at, new.position), adds_only=adds_only),
+        )
+        return upsert if staged_source else upsert.returning(m.c.due_since, m.c.job_request_id)
 
     # -- senders ---------------------------------------------------------------------------------
     async def claim_due(
@@ -1430,6 +1526,35 @@ _SQLITE_HELD = (
     " WHERE audience_id = ? AND claim_token = ? AND external_user_id IN"
     " (SELECT value FROM json_each(?))"
 )
+_STAGED_COLUMNS = (
+    "audience_id",
+    "external_user_id",
+    "action",
+    "record",
+    "digest",
+    "occurred_at",
+    "position",
+)
+_SQLITE_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS staged_changes (audience_id INTEGER, external_user_id TEXT,"
+    " action TEXT, record BLOB, digest BLOB, occurred_at REAL, position INTEGER,"
+    " applies INTEGER)"
+)
+staged = Table(  # one transaction's changes to record (SQLite), per connection
+    "staged_changes",
+    MetaData(),
+    *(Column(name, members.c[name].type) for name in _STAGED_COLUMNS),
+    Column("applies", Boolean),
+)
+
+
+@functools.cache
+def _stage_statement(rows: int) -> str:
+    row = "(" + ", ".join("?" * len(_STAGED_COLUMNS)) + ")"
+    names = ", ".join(_STAGED_COLUMNS)
+    return f"INSERT INTO staged_changes ({names}) VALUES " + ", ".join([row] * rows)
+
+
 _IDS = select(func.json_each(bindparam("ids")).table_valued("value").c.value).scalar_subquery()
 _SQLITE_CLAIMED = (
     "SELECT json_group_array(json_array(audience_id, external_user_id, action,"
