@@ -1556,6 +1556,7 @@ def _stage_statement(rows: int) -> str:
 
 
 _IDS = select(func.json_each(bindparam("ids")).table_valued("value").c.value).scalar_subquery()
+_CLAIMED_PER_READ = 500
 _SQLITE_CLAIMED = (
     "SELECT json_group_array(json_array(audience_id, external_user_id, action,"
     " CAST(record AS TEXT), hex(digest), due_rank, occurred_at))"
@@ -1586,13 +1587,14 @@ def _claim_rowids(
         return len(ids)
 
     _share_out(audience_ids, limit, take)
-    if not rowids:
-        return []
-    rows = conn.exec_driver_sql(_SQLITE_CLAIMED, (orjson.dumps(rowids).decode(),)).scalar_one()
-    return [
-        _claim((a, euid, action, record.encode(), bytes.fromhex(digest), rank, at), token)
-        for a, euid, action, record, digest, rank, at in orjson.loads(rows)
-    ]
+    claims: list[Claim] = []
+    for chunk in _chunks(rowids, _CLAIMED_PER_READ):  # bounds the JSON held at once
+        rows = conn.exec_driver_sql(_SQLITE_CLAIMED, (orjson.dumps(chunk).decode(),))
+        claims.extend(
+            _claim((a, euid, action, record.encode(), bytes.fromhex(digest), rank, at), token)
+            for a, euid, action, record, digest, rank, at in orjson.loads(rows.scalar_one())
+        )
+    return claims
 
 
 def _claim(row: Any, token: str) -> Claim:
