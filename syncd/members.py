@@ -563,7 +563,6 @@ class MemberTable:
         if not changes:
             return
         conn.exec_driver_sql(_SQLITE_STAGING)
-        conn.exec_driver_sql("DELETE FROM staged_changes")
         for chunk in _shaped_chunks(changes):
             values = [
                 v
@@ -610,6 +609,7 @@ class MemberTable:
             )
             .where(staged.c.applies)
         ).one()
+        conn.exec_driver_sql("DELETE FROM staged_changes")
         counts.recorded += int(recorded)
         counts.noop += int(applied) - int(recorded)
         counts.superseded += len(changes) - int(applied)
