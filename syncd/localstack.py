@@ -202,7 +202,7 @@ async def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int,
 
 async def end_offsets(bootstrap: str, topic: str, timeout: float = 30.0) -> dict[int, int]:
     """Each partition's end offset, read from fetch responses (the high watermark): tansu
-    answers ListOffsets "latest" wrongly (design.md), so `consumer.end_offsets` cannot be used."""
+    answers ListOffsets "latest" wrongly, so `consumer.end_offsets` cannot be used."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:

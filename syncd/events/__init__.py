@@ -1,8 +1,8 @@
 """Decoders: one Kafka message value -> ProfileChange, or DecodeError with a bounded reason.
 
 `decode(raw, input_format)` picks the format named by `kafka.input_format`: "canonical"
-(contract.md's JSON, see canonical.py) or "segment" (Segment Engage audience events, see
-segment.py).
+(syncd's own JSON, its fields listed in canonical.py) or "segment" (Segment Engage audience
+events, see segment.py).
 """
 
 from __future__ import annotations

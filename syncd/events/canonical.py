@@ -1,4 +1,4 @@
-"""The canonical input event (contract.md "Input events") -> ProfileChange.
+"""The canonical input event (its fields are listed below) -> ProfileChange.
 
 Also the pieces every input format shares: `DecodeError`, the hostile-input guards of `load`,
 and the identifier/consent/timestamp readers the Segment adapter reuses.
@@ -13,7 +13,7 @@ Field rules (anything not listed here is ignored):
   API's hashedPII keys. A value is a string or a list of strings; nulls and blank strings are
   skipped; any other type -> `bad_identifiers`. Unknown keys are ignored (a CDP may send more
   than Amazon takes). `address2` / `address_line2` is a second address line, joined to a single
-  `address` with a space (normalization.md); with several addresses -> `bad_identifiers`.
+  `address` with a space (docs/normalization.md); with several addresses -> `bad_identifiers`.
   At most `MAX_IDENTIFIER_VALUES` values per event are kept (in key order); the hashedPII
   builder applies Amazon's own caps later.
 - `audiences`: `{"add": [...], "remove": [...]}`, lists of non-blank strings (missing = empty,

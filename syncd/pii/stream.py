@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument(
         "--strict-reference",
         action="store_true",
-        help="apply the AWS reference behaviour (normalization.md D2..D8 off; D1 stays)",
+        help="apply the AWS reference behaviour (docs/normalization.md D2..D8 off; D1 stays)",
     )
     parser.set_defaults(func=_command)
 

@@ -1,8 +1,8 @@
 """The sandbox application: a strict, observable emulator of the Advertiser audiences API, as
 aiohttp handlers and middlewares (`create_app`).
 
-It serves the LwA token endpoint and the ten operations of amazon-api.md with the same paths,
-bodies, status codes and media types; it checks requests with validation.py (Amazon-like 400
+It serves the LwA token endpoint and the ten operations syncd uses (docs/sandbox.md) with the same
+paths, bodies, status codes and media types; it checks requests with validation.py (Amazon-like 400
 `{"message": ...}` naming the problem) and keeps what it knows in state.py. Around that it adds
 what tests need: throttling (429 + Retry-After), fault injection (latency, 5xx, dropped
 connections, hangs, 429 storms, expired tokens, a revoked refresh token, one status for one
