@@ -49,6 +49,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     and_,
+    any_,
     bindparam,
     case,
     delete,
@@ -60,6 +61,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -89,6 +91,7 @@ _ERASE_LOCK = 0x73796E6365  # pg advisory lock: erase (exclusive) vs record_chan
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 _TX_ATTEMPTS = 5
 _ROWS_PER_STATEMENT = 250  # x 8 values per row: within SQLite's and asyncpg's parameter limits
+_PG_IDS_PER_STATEMENT = 10_000  # PostgreSQL: ids passed as one array
 _SHAPES = (_ROWS_PER_STATEMENT, 128, 64, 32, 16, 8, 4, 2, 1)  # rows per INSERT
 _MAX_REASON_CHARS = 64
 
@@ -404,10 +407,6 @@ class MemberTable:
         self._upserts = {
             adds_only: self._upsert_statement(adds_only=adds_only) for adds_only in (False, True)
         }
-        self._staged_upserts = {
-            adds_only: self._upsert_statement(adds_only=adds_only, staged_source=True)
-            for adds_only in (False, True)
-        }
 
     # -- plumbing --------------------------------------------------------------------------------
     async def _transaction(self, op: Callable[[Connection, float], T]) -> T:
@@ -424,6 +423,17 @@ class MemberTable:
 
     def _insert(self, table: Any) -> Any:
         return (pg_insert if self._postgres else sqlite_insert)(table)
+
+    def _batches(self, items: Sequence[T]) -> Iterator[Sequence[T]]:
+        """`items` in slices for `_among`: PostgreSQL takes a whole claim's ids in one array."""
+        return _chunks(items, _PG_IDS_PER_STATEMENT if self._postgres else _ROWS_PER_STATEMENT)
+
+    def _among(self, column: Column[Any], values: Sequence[Any]) -> ColumnElement[bool]:
+        """`column IN values`. PostgreSQL: `column = ANY(array)`, one statement text whatever the
+        length (an IN list is rendered anew, and prepared by asyncpg anew, for each length)."""
+        if self._postgres:
+            return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+        return column.in_(values)
 
     # -- ingest ----------------------------------------------------------------------------------
     async def record_changes(
@@ -483,10 +493,10 @@ class MemberTable:
     ) -> dict[tuple[int, str], float]:
         found: dict[tuple[int, str], float] = {}
         for audience_id, ids in _by_audience(keys).items():
-            for chunk in _chunks(ids):
+            for chunk in self._batches(ids):
                 result = conn.execute(
                     select(t.c.external_user_id, t.c.erased_at).where(
-                        t.c.audience_id == audience_id, t.c.external_user_id.in_(chunk)
+                        t.c.audience_id == audience_id, self._among(t.c.external_user_id, chunk)
                     )
                 )
                 found.update({(audience_id, row[0]): float(row[1]) for row in result})
@@ -496,11 +506,11 @@ class MemberTable:
         """The keys among `keys` whose member row's desired action is ADD."""
         found: set[tuple[int, str]] = set()
         for audience_id, ids in _by_audience(keys).items():
-            for chunk in _chunks(ids):
+            for chunk in self._batches(ids):
                 result = conn.execute(
                     select(m.c.external_user_id).where(
                         m.c.audience_id == audience_id,
-                        m.c.external_user_id.in_(chunk),
+                        self._among(m.c.external_user_id, chunk),
                         m.c.action == ADD,
                     )
                 )
@@ -517,35 +527,23 @@ class MemberTable:
         *,
         adds_only: bool,
     ) -> None:
-        """One INSERT .. ON CONFLICT DO UPDATE .. WHERE newer, executed for each shaped chunk of
-        changes (the driver sends a chunk as one multi-row statement; the statement itself is
-        compiled once). SQLite: `_upsert_staged`."""
+        """One INSERT .. ON CONFLICT DO UPDATE .. WHERE newer of all `changes`, from one array
+        per column (one statement text, prepared once). SQLite: `_upsert_staged`."""
         if not self._postgres:
             self._upsert_staged(conn, changes, now, rank, counts, adds_only=adds_only)
             return
-        for chunk in _shaped_chunks(changes):
-            rows = [
-                {
-                    "audience_id": c.audience_id,
-                    "external_user_id": c.external_user_id,
-                    "action": c.action,
-                    "record": c.record,
-                    "digest": c.digest,
-                    "occurred_at": c.occurred_at,
-                    "position": c.position,
-                    "due_rank": rank,
-                    "due_since": now,
-                    "attempts": 0,
-                }
-                for c in chunk
-            ]
-            written = conn.execute(self._upserts[adds_only], rows).all()
-            for due_since, job in written:
-                if due_since is None and job is None:
-                    counts.noop += 1
-                else:
-                    counts.recorded += 1
-            counts.superseded += len(chunk) - len(written)
+        if not changes:
+            return
+        columns = {name: [getattr(c, name) for c in changes] for name in _STAGED_COLUMNS}
+        written = conn.execute(
+            self._upserts[adds_only], {**columns, "rank": rank, "now": now}
+        ).all()
+        for due_since, job in written:
+            if due_since is None and job is None:
+                counts.noop += 1
+            else:
+                counts.recorded += 1
+        counts.superseded += len(changes) - len(written)
 
     def _upsert_staged(
         self,
@@ -585,7 +583,7 @@ class MemberTable:
             ~guard,
         )
         conn.execute(update(staged).values(applies=~held_back))
-        conn.execute(self._staged_upserts[adds_only], {"rank": rank, "now": now})
+        conn.execute(self._upserts[adds_only], {"rank": rank, "now": now})
         applied, recorded = conn.execute(
             select(
                 func.count(),
@@ -614,22 +612,31 @@ class MemberTable:
         counts.noop += int(applied) - int(recorded)
         counts.superseded += len(changes) - int(applied)
 
-    def _upsert_statement(self, *, adds_only: bool, staged_source: bool = False) -> Any:
+    def _upsert_statement(self, *, adds_only: bool) -> Any:
         """The upsert of `_upsert`, built once: every value comes from the inserted row
-        (`excluded`), so the statement is the same for every call and compiles once. With
-        `staged_source` (SQLite), the rows come from `staged_changes` (the flagged ones), with
-        the due rank and time as parameters."""
-        stmt = self._insert(m)
-        if staged_source:
-            stmt = stmt.from_select(
-                [*_STAGED_COLUMNS, "due_rank", "due_since", "attempts"],
-                select(
-                    *(staged.c[name] for name in _STAGED_COLUMNS),
-                    bindparam("rank"),
-                    bindparam("now"),
-                    literal(0),
-                ).where(staged.c.applies),
+        (`excluded`), so the statement is the same for every call and compiles once. The rows
+        come from one array per column (PostgreSQL) or from `staged_changes`, the flagged ones
+        (SQLite), with the due rank and time as parameters."""
+        if self._postgres:
+            source: Any = (
+                func.unnest(
+                    *(bindparam(name, type_=ARRAY(m.c[name].type)) for name in _STAGED_COLUMNS)
+                )
+                .table_valued(*_STAGED_COLUMNS)
+                .render_derived(name="changes")
             )
+        else:
+            source = staged
+        rows = select(
+            *(source.c[name] for name in _STAGED_COLUMNS),
+            bindparam("rank", type_=m.c.due_rank.type),
+            bindparam("now", type_=m.c.due_since.type),
+            literal(0),
+        )
+        stmt = self._insert(m).from_select(
+            [*_STAGED_COLUMNS, "due_rank", "due_since", "attempts"],
+            rows if self._postgres else rows.where(staged.c.applies),
+        )
         new = stmt.excluded
         same_as_sent = and_(
             new.action == m.c.sent_action,
@@ -657,7 +664,7 @@ class MemberTable:
             },
             where=_applies(_newer(new.occurred_at, new.position), adds_only=adds_only),
         )
-        return upsert if staged_source else upsert.returning(m.c.due_since, m.c.job_request_id)
+        return upsert.returning(m.c.due_since, m.c.job_request_id) if self._postgres else upsert
 
     # -- senders ---------------------------------------------------------------------------------
     async def claim_due(
@@ -728,12 +735,12 @@ class MemberTable:
         """Lease the picked rows no other replica locks (PostgreSQL: SKIP LOCKED)."""
         claims: list[Claim] = []
         for audience_id, ids in _by_audience(picked).items():
-            for chunk in _chunks(ids):
+            for chunk in self._batches(ids):
                 lockable = (
                     select(m.c.external_user_id)
                     .where(
                         m.c.audience_id == audience_id,
-                        m.c.external_user_id.in_(chunk),
+                        self._among(m.c.external_user_id, chunk),
                         _claimable(now),
                     )
                     .with_for_update(skip_locked=True)
@@ -827,7 +834,7 @@ class MemberTable:
         for (audience_id, token), group in _claim_groups(claims).items():
             sent = {c.external_user_id: c for c in group}
             # SQLite: one chunk (its statements take any number of ids in one step)
-            for chunk in _chunks(sorted(sent)) if self._postgres else [sorted(sent)]:
+            for chunk in self._batches(sorted(sent)) if self._postgres else [sorted(sent)]:
                 ours = and_(m.c.audience_id == audience_id, m.c.claim_token == token)
                 update_sent = update(m).values(
                     sent_action=m.c.action,
@@ -841,7 +848,7 @@ class MemberTable:
                 )
                 if self._postgres:
                     returned = conn.execute(
-                        update_sent.where(ours, m.c.external_user_id.in_(chunk)).returning(
+                        update_sent.where(ours, self._among(m.c.external_user_id, chunk)).returning(
                             m.c.external_user_id, m.c.action, m.c.digest
                         )
                     )
@@ -908,7 +915,7 @@ class MemberTable:
             lost: list[Claim] = []
             for (audience_id, token), group in _claim_groups(claims).items():
                 held = {c.external_user_id: c for c in group}
-                for chunk in _chunks(sorted(held)):
+                for chunk in self._batches(sorted(held)):
                     if lease_s is None:
                         values: dict[str, Any] = {
                             "claimed_by": None,
@@ -921,7 +928,7 @@ class MemberTable:
                         update(m)
                         .where(
                             m.c.audience_id == audience_id,
-                            m.c.external_user_id.in_(chunk),
+                            self._among(m.c.external_user_id, chunk),
                             m.c.claim_token == token,
                         )
                         .values(values)
@@ -1070,10 +1077,10 @@ class MemberTable:
                 oldest = oldest.with_for_update(skip_locked=True)
             ids = list((conn.execute(oldest)).scalars())
             marked = 0
-            for chunk in _chunks(ids):
+            for chunk in self._batches(ids):
                 result = conn.execute(
                     update(m)
-                    .where(stale, m.c.external_user_id.in_(chunk))
+                    .where(stale, self._among(m.c.external_user_id, chunk))
                     .values(due_since=now, due_rank=BACKGROUND)
                 )
                 marked += int(result.rowcount)
@@ -1105,10 +1112,10 @@ class MemberTable:
             self._add_tombstones(conn, keys, occurred_at)
             deletes = 0
             for audience_id, ids in _by_audience(keys).items():
-                for chunk in _chunks(ids):
+                for chunk in self._batches(ids):
                     where = and_(
                         m.c.audience_id == audience_id,
-                        m.c.external_user_id.in_(chunk),
+                        self._among(m.c.external_user_id, chunk),
                         _newer(occurred_at, position),
                     )
                     done = and_(
@@ -1318,10 +1325,10 @@ class MemberTable:
         """The rows of `ids` in `audience_id` (by primary key), without their records."""
         found: dict[str, HeldMember] = {}
         async with self._store._read() as conn:
-            for chunk in _chunks(sorted(set(ids))):
+            for chunk in self._batches(sorted(set(ids))):
                 result = await conn.execute(
                     select(*_held_columns()).where(
-                        m.c.audience_id == audience_id, m.c.external_user_id.in_(chunk)
+                        m.c.audience_id == audience_id, self._among(m.c.external_user_id, chunk)
                     )
                 )
                 found.update((row[0], _held(row)) for row in result)
@@ -1367,10 +1374,10 @@ class MemberTable:
                 conn.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": _ERASE_LOCK})
             erased_at = self._tombstones(conn, [(audience_id, e) for e in ids])
             current: dict[str, HeldMember] = {}
-            for chunk in _chunks(ids):
+            for chunk in self._batches(ids):
                 query = (
                     select(*_held_columns())
-                    .where(m.c.audience_id == audience_id, m.c.external_user_id.in_(chunk))
+                    .where(m.c.audience_id == audience_id, self._among(m.c.external_user_id, chunk))
                     .order_by(m.c.external_user_id)
                 )
                 if self._postgres:
