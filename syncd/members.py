@@ -148,6 +148,11 @@ class Claim:
     refresh: bool  # a TTL refresh or reconcile work rather than a live change
     occurred_at: float  # of the change claimed (end-to-end latency of live changes)
 
+    def __hash__(self) -> int:
+        # the lease's identity: hashing every field (the record too) was a share of the
+        # senders' CPU, which keep their claims in sets
+        return hash((self.audience_id, self.external_user_id, self.token))
+
     @property
     def api_action(self) -> Action:
         return Action.ADD if self.action == ADD else Action.REMOVE
