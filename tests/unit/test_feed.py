@@ -173,13 +173,22 @@ async def test_due_members_are_claimed_sent_and_stored_with_their_job(table: Mem
 
 
 async def test_a_refused_record_is_a_member_dead_letter_and_invalid_until_it_changes(
-    table: MemberTable,
+    table: MemberTable, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     amazon = Amazon(refuse=lambda ids: 400 if "u2" in ids else None)
     dead = DeadLetters()
+    refused: list[str] = []  # stored as refused (the feed lets go of its claims just before)
+    refuse = table.refuse
+
+    async def refuse_and_note(claims: list[Claim], reason: str) -> list[Claim]:
+        lost = await refuse(claims, reason)
+        refused.extend(c.external_user_id for c in claims)
+        return lost
+
+    monkeypatch.setattr(table, "refuse", refuse_and_note)
     await add_members(table, "u1", "u2", "u3", "u4")
     running = start(table, amazon, dead)
-    await until(lambda: len(dead.sent) == 1 and running.feed.held == 0, "u2 refused alone")
+    await until(lambda: refused == ["u2"] and len(dead.sent) == 1, "u2 refused alone")
     [(value, reason, detail)] = dead.sent
     assert value == {
         "audience": "vip",
