@@ -483,13 +483,21 @@ class MemberTable:
                 live.append(change)
         full = [c for c in live if c.action != UPDATE]
         updates = [c for c in live if c.action == UPDATE]
-        members_now = self._adds(conn, [c.key for c in updates])
+        # PostgreSQL reads every row first (SQLite: `_upsert_staged` flags them itself): the
+        # upsert locks each conflicting row, and logs the lock, even where its guard then
+        # refuses the change, which every change of a replay is.
+        rows = self._rows(conn, [c.key for c in (live if self._postgres else updates)])
         as_adds = []
         for c in updates:
-            if c.key in members_now:
+            if (row := rows.get(c.key)) is not None and row[0] == ADD:
                 as_adds.append(MemberChange(*c.key, ADD, c.record, c.digest, *c.order))
             else:
                 counts.not_member += 1
+        if self._postgres:  # what is older than its row now stays older (rows only move on)
+            newer = [c for c in full if (row := rows.get(c.key)) is None or c.order > row[1]]
+            newer_adds = [c for c in as_adds if c.order > rows[c.key][1]]
+            counts.superseded += len(full) - len(newer) + len(as_adds) - len(newer_adds)
+            full, as_adds = newer, newer_adds
         self._upsert(conn, full, now, rank, counts, adds_only=False)
         self._upsert(conn, as_adds, now, rank, counts, adds_only=True)
 
@@ -507,19 +515,19 @@ class MemberTable:
                 found.update({(audience_id, row[0]): float(row[1]) for row in result})
         return found
 
-    def _adds(self, conn: Connection, keys: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
-        """The keys among `keys` whose member row's desired action is ADD."""
-        found: set[tuple[int, str]] = set()
+    def _rows(
+        self, conn: Connection, keys: Sequence[tuple[int, str]]
+    ) -> dict[tuple[int, str], tuple[str, tuple[float, int]]]:
+        """The desired action and order (occurred_at, position) of the member rows of `keys`."""
+        found: dict[tuple[int, str], tuple[str, tuple[float, int]]] = {}
         for audience_id, ids in _by_audience(keys).items():
             for chunk in self._batches(ids):
                 result = conn.execute(
-                    select(m.c.external_user_id).where(
-                        m.c.audience_id == audience_id,
-                        self._among(m.c.external_user_id, chunk),
-                        m.c.action == ADD,
+                    select(m.c.external_user_id, m.c.action, m.c.occurred_at, m.c.position).where(
+                        m.c.audience_id == audience_id, self._among(m.c.external_user_id, chunk)
                     )
                 )
-                found.update((audience_id, row[0]) for row in result)
+                found.update({(audience_id, e): (a, (float(o), int(p))) for e, a, o, p in result})
         return found
 
     def _upsert(

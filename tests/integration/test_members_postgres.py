@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy import text
 
-from syncd.members import ADD, REMOVE, Claim, MemberChange, MemberTable
+from syncd.members import ADD, REMOVE, UPDATE, Claim, MemberChange, MemberTable
 from syncd.store import Store
 from tests.fakes import T0, FakeClock
 from tests.unit.test_members import *  # noqa: F403  (the unit suite, re-run on PostgreSQL)
@@ -50,6 +50,32 @@ async def test_transactions_run_read_committed_whatever_the_default(
         lambda conn, now: conn.scalar(text("SHOW transaction_isolation"))
     )
     assert in_write == "read committed"
+
+
+async def test_a_replayed_change_leaves_its_row_untouched_not_even_locked(
+    table: MemberTable,
+) -> None:
+    """A replay's changes are all older than (or the same as) their rows: the upsert's guard
+    would refuse them, but ON CONFLICT DO UPDATE locks the row first (a write, logged). They
+    are left out before the upsert: the row's xmax (its last locker) does not move."""
+    await table.record_changes([change("u1", at=T0 + 5, pos=3), change("u2")])
+
+    async def xmax() -> dict[str, str]:
+        async with table._store._read() as conn:
+            rows = await conn.execute(text("SELECT external_user_id, xmax FROM members"))
+            return {euid: str(x) for euid, x in rows}
+
+    before = await xmax()
+    replayed = [change("u1", at=T0 + 5, pos=3), change("u1", at=T0 + 5, pos=2), change("u2")]
+    counts = await table.record_changes([*replayed, change("u2", UPDATE, at=T0 - 1)])
+    assert (counts.recorded, counts.noop) == (0, 0)
+    assert await xmax() == before
+    # a newer change still applies
+    counts = await table.record_changes([change("u2", REMOVE, at=T0 + 1)])
+    assert counts.recorded == 1
+    state = await table.member(A1, "u2")
+    assert state is not None
+    assert state.action == REMOVE
 
 
 async def test_replicas_claiming_at_once_never_share_a_member(
