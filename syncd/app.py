@@ -35,7 +35,14 @@ from syncd.config import Config
 from syncd.deliver import BlockLog, ConnectionSender, MemberFeed
 from syncd.errors import AmazonError, AuthError, RetryableError
 from syncd.jobs import MemberOutcomes, Poller
-from syncd.members import ADD, MemberChange, MemberTable, dead_letter_value, member_change
+from syncd.members import (
+    ADD,
+    MemberChange,
+    MemberTable,
+    RecordCounts,
+    dead_letter_value,
+    member_change,
+)
 from syncd.model import Destination, Erase, MemberRecord, SourceRef
 from syncd.observability import metrics
 from syncd.observability.http import bound_port, start_http
@@ -184,19 +191,21 @@ class Pipeline:
                         identifiers_only=record.identifiers_only,
                     )
                 )
-        await self._record_changes(changes)
+        counts = await self._record_changes(changes)
         for ref in recorded:
             self._tracker.done(ref)
-        for connection_id in connections:
-            self._wake(connection_id)
+        if counts.recorded:  # no-ops and older changes leave nothing to claim (a replay)
+            for connection_id in connections:
+                self._wake(connection_id)
 
-    async def _record_changes(self, changes: list[MemberChange]) -> None:
+    async def _record_changes(self, changes: list[MemberChange]) -> RecordCounts:
         if not changes:
-            return
+            return RecordCounts()
         counts = await persist(lambda: self._members.record_changes(changes), what="member changes")
         for outcome, n in dataclasses.asdict(counts).items():
             if n:
                 metrics.MEMBER_CHANGES.labels(outcome).inc(n)
+        return counts
 
     async def _erase(self, erase: Erase, message: Message) -> None:
         await persist(

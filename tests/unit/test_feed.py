@@ -330,3 +330,30 @@ async def test_ingest_records_changes_and_erases_in_order_then_marks_events_done
     u1 = await table.member(DEST.audience_id, "u1")
     assert u1 is not None
     assert u1.action == "remove"
+
+
+async def test_ingest_wakes_the_senders_only_for_changes_that_leave_work(
+    table: MemberTable,
+) -> None:
+    """A replay (the same events again: nothing newer) leaves nothing to claim: the senders are
+    not woken for it (each wake is a claim query)."""
+    woken: list[str] = []
+    pipeline = Pipeline(
+        Config(destinations=(DEST,)),
+        cast(KafkaSource, FakeSource()),
+        OffsetTracker(),
+        table,
+        cast(Transformer, None),
+        wake=woken.append,
+    )
+    chunk: list[tuple[Message, Outcome]] = [
+        (
+            Message(SourceRef("t", 0, offset), b"{}", timestamp_ms=1_000_000),
+            [(0, member_record(euid, "US", Action.ADD, [{"email": HEX}]))],
+        )
+        for offset, euid in enumerate(("u1", "u2"))
+    ]
+    await pipeline._record(chunk)
+    assert woken == [DEST.connection_id]
+    await pipeline._record(chunk)  # replayed
+    assert woken == [DEST.connection_id]
