@@ -643,11 +643,7 @@ class Store:
             yield conn
 
     async def _now(self, conn: AsyncConnection) -> float:
-        if self._clock is not None:
-            return self._clock()
-        if self._postgres:
-            return float(await conn.scalar(_PG_NOW))
-        return time.time()
+        return await conn.run_sync(self._now_sync)
 
 
 def _leaves_at(window_s: float) -> ColumnElement[float]:
