@@ -47,6 +47,7 @@ from sqlalchemy import (
     Column,
     ColumnElement,
     MetaData,
+    String,
     Table,
     and_,
     any_,
@@ -341,6 +342,13 @@ def _rounds(
     return first, second
 
 
+def _array_of(column: Column[Any]) -> ARRAY[Any]:
+    """A PostgreSQL array parameter for `column`'s values. Strings go as unbounded VARCHAR: a
+    cast to VARCHAR(n) would cut a longer value short (and match or write another id) where
+    the column itself refuses it."""
+    return ARRAY(String() if isinstance(column.type, String) else column.type)
+
+
 def _chunks(items: Sequence[T], size: int = _ROWS_PER_STATEMENT) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -437,7 +445,7 @@ class MemberTable:
         """`column IN values`. PostgreSQL: `column = ANY(array)`, one statement text whatever the
         length (an IN list is rendered anew, and prepared by asyncpg anew, for each length)."""
         if self._postgres:
-            return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+            return column == any_(bindparam(None, list(values), type_=_array_of(column)))
         return column.in_(values)
 
     # -- ingest ----------------------------------------------------------------------------------
@@ -633,7 +641,7 @@ class MemberTable:
         if self._postgres:
             source: Any = (
                 func.unnest(
-                    *(bindparam(name, type_=ARRAY(m.c[name].type)) for name in _STAGED_COLUMNS)
+                    *(bindparam(name, type_=_array_of(m.c[name])) for name in _STAGED_COLUMNS)
                 )
                 .table_valued(*_STAGED_COLUMNS)
                 .render_derived(name="changes")

@@ -78,6 +78,16 @@ async def test_a_replayed_change_leaves_its_row_untouched_not_even_locked(
     assert state.action == REMOVE
 
 
+async def test_an_id_longer_than_the_column_matches_no_member_cut_to_its_length(
+    table: MemberTable,
+) -> None:
+    """Ids go to PostgreSQL as arrays: an array of VARCHAR(128) would cut a longer id short and
+    find the member whose id is its first 128 characters."""
+    await table.record_changes([change("u" * 128)])
+    assert await table.held_members(A1, ["u" * 129]) == {}
+    assert list(await table.held_members(A1, ["u" * 128])) == ["u" * 128]
+
+
 async def test_replicas_claiming_at_once_never_share_a_member(
     replicas: list[MemberTable],
 ) -> None:
