@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -203,8 +204,15 @@ class KafkaSource:
 
     def resume(self, partitions: Iterable[Partition]) -> None:
         wanted = set(partitions)
+        resumed = wanted & self._paused
         self._paused -= wanted
         self._apply(wanted & self.assigned, pause=False)
+        if resumed:
+            # Pausing dropped what aiokafka had fetched for them and syncd not read yet. Each
+            # dropped fetch holds its response's bytes in a reference cycle (a suspended record
+            # generator), which only a full collection frees, and the daemon runs those rarely
+            # (runtime.tune_process): free them now, once per pause.
+            gc.collect()
 
     def pause_all(self) -> None:
         self.pause(self.assigned)

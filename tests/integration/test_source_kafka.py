@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ssl
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -280,6 +282,35 @@ async def test_a_paused_partition_delivers_nothing_while_others_flow(
         assert source.paused == source.assigned
         source.resume_all()
         assert source.paused == set()
+
+
+@pytest.mark.integration
+async def test_records_a_pause_dropped_are_freed_when_reading_resumes(
+    kafka: KafkaCluster, topic: str
+) -> None:
+    """Pausing drops what aiokafka fetched and syncd has not read yet (it is fetched again on
+    resume). Each dropped fetch holds its response's bytes (up to max_partition_fetch_bytes) in
+    a reference cycle, which only a full collection frees, and the daemon runs those rarely
+    (`runtime.tune_process`): a daemon pausing often (a low `max_pending_events`) grew to twice
+    its memory. Resuming frees them. Here the collector never runs on its own."""
+    await kafka.create_topic(topic, partitions=1)
+    await fill(kafka, topic, 1, 50)
+    gc.disable()
+    try:
+        async with running(config(kafka, topic)) as source:
+            first = await fetch_until_some(source, max_records=1)
+            fetched = source._consumer._fetcher._records[TopicPartition(topic, 0)]
+            dropped = weakref.ref(fetched._partition_records)  # 49 records left in it
+            del fetched
+            assert len(first) == 1
+            source.pause_all()
+            assert await source.fetch(timeout_ms=0) == []  # aiokafka lets go of them here
+            source.resume_all()
+            assert dropped() is None
+            rest = await fetch_until(source, lambda m: len(m) >= 49, "the rest, fetched again")
+            assert [m.ref.offset for m in first + rest] == list(range(50))
+    finally:
+        gc.enable()
 
 
 @pytest.mark.integration
