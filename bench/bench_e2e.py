@@ -257,7 +257,7 @@ async def member_table(url: str, backend: str) -> None:
 def config(
     bootstrap: str, sandbox_url: str, url: str, group: str, workers: int, max_pending: int | None
 ) -> dict[str, Any]:
-    return daemon_config(
+    raw = daemon_config(
         bootstrap=bootstrap,
         topic=TOPIC,
         sandbox_url=sandbox_url,
@@ -271,6 +271,16 @@ def config(
         log={"level": "warning"},
         transform={"workers": workers},
     )
+    raw["store"]["auto_upgrade"] = False  # upgraded first, as the chart's init container does
+    return raw
+
+
+async def upgrade(url: str) -> None:
+    store = await Store.connect(url)
+    try:
+        await store.upgrade()
+    finally:
+        await store.close()
 
 
 def rate(count: int, seconds: float, unit: str = "events") -> str:
@@ -294,6 +304,7 @@ async def bench(args: argparse.Namespace, tmp: Path, url: str) -> None:
     sandbox_url = f"http://127.0.0.1:{sandbox_port}"
     try:
         await broker.create_topic(TOPIC, args.partitions)
+        await upgrade(url)
         t0 = time.monotonic()
         await produce(broker.bootstrap, TOPIC, synth.events(events, seed=1, remove_ratio=0.2))
         print(f"produced {events:,} events in {time.monotonic() - t0:.1f}s", flush=True)

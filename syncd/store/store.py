@@ -40,12 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     ColumnElement,
     Engine,
@@ -55,6 +51,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     text,
     update,
@@ -72,7 +69,13 @@ from syncd.store.reasons import invalid_reason_counts
 from syncd.store.schema import budget_reservations, connection_blocks, job_counts, jobs
 from syncd.vocabulary import JobState
 
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
 T = TypeVar("T")
+# The migration this code needs (the newest in migrations/versions; a unit test holds them equal).
+SCHEMA_REVISION: Final = "0006"
+_VERSION_TABLE = "alembic_version"
 _PG_ISOLATION = "READ COMMITTED"  # pinned: see the module docstring
 _MIGRATION_LOCK = 0x73796E6364  # pg_advisory_xact_lock key: "syncd" in hex
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -130,17 +133,21 @@ class JobRow(NewJob):
 
 
 def alembic_config() -> AlembicConfig:
-    """Alembic's config for the migrations shipped inside the package."""
+    """Alembic's config for the migrations shipped inside the package. Alembic is imported only
+    to migrate: a daemon whose store is at `SCHEMA_REVISION` never loads it (~11 MB)."""
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(resources.files("syncd.store") / "migrations"))
     return cfg
 
 
-def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    if head is None:  # pragma: no cover - the package always ships a revision
-        raise RuntimeError("no migrations shipped")
-    return head
+def _current_revision(conn: Connection) -> str | None:
+    """The revision alembic stamped the database with; None for an empty database."""
+    if not inspect(conn).has_table(_VERSION_TABLE):
+        return None
+    revision: str | None = conn.execute(text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalar()
+    return revision
 
 
 class Store:
@@ -216,10 +223,8 @@ class Store:
     async def schema_status(self) -> tuple[str | None, str]:
         """(the database's revision or None when empty, the revision this code needs)."""
         async with self._read() as conn:
-            current = await conn.run_sync(
-                lambda sync: MigrationContext.configure(sync).get_current_revision()
-            )
-        return current, head_revision()
+            current = await conn.run_sync(_current_revision)
+        return current, SCHEMA_REVISION
 
     async def upgrade(self) -> None:
         """Apply every migration up to head, in one transaction (replicas take turns)."""
@@ -654,6 +659,8 @@ def _leaves_at(window_s: float) -> ColumnElement[float]:
 
 
 def _upgrade_to_head(connection: Connection) -> None:
+    from alembic import command
+
     cfg = alembic_config()
     cfg.attributes["connection"] = connection
     command.upgrade(cfg, "head")

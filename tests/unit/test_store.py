@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from syncd.errors import SchemaOutdatedError
 from syncd.store import JobRow, NewJob, Store
 from syncd.store import store as store_mod
 from syncd.store.schema import jobs
-from syncd.store.store import alembic_config, head_revision
+from syncd.store.store import SCHEMA_REVISION, alembic_config
 from tests.fakes import T0, FakeClock
 
 
@@ -69,6 +71,44 @@ async def test_explicit_upgrade_then_a_new_store_accepts_the_schema(store_db_url
         await again.ensure_schema(auto_upgrade=False)
     finally:
         await again.close()
+
+
+def test_schema_revision_is_the_newest_migration() -> None:
+    """The revision the daemon checks for without alembic is the head of the shipped scripts."""
+    from alembic.script import ScriptDirectory
+
+    assert ScriptDirectory.from_config(alembic_config()).get_heads() == [SCHEMA_REVISION]
+
+
+def test_a_store_at_head_is_checked_without_loading_alembic(tmp_path: Path) -> None:
+    """`syncd run` on a store already upgraded (`syncd db upgrade`, as the chart runs it) never
+    imports alembic: ~11 MB of the daemon's memory."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}"
+    asyncio.run(_upgraded(url))
+    script = (
+        "import asyncio, sys\n"
+        "import syncd.app\n"
+        "from syncd.store import Store\n"
+        "async def main():\n"
+        f"    store = await Store.connect({url!r})\n"
+        "    await store.ensure_schema(auto_upgrade=False)\n"
+        "    print(await store.schema_status())\n"
+        "    await store.close()\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.splitlines() == [str((SCHEMA_REVISION, SCHEMA_REVISION)), "[]"]
+
+
+async def _upgraded(url: str) -> None:
+    store = await Store.connect(url)
+    try:
+        await store.upgrade()
+    finally:
+        await store.close()
 
 
 async def test_ping(store: Store, tmp_path: Path) -> None:
@@ -556,7 +596,7 @@ async def test_upgrading_a_store_with_jobs_counts_them_and_indexes_terminal_at(
                         invalid_reasons={},
                     )
                 )
-        assert await s.schema_status() == ("0001", head_revision())
+        assert await s.schema_status() == ("0001", SCHEMA_REVISION)
         await s.ensure_schema(auto_upgrade=True)
         assert await s.job_counts() == {"FAILED": 1, "PENDING": 2, "SUCCEEDED": 2}
         async with s._engine.connect() as conn:

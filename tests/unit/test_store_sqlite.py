@@ -14,13 +14,13 @@ from sqlalchemy.engine import Connection
 from syncd.members import MemberChange, MemberTable
 from syncd.store import Store
 from syncd.store.schema import members
-from syncd.store.store import alembic_config, head_revision
+from syncd.store.store import SCHEMA_REVISION, alembic_config
 
 
 async def test_connections_racing_to_open_a_new_file_all_succeed(tmp_path: Path) -> None:
     """Switching a new file to WAL can fail with "database is locked" without SQLite asking its
     busy handler; the store retries instead of failing its first query."""
-    head = head_revision()
+    head = SCHEMA_REVISION
     for attempt in range(10):
         url = f"sqlite+aiosqlite:///{tmp_path / f'race-{attempt}.db'}"
         stores = [await Store.connect(url) for _ in range(6)]
