@@ -3,8 +3,10 @@ Pure: no I/O.
 
 A claim carries its member's record already encoded (the API's record object); a body is the
 envelope around the concatenation of its records' bytes, so every size is exact and nothing is
-encoded twice. Each claim holds one member (the table keeps one change per member), so there is
-nothing to merge: the latest change won in the member table.
+encoded twice. A body is joined only when its POST starts and dropped with the answer: batches
+waiting for the sender hold their records once, in their claims. Each claim holds one member
+(the table keeps one change per member), so there is nothing to merge: the latest change won in
+the member table.
 """
 
 from __future__ import annotations
@@ -24,14 +26,19 @@ _CLOSE = b"]}"  # closes the records list and the body
 
 @dataclass(slots=True)
 class EncodedBatch:
-    """A batch ready to send: the model batch, its exact request body, each record's JSON and
-    the claim it was built from, in `batch.records` order (kept, so that dead-lettering, marking
-    or splitting never parses a body)."""
+    """A batch ready to send: the model batch (`size_bytes` is its body's), the body's start,
+    each record's JSON and the claim it was built from, in `batch.records` order (kept, so that
+    dead-lettering, marking or splitting never parses a body)."""
 
     batch: Batch
-    body: bytes
+    prefix: bytes  # the body up to its first record
     records: list[bytes]
     claims: list[Claim]
+
+    @property
+    def body(self) -> bytes:
+        """The exact request body, joined anew on each call (one per POST attempt)."""
+        return b"".join((self.prefix, b",".join(self.records), _CLOSE))
 
     def halves(self) -> tuple[EncodedBatch, EncodedBatch] | None:
         """The batch in two, each with its exact body (a refused batch is bisected); None for
@@ -39,16 +46,14 @@ class EncodedBatch:
         count = len(self.records)
         if count < 2:
             return None
-        joined = sum(map(len, self.records)) + count - 1
-        prefix = self.body[: len(self.body) - joined - len(_CLOSE)]
         middle = count // 2
-        return self._part(prefix, slice(0, middle)), self._part(prefix, slice(middle, None))
+        return self._part(slice(0, middle)), self._part(slice(middle, None))
 
-    def _part(self, prefix: bytes, part: slice) -> EncodedBatch:
+    def _part(self, part: slice) -> EncodedBatch:
         batch = self.batch
         return _encoded(
             batch.destination,
-            prefix,
+            self.prefix,
             self.records[part],
             self.claims[part],
             batch.records[part],
@@ -128,6 +133,5 @@ def _encoded(
     first_event_at: float | None,
 ) -> EncodedBatch:
     """The batch of `records` (JSON each) behind the body's `prefix`."""
-    body = b"".join((prefix, b",".join(records), _CLOSE))
-    batch = Batch(destination, members, len(body), first_event_at)
-    return EncodedBatch(batch, body, records, claims)
+    size = len(prefix) + sum(map(len, records)) + max(len(records) - 1, 0) * _SEP + len(_CLOSE)
+    return EncodedBatch(Batch(destination, members, size, first_event_at), prefix, records, claims)

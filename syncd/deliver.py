@@ -483,9 +483,9 @@ class ConnectionSender:
             removes=len(batch.records) - adds,
         )
         await persist(lambda: self._outcomes.accepted(part, job), what=f"job row {job_id}")
-        self._record_sent(batch, len(part.body))
+        self._record_sent(batch)
 
-    def _record_sent(self, batch: Batch, body_bytes: int) -> None:
+    def _record_sent(self, batch: Batch) -> None:
         dest = batch.destination
         adds = sum(1 for r in batch.records if r.action is Action.ADD)
         removes = len(batch.records) - adds
@@ -495,7 +495,7 @@ class ConnectionSender:
             metrics.RECORDS_SENT.labels(dest.connection_id, dest.audience, "remove").inc(removes)
         metrics.BATCHES_SENT.labels(dest.connection_id, dest.audience, "accepted").inc()
         metrics.BATCH_RECORDS.observe(len(batch.records))
-        metrics.BATCH_BYTES.observe(body_bytes)
+        metrics.BATCH_BYTES.observe(batch.size_bytes)
         if batch.first_event_at is not None:
             metrics.END_TO_END_LATENCY.observe(max(0.0, time.time() - batch.first_event_at))
 
@@ -618,8 +618,8 @@ class MemberFeed:
             tg.create_task(self._renew_forever())
             try:
                 while not stop.is_set():
-                    # one claim ahead of the sender's workers: claimed batches hold their
-                    # records twice (claims and body)
+                    # one claim ahead of the sender's workers: what is claimed waits in
+                    # memory (a batch's records, in its claims) until its POST
                     await _until(sender.wait_for_room(sender.workers + 1), stop)
                     if stop.is_set():
                         break
