@@ -146,8 +146,13 @@ def _current_revision(conn: Connection) -> str | None:
     """The revision alembic stamped the database with; None for an empty database."""
     if not inspect(conn).has_table(_VERSION_TABLE):
         return None
-    revision: str | None = conn.execute(text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalar()
-    return revision
+    revisions = conn.execute(text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalars().all()
+    if len(revisions) > 1:  # branches: never made by syncd's linear migrations
+        raise SchemaOutdatedError(
+            f"the store's {_VERSION_TABLE} table holds {len(revisions)} revisions "
+            f"({', '.join(sorted(revisions))}); syncd's migrations are one line of revisions"
+        )
+    return revisions[0] if revisions else None
 
 
 class Store:
@@ -242,6 +247,11 @@ class Store:
         current, head = await self.schema_status()
         if current == head:
             return
+        if current is not None and current > head:  # revisions are zero-padded numbers
+            raise SchemaOutdatedError(
+                f"the store's schema is at revision {current}, newer than this syncd's "
+                f"({head}): a newer release migrated it; run that release (or a later one)"
+            )
         if auto_upgrade:
             await self.upgrade()
             return

@@ -14,7 +14,7 @@ import pytest
 from alembic import command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, insert, inspect, select
+from sqlalchemy import func, insert, inspect, select, text
 from sqlalchemy.engine import Connection
 
 from syncd import cli
@@ -62,6 +62,29 @@ async def test_empty_database_is_outdated_unless_auto_upgrade(store_db_url: str)
         await s.close()
 
 
+async def test_a_store_a_newer_release_migrated_is_refused_by_name(store_db_url: str) -> None:
+    """Not "run syncd db upgrade" (this release cannot): the store is ahead of the code. A
+    version table with two revisions (not syncd's linear migrations) is refused too."""
+    s = await Store.connect(store_db_url)
+    try:
+        await s.upgrade()
+        newer = f"{int(SCHEMA_REVISION) + 1:04d}"
+        async with s._engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": newer})
+        for auto_upgrade in (False, True):
+            with pytest.raises(SchemaOutdatedError) as err:
+                await s.ensure_schema(auto_upgrade=auto_upgrade)
+            assert f"at revision {newer}, newer than this syncd's ({SCHEMA_REVISION})" in str(
+                err.value
+            )
+        async with s._engine.begin() as conn:
+            await conn.execute(text("INSERT INTO alembic_version VALUES ('0001')"))
+        with pytest.raises(SchemaOutdatedError, match="holds 2 revisions"):
+            await s.schema_status()
+    finally:
+        await s.close()
+
+
 async def test_explicit_upgrade_then_a_new_store_accepts_the_schema(store_db_url: str) -> None:
     s = await Store.connect(store_db_url)
     await s.upgrade()
@@ -82,12 +105,13 @@ def test_schema_revision_is_the_newest_migration() -> None:
 
 def test_a_store_at_head_is_checked_without_loading_alembic(tmp_path: Path) -> None:
     """`syncd run` on a store already upgraded (`syncd db upgrade`, as the chart runs it) never
-    imports alembic: ~11 MB of the daemon's memory."""
+    imports alembic: ~11 MB of the daemon's memory. The command line loads every command."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}"
     asyncio.run(_upgraded(url))
     script = (
         "import asyncio, sys\n"
-        "import syncd.app\n"
+        "import syncd.app, syncd.cli\n"
+        "syncd.cli.build_parser()\n"
         "from syncd.store import Store\n"
         "async def main():\n"
         f"    store = await Store.connect({url!r})\n"
