@@ -20,7 +20,7 @@ from syncd.amazon.api import records_body
 from syncd.members import Claim
 from syncd.model import Batch, Destination, Member
 
-_SEP = 1  # the comma between two records in the body
+_COMMA = b","  # between two records in the body
 _CLOSE = b"]}"  # closes the records list and the body
 
 
@@ -38,7 +38,7 @@ class EncodedBatch:
     @property
     def body(self) -> bytes:
         """The exact request body, joined anew on each call (one per POST attempt)."""
-        return b"".join((self.prefix, b",".join(self.records), _CLOSE))
+        return b"".join((self.prefix, _COMMA.join(self.records), _CLOSE))
 
     def halves(self) -> tuple[EncodedBatch, EncodedBatch] | None:
         """The batch in two, each with its exact body (a refused batch is bisected); None for
@@ -95,7 +95,7 @@ def build_batches(
         if envelope + length > max_bytes:
             too_large.append(claim)
             continue
-        grown = size + length + (_SEP if taken else 0)
+        grown = size + length + (len(_COMMA) if taken else 0)
         if taken and (len(taken) >= max_records or envelope + grown > max_bytes):
             close()
             grown = length
@@ -133,5 +133,6 @@ def _encoded(
     first_event_at: float | None,
 ) -> EncodedBatch:
     """The batch of `records` (JSON each) behind the body's `prefix`."""
-    size = len(prefix) + sum(map(len, records)) + max(len(records) - 1, 0) * _SEP + len(_CLOSE)
+    commas = max(len(records) - 1, 0) * len(_COMMA)
+    size = len(prefix) + sum(map(len, records)) + commas + len(_CLOSE)
     return EncodedBatch(Batch(destination, members, size, first_event_at), prefix, records, claims)
