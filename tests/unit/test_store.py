@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
+from alembic.script import ScriptDirectory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, insert, inspect, select, text
@@ -98,8 +99,6 @@ async def test_explicit_upgrade_then_a_new_store_accepts_the_schema(store_db_url
 
 def test_schema_revision_is_the_newest_migration() -> None:
     """The revision the daemon checks for without alembic is the head of the shipped scripts."""
-    from alembic.script import ScriptDirectory
-
     assert ScriptDirectory.from_config(alembic_config()).get_heads() == [SCHEMA_REVISION]
 
 
