@@ -140,7 +140,9 @@ async def test_reconcile_mirrors_the_snapshot_within_the_budget_after_live_chang
     m = {f"m{i:02}": f"m{i}@example.com" for i in range(40)}
     s = {p: e for p, e in m.items() if p >= "m10"}  # m00..m09 leave
     s |= {f"m{i}": f"new{i}@example.com" for i in range(30, 40)}  # ten change their email
-    s |= {f"n{i:03}": f"n{i}@example.com" for i in range(100)}  # a hundred join
+    # 250 join: with the changes below, ~270 records take ~7 budget windows (~14 s), so live
+    # changes recorded while the backfill waits have seconds of room on a loaded machine
+    s |= {f"n{i:03}": f"n{i}@example.com" for i in range(250)}
     async with running_sandbox(settings) as sandbox:
         raw = daemon_config(
             bootstrap=kafka.bootstrap,
