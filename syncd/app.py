@@ -140,7 +140,7 @@ class Pipeline:
         while (item := await chunks.get()) is not None:
             messages, transformed = item
             outcomes, counts = await transformed
-            counts.publish()
+            _publish(counts)
             assigned = self._source.assigned  # a partition that moved meanwhile is its new owner's
             mine = [
                 (message, outcome)
@@ -314,6 +314,16 @@ def _wake(feeds: dict[str, MemberFeed], connection_id: str) -> None:
     """Wake the connection's feed; a connection whose destinations are all paused has none."""
     if (feed := feeds.get(connection_id)) is not None:
         feed.wake()
+
+
+def _publish(counts: RouteCounts) -> None:
+    """What routing counted in a chunk (in a transform worker, or inline), as metrics."""
+    for reason, n in counts.filtered.items():
+        metrics.EVENTS_FILTERED.labels(reason).inc(n)
+    for audience, n in counts.default_country.items():
+        metrics.RECORDS_DEFAULT_COUNTRY.labels(audience).inc(n)
+    for (pii_field, reason), n in counts.dropped.items():
+        metrics.PII_VALUES_DROPPED.labels(pii_field, reason).inc(n)
 
 
 def _occurred_at(occurred_at: float | None, message: Message) -> float:

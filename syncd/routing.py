@@ -34,7 +34,6 @@ from syncd.model import (
     ProfileChange,
     member_record,
 )
-from syncd.observability import metrics
 from syncd.pii import HashedPII, build_hashed_pii, normalize_country
 from syncd.vocabulary import CONSENT_ANSWERS, ConsentSignal
 
@@ -72,19 +71,11 @@ class Part(NamedTuple):
 @dataclass(slots=True)
 class RouteCounts:
     """What routing counted since the last `take`, for the metrics of the process that owns
-    them."""
+    them (the daemon publishes them: a transform worker imports no metrics)."""
 
     filtered: Counter[str] = field(default_factory=Counter)  # reason
     default_country: Counter[str] = field(default_factory=Counter)  # audience
     dropped: Counter[tuple[str, str]] = field(default_factory=Counter)  # (field, reason)
-
-    def publish(self) -> None:
-        for reason, n in self.filtered.items():
-            metrics.EVENTS_FILTERED.labels(reason).inc(n)
-        for audience, n in self.default_country.items():
-            metrics.RECORDS_DEFAULT_COUNTRY.labels(audience).inc(n)
-        for (pii_field, reason), n in self.dropped.items():
-            metrics.PII_VALUES_DROPPED.labels(pii_field, reason).inc(n)
 
 
 def external_user_id(profile_id: str) -> str:

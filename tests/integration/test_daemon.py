@@ -207,6 +207,9 @@ async def test_every_valid_change_arrives_as_the_contract_says(
         return bool(counts) and "PENDING" not in counts
 
     await wait_for(all_terminal, 60, "every job terminal in the store")
+    # what routing counted in the transform worker is published by the daemon
+    assert await daemon.metric("syncd_records_default_country_total", {"audience": "lapsed"}) >= 1
+    assert await daemon.metric("syncd_pii_values_dropped_total", {"field": "email"}) >= 1
     assert await daemon.terminate() == 0
     assert sandbox.state.stats()["terminal_polls"] == 0
     ends = await end_offsets(kafka.bootstrap, topic)
