@@ -59,6 +59,7 @@ from syncd.localstack import (
 )
 from syncd.members import MemberTable
 from syncd.store import Store
+from syncd.store.commands import upgrade_store
 
 TOPIC = "bench-profile-changes"
 SAMPLE_S = 0.2  # sampling cadence of progress and memory
@@ -275,14 +276,6 @@ def config(
     return raw
 
 
-async def upgrade(url: str) -> None:
-    store = await Store.connect(url)
-    try:
-        await store.upgrade()
-    finally:
-        await store.close()
-
-
 def rate(count: int, seconds: float, unit: str = "events") -> str:
     return f"{count / seconds:,.0f} {unit}/s"
 
@@ -304,7 +297,7 @@ async def bench(args: argparse.Namespace, tmp: Path, url: str) -> None:
     sandbox_url = f"http://127.0.0.1:{sandbox_port}"
     try:
         await broker.create_topic(TOPIC, args.partitions)
-        await upgrade(url)
+        await upgrade_store(url)
         t0 = time.monotonic()
         await produce(broker.bootstrap, TOPIC, synth.events(events, seed=1, remove_ratio=0.2))
         print(f"produced {events:,} events in {time.monotonic() - t0:.1f}s", flush=True)

@@ -100,7 +100,7 @@ def _print_tables(counts: dict[str, int], recent: list[JobRow]) -> None:
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
-    before, head = asyncio.run(_upgrade(cfg.store.url))
+    before, head = asyncio.run(upgrade_store(cfg.store.url))
     if before == head:
         print(f"store schema already at revision {head}")
     else:
@@ -108,7 +108,8 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _upgrade(url: str) -> tuple[str | None, str]:
+async def upgrade_store(url: str) -> tuple[str | None, str]:
+    """`syncd db upgrade` on the store at `url`: (its revision before, the head it is at now)."""
     store = await Store.connect(url)
     try:
         before, head = await store.schema_status()

@@ -23,6 +23,7 @@ from syncd.amazon.api import InvalidRecord, JobStatus
 from syncd.errors import SchemaOutdatedError
 from syncd.store import JobRow, NewJob, Store
 from syncd.store import store as store_mod
+from syncd.store.commands import upgrade_store
 from syncd.store.schema import jobs
 from syncd.store.store import SCHEMA_REVISION, alembic_config
 from tests.fakes import T0, FakeClock
@@ -106,7 +107,7 @@ def test_a_store_at_head_is_checked_without_loading_alembic(tmp_path: Path) -> N
     """`syncd run` on a store already upgraded (`syncd db upgrade`, as the chart runs it) never
     imports alembic: ~11 MB of the daemon's memory. The command line loads every command."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}"
-    asyncio.run(_upgraded(url))
+    asyncio.run(upgrade_store(url))
     script = (
         "import asyncio, sys\n"
         "import syncd.app, syncd.cli\n"
@@ -124,14 +125,6 @@ def test_a_store_at_head_is_checked_without_loading_alembic(tmp_path: Path) -> N
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout
     assert out.splitlines() == [str((SCHEMA_REVISION, SCHEMA_REVISION)), "[]"]
-
-
-async def _upgraded(url: str) -> None:
-    store = await Store.connect(url)
-    try:
-        await store.upgrade()
-    finally:
-        await store.close()
 
 
 async def test_ping(store: Store, tmp_path: Path) -> None:
