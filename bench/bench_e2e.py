@@ -8,7 +8,7 @@ audience: one member record per event) is produced first; then syncd starts. Fig
 - ingest: from the first event read to the last commit (commits follow recording in the member
   table, so this measures reading, transforming and recording, not sending);
 - memory: the peak of the summed RSS of all of syncd's processes (event loop, transform
-  workers, multiprocessing's resource tracker), sampled, and the sum of their own peaks
+  workers), sampled, and the sum of their own peaks
   (VmHWM, which no sample misses), with the peak of their summed PSS beside (shared pages
   counted once, as a container's memory limit counts them);
 - CPU per record, and the member table's bytes per member at the end (bench_member_size.py);

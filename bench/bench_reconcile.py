@@ -39,7 +39,8 @@ from syncd.model import MemberRecord, record_digest
 from syncd.runtime import compiled
 from syncd.store import Store
 from syncd.store.schema import members
-from syncd.transform import Spec, Transformer
+from syncd.transform import Spec
+from syncd.transform_pool import Transformer
 
 VIP = DESTINATIONS[0]  # the one destination of the config
 AUDIENCE = int(VIP["audience_id"])
@@ -70,6 +71,7 @@ async def fill_table(url: str, n: int, workers: int) -> None:
     cfg = config(url, workers)
     spec = Spec(cfg.destinations, "canonical", 1_000_000, False)
     transformer = Transformer(spec, workers=workers)
+    await transformer.start()
     store = await Store.connect(url)
     try:
         await store.ensure_schema(auto_upgrade=True)
@@ -85,7 +87,7 @@ async def fill_table(url: str, n: int, workers: int) -> None:
         while pending:
             await _insert(store, *pending.pop(0))
     finally:
-        transformer.close()
+        await transformer.close()
         await store.close()
 
 

@@ -53,7 +53,8 @@ from syncd.routing import RouteCounts
 from syncd.runtime import compiled
 from syncd.source import DLQ_RETRY_BACKOFF_S, KafkaSource, Message, OffsetTracker
 from syncd.store import Store, persist
-from syncd.transform import Outcome, Spec, Transformer
+from syncd.transform import Outcome, Spec
+from syncd.transform_pool import Transformer
 
 log = get_logger("syncd.app")
 
@@ -477,6 +478,7 @@ class Daemon:
         spawn(self._commit_loop(source, halt), "commit")
         spawn(self._health_loop(store, source, halt), "health")
         spawn(self._token_loop(client, halt), "token")
+        await transformer.start()
         consume = asyncio.ensure_future(pipeline.consume(halt))
         consume.set_name("consume")
         consume.add_done_callback(lambda t: self._on_task_done(t, halt))
@@ -506,7 +508,7 @@ class Daemon:
         stop_wait.cancel()
         halt_wait.cancel()
         await source.stop()
-        transformer.close()
+        await transformer.close()
         await runner.cleanup()
         log.info("syncd stopped", pending_events=tracker.pending())
         return 1 if self.fatal is not None else 0

@@ -42,6 +42,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from syncd.errors import SyncdError
 from syncd.sandbox import server
 from syncd.sandbox.state import SandboxSettings, SandboxState
+from syncd.transform_pool import WORKER_MAIN
 
 # --- broker ---------------------------------------------------------------------------------
 
@@ -555,5 +556,5 @@ def child_processes(pid: int) -> list[int]:
 
 
 def is_transform_worker(pid: int) -> bool:
-    """A syncd transform worker: a process multiprocessing spawned (not its resource tracker)."""
-    return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    """A syncd transform worker (`syncd.transform_pool.WORKER_MAIN`)."""
+    return WORKER_MAIN.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -54,7 +54,8 @@ from syncd.model import Action, Destination, MemberRecord
 from syncd.observability.logging import get_logger
 from syncd.routing import external_user_id
 from syncd.store import Store
-from syncd.transform import Outcome, Spec, Transformer
+from syncd.transform import Outcome, Spec
+from syncd.transform_pool import Transformer
 
 log = get_logger("syncd.reconcile")
 
@@ -370,13 +371,14 @@ class Reconciler:
         with tempfile.TemporaryDirectory(prefix="syncd-reconcile-") as tmp:
             seen = Seen(tmp)
             try:
+                await self._transformer.start()
                 await self._snapshot(lines, seen)
                 await self._flush()
                 await self._absent(seen)
                 await self._flush()
             finally:
                 seen.close()
-                self._transformer.close()
+                await self._transformer.close()
         return self.report
 
     async def _snapshot(self, lines: Iterable[Line], seen: Seen) -> None:

@@ -7,10 +7,9 @@ import gc
 import sys
 from pathlib import Path
 
-# The daemon's event loop shares the GIL with the threads that carry chunks to and from the
-# transform workers (multiprocessing's queue feeder and the pool's result reader) and with
-# aiosqlite's thread. A thread that wants the GIL while the loop runs Python code waits for the
-# switch interval (5 ms by default); a shorter one keeps them moving (docs/benchmarks.md).
+# The daemon's event loop shares the GIL with aiosqlite's thread, which runs the store's
+# statements. A thread that wants the GIL while the loop runs Python code waits for the switch
+# interval (5 ms by default); a shorter one keeps it moving (docs/benchmarks.md).
 DAEMON_SWITCH_INTERVAL_S = 0.0005
 
 

@@ -6,9 +6,10 @@ An erase event skips routing: it becomes an `Erase` of the member (every audienc
 caller's to apply it to).
 
 This is where the daemon's CPU goes (Amazon-exact normalization and SHA-256 of every
-identifier), and it is pure, so it runs in `[transform] workers` worker processes: the event
-loop keeps fetching, batching, sending and storing while the workers hash. `workers = 0` runs it
-inline, on the event loop. Chunks come back in the order they were submitted.
+identifier), and it is pure, so it runs in `[transform] workers` worker processes
+(`transform_pool.py` starts them and hands them the chunks): the event loop keeps fetching,
+batching, sending and storing while the workers hash. A worker (`serve`) imports this module
+and what it needs to transform, nothing of the daemon's.
 
 Raw PII crosses into a worker inside the message bytes and comes back hashed; nothing is logged
 or kept there. What routing counts travels back with each chunk (`RouteCounts`) and is
@@ -17,16 +18,16 @@ published by the daemon, whose registry is the one `/metrics` serves.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
-import multiprocessing
 import os
+import pickle
 import signal
+import struct
 import sys
-from collections.abc import Awaitable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 from syncd.events import DecodeError, decode
 from syncd.model import Action, Destination, Erase, MemberRecord
@@ -74,20 +75,66 @@ class Transform:
         return out, self._router.take_counts()
 
 
-_worker: Transform | None = None
+# -- the worker process ---------------------------------------------------------------------------
+# A worker reads frames from its stdin, the spec first and then one chunk of message values per
+# frame, and writes one frame of results per chunk to its stdout, in order, until stdin closes.
+# A frame is a pickle behind its length.
+FRAME_HEADER = struct.Struct("!Q")
+PIPE_BYTES = 1 << 20  # Linux's limit for an unprivileged process (/proc/sys/fs/pipe-max-size)
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
-def _start_worker(spec: Spec, daemon_pid: int) -> None:
-    global _worker
+def frame(obj: object) -> tuple[bytes, bytes]:
+    """The header and the body of `obj`'s frame."""
+    body = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    return FRAME_HEADER.pack(len(body)), body
+
+
+def serve() -> None:
+    """A transform worker's main: `python -c "from syncd.transform import serve; serve()" PID`,
+    where PID is the daemon's. Exits when its stdin closes."""
+    daemon_pid = int(sys.argv[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
     _die_with(daemon_pid)
+    source = sys.stdin.buffer
+    sink = os.fdopen(os.dup(1), "wb")  # frames only: anything printed goes to stderr
+    os.dup2(2, 1)
+    for fd in (source.fileno(), sink.fileno()):
+        _widen_pipe(fd)
+    spec = _receive(source)
+    if not isinstance(spec, Spec):
+        raise SystemExit("syncd transform worker: no spec received")
+    transform = Transform(spec)
     tune_process()
-    _worker = Transform(spec)
+    while (values := _receive(source)) is not None:
+        for part in frame(_run(transform, values)):
+            sink.write(part)
+        sink.flush()
+
+
+def _receive(source: BinaryIO) -> Any:
+    """The next frame's object; None once the daemon closed the pipe."""
+    header = source.read(FRAME_HEADER.size)
+    if len(header) < FRAME_HEADER.size:
+        return None
+    (size,) = FRAME_HEADER.unpack(header)
+    return pickle.loads(source.read(size))
+
+
+def _widen_pipe(fd: int) -> None:
+    """1 MiB instead of 64 KiB: a chunk's results (~1.7 MB) otherwise cross in many rounds, and
+    the worker stops at each until the daemon reads (docs/benchmarks.md). Where the fcntl is
+    refused (a lower pipe-max-size), the pipe keeps its size."""
+    if sys.platform != "linux":
+        return
+    import fcntl
+
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
 def _die_with(daemon_pid: int) -> None:
-    """A daemon killed outright (SIGKILL, OOM) cannot stop its pool: have the kernel end this
+    """A daemon killed outright (SIGKILL, OOM) cannot stop its workers: have the kernel end this
     worker with it (Linux), rather than leave it idle forever."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -95,16 +142,15 @@ def _die_with(daemon_pid: int) -> None:
         os._exit(1)
 
 
-_Wire = str | list[tuple[int, str, str, bytes, bytes, float | None, bool, str]] | Erase
+Wire = str | list[tuple[int, str, str, bytes, bytes, float | None, bool, str]] | Erase
 _ACTIONS = {action.value: action for action in Action}
 
 
-def _run_in_worker(values: list[bytes | None]) -> tuple[list[_Wire], RouteCounts]:
+def _run(transform: Transform, values: list[bytes | None]) -> tuple[list[Wire], RouteCounts]:
     """Records travel back as plain tuples: unpickling them costs the daemon a quarter of what
-    dataclass instances cost (its threads that unpickle hold the event loop's GIL)."""
-    assert _worker is not None, "worker not initialised"
-    outcomes, counts = _worker.run(values)
-    wire: list[_Wire] = [
+    dataclass instances cost."""
+    outcomes, counts = transform.run(values)
+    wire: list[Wire] = [
         o
         if isinstance(o, str | Erase)
         else [
@@ -125,7 +171,7 @@ def _run_in_worker(values: list[bytes | None]) -> tuple[list[_Wire], RouteCounts
     return wire, counts
 
 
-def _from_wire(wire: list[_Wire]) -> list[Outcome]:
+def from_wire(wire: list[Wire]) -> list[Outcome]:
     return [
         w
         if isinstance(w, str | Erase)
@@ -135,67 +181,3 @@ def _from_wire(wire: list[_Wire]) -> list[Outcome]:
         ]
         for w in wire
     ]
-
-
-PIPE_BYTES = 1 << 20  # Linux's limit for an unprivileged process (/proc/sys/fs/pipe-max-size)
-
-
-def _widen_pipes(pool: ProcessPoolExecutor) -> None:
-    """Give the pool's two pipes 1 MiB instead of 64 KiB. A chunk's results otherwise cross in
-    many rounds, and the worker stops at each until the daemon's reader thread gets the CPU and
-    the GIL (docs/benchmarks.md). The queues are the executor's private attributes: where they
-    or the fcntl are not there, nothing changes."""
-    if sys.platform != "linux":
-        return
-    import fcntl
-
-    for queue in (getattr(pool, "_call_queue", None), getattr(pool, "_result_queue", None)):
-        reader = getattr(queue, "_reader", None)
-        if reader is not None:
-            with contextlib.suppress(OSError):  # a lower pipe-max-size: keep the default
-                fcntl.fcntl(reader.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-
-
-class Transformer:
-    """Runs `Transform` on `workers` processes (or inline for 0); `submit` keeps the order."""
-
-    def __init__(self, spec: Spec, workers: int) -> None:
-        self._inline = Transform(spec) if workers == 0 else None
-        self._pool = (
-            ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=multiprocessing.get_context("spawn"),  # no fork of a threaded loop
-                initializer=_start_worker,
-                initargs=(spec, os.getpid()),
-            )
-            if workers
-            else None
-        )
-        if self._pool is not None:
-            _widen_pipes(self._pool)
-
-    def submit(self, values: list[bytes | None]) -> Awaitable[tuple[list[Outcome], RouteCounts]]:
-        """Start transforming `values`; await the result (in submission order, if you like)."""
-        if self._pool is None:
-            assert self._inline is not None
-            done: asyncio.Future[tuple[list[Outcome], RouteCounts]] = (
-                asyncio.get_running_loop().create_future()
-            )
-            done.set_result(self._inline.run(values))
-            return done
-        return asyncio.ensure_future(
-            self._from_pool(
-                asyncio.get_running_loop().run_in_executor(self._pool, _run_in_worker, values)
-            )
-        )
-
-    @staticmethod
-    async def _from_pool(
-        future: asyncio.Future[tuple[list[_Wire], RouteCounts]],
-    ) -> tuple[list[Outcome], RouteCounts]:
-        wire, counts = await future
-        return _from_wire(wire), counts
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -514,7 +514,7 @@ async def test_a_killed_transform_worker_stops_syncd_and_a_restart_loses_nothing
 
         await wait_for(exited, 60, "syncd to exit after its worker died")
         assert proc.returncode == 1
-        assert "BrokenProcessPool" in daemon.logs()
+        assert "TransformWorkerLost" in daemon.logs()
         restarted = DaemonProcess(tmp_path, raw, name="restarted").start()
 
         async def all_delivered() -> bool:

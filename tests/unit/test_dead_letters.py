@@ -15,7 +15,7 @@ from syncd.config import Config
 from syncd.members import MemberTable
 from syncd.model import Destination, SourceRef
 from syncd.source import KafkaSource, Message, OffsetTracker
-from syncd.transform import Transformer
+from syncd.transform_pool import Transformer
 from tests.fakes import until
 
 DEADLINE_S = 5.0

@@ -23,7 +23,8 @@ from syncd.errors import RejectedError
 from syncd.members import Claim, MemberTable, member_change
 from syncd.model import Action, Destination, Erase, SourceRef, member_record
 from syncd.source import KafkaSource, Message, OffsetTracker
-from syncd.transform import Outcome, Transformer
+from syncd.transform import Outcome
+from syncd.transform_pool import Transformer
 from tests.fakes import until
 
 DEADLINE_S = 10.0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -16,9 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncd import synth
+from syncd.localstack import child_processes, is_transform_worker
 from syncd.model import Action, Destination, Erase, MemberRecord
 from syncd.routing import RouteCounts
-from syncd.transform import PIPE_BYTES, Outcome, Spec, Transform, Transformer
+from syncd.transform import PIPE_BYTES, Outcome, Spec, Transform
+from syncd.transform_pool import Transformer, TransformWorkerLost
 from tests.unit.test_events_canonical import events, json_values
 from tests.unit.test_events_segment import SEGMENT_FIELDS, hostile_segment
 
@@ -161,11 +165,12 @@ async def test_worker_processes_give_the_inline_outcomes_in_submission_order(
     batch = values()
     expected, expected_counts = Transform(SPEC).run(batch)
     transformer = Transformer(SPEC, workers=workers)
+    await transformer.start()
     try:
         futures = [transformer.submit(batch[i : i + 37]) for i in range(0, len(batch), 37)]
         results = [await f for f in futures]
     finally:
-        transformer.close()
+        await transformer.close()
     outcomes = [o for chunk, _ in results for o in chunk]
     assert outcomes == expected
     for kind in ("filtered", "default_country", "dropped"):
@@ -175,13 +180,58 @@ async def test_worker_processes_give_the_inline_outcomes_in_submission_order(
         assert merged == getattr(expected_counts, kind), kind
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="pipe sizes are set on Linux only")
-def test_the_worker_pipes_are_widened() -> None:
-    transformer = Transformer(SPEC, workers=1)
-    pool = transformer._pool
+async def test_the_workers_are_the_only_processes_started_and_close_ends_them() -> None:
+    """Plain child processes: no helper beside them (multiprocessing's resource tracker was
+    one, ~13 MB), and none left after `close`."""
+    before = set(child_processes(os.getpid()))
+    transformer = Transformer(SPEC, workers=2)
+    await transformer.start()
     try:
-        readers = [pool._call_queue._reader, pool._result_queue._reader]
-        sizes = [fcntl.fcntl(r.fileno(), fcntl.F_GETPIPE_SZ) for r in readers]
+        started = set(child_processes(os.getpid())) - before
+        assert len(started) == 2
+        assert all(is_transform_worker(pid) for pid in started)
     finally:
-        transformer.close()
+        await transformer.close()
+    assert not set(child_processes(os.getpid())) & started
+
+
+async def test_chunks_submitted_before_close_still_get_their_outcomes() -> None:
+    batch = values()
+    expected, _ = Transform(SPEC).run(batch)
+    transformer = Transformer(SPEC, workers=1)
+    await transformer.start()
+    futures = [transformer.submit(batch[i : i + 50]) for i in range(0, len(batch), 50)]
+    await transformer.close()
+    assert [o for f in futures for o in (await f)[0]] == expected
+
+
+async def test_a_killed_worker_fails_its_chunks_and_every_later_one_by_name() -> None:
+    transformer = Transformer(SPEC, workers=1)
+    await transformer.start()
+    try:
+        [pid] = [p for p in child_processes(os.getpid()) if is_transform_worker(p)]
+        await transformer.submit(values())  # the worker is up
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(2):  # the chunk the kill met (or the first after it), then a later one
+            with pytest.raises(
+                TransformWorkerLost, match=rf"worker {pid} exited \(killed by signal 9\)"
+            ):
+                await transformer.submit(values())
+    finally:
+        await transformer.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pipe sizes are set on Linux only")
+async def test_the_worker_pipes_are_widened() -> None:
+    transformer = Transformer(SPEC, workers=1)
+    await transformer.start()
+    try:
+        await transformer.submit(values())  # the worker widens its pipes before it reads
+        [worker] = transformer._workers
+        process: Any = worker.process
+        pipes = [process.stdin.get_extra_info("pipe"), process._transport.get_pipe_transport(1)]
+        pipes[1] = pipes[1].get_extra_info("pipe")
+        sizes = [fcntl.fcntl(p.fileno(), fcntl.F_GETPIPE_SZ) for p in pipes]
+    finally:
+        await transformer.close()
     assert sizes == [PIPE_BYTES, PIPE_BYTES]
