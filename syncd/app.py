@@ -101,15 +101,21 @@ class Pipeline:
     async def consume(self, stop: asyncio.Event) -> None:
         """Fetch and hand chunks to the transform until `stop`; record their outcomes in fetch
         order, meanwhile, to the last chunk fetched."""
-        chunks: asyncio.Queue[Chunk | None] = asyncio.Queue(MAX_CHUNKS)
+        chunks: asyncio.Queue[Chunk | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(MAX_CHUNKS)  # a chunk holds one from its fetch to its record
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._fetch(stop, chunks))
-            tg.create_task(self._apply(chunks))
+            tg.create_task(self._fetch(stop, chunks, slots))
+            tg.create_task(self._apply(chunks, slots))
 
-    async def _fetch(self, stop: asyncio.Event, chunks: asyncio.Queue[Chunk | None]) -> None:
+    async def _fetch(
+        self, stop: asyncio.Event, chunks: asyncio.Queue[Chunk | None], slots: asyncio.Semaphore
+    ) -> None:
         limit = self._cfg.kafka.max_pending_events
         while not stop.is_set():
             metrics.PENDING_EVENTS.set(self.pending)
+            await slots.acquire()
+            if stop.is_set():
+                break
             if self.pending >= limit:
                 messages = await self._wait_for_room(limit, stop)
             else:
@@ -119,9 +125,10 @@ class Pipeline:
                 messages = await self._source.fetch(timeout_ms=200, max_records=room)
             if messages:
                 self._unapplied += len(messages)
-                transformed = self._transformer.submit([m.value for m in messages])
-                await chunks.put((messages, transformed))
-        await chunks.put(None)
+                chunks.put_nowait((messages, self._transformer.submit([m.value for m in messages])))
+            else:
+                slots.release()
+        chunks.put_nowait(None)
 
     async def _wait_for_room(self, limit: int, stop: asyncio.Event) -> list[Message]:
         """At `max_pending_events` (ingest is behind: the store is slow or down, or dead
@@ -137,7 +144,7 @@ class Pipeline:
         self._source.pause_all()
         return await self._source.fetch(timeout_ms=200, max_records=1)
 
-    async def _apply(self, chunks: asyncio.Queue[Chunk | None]) -> None:
+    async def _apply(self, chunks: asyncio.Queue[Chunk | None], slots: asyncio.Semaphore) -> None:
         while (item := await chunks.get()) is not None:
             messages, transformed = item
             outcomes, counts = await transformed
@@ -151,6 +158,7 @@ class Pipeline:
             await self._record(mine)
             self._unapplied -= len(messages)
             self._progress.set()
+            slots.release()
 
     async def _record(self, chunk: list[tuple[Message, Outcome]]) -> None:
         """Record the chunk: its changes in one `record_changes` per run between erases (an

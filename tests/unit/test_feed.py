@@ -16,12 +16,13 @@ import orjson
 import pytest
 import structlog
 
-from syncd.app import Pipeline
+from syncd.app import MAX_CHUNKS, Pipeline
 from syncd.config import Config
 from syncd.deliver import ConnectionSender, MemberFeed, cancel_and_wait
 from syncd.errors import RejectedError
 from syncd.members import Claim, MemberTable, member_change
 from syncd.model import Action, Destination, Erase, SourceRef, member_record
+from syncd.routing import RouteCounts
 from syncd.source import KafkaSource, Message, OffsetTracker
 from syncd.transform import Outcome
 from syncd.transform_pool import Transformer
@@ -358,3 +359,47 @@ async def test_ingest_wakes_the_senders_only_for_changes_that_leave_work(
     assert woken == [DEST.connection_id]
     await pipeline._record(chunk)  # replayed
     assert woken == [DEST.connection_id]
+
+
+async def test_ingest_holds_at_most_max_chunks_fetched_and_not_recorded(table: MemberTable) -> None:
+    """A chunk holds its messages and, once transformed, its records until it is recorded: a
+    slow store must stop reading at MAX_CHUNKS chunks (it let two more be fetched and
+    transformed: one taken for recording, one waiting to be queued)."""
+    fetched: list[int] = []
+    store_free = asyncio.Event()
+
+    class EndlessSource(FakeSource):
+        paused = False
+
+        async def fetch(self, *, timeout_ms: int, max_records: int) -> list[Message]:
+            offset = len(fetched)
+            fetched.append(offset)
+            return [Message(SourceRef("t", 0, offset), b"{}", timestamp_ms=1_000_000)]
+
+    class Inline:
+        def submit(self, values: list[bytes | None]) -> asyncio.Future[Any]:
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(([[] for _ in values], RouteCounts()))
+            return done
+
+    pipeline = Pipeline(
+        Config(destinations=(DEST,)),
+        cast(KafkaSource, EndlessSource()),
+        OffsetTracker(),
+        table,
+        cast(Transformer, Inline()),
+    )
+
+    async def slow_record(chunk: list[tuple[Message, Outcome]]) -> None:
+        await store_free.wait()
+
+    pipeline._record = slow_record  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    consuming = asyncio.create_task(pipeline.consume(stop))
+    await until(lambda: len(fetched) >= MAX_CHUNKS, "the first chunks fetched")
+    for _ in range(50):  # every task runs on: a fetch loop not held back would fetch more
+        await asyncio.sleep(0)
+    assert len(fetched) == MAX_CHUNKS
+    stop.set()
+    store_free.set()
+    await asyncio.wait_for(consuming, DEADLINE_S)
