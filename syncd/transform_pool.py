@@ -101,6 +101,7 @@ class Transformer:
     async def _read(self, worker: _Worker) -> None:
         stdout = worker.process.stdout
         assert stdout is not None
+        unreadable = ""
         try:
             while True:
                 (size,) = FRAME_HEADER.unpack(await stdout.readexactly(FRAME_HEADER.size))
@@ -111,11 +112,14 @@ class Transformer:
                     done.set_result((from_wire(wire), counts))
         except asyncio.IncompleteReadError:  # the worker exited
             pass
+        except Exception as exc:  # a frame that does not read: end the worker as if it died
+            unreadable = f", after a frame that does not read: {type(exc).__name__}"
+            worker.process.kill()
         code = await worker.process.wait()
         if self._closing and code == 0:
             return
         self._lost = self._lost or TransformWorkerLost(
-            f"transform worker {worker.process.pid} exited ({_exit_status(code)})"
+            f"transform worker {worker.process.pid} exited ({_exit_status(code)}{unreadable})"
         )
         while worker.waiting:
             done = worker.waiting.popleft()

@@ -21,7 +21,7 @@ from syncd import synth
 from syncd.localstack import child_processes, is_transform_worker
 from syncd.model import Action, Destination, Erase, MemberRecord
 from syncd.routing import RouteCounts
-from syncd.transform import PIPE_BYTES, Outcome, Spec, Transform
+from syncd.transform import FRAME_HEADER, PIPE_BYTES, Outcome, Spec, Transform
 from syncd.transform_pool import Transformer, TransformWorkerLost
 from tests.unit.test_events_canonical import events, json_values
 from tests.unit.test_events_segment import SEGMENT_FIELDS, hostile_segment
@@ -235,3 +235,18 @@ async def test_the_worker_pipes_are_widened() -> None:
     finally:
         await transformer.close()
     assert sizes == [PIPE_BYTES, PIPE_BYTES]
+
+
+async def test_an_unreadable_frame_ends_the_worker_and_fails_its_chunks_by_name() -> None:
+    """Whatever goes wrong reading results, no chunk waits forever: the worker is ended."""
+    transformer = Transformer(SPEC, workers=1)
+    await transformer.start()
+    try:
+        await transformer.submit(values())  # the worker is up, and idle
+        [worker] = transformer._workers
+        assert worker.process.stdout is not None
+        worker.process.stdout.feed_data(FRAME_HEADER.pack(3) + b"bad")
+        with pytest.raises(TransformWorkerLost, match="after a frame that does not read"):
+            await transformer.submit(values())
+    finally:
+        await transformer.close()
