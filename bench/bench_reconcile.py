@@ -70,24 +70,22 @@ async def fill_table(url: str, n: int, workers: int) -> None:
     pipeline's transform."""
     cfg = config(url, workers)
     spec = Spec(cfg.destinations, "canonical", 1_000_000, False)
-    transformer = Transformer(spec, workers=workers)
-    await transformer.start()
     store = await Store.connect(url)
     try:
         await store.ensure_schema(auto_upgrade=True)
         pending: list[Any] = []
-        for start in range(0, n, CHUNK):
-            values: list[bytes | None] = [
-                orjson.dumps({**fields(i, False), "audiences": {"add": ["vip"]}})
-                for i in range(start, min(start + CHUNK, n))
-            ]
-            pending.append((start, transformer.submit(values)))
-            if len(pending) >= 3:
+        async with Transformer(spec, workers=workers) as transformer:
+            for start in range(0, n, CHUNK):
+                values: list[bytes | None] = [
+                    orjson.dumps({**fields(i, False), "audiences": {"add": ["vip"]}})
+                    for i in range(start, min(start + CHUNK, n))
+                ]
+                pending.append((start, transformer.submit(values)))
+                if len(pending) >= 3:
+                    await _insert(store, *pending.pop(0))
+            while pending:
                 await _insert(store, *pending.pop(0))
-        while pending:
-            await _insert(store, *pending.pop(0))
     finally:
-        await transformer.close()
         await store.close()
 
 

@@ -380,29 +380,34 @@ class Daemon:
         try:
             await store.ensure_schema(auto_upgrade=cfg.store.auto_upgrade)
             self.store_ok = True
-            async with AmazonClient(cfg.amazon) as client:
+            spec = Spec(
+                cfg.destinations,
+                cfg.kafka.input_format,
+                cfg.kafka.max_message_bytes,
+                cfg.pii.strict_reference,
+            )
+            async with (
+                AmazonClient(cfg.amazon) as client,
+                Transformer(spec, workers=cfg.transform.workers) as transformer,
+            ):
                 self.client = client
                 await client.ensure_token()
-                return await self._run_pipeline(cfg, store, client, stop)
+                return await self._run_pipeline(cfg, store, client, transformer, stop)
         finally:
             await store.close()
 
     async def _run_pipeline(
-        self, cfg: Config, store: Store, client: AmazonClient, stop: asyncio.Event
+        self,
+        cfg: Config,
+        store: Store,
+        client: AmazonClient,
+        transformer: Transformer,
+        stop: asyncio.Event,
     ) -> int:
         tracker = OffsetTracker()
         source = self.source = KafkaSource(cfg.kafka, tracker)
         members = MemberTable(store)
         budget = Budget(store, cfg.budget)
-        transformer = Transformer(
-            Spec(
-                cfg.destinations,
-                cfg.kafka.input_format,
-                cfg.kafka.max_message_bytes,
-                cfg.pii.strict_reference,
-            ),
-            workers=cfg.transform.workers,
-        )
         # a GET with all its retries ends within max_retry_time_s + one attempt (+ a token
         # refresh): a job poll's lease
         lease_s = cfg.amazon.max_retry_time_s + 2 * cfg.amazon.request_timeout_s
@@ -486,7 +491,6 @@ class Daemon:
         spawn(self._commit_loop(source, halt), "commit")
         spawn(self._health_loop(store, source, halt), "health")
         spawn(self._token_loop(client, halt), "token")
-        await transformer.start()
         consume = asyncio.ensure_future(pipeline.consume(halt))
         consume.set_name("consume")
         consume.add_done_callback(lambda t: self._on_task_done(t, halt))
@@ -516,7 +520,6 @@ class Daemon:
         stop_wait.cancel()
         halt_wait.cancel()
         await source.stop()
-        await transformer.close()
         await runner.cleanup()
         log.info("syncd stopped", pending_events=tracker.pending())
         return 1 if self.fatal is not None else 0

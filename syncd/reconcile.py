@@ -371,14 +371,13 @@ class Reconciler:
         with tempfile.TemporaryDirectory(prefix="syncd-reconcile-") as tmp:
             seen = Seen(tmp)
             try:
-                await self._transformer.start()
-                await self._snapshot(lines, seen)
-                await self._flush()
-                await self._absent(seen)
-                await self._flush()
+                async with self._transformer:
+                    await self._snapshot(lines, seen)
+                    await self._flush()
+                    await self._absent(seen)
+                    await self._flush()
             finally:
                 seen.close()
-                await self._transformer.close()
         return self.report
 
     async def _snapshot(self, lines: Iterable[Line], seen: Seen) -> None:

@@ -106,10 +106,18 @@ def serve() -> None:
         raise SystemExit("syncd transform worker: no spec received")
     transform = Transform(spec)
     tune_process()
-    while (values := _receive(source)) is not None:
-        for part in frame(_run(transform, values)):
-            sink.write(part)
-        sink.flush()
+    try:
+        while (values := _receive(source)) is not None:
+            for part in frame(_run(transform, values)):
+                sink.write(part)
+            sink.flush()
+    except Exception as exc:  # a bug: say where, never what (the message may quote PII)
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else ""
+        sys.stderr.write(f"syncd transform worker: {type(exc).__name__}{where}\n")
+        raise SystemExit(1) from None
 
 
 def _receive(source: BinaryIO) -> Any:

@@ -14,6 +14,7 @@ orchestrator restarts it; what was not recorded is read again from Kafka.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import sys
@@ -35,6 +36,7 @@ from syncd.transform import (
 
 WORKER_MAIN = "from syncd.transform import serve; serve()"
 STOP_TIMEOUT_S = 10.0  # a worker still running this long after its stdin closed is killed
+MAX_FRAME_BYTES = 1 << 30  # a results frame larger than this is corrupt
 
 Result = tuple[list[Outcome], RouteCounts]
 
@@ -52,7 +54,7 @@ class _Worker:
 
 class Transformer:
     """Runs `Transform` on `workers` processes (or inline for 0). `start` before the first
-    `submit`; `close` when done."""
+    `submit`, `close` when done (or `async with`)."""
 
     def __init__(self, spec: Spec, workers: int) -> None:
         self._spec = spec
@@ -62,15 +64,27 @@ class Transformer:
         self._lost: TransformWorkerLost | None = None
         self._closing = False
 
+    async def __aenter__(self) -> Transformer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def start(self) -> None:
+        # -P and the daemon's own sys.path: the worker imports the daemon's syncd, never one
+        # from its working directory
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         for _ in range(self._count):
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",
                 "-c",
                 WORKER_MAIN,
                 str(os.getpid()),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
+                env=env,
                 limit=PIPE_BYTES,
             )
             worker = _Worker(process)
@@ -83,8 +97,8 @@ class Transformer:
         done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         if self._inline is not None:
             done.set_result(self._inline.run(values))
-        elif self._lost is not None:
-            done.set_exception(self._lost)
+        elif self._lost is not None or self._closing:
+            done.set_exception(self._lost or TransformWorkerLost("transform workers closed"))
         else:
             worker = min(self._workers, key=lambda w: len(w.waiting))
             worker.waiting.append(done)
@@ -99,12 +113,16 @@ class Transformer:
             stdin.write(part)  # buffered by the transport while the pipe is full
 
     async def _read(self, worker: _Worker) -> None:
+        """Hand each results frame to the chunk it answers, in order, until the worker exits;
+        then fail whatever still waits on it."""
         stdout = worker.process.stdout
         assert stdout is not None
         unreadable = ""
         try:
             while True:
                 (size,) = FRAME_HEADER.unpack(await stdout.readexactly(FRAME_HEADER.size))
+                if size > MAX_FRAME_BYTES:
+                    raise ValueError(f"a frame of {size} bytes")
                 wire: list[Wire]
                 wire, counts = pickle.loads(await stdout.readexactly(size))
                 done = worker.waiting.popleft()
@@ -114,32 +132,37 @@ class Transformer:
             pass
         except Exception as exc:  # a frame that does not read: end the worker as if it died
             unreadable = f", after a frame that does not read: {type(exc).__name__}"
-            worker.process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+            while await stdout.read(PIPE_BYTES):  # to the end: `wait` returns once it is read
+                pass
         code = await worker.process.wait()
-        if self._closing and code == 0:
-            return
-        self._lost = self._lost or TransformWorkerLost(
-            f"transform worker {worker.process.pid} exited ({_exit_status(code)}{unreadable})"
-        )
+        if not (self._closing and code == 0 and not unreadable):
+            self._lost = self._lost or TransformWorkerLost(
+                f"transform worker {worker.process.pid} exited ({_exit_status(code)}{unreadable})"
+            )
         while worker.waiting:
             done = worker.waiting.popleft()
             if not done.done():
-                done.set_exception(self._lost)
+                done.set_exception(self._lost or TransformWorkerLost("transform workers closed"))
 
     async def close(self) -> None:
-        """Stop the workers: each finishes the chunks it has, then exits."""
+        """Stop the workers: each finishes the chunks it has, then exits (or is killed after
+        STOP_TIMEOUT_S)."""
         self._closing = True
-        for worker in self._workers:
-            assert worker.process.stdin is not None
-            worker.process.stdin.close()
-        for worker in self._workers:
-            try:
-                await asyncio.wait_for(worker.process.wait(), STOP_TIMEOUT_S)
-            except TimeoutError:
+        await asyncio.gather(*(self._stop(worker) for worker in self._workers))
+
+    @staticmethod
+    async def _stop(worker: _Worker) -> None:
+        assert worker.process.stdin is not None
+        worker.process.stdin.close()
+        try:
+            await asyncio.wait_for(worker.process.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
                 worker.process.kill()
-                await worker.process.wait()
-            if worker.reader is not None:
-                await worker.reader
+        if worker.reader is not None:
+            await worker.reader  # reads to the end, then waits for the exit
 
 
 def _exit_status(code: int) -> str:

@@ -542,7 +542,7 @@ async def test_transform_workers_end_with_a_killed_syncd(kafka: Any, tmp_path: P
         changes = list(synth.events(50, seed=43))
         await produce(kafka.bootstrap, topic, changes)
 
-        async def all_delivered() -> bool:  # the pool starts its worker with the first chunk
+        async def all_delivered() -> bool:  # the worker has transformed them
             daemon.check_alive()
             return expected(changes) <= delivered(sb)
 

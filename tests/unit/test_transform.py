@@ -22,7 +22,7 @@ from syncd.localstack import child_processes, is_transform_worker
 from syncd.model import Action, Destination, Erase, MemberRecord
 from syncd.routing import RouteCounts
 from syncd.transform import FRAME_HEADER, PIPE_BYTES, Outcome, Spec, Transform
-from syncd.transform_pool import Transformer, TransformWorkerLost
+from syncd.transform_pool import MAX_FRAME_BYTES, Transformer, TransformWorkerLost
 from tests.unit.test_events_canonical import events, json_values
 from tests.unit.test_events_segment import SEGMENT_FIELDS, hostile_segment
 
@@ -237,7 +237,12 @@ async def test_the_worker_pipes_are_widened() -> None:
     assert sizes == [PIPE_BYTES, PIPE_BYTES]
 
 
-async def test_an_unreadable_frame_ends_the_worker_and_fails_its_chunks_by_name() -> None:
+@pytest.mark.parametrize(
+    "garbage", [FRAME_HEADER.pack(3) + b"bad", FRAME_HEADER.pack(MAX_FRAME_BYTES + 1)]
+)
+async def test_an_unreadable_frame_ends_the_worker_and_fails_its_chunks_by_name(
+    garbage: bytes,
+) -> None:
     """Whatever goes wrong reading results, no chunk waits forever: the worker is ended."""
     transformer = Transformer(SPEC, workers=1)
     await transformer.start()
@@ -245,8 +250,31 @@ async def test_an_unreadable_frame_ends_the_worker_and_fails_its_chunks_by_name(
         await transformer.submit(values())  # the worker is up, and idle
         [worker] = transformer._workers
         assert worker.process.stdout is not None
-        worker.process.stdout.feed_data(FRAME_HEADER.pack(3) + b"bad")
+        worker.process.stdout.feed_data(garbage)
         with pytest.raises(TransformWorkerLost, match="after a frame that does not read"):
             await transformer.submit(values())
     finally:
         await transformer.close()
+
+
+async def test_a_chunk_submitted_after_close_fails_at_once() -> None:
+    transformer = Transformer(SPEC, workers=1)
+    await transformer.start()
+    await transformer.close()
+    with pytest.raises(TransformWorkerLost, match="closed"):
+        await transformer.submit(values())
+
+
+async def test_a_failing_worker_says_what_failed_and_where_but_not_the_message(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """An exception's message may quote an event's PII: the worker's stderr gets its type and
+    place only (no traceback), and the daemon gets the exit."""
+    async with Transformer(SPEC, workers=1) as transformer:
+        bad: list[Any] = [{"email": "alice@example.com"}]  # not bytes: the transform fails
+        with pytest.raises(TransformWorkerLost, match=r"exit code 1"):
+            await transformer.submit(bad)
+    err = capfd.readouterr().err
+    assert "syncd transform worker: TypeError at " in err
+    assert "alice" not in err
+    assert "Traceback" not in err
