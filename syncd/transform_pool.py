@@ -65,7 +65,11 @@ class Transformer:
         self._closing = False
 
     async def __aenter__(self) -> Transformer:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:  # the workers started before the failure are stopped too
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import os
@@ -278,3 +279,22 @@ async def test_a_failing_worker_says_what_failed_and_where_but_not_the_message(
     assert "syncd transform worker: TypeError at " in err
     assert "alice" not in err
     assert "Traceback" not in err
+
+
+async def test_a_failed_start_leaves_no_worker_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = asyncio.create_subprocess_exec
+    started: list[int] = []
+
+    async def second_fails(*args: Any, **kwargs: Any) -> Any:
+        if started:
+            raise OSError("no more processes")
+        process = await real(*args, **kwargs)
+        started.append(process.pid)
+        return process
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", second_fails)
+    with pytest.raises(OSError, match="no more processes"):
+        async with Transformer(SPEC, workers=2):
+            pass
+    assert started
+    assert not set(child_processes(os.getpid())) & set(started)
