@@ -95,6 +95,9 @@ class Bytes(LargeBinary):
 
 
 # -- the member table (syncd/members.py): one row per audience member ----------------------------
+# Opaque keys compare as bytes on PostgreSQL too (migration 0007): not through a linguistic
+# collation's strcoll in every b-tree step. SQLite compares bytes already.
+_KEY = String(128).with_variant(String(128, collation="C"), "postgresql")
 _DUE = text("due_since IS NOT NULL")
 _PENDING_JOB = text("job_request_id IS NOT NULL")
 _ACCEPTED = text("accepted_at IS NOT NULL")
@@ -103,7 +106,7 @@ members = Table(
     "members",
     metadata,
     Column("audience_id", BigInteger, nullable=False),
-    Column("external_user_id", String(128), nullable=False),
+    Column("external_user_id", _KEY, nullable=False),
     # desired: what Amazon should hold, from the newest change (occurred_at, then position)
     Column("action", String(6), nullable=False),  # add | remove
     Column("record", Bytes, nullable=False),  # the API's record object, JSON bytes
@@ -116,7 +119,7 @@ members = Table(
     Column("sent_action", String(6)),
     Column("sent_digest", Bytes),
     Column("sent_at", Float),  # the 202 of the last POST
-    Column("job_request_id", String(128)),  # set while that POST's job is not terminal
+    Column("job_request_id", _KEY),  # set while that POST's job is not terminal
     Column("accepted_at", Float),  # the 202 of the last confirmed CREATE: the TTL clock
     Column("outcome", String(16)),  # confirmed | invalid | failed | expired
     Column("reason", String(64)),  # bounded reason class of an invalid/failed outcome
@@ -155,7 +158,7 @@ tombstones = Table(
     "tombstones",
     metadata,
     Column("audience_id", BigInteger, nullable=False),
-    Column("external_user_id", String(128), nullable=False),
+    Column("external_user_id", _KEY, nullable=False),
     Column("erased_at", Float, nullable=False),  # occurred_at of the erase event
     PrimaryKeyConstraint("audience_id", "external_user_id"),
     Index("ix_tombstones_erased_at", "erased_at"),

@@ -9,16 +9,22 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from alembic import command
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 
 from syncd.amazon.api import JobStatus
 from syncd.budget import Budget
 from syncd.config import BudgetConfig
+from syncd.members import MemberTable
 from syncd.store import NewJob, Store
+from syncd.store.store import alembic_config
 from tests.fixtures.postgres import ISOLATION_LEVELS, new_database
+from tests.unit.test_members import change
 from tests.unit.test_store import *  # noqa: F403  (the unit suite, re-run on PostgreSQL)
 
 pytestmark = pytest.mark.integration
@@ -190,3 +196,44 @@ async def test_replicas_polling_and_expiring_at_once_stay_consistent(replica_url
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_member_keys_compare_as_bytes_and_the_migration_keeps_rows(pg_url: str) -> None:
+    """Revision 0007: the member table's opaque keys are in COLLATE "C" (a memcmp per b-tree
+    step, not the database's strcoll); a downgrade and an upgrade keep the rows."""
+    store = (await replicas(pg_url, 1))[0]
+
+    def migrate(to: str, *, down: bool = False) -> Callable[[Connection], None]:
+        def run(sync: Connection) -> None:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = sync
+            (command.downgrade if down else command.upgrade)(cfg, to)
+
+        return run
+
+    async def collations() -> dict[str, str | None]:
+        async with store._engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT table_name || '.' || column_name, collation_name "
+                    "FROM information_schema.columns WHERE table_schema = current_schema() "
+                    "AND table_name IN ('members', 'tombstones') "
+                    "AND column_name IN ('external_user_id', 'job_request_id')"
+                )
+            )
+            return {str(name): collation for name, collation in rows.all()}
+
+    keys = ("members.external_user_id", "members.job_request_id", "tombstones.external_user_id")
+    try:
+        assert await collations() == dict.fromkeys(keys, "C")
+        table = MemberTable(store)
+        await table.record_changes([change(f"u{i}", audience=7) for i in range(3)])
+        async with store._engine.begin() as conn:
+            await conn.run_sync(migrate("0006", down=True))
+        assert await collations() == dict.fromkeys(keys, None)
+        async with store._engine.begin() as conn:
+            await conn.run_sync(migrate("head"))
+        assert await collations() == dict.fromkeys(keys, "C")
+        assert (await table.counts(7))["pending"] == 3
+    finally:
+        await store.close()
