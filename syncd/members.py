@@ -57,6 +57,7 @@ from sqlalchemy import (
     exists,
     func,
     literal,
+    literal_column,
     or_,
     select,
     text,
@@ -700,8 +701,7 @@ class MemberTable:
             token = uuid.uuid4().hex
             audiences = sorted(set(audience_ids))
             if self._postgres:
-                picked = self._pick(conn, audiences, limit, now)
-                claims = self._lease_keys(conn, picked, now, lease_s, owner, token)
+                claims = self._claim_shares(conn, audiences, limit, now, lease_s, owner, token)
             else:
                 claims = _claim_rowids(conn, audiences, limit, now, lease_s, owner, token)
             claims.sort(key=lambda c: (c.refresh, c.audience_id, c.external_user_id))
@@ -711,79 +711,63 @@ class MemberTable:
             return []
         return await self._transaction(op)
 
-    def _pick(
-        self, conn: Connection, audience_ids: list[int], limit: int, now: float
-    ) -> list[tuple[int, str]]:
-        """Keys of up to `limit` claimable members (`_share_out`), each share read from the due
-        index after the last key taken from it."""
-        picked: list[tuple[int, str]] = []
-        after: dict[tuple[int, int], tuple[float, str]] = {}
-
-        def take(audience_id: int, rank: int, want: int) -> int:
-            query = (
-                select(m.c.due_since, m.c.external_user_id)
-                .where(m.c.audience_id == audience_id, m.c.due_rank == rank)
-                .where(_claimable(now))
-                .order_by(m.c.due_since, m.c.external_user_id)
-                .limit(want)
-            )
-            if (audience_id, rank) in after:
-                since, euid = after[(audience_id, rank)]
-                query = query.where(
-                    or_(
-                        m.c.due_since > since,
-                        and_(m.c.due_since == since, m.c.external_user_id > euid),
-                    )
-                )
-            rows = conn.execute(query).all()
-            picked.extend((audience_id, row[1]) for row in rows)
-            if rows:
-                after[(audience_id, rank)] = (float(rows[-1][0]), rows[-1][1])
-            return len(rows)
-
-        _share_out(audience_ids, limit, take)
-        return picked
-
-    def _lease_keys(
+    def _claim_shares(
         self,
         conn: Connection,
-        picked: list[tuple[int, str]],
+        audience_ids: list[int],
+        limit: int,
         now: float,
         lease_s: float,
         owner: str,
         token: str,
     ) -> list[Claim]:
-        """Lease the picked rows no other replica locks (PostgreSQL: SKIP LOCKED)."""
+        """PostgreSQL: lease up to `limit` claimable members (`_share_out`), one statement per
+        share. Each takes the share's first rows in the due index after the last key it took,
+        skips the rows another transaction locks (SKIP LOCKED), and leases them by their row
+        address: no second descent of the key's index per member."""
         claims: list[Claim] = []
-        for audience_id, ids in _by_audience(picked).items():
-            for chunk in self._batches(ids):
-                lockable = (
-                    select(m.c.external_user_id)
-                    .where(
-                        m.c.audience_id == audience_id,
-                        self._among(m.c.external_user_id, chunk),
-                        _claimable(now),
-                    )
-                    .with_for_update(skip_locked=True)
-                )
-                result = conn.execute(
-                    update(m)
-                    .where(
-                        m.c.audience_id == audience_id,
-                        m.c.external_user_id.in_(lockable.scalar_subquery()),
-                    )
-                    .values(claimed_by=owner, claim_token=token, claimed_until=now + lease_s)
-                    .returning(
-                        m.c.audience_id,
-                        m.c.external_user_id,
-                        m.c.action,
-                        m.c.record,
-                        m.c.digest,
-                        m.c.due_rank,
-                        m.c.occurred_at,
+        after: dict[tuple[int, int], tuple[float, str]] = {}
+        ctid: ColumnElement[Any] = literal_column("ctid")
+
+        def take(audience_id: int, rank: int, want: int) -> int:
+            picked = (
+                select(ctid)
+                .select_from(m)
+                .where(m.c.audience_id == audience_id, m.c.due_rank == rank, _claimable(now))
+                .order_by(m.c.due_since, m.c.external_user_id)
+                .limit(want)
+                .with_for_update(skip_locked=True)
+            )
+            if (audience_id, rank) in after:
+                since, euid = after[(audience_id, rank)]
+                picked = picked.where(
+                    or_(
+                        m.c.due_since > since,
+                        and_(m.c.due_since == since, m.c.external_user_id > euid),
                     )
                 )
-                claims.extend(_claim(row, token) for row in result)
+            rows = conn.execute(
+                update(m)
+                .where(ctid == any_(func.array(picked.scalar_subquery())))
+                .values(claimed_by=owner, claim_token=token, claimed_until=now + lease_s)
+                .returning(
+                    m.c.audience_id,
+                    m.c.external_user_id,
+                    m.c.action,
+                    m.c.record,
+                    m.c.digest,
+                    m.c.due_rank,
+                    m.c.occurred_at,
+                    m.c.due_since,
+                )
+            ).all()
+            claims.extend(_claim(row[:7], token) for row in rows)
+            if rows:
+                last = max((float(row[7]), row[1]) for row in rows)
+                after[(audience_id, rank)] = last
+            return len(rows)
+
+        _share_out(audience_ids, limit, take)
         return claims
 
     async def mark_sent(self, claims: Sequence[Claim], job_request_id: str) -> list[Claim]:
@@ -995,12 +979,14 @@ class MemberTable:
             result = JobOutcome()
             of_job = m.c.job_request_id == job_request_id
             if self._postgres:  # lock the job's rows in key order: no deadlock with ingest
-                conn.execute(
+                locked = (
                     select(m.c.audience_id)
                     .where(of_job)
                     .order_by(m.c.audience_id, m.c.external_user_id)
                     .with_for_update()
+                    .subquery()
                 )
+                conn.execute(select(func.count()).select_from(locked))  # counted, not returned
             if outcome == CONFIRMED:
                 result.erased = self._finish_erasures(conn, of_job)
                 for euid, why in sorted(refused.items()):
@@ -1061,7 +1047,9 @@ class MemberTable:
 
     def _finish_erasures(self, conn: Connection, of_job: ColumnElement[bool]) -> int:
         """Delete the job's rows whose DELETE was the member's erase (desired remove, sent as is,
-        not newer than the tombstone)."""
+        not newer than the tombstone). No tombstone, the usual case: nothing to scan."""
+        if conn.execute(select(t.c.audience_id).limit(1)).first() is None:
+            return 0
         erased = exists().where(
             t.c.audience_id == m.c.audience_id,
             t.c.external_user_id == m.c.external_user_id,
