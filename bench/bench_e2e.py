@@ -11,7 +11,8 @@ audience: one member record per event) is produced first; then syncd starts. Fig
   workers), sampled, and the sum of their own peaks
   (VmHWM, which no sample misses), with the peak of their summed PSS beside (shared pages
   counted once, as a container's memory limit counts them);
-- CPU per record, and the member table's bytes per member at the end (bench_member_size.py);
+- CPU per record (syncd's processes, the sandbox, PostgreSQL's server), and the member
+  table's bytes per member at the end (bench_member_size.py);
 - with --replay: once every record is accepted, that syncd stops and a new one reads the same
   topic in a new consumer group: its events read per second until its last commit, and the
   records it sent (the member table makes a replay send nothing: must be 0).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import re
@@ -85,10 +87,27 @@ def pss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else 0.0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a running process."""
+def cpu_seconds(pid: int, *, reaped: bool = False) -> float:
+    """User + system CPU time of a running process (`reaped`: and of its children that ended)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_seconds(data_dir: Path) -> float:
+    """CPU time of a PostgreSQL server of its own (`postgres_server(data_dir)`): its postmaster,
+    with the backends that ended, and every process it runs; 0 where there is none (SQLite)."""
+    pid_file = data_dir / "postmaster.pid"
+    if not pid_file.exists():
+        return 0.0
+    postmaster = int(pid_file.read_text().split()[0])
+    total = cpu_seconds(postmaster, reaped=True)
+    for child in child_processes(postmaster):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += cpu_seconds(child)
+    return total
 
 
 def cpu_model() -> str:
@@ -304,6 +323,7 @@ async def bench(args: argparse.Namespace, tmp: Path, url: str) -> None:
         ends = await end_offsets(broker.bootstrap, TOPIC)
         raw = config(broker.bootstrap, sandbox_url, url, "bench", args.workers, args.max_pending)
         await provide_at(sandbox_url, raw["destinations"])
+        server_cpu_at_start = server_cpu_seconds(tmp / "pg")
         daemon = DaemonProcess(tmp, raw).start()
         assert daemon.proc is not None
         pid = daemon.proc.pid
@@ -315,6 +335,7 @@ async def bench(args: argparse.Namespace, tmp: Path, url: str) -> None:
             "loop": cpu_seconds(pid),
             "workers": sum(map(cpu_seconds, helpers)),
             "sandbox": cpu_seconds(sandbox.pid),
+            "server": server_cpu_seconds(tmp / "pg") - server_cpu_at_start,
         }
         await daemon.terminate()
         end_to_end = run.all_accepted - run.first_read
@@ -340,7 +361,8 @@ async def bench(args: argparse.Namespace, tmp: Path, url: str) -> None:
         print(
             f"CPU per record: syncd {us['loop'] + us['workers']:.0f} us (event loop"
             f" {us['loop']:.0f}, transform workers and helpers {us['workers']:.0f}),"
-            f" sandbox {us['sandbox']:.0f} us",
+            f" sandbox {us['sandbox']:.0f} us"
+            + (f", PostgreSQL's server {us['server']:.0f} us" if us["server"] else ""),
             flush=True,
         )
         if args.replay:
