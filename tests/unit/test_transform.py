@@ -6,7 +6,9 @@ import asyncio
 import fcntl
 import hashlib
 import os
+import select
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -298,3 +300,58 @@ async def test_a_failed_start_leaves_no_worker_running(monkeypatch: pytest.Monke
             pass
     assert started
     assert not set(child_processes(os.getpid())) & set(started)
+
+
+# A daemon that starts one worker, waits for its first answer, forks a process that holds the
+# worker's stdin open (so that no end of file tells the worker), prints both pids and dies by
+# SIGKILL.
+_DAEMON_KILLED_WITH_ITS_WORKERS_STDIN_HELD = """
+import asyncio, os, signal, sys
+from syncd.localstack import child_processes, is_transform_worker
+from syncd.transform_pool import Transformer
+from tests.unit.test_transform import SPEC
+
+async def main():
+    transformer = Transformer(SPEC, workers=1)
+    await transformer.start()
+    await transformer.submit([b"{}"])  # the worker is up (past its start-up checks)
+    [worker] = [p for p in child_processes(os.getpid()) if is_transform_worker(p)]
+    holder = os.fork()
+    if holder == 0:
+        sys.stdin.buffer.read()  # until the test closes this stdin
+        os._exit(0)
+    print(worker, holder, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_dies_with_its_daemon_even_while_its_stdin_stays_open() -> None:
+    """A SIGKILLed daemon cannot stop its workers; an idle worker also sees its stdin end, but
+    a busy one (or one whose pipe another process holds) would run on: the kernel kills it
+    with the daemon (PR_SET_PDEATHSIG)."""
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", _DAEMON_KILLED_WITH_ITS_WORKERS_STDIN_HELD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert daemon.stdin is not None
+    assert daemon.stdout is not None
+    try:
+        worker, holder = map(int, daemon.stdout.readline().split())
+        assert daemon.wait(timeout=30) == -signal.SIGKILL
+        try:
+            pidfd = os.pidfd_open(worker)
+        except ProcessLookupError:
+            pass  # already gone
+        else:
+            with select.epoll() as ep:  # readable once the process has ended
+                ep.register(pidfd, select.EPOLLIN)
+                assert ep.poll(timeout=30), f"worker {worker} outlived its daemon"
+            os.close(pidfd)
+        os.kill(holder, 0)  # the worker's stdin was still open when it died
+    finally:
+        daemon.stdin.close()  # the holder exits
+        daemon.stdout.close()
