@@ -9,21 +9,18 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from alembic import command
 from sqlalchemy import text
-from sqlalchemy.engine import Connection
 
 from syncd.amazon.api import JobStatus
 from syncd.budget import Budget
 from syncd.config import BudgetConfig
 from syncd.members import MemberTable
 from syncd.store import NewJob, Store
-from syncd.store.store import alembic_config
 from tests.fixtures.postgres import ISOLATION_LEVELS, new_database
+from tests.fixtures.store import migrate
 from tests.unit.test_members import change
 from tests.unit.test_store import *  # noqa: F403  (the unit suite, re-run on PostgreSQL)
 
@@ -202,14 +199,6 @@ async def test_member_keys_compare_as_bytes_and_the_migration_keeps_rows(pg_url:
     """Revision 0007: the member table's opaque keys are in COLLATE "C" (a memcmp per b-tree
     step, not the database's strcoll); a downgrade and an upgrade keep the rows."""
     store = (await replicas(pg_url, 1))[0]
-
-    def migrate(to: str, *, down: bool = False) -> Callable[[Connection], None]:
-        def run(sync: Connection) -> None:
-            cfg = alembic_config()
-            cfg.attributes["connection"] = sync
-            (command.downgrade if down else command.upgrade)(cfg, to)
-
-        return run
 
     async def collations() -> dict[str, str | None]:
         async with store._engine.connect() as conn:

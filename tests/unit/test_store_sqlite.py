@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from alembic import command
 from sqlalchemy import insert, inspect, select, text
-from sqlalchemy.engine import Connection
 
 from syncd.members import MemberChange, MemberTable
 from syncd.store import Store
 from syncd.store.schema import members
-from syncd.store.store import SCHEMA_REVISION, alembic_config
+from syncd.store.store import SCHEMA_REVISION
+from tests.fixtures.store import migrate
 
 
 async def test_connections_racing_to_open_a_new_file_all_succeed(tmp_path: Path) -> None:
@@ -37,14 +35,6 @@ async def test_upgrading_to_0005_makes_members_a_rowid_table_and_keeps_every_row
     """Revision 0005 rebuilds SQLite's member table as a rowid table (and 0004 back), with its
     rows and indexes; the member table works on the result."""
     store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}")
-
-    def migrate(to: str, *, down: bool = False) -> Callable[[Connection], None]:
-        def run(sync: Connection) -> None:
-            cfg = alembic_config()
-            cfg.attributes["connection"] = sync
-            (command.downgrade if down else command.upgrade)(cfg, to)
-
-        return run
 
     async def table_sql_rows_and_indexes() -> tuple[str, list[Any], set[str]]:
         async with store._engine.connect() as conn:
