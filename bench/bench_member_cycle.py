@@ -11,7 +11,8 @@ processes, read from /proc around each call, which runs alone), the WAL written 
 and the statements by their execution time, with buffers and WAL per member.
 
     .venv/bin/python bench/bench_member_cycle.py [--members 200000] [--chunk 2000]
-        [--batch 6000] [--pending 20] [--set "max_wal_size = '8GB'" ...]
+        [--batch 6000] [--pending 20] [--consent-ip 203.0.113.7]
+        [--set "max_wal_size = '8GB'" ...]
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ FIELDS = ("email", "phone", "firstName", "lastName", "address", "city", "state",
 STATEMENTS = 10  # the costliest statements listed
 
 
-def change(i: int, generation: int, occurred_at: float, position: int) -> MemberChange:
+def change(
+    i: int, generation: int, occurred_at: float, position: int, ip: str | None
+) -> MemberChange:
     pii = {
         field: hashlib.sha256(f"{field}{i}/{generation}".encode()).hexdigest() for field in FIELDS
     }
-    consent = Consent(amzn_user_data="GRANTED", amzn_ad_storage="GRANTED")
+    consent = Consent(amzn_user_data="GRANTED", amzn_ad_storage="GRANTED", ip_address=ip)
     record = member_record(f"cdp-user-{i:07}", "US", Action.ADD, [pii], consent)
     return member_change(AUDIENCES[i % 2], record, occurred_at=occurred_at, position=position)
 
@@ -89,7 +92,9 @@ class Cycle:
         pending: list[str] = []
         for start in range(0, members, chunk):
             ids = range(start, min(start + chunk, members))
-            changes = [change(i, generation, 1.8e9 + generation, i) for i in ids]
+            changes = [
+                change(i, generation, 1.8e9 + generation, i, self.args.consent_ip) for i in ids
+            ]
             await self.timed("record_changes", self.table.record_changes(changes))
             if start // chunk % max(1, self.args.batch // chunk) == 0:
                 await self.send_due(pending)
@@ -156,7 +161,9 @@ async def run(args: argparse.Namespace) -> None:
             before = server_cpu_seconds(cycle.data_dir)
             for start in range(0, args.members, args.chunk):
                 ids = range(start, min(start + args.chunk, args.members))
-                await cycle.table.record_changes([change(i, 2, 1.8e9 + 2, i) for i in ids])
+                await cycle.table.record_changes(
+                    [change(i, 2, 1.8e9 + 2, i, args.consent_ip) for i in ids]
+                )
             replay = (server_cpu_seconds(cycle.data_dir) - before) / args.members * 1e6
             print(f"replay of the last round: server CPU {replay:.1f} us per member")
         finally:
@@ -178,6 +185,11 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=6000)
     parser.add_argument("--pending", type=int, default=20)
+    parser.add_argument(
+        "--consent-ip",
+        metavar="IP",
+        help="every record's consent carries this IP (forgotten once the change is accepted)",
+    )
     parser.add_argument(
         "--set",
         action="append",

@@ -350,6 +350,10 @@ def _array_of(column: Column[Any]) -> ARRAY[Any]:
     return ARRAY(String() if isinstance(column.type, String) else column.type)
 
 
+_IDS_ARRAY = _array_of(m.c.external_user_id)
+_RECORDS_ARRAY = _array_of(m.c.record)
+
+
 def _chunks(items: Sequence[T], size: int = _ROWS_PER_STATEMENT) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -800,7 +804,8 @@ class MemberTable:
     def _forget_consent_ips(self, conn: Connection, accepted: Sequence[Claim]) -> None:
         """The store keeps a consent IP only until the change that carried it is accepted (or
         refused for good): from here the record keeps `geo.countryCode` alone (refreshes send
-        that). A row whose record changed since the claim keeps its own (not sent yet)."""
+        that). A row whose record changed since the claim keeps its own (not sent yet).
+        SQLite; PostgreSQL does it as it marks the rows sent (`_without_consent_ips`)."""
         params = [
             {"a": c.audience_id, "e": c.external_user_id, "old": c.record, "new": new}
             for c in accepted
@@ -853,9 +858,9 @@ class MemberTable:
                 )
                 if self._postgres:
                     returned = conn.execute(
-                        update_sent.where(ours, self._among(m.c.external_user_id, chunk)).returning(
-                            m.c.external_user_id, m.c.action, m.c.digest
-                        )
+                        _without_consent_ips(update_sent, [sent[euid] for euid in chunk])
+                        .where(ours)
+                        .returning(m.c.external_user_id, m.c.action, m.c.digest)
                     )
                     written = [(euid, action, bytes(digest)) for euid, action, digest in returned]
                 else:
@@ -888,8 +893,9 @@ class MemberTable:
                     )
                 kept = {row[0] for row in written}
                 lost.extend(sent[euid] for euid in chunk if euid not in kept)
-        gone = set(lost)
-        self._forget_consent_ips(conn, [c for c in claims if c not in gone])
+        if not self._postgres:  # PostgreSQL: in the same row versions (_without_consent_ips)
+            gone = set(lost)
+            self._forget_consent_ips(conn, [c for c in claims if c not in gone])
         return lost
 
     async def waiting(self, audience_ids: Sequence[int], rank: int | None = None) -> int:
@@ -1611,6 +1617,29 @@ def _claim_rowids(
             for a, euid, action, record, digest, rank, at in orjson.loads(rows.scalar_one())
         )
     return claims
+
+
+def _without_consent_ips(update_sent: Any, claims: Sequence[Claim]) -> Any:
+    """PostgreSQL: `update_sent` of the rows of `claims`, which also forgets the consent IPs
+    they carried (`MemberTable._forget_consent_ips`) in the same row versions: where the row
+    still holds the claimed record, it gets the record without its IP. Claims without one
+    (most) keep the plain statement: their ids as one array."""
+    ids = [c.external_user_id for c in claims]
+    bare = [without_consent_ip(c.record) for c in claims]
+    if all(new is c.record for new, c in zip(bare, claims, strict=True)):
+        return update_sent.where(m.c.external_user_id == any_(bindparam("ids", ids, _IDS_ARRAY)))
+    sent = (
+        func.unnest(
+            bindparam("ids", ids, _IDS_ARRAY),
+            bindparam("old", [c.record for c in claims], _RECORDS_ARRAY),
+            bindparam("new", bare, _RECORDS_ARRAY),
+        )
+        .table_valued("external_user_id", "old", "new")
+        .render_derived(name="sent")
+    )
+    return update_sent.values(
+        record=case((m.c.record == sent.c.old, sent.c.new), else_=m.c.record)
+    ).where(m.c.external_user_id == sent.c.external_user_id)
 
 
 def _claim(row: Any, token: str) -> Claim:
