@@ -1626,13 +1626,16 @@ def _without_consent_ips(update_sent: Any, claims: Sequence[Claim]) -> Any:
     (most) keep the plain statement: their ids as one array."""
     ids = [c.external_user_id for c in claims]
     bare = [without_consent_ip(c.record) for c in claims]
-    if all(new is c.record for new, c in zip(bare, claims, strict=True)):
+    with_ip = [new is not c.record for new, c in zip(bare, claims, strict=True)]
+    if not any(with_ip):
         return update_sent.where(m.c.external_user_id == any_(bindparam("ids", ids, _IDS_ARRAY)))
-    sent = (
+    old = [c.record if ip else None for c, ip in zip(claims, with_ip, strict=True)]
+    new = [record if ip else None for record, ip in zip(bare, with_ip, strict=True)]
+    sent = (  # a NULL old record (no IP) matches no row: the record stays
         func.unnest(
             bindparam("ids", ids, _IDS_ARRAY),
-            bindparam("old", [c.record for c in claims], _RECORDS_ARRAY),
-            bindparam("new", bare, _RECORDS_ARRAY),
+            bindparam("old", old, _RECORDS_ARRAY),
+            bindparam("new", new, _RECORDS_ARRAY),
         )
         .table_valued("external_user_id", "old", "new")
         .render_derived(name="sent")

@@ -23,6 +23,7 @@ from syncd.members import (
     RecordCounts,
     delete_record,
     member_change,
+    without_consent_ip,
 )
 from syncd.model import Action, Consent, member_record, record_digest
 from syncd.store import NewJob
@@ -904,3 +905,27 @@ async def test_a_consent_ip_is_kept_only_until_its_change_is_accepted(table: Mem
     await table.record_changes([with_ip("c", "198.51.100.9", T0 + 2, 2)])  # newer, not sent
     await table.mark_sent([claim], "job-2")
     assert b"198.51.100.9" in await stored_record(table, "u1")
+
+
+async def test_members_sent_together_forget_only_the_ips_they_carried(table: MemberTable) -> None:
+    """One POST of members with and without a consent IP: each row keeps its own record, the
+    IP alone dropped; a member refused alike."""
+    geo = Consent(amzn_user_data="GRANTED", ip_address="203.0.113.7")
+    changes = [
+        member_change(
+            A1,
+            member_record(euid, "DE", Action.ADD, [{"email": sha(euid)}], consent=consent),
+            occurred_at=T0,
+            position=0,
+        )
+        for euid, consent in [("u1", geo), ("u2", None), ("u3", geo), ("u4", None)]
+    ]
+    await table.record_changes(changes)
+    records = {c.external_user_id: c.record for c in changes}
+    claims = await table.claim_due([A1], 10, LEASE, "sender")
+    assert await table.mark_sent([c for c in claims if c.external_user_id < "u3"], "job-1") == []
+    assert await table.refuse([c for c in claims if c.external_user_id >= "u3"], "invalid") == []
+    for euid, record in records.items():
+        stored = await stored_record(table, euid)
+        assert stored == without_consent_ip(record)
+        assert (stored == record) == (b"203.0.113.7" not in record)
