@@ -65,6 +65,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
@@ -411,6 +412,11 @@ def _claimable(now: float) -> ColumnElement[bool]:
 
 
 def _retryable(exc: DBAPIError) -> bool:
+    """A deadlock or a serialization failure; or a prepared statement that another process's
+    migration made stale (it fails once: SQLAlchemy then clears the caches, and the next
+    attempt prepares it anew)."""
+    if isinstance(exc.orig, AsyncAdapt_asyncpg_dbapi.InvalidCachedStatementError):
+        return True
     return getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES
 
 

@@ -21,7 +21,7 @@ from syncd.members import MemberTable
 from syncd.store import NewJob, Store
 from tests.fixtures.postgres import ISOLATION_LEVELS, new_database
 from tests.fixtures.store import migrate
-from tests.unit.test_members import change
+from tests.unit.test_members import A1, LEASE, change
 from tests.unit.test_store import *  # noqa: F403  (the unit suite, re-run on PostgreSQL)
 
 pytestmark = pytest.mark.integration
@@ -225,4 +225,26 @@ async def test_member_keys_compare_as_bytes_and_the_migration_keeps_rows(pg_url:
         assert await collations() == dict.fromkeys(keys, "C")
         assert (await table.counts(7))["pending"] == 3
     finally:
+        await store.close()
+
+
+async def test_another_process_migrating_costs_the_member_table_no_failed_write(
+    pg_url: str,
+) -> None:
+    """A migration run by another process (a new pod's init container) that changes what a
+    statement returns (0007: the keys' collation) leaves this process's prepared statements
+    stale: each fails once ("cached plan must not change result type"), and SQLAlchemy then
+    clears the caches. The member table runs the transaction again instead of failing."""
+    store = (await replicas(pg_url, 1))[0]
+    other = await Store.connect(pg_url)
+    try:
+        table = MemberTable(store)
+        await table.record_changes([change(f"u{i}") for i in range(3)])
+        assert len(await table.claim_due([A1], 10, LEASE, "sender")) == 3  # prepared
+        async with other._engine.begin() as conn:
+            await conn.run_sync(migrate("0006", down=True))
+        await table.record_changes([change(f"v{i}") for i in range(3)])
+        assert len(await table.claim_due([A1], 10, LEASE, "sender")) == 3
+    finally:
+        await other.close()
         await store.close()
