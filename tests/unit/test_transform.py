@@ -13,6 +13,7 @@ import sys
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -336,11 +337,16 @@ def test_a_worker_dies_with_its_daemon_even_while_its_stdin_stays_open() -> None
         [sys.executable, "-c", _DAEMON_KILLED_WITH_ITS_WORKERS_STDIN_HELD],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        cwd=Path(__file__).parents[2],  # imports syncd and tests from the checkout
     )
     assert daemon.stdin is not None
     assert daemon.stdout is not None
     try:
-        worker, holder = map(int, daemon.stdout.readline().split())
+        ready, _, _ = select.select([daemon.stdout], [], [], 60)
+        assert ready, "the daemon did not start its worker"
+        line = daemon.stdout.readline()
+        assert line, f"the daemon failed (exit {daemon.wait(timeout=30)})"
+        worker, holder = map(int, line.split())
         assert daemon.wait(timeout=30) == -signal.SIGKILL
         try:
             pidfd = os.pidfd_open(worker)
@@ -353,5 +359,8 @@ def test_a_worker_dies_with_its_daemon_even_while_its_stdin_stays_open() -> None
             os.close(pidfd)
         os.kill(holder, 0)  # the worker's stdin was still open when it died
     finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
         daemon.stdin.close()  # the holder exits
         daemon.stdout.close()
