@@ -182,7 +182,7 @@ async def test_three_replicas_share_one_budget_and_lose_nothing(
     # within three windows, as 6000-record batches are within a 15M window. A longer window
     # keeps the time the replicas take for a window's 40 POSTs small against the window.
     batch = 25
-    window_s = 2 * WINDOW_S
+    window_s = 3 * WINDOW_S  # 20 s left 0.944-0.958 on a slow machine, beside another test
     backlog = 3 * BUDGET - 2 * batch
     events = list(synth.events(backlog, seed=23, audiences=("vip",)))
     async with running_sandbox(settings(window_s)) as sandbox:
