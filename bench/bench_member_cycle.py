@@ -108,6 +108,20 @@ async def wal_bytes(store: Store) -> int:
         return int(await conn.scalar(text("SELECT pg_current_wal_lsn() - '0/0'")))
 
 
+async def table_bytes(store: Store) -> tuple[int, int, int, int]:
+    async with store._engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT pg_table_size('members'), pg_indexes_size('members'),"
+                    " n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+                    " WHERE relname = 'members'"
+                )
+            )
+        ).one()
+        return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+
 async def statements(store: Store, per: int) -> list[Any]:
     async with store._engine.connect() as conn:
         result = await conn.execute(
@@ -141,6 +155,8 @@ async def run(args: argparse.Namespace) -> None:
             async with store._engine.begin() as conn:
                 await conn.execute(text("CREATE EXTENSION pg_stat_statements"))
                 await conn.execute(text("SELECT pg_stat_statements_reset()"))
+                for parameter in args.table:
+                    await conn.execute(text(f"ALTER TABLE members SET ({parameter})"))
             cycle = Cycle(store, Path(tmp) / "pg", args)
             per = 2 * args.members
             wal0, t0 = await wal_bytes(store), time.monotonic()
@@ -155,6 +171,12 @@ async def run(args: argparse.Namespace) -> None:
                 print(f"  {name:18} {cpu / per * 1e6:7.1f}")
             print(f"  {'(all)':18} {sum(cycle.cpu.values()) / per * 1e6:7.1f}")
             print(f"WAL per member: {wal / per:,.0f} bytes")
+            heap, indexes, updates, hot = await table_bytes(store)
+            print(
+                f"members table per member: heap {heap / args.members:,.0f} bytes,"
+                f" indexes {indexes / args.members:,.0f} bytes;"
+                f" {hot / max(1, updates):.0%} of {updates:,} row updates HOT"
+            )
             print("statements by execution time (per member: us, calls, buffers, WAL bytes):")
             for us, calls, blocks, wal_b, query in await statements(store, per):
                 print(f"  {us:6.1f} {calls:6} {blocks:6.1f} {wal_b:7.0f}  {query}")
@@ -196,6 +218,13 @@ def main() -> None:
         default=[],
         metavar="SETTING",
         help="a server setting, as ALTER SYSTEM SET takes it (\"max_wal_size = '8GB'\")",
+    )
+    parser.add_argument(
+        "--table",
+        action="append",
+        default=[],
+        metavar="PARAMETER",
+        help="a storage parameter of the members table, as ALTER TABLE SET takes it",
     )
     asyncio.run(run(parser.parse_args()))
 

@@ -248,3 +248,26 @@ async def test_another_process_migrating_costs_the_member_table_no_failed_write(
     finally:
         await other.close()
         await store.close()
+
+
+async def test_member_pages_keep_room_for_row_versions(pg_url: str) -> None:
+    """Revision 0008: the member table's pages keep half their space free (fillfactor 50), so a
+    member's next version can stay on its page; a downgrade resets it, an upgrade sets it again."""
+    store = (await replicas(pg_url, 1))[0]
+
+    async def options() -> list[str] | None:
+        async with store._engine.connect() as conn:
+            return await conn.scalar(
+                text("SELECT reloptions FROM pg_class WHERE relname = 'members'")
+            )
+
+    try:
+        assert await options() == ["fillfactor=50"]
+        async with store._engine.begin() as conn:
+            await conn.run_sync(migrate("0007", down=True))
+        assert await options() is None
+        async with store._engine.begin() as conn:
+            await conn.run_sync(migrate("head"))
+        assert await options() == ["fillfactor=50"]
+    finally:
+        await store.close()
