@@ -734,7 +734,7 @@ class MemberTable:
         """PostgreSQL: lease up to `limit` claimable members (`_share_out`), one statement per
         share. Each takes the share's first rows in the due index after the last key it took,
         skips the rows another transaction locks (SKIP LOCKED), and leases them by their row
-        address: no second descent of the key's index per member."""
+        address within the audience: no second descent of the key's index per member."""
         claims: list[Claim] = []
         after: dict[tuple[int, int], tuple[float, str]] = {}
         ctid: ColumnElement[Any] = literal_column("ctid")
@@ -758,7 +758,14 @@ class MemberTable:
                 )
             rows = conn.execute(
                 update(m)
-                .where(ctid == any_(func.array(picked.scalar_subquery())))
+                .where(
+                    ctid == any_(func.array(picked.scalar_subquery())),
+                    # A row address is unique within one partition only (a table partitioned by
+                    # audience, docs/operations.md): the audience keeps the update to the rows
+                    # picked. Not `audience_id = ..`, which the planner may serve from the key's
+                    # index, every row of the audience (a plan made while the table was small).
+                    m.c.audience_id + literal_column("0") == audience_id,
+                )
                 .values(claimed_by=owner, claim_token=token, claimed_until=now + lease_s)
                 .returning(
                     m.c.audience_id,
@@ -944,7 +951,7 @@ class MemberTable:
                     result = conn.execute(
                         update(m)
                         .where(
-                            m.c.audience_id == audience_id,
+                            m.c.audience_id + literal_column("0") == audience_id,
                             self._among(m.c.external_user_id, chunk),
                             m.c.claim_token == token,
                         )
@@ -1135,7 +1142,7 @@ class MemberTable:
             for audience_id, ids in _by_audience(keys).items():
                 for chunk in self._batches(ids):
                     where = and_(
-                        m.c.audience_id == audience_id,
+                        m.c.audience_id + literal_column("0") == audience_id,
                         self._among(m.c.external_user_id, chunk),
                         _newer(occurred_at, position),
                     )
@@ -1289,7 +1296,7 @@ class MemberTable:
             now = await self._store._now(conn)
             found = await conn.scalar(
                 select(func.count()).where(
-                    m.c.audience_id == audience_id,
+                    m.c.audience_id + literal_column("0") == audience_id,
                     m.c.accepted_at.is_not(None),
                     m.c.accepted_at < now - older_than_s,
                     m.c.job_request_id.is_(None),
@@ -1504,7 +1511,7 @@ class MemberTable:
             claimed = await conn.scalar(
                 select(m.c.external_user_id)
                 .where(
-                    m.c.audience_id == audience_id,
+                    m.c.audience_id + literal_column("0") == audience_id,
                     m.c.due_since.is_not(None),
                     m.c.claimed_until > now,
                 )

@@ -10,11 +10,12 @@ import random
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from syncd.members import ADD, REMOVE, UPDATE, Claim, MemberChange, MemberTable
 from syncd.store import Store
 from tests.fakes import T0, FakeClock
+from tests.fixtures.store import partition_members
 from tests.unit.test_members import *  # noqa: F403  (the unit suite, re-run on PostgreSQL)
 from tests.unit.test_members import A1, A2, LEASE, change
 
@@ -221,3 +222,58 @@ async def test_outcomes_racing_with_changes_lose_nothing(replicas: list[MemberTa
     due = await replicas[3].claim_due([A1], 1000, LEASE, "s")
     assert {c.external_user_id for c in due} == set(changed)
     assert all(c.record == change(c.external_user_id, email="new").record for c in due)
+
+
+async def test_a_claim_on_a_member_table_partitioned_by_audience_leases_only_its_own_rows(
+    table: MemberTable,
+) -> None:
+    """Partitioned by audience (docs/operations.md), the member table's row addresses (ctid) are
+    unique only within a partition: a claim leases the rows it picked by address, so it must not
+    take the rows at the same addresses in the other audiences' partitions."""
+    await partition_members(table._store, A1)
+    members = [f"u{i}" for i in range(10)]
+    await table.record_changes([change(u, audience=a) for a in (A1, A2) for u in members])
+    claims = await table.claim_due([A1], 100, LEASE, "sender")
+    assert sorted((c.audience_id, c.external_user_id) for c in claims) == [(A1, u) for u in members]
+    async with table._store._read() as conn:
+        leased = await conn.scalar(
+            text("SELECT count(*) FROM members WHERE audience_id = :a AND claimed_by IS NOT NULL"),
+            {"a": A2},
+        )
+    assert leased == 0
+    assert len(await table.claim_due([A2], 100, LEASE, "sender")) == len(members)
+
+
+async def test_a_claim_never_reads_its_audience_to_find_the_rows_it_picked(
+    table: MemberTable,
+) -> None:
+    """The lease finds the rows a claim picked by their address, the audience only a filter (for
+    a table partitioned by audience). A plan made while the table was small (the generic plan of
+    a new table) must not look the audience up in an index: that reads every row of the
+    audience at every claim, the cost growing with the audience."""
+    leases: list[tuple[str, tuple[object, ...]]] = []
+
+    def capture(
+        conn: object, cursor: object, statement: str, params: tuple[object, ...], *_: object
+    ) -> None:
+        if statement.startswith("UPDATE members SET claimed_by"):
+            leases.append((statement, params))
+
+    engine = table._store._engine.sync_engine
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        await table.record_changes([change(f"u{i}") for i in range(3)])
+        assert len(await table.claim_due([A1], 10, LEASE, "sender")) == 3
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    statement, params = leases[0]
+    # EXECUTE takes no protocol parameters: its arguments are literals (strings and numbers)
+    arguments = ", ".join(
+        "'" + p.replace("'", "''") + "'" if isinstance(p, str) else repr(p) for p in params
+    )
+    async with table._store._engine.connect() as conn:
+        await conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        await conn.exec_driver_sql(f"PREPARE lease AS {statement}")
+        explained = await conn.exec_driver_sql(f"EXPLAIN EXECUTE lease({arguments})")
+        plan = "\n".join(explained.scalars())
+    assert "Index Cond: (audience_id" not in plan

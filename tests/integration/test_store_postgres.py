@@ -20,7 +20,7 @@ from syncd.config import BudgetConfig
 from syncd.members import MemberTable
 from syncd.store import NewJob, Store
 from tests.fixtures.postgres import ISOLATION_LEVELS, new_database
-from tests.fixtures.store import migrate
+from tests.fixtures.store import migrate, partition_members
 from tests.unit.test_members import A1, LEASE, change
 from tests.unit.test_store import *  # noqa: F403  (the unit suite, re-run on PostgreSQL)
 
@@ -269,5 +269,40 @@ async def test_member_pages_keep_room_for_row_versions(pg_url: str) -> None:
         async with store._engine.begin() as conn:
             await conn.run_sync(migrate("head"))
         assert await options() == ["fillfactor=50"]
+    finally:
+        await store.close()
+
+
+async def test_the_fillfactor_goes_to_the_partitions_of_a_partitioned_member_table(
+    pg_url: str,
+) -> None:
+    """Revision 0008 on a member table an operator partitioned by audience (docs/operations.md):
+    a partitioned table holds no pages and PostgreSQL refuses it storage parameters, so each
+    partition gets the fillfactor, and the upgrade goes through; a downgrade resets them."""
+    store = (await replicas(pg_url, 1))[0]
+
+    async def options() -> dict[str, list[str] | None]:
+        async with store._engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT c.relname, c.reloptions FROM pg_partition_tree('members') t"
+                    " JOIN pg_class c ON c.oid = t.relid"
+                )
+            )
+            return {str(name): reloptions for name, reloptions in rows.all()}
+
+    try:
+        await MemberTable(store).record_changes([change(f"u{i}", audience=7) for i in range(3)])
+        await partition_members(store, 7)
+        assert await store.schema_status() == ("0008", "0008")
+        assert await options() == {
+            "members": None,
+            "members_7": ["fillfactor=50"],
+            "members_others": ["fillfactor=50"],
+        }
+        assert (await MemberTable(store).counts(7))["pending"] == 3
+        async with store._engine.begin() as conn:
+            await conn.run_sync(migrate("0007", down=True))
+        assert set((await options()).values()) == {None}
     finally:
         await store.close()

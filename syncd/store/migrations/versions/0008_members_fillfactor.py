@@ -6,7 +6,9 @@ index, and the dead ones stayed until autovacuum came by. With room on the page,
 indexed column changes) is a heap-only update, and every page prunes its own dead versions as it
 is read. Measured with MemberTable on embedded PostgreSQL (docs/benchmarks.md): less server CPU
 and a third of the WAL per member, and a smaller table, not a larger one. Only pages written
-from now on keep the space (no rewrite, no long lock). SQLite: nothing changes.
+from now on keep the space (no rewrite, no long lock). A member table an operator partitioned
+(by audience, docs/operations.md) holds no pages itself and takes no storage parameter: each of
+its partitions gets it. SQLite: nothing changes.
 
 Revision ID: 0008
 Revises: 0007
@@ -14,6 +16,7 @@ Revises: 0007
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
@@ -23,10 +26,23 @@ depends_on = None
 
 
 def upgrade() -> None:
-    if op.get_context().dialect.name == "postgresql":
-        op.execute("ALTER TABLE members SET (fillfactor = 50)")
+    _alter("SET (fillfactor = 50)")
 
 
 def downgrade() -> None:
-    if op.get_context().dialect.name == "postgresql":
-        op.execute("ALTER TABLE members RESET (fillfactor)")
+    _alter("RESET (fillfactor)")
+
+
+def _alter(change: str) -> None:
+    """`change` on the member table, or on each of its leaf partitions if it is partitioned."""
+    if op.get_context().dialect.name != "postgresql":
+        return
+    tables = op.get_bind().execute(
+        sa.text(
+            "SELECT 'members' WHERE 'members'::regclass NOT IN (SELECT partrelid FROM"
+            " pg_partitioned_table) UNION ALL SELECT relid::regclass::text"
+            " FROM pg_partition_tree('members') WHERE isleaf"
+        )
+    )
+    for table in tables.scalars().all():
+        op.execute(f"ALTER TABLE {table} {change}")
