@@ -951,7 +951,7 @@ class MemberTable:
                     result = conn.execute(
                         update(m)
                         .where(
-                            m.c.audience_id + literal_column("0") == audience_id,
+                            m.c.audience_id == audience_id,
                             self._among(m.c.external_user_id, chunk),
                             m.c.claim_token == token,
                         )
@@ -1142,7 +1142,7 @@ class MemberTable:
             for audience_id, ids in _by_audience(keys).items():
                 for chunk in self._batches(ids):
                     where = and_(
-                        m.c.audience_id + literal_column("0") == audience_id,
+                        m.c.audience_id == audience_id,
                         self._among(m.c.external_user_id, chunk),
                         _newer(occurred_at, position),
                     )
@@ -1296,7 +1296,7 @@ class MemberTable:
             now = await self._store._now(conn)
             found = await conn.scalar(
                 select(func.count()).where(
-                    m.c.audience_id + literal_column("0") == audience_id,
+                    m.c.audience_id == audience_id,
                     m.c.accepted_at.is_not(None),
                     m.c.accepted_at < now - older_than_s,
                     m.c.job_request_id.is_(None),
@@ -1511,7 +1511,7 @@ class MemberTable:
             claimed = await conn.scalar(
                 select(m.c.external_user_id)
                 .where(
-                    m.c.audience_id + literal_column("0") == audience_id,
+                    m.c.audience_id == audience_id,
                     m.c.due_since.is_not(None),
                     m.c.claimed_until > now,
                 )
