@@ -12,7 +12,7 @@ and the statements by their execution time, with buffers and WAL per member.
 
     .venv/bin/python bench/bench_member_cycle.py [--members 200000] [--chunk 2000]
         [--batch 6000] [--pending 20] [--consent-ip 203.0.113.7]
-        [--set "max_wal_size = '8GB'" ...]
+        [--set "max_wal_size = '8GB'" ...] [--table "fillfactor = 70" ...]
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ async def run(args: argparse.Namespace) -> None:
             print(f"WAL per member: {wal / per:,.0f} bytes")
             heap, indexes, updates, hot = await table_bytes(store)
             print(
-                f"members table per member: heap {heap / args.members:,.0f} bytes,"
+                f"members table per member: {heap / args.members:,.0f} bytes (heap and maps),"
                 f" indexes {indexes / args.members:,.0f} bytes;"
                 f" {hot / max(1, updates):.0%} of {updates:,} row updates HOT"
             )

@@ -90,6 +90,9 @@ INVALID = "invalid"
 FAILED = "failed"
 EXPIRED = "expired"
 
+_PARTITIONED = text(
+    "SELECT EXISTS (SELECT FROM pg_partitioned_table WHERE partrelid = 'members'::regclass)"
+)
 _ERASE_LOCK = 0x73796E6365  # pg advisory lock: erase (exclusive) vs record_changes (shared)
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 _TX_ATTEMPTS = 5
@@ -431,6 +434,14 @@ class MemberTable:
         self._upserts = {
             adds_only: self._upsert_statement(adds_only=adds_only) for adds_only in (False, True)
         }
+        self._partitioned: bool | None = None  # PostgreSQL: read at the first claim
+
+    def _is_partitioned(self, conn: Connection) -> bool:
+        """PostgreSQL: whether an operator partitioned the member table (by audience,
+        docs/operations.md; done with syncd stopped, so read once)."""
+        if self._partitioned is None:
+            self._partitioned = bool(conn.scalar(_PARTITIONED))
+        return self._partitioned
 
     # -- plumbing --------------------------------------------------------------------------------
     async def _transaction(self, op: Callable[[Connection, float], T]) -> T:
@@ -734,10 +745,15 @@ class MemberTable:
         """PostgreSQL: lease up to `limit` claimable members (`_share_out`), one statement per
         share. Each takes the share's first rows in the due index after the last key it took,
         skips the rows another transaction locks (SKIP LOCKED), and leases them by their row
-        address within the audience: no second descent of the key's index per member."""
+        address: no second descent of the key's index per member. A row address is unique
+        within one partition only: on a table partitioned by audience the lease names the
+        audience too, which keeps it to the audience's partition (on a plain table the planner
+        could serve that from an index, every row of the audience, in a plan it made and
+        cached while the table was small)."""
         claims: list[Claim] = []
         after: dict[tuple[int, int], tuple[float, str]] = {}
         ctid: ColumnElement[Any] = literal_column("ctid")
+        partitioned = self._is_partitioned(conn)
 
         def take(audience_id: int, rank: int, want: int) -> int:
             picked = (
@@ -756,18 +772,13 @@ class MemberTable:
                         and_(m.c.due_since == since, m.c.external_user_id > euid),
                     )
                 )
+            lease = update(m).where(ctid == any_(func.array(picked.scalar_subquery())))
+            if partitioned:
+                lease = lease.where(m.c.audience_id == audience_id)
             rows = conn.execute(
-                update(m)
-                .where(
-                    ctid == any_(func.array(picked.scalar_subquery())),
-                    # A row address is unique within one partition only (a table partitioned by
-                    # audience, docs/operations.md): the audience keeps the update to the rows
-                    # picked. Not `audience_id = ..`, which the planner may serve from the key's
-                    # index, every row of the audience (a plan made while the table was small).
-                    m.c.audience_id + literal_column("0") == audience_id,
-                )
-                .values(claimed_by=owner, claim_token=token, claimed_until=now + lease_s)
-                .returning(
+                lease.values(
+                    claimed_by=owner, claim_token=token, claimed_until=now + lease_s
+                ).returning(
                     m.c.audience_id,
                     m.c.external_user_id,
                     m.c.action,

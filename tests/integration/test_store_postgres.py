@@ -19,6 +19,7 @@ from syncd.budget import Budget
 from syncd.config import BudgetConfig
 from syncd.members import MemberTable
 from syncd.store import NewJob, Store
+from syncd.store.store import SCHEMA_REVISION
 from tests.fixtures.postgres import ISOLATION_LEVELS, new_database
 from tests.fixtures.store import migrate, partition_members
 from tests.unit.test_members import A1, LEASE, change
@@ -294,7 +295,7 @@ async def test_the_fillfactor_goes_to_the_partitions_of_a_partitioned_member_tab
     try:
         await MemberTable(store).record_changes([change(f"u{i}", audience=7) for i in range(3)])
         await partition_members(store, 7)
-        assert await store.schema_status() == ("0008", "0008")
+        assert await store.schema_status() == (SCHEMA_REVISION, SCHEMA_REVISION)
         assert await options() == {
             "members": None,
             "members_7": ["fillfactor=50"],

@@ -16,7 +16,6 @@ Revises: 0007
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
@@ -37,12 +36,11 @@ def _alter(change: str) -> None:
     """`change` on the member table, or on each of its leaf partitions if it is partitioned."""
     if op.get_context().dialect.name != "postgresql":
         return
-    tables = op.get_bind().execute(
-        sa.text(
-            "SELECT 'members' WHERE 'members'::regclass NOT IN (SELECT partrelid FROM"
-            " pg_partitioned_table) UNION ALL SELECT relid::regclass::text"
-            " FROM pg_partition_tree('members') WHERE isleaf"
-        )
+    conn = op.get_bind()
+    tables = conn.exec_driver_sql(
+        "SELECT 'members' WHERE 'members'::regclass NOT IN (SELECT partrelid FROM"
+        " pg_partitioned_table) UNION ALL SELECT relid::regclass::text"
+        " FROM pg_partition_tree('members') WHERE isleaf"
     )
-    for table in tables.scalars().all():
-        op.execute(f"ALTER TABLE {table} {change}")
+    for table in tables.scalars().all():  # names as PostgreSQL quotes them
+        conn.exec_driver_sql(f"ALTER TABLE {table} {change}")
