@@ -230,7 +230,8 @@ async def test_a_claim_on_a_member_table_partitioned_by_audience_leases_only_its
 ) -> None:
     """Partitioned by audience (docs/operations.md), the member table's row addresses (ctid) are
     unique only within a partition: a claim leases the rows it picked by address, so it must not
-    take the rows at the same addresses in the other audiences' partitions."""
+    take the rows at the same addresses in the other audiences' partitions. Then the rest of a
+    member's cycle runs on the partitions too."""
     await partition_members(table._store, A1)
     members = [f"u{i}" for i in range(10)]
     await table.record_changes([change(u, audience=a) for a in (A1, A2) for u in members])
@@ -242,7 +243,23 @@ async def test_a_claim_on_a_member_table_partitioned_by_audience_leases_only_its
             {"a": A2},
         )
     assert leased == 0
-    assert len(await table.claim_due([A2], 100, LEASE, "sender")) == len(members)
+    others = await table.claim_due([A2], 100, LEASE, "sender")
+    assert len(others) == len(members)
+    # the rest of the cycle on the partitions: sent, confirmed, erased everywhere
+    for job, sent in (("job-1", claims), ("job-2", others)):
+        assert await table.mark_sent(sent, job) == []
+        assert (await table.apply_job_outcome(job, "SUCCEEDED")).confirmed == len(members)
+    assert await table.erase(["u0"], [A1, A2], occurred_at=T0 + 10, position=5) == 2
+    deletes = await table.claim_due([A1, A2], 100, LEASE, "sender")
+    assert sorted((c.audience_id, c.external_user_id, c.action) for c in deletes) == [
+        (A1, "u0", REMOVE),
+        (A2, "u0", REMOVE),
+    ]
+    assert await table.mark_sent(deletes, "job-3") == []
+    assert (await table.apply_job_outcome("job-3", "SUCCEEDED")).erased == 2
+    for audience in (A1, A2):
+        assert await table.member(audience, "u0") is None
+        assert (await table.counts(audience))["member"] == len(members) - 1
 
 
 async def generic_plans(
