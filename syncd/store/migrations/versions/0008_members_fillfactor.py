@@ -5,10 +5,11 @@ sent, confirmed. On full pages each version went to another page, with new entri
 index, and the dead ones stayed until autovacuum came by. With room on the page, a lease (no
 indexed column changes) is a heap-only update, and every page prunes its own dead versions as it
 is read. Measured with MemberTable on embedded PostgreSQL (docs/benchmarks.md): less server CPU
-and a third of the WAL per member, and a smaller table, not a larger one. Only pages written
-from now on keep the space (no rewrite, no long lock). A member table an operator partitioned
-(by audience, docs/operations.md) holds no pages itself and takes no storage parameter: each of
-its partitions gets it. SQLite: nothing changes.
+and a third of the WAL per member, and a smaller table as it is worked (compacted, it takes
+twice the room). Only pages written from now on keep the space: no rewrite, though the catalog
+change waits for a running anti-wraparound autovacuum of the table. A member table an operator
+partitioned (by audience, docs/operations.md) holds no pages itself and takes no storage
+parameter: each of its partitions gets it. SQLite: nothing changes.
 
 Revision ID: 0008
 Revises: 0007
