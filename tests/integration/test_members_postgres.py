@@ -327,10 +327,10 @@ async def test_member_statements_find_their_audience_through_an_index(
 
     plans = await generic_plans(table._store, calls)
     named = [
-        (statement, plan, re.findall(r"members\.audience_id (?:\+ \S+ )?= \$(\d+)", statement))
+        (statement, plan, numbers)
         for statement, plan in plans
+        if (numbers := re.findall(r"members\.audience_id (?:\+ \S+ )?= \$(\d+)", statement))
     ]
-    named = [(statement, plan, numbers) for statement, plan, numbers in named if numbers]
     assert len(named) >= 5
     for statement, plan, numbers in named:
         for number in numbers:
