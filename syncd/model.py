@@ -8,6 +8,7 @@ POST) -> job row + the members' sent state.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
@@ -155,12 +156,13 @@ def member_record(
     identifiers_only: bool = False,
     dead_letter: str = "",
 ) -> MemberRecord:
-    encoded = encode_record(external_user_id, country_code, action, hashed_pii, consent)
+    user_consent = _record_consent(country_code, consent)
+    encoded = _encode(external_user_id, country_code, action, hashed_pii, user_consent)
     return MemberRecord(
         external_user_id,
         action,
         encoded,
-        record_digest(encoded),
+        _digest(country_code, hashed_pii, user_consent),  # = record_digest(encoded), unparsed
         occurred_at,
         identifiers_only,
         dead_letter,
@@ -177,19 +179,34 @@ def encode_record(
     """The API's record object as JSON. orjson escapes every string, so no id, country, digest
     or consent text can break the request body it is spliced into (a lone surrogate, which no
     decoded event holds, raises `orjson.JSONEncodeError` instead)."""
+    return _encode(
+        external_user_id, country_code, action, hashed_pii, _record_consent(country_code, consent)
+    )
+
+
+def _record_consent(country_code: str, consent: Consent | None) -> dict[str, Any] | None:
+    """The record's `userConsent`, if any."""
+    if consent is None:
+        return None
+    # an IP address is (nearly) unique per event and personal: never cached
+    return _user_consent(consent) if consent.ip_address is None else consent.to_api(country_code)
+
+
+def _encode(
+    external_user_id: str,
+    country_code: str,
+    action: Action,
+    hashed_pii: list[dict[str, str]],
+    user_consent: dict[str, Any] | None,
+) -> bytes:
     body: dict[str, Any] = {
         "externalUserId": external_user_id,
         "countryCode": country_code,
         "action": action.value,
         "hashedPII": hashed_pii,
     }
-    if consent is not None:
-        # an IP address is (nearly) unique per event and personal: never cached
-        user_consent = (
-            _user_consent(consent) if consent.ip_address is None else consent.to_api(country_code)
-        )
-        if user_consent is not None:
-            body["userConsent"] = user_consent
+    if user_consent is not None:
+        body["userConsent"] = user_consent
     encoded: bytes = orjson.dumps(body)  # typed: orjson is Any where mypyc compiles this
     return encoded
 
@@ -200,16 +217,20 @@ def record_digest(record: bytes) -> bytes:
     own), the externalUserId (the key), nor the consent's IP address: a change that differs only
     there is not sent again."""
     obj = orjson.loads(record)
-    pairs = sorted({(k, v) for pii in obj.get("hashedPII") or () for k, v in pii.items()})
-    consent = obj.get("userConsent")
+    return _digest(obj.get("countryCode"), obj.get("hashedPII") or (), obj.get("userConsent"))
+
+
+def _digest(country: Any, hashed_pii: Iterable[dict[str, str]], consent: Any) -> bytes:
+    """`record_digest` of the record made of these parts (`member_record` has them at hand: it
+    spares the parse, most of the digest's cost). Reads `consent`, never changes it (it may be
+    `_user_consent`'s cached object)."""
+    pairs = sorted({(k, v) for pii in hashed_pii for k, v in pii.items()})
     if isinstance(consent, dict) and isinstance(consent.get("geo"), dict):
         geo = {k: v for k, v in consent["geo"].items() if k != "ipAddress"}
         consent = (
             {**consent, "geo": geo} if geo else {k: v for k, v in consent.items() if k != "geo"}
         )
-    canonical = orjson.dumps(
-        [obj.get("countryCode"), pairs, consent or None], option=orjson.OPT_SORT_KEYS
-    )
+    canonical = orjson.dumps([country, pairs, consent or None], option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(canonical).digest()
 
 
