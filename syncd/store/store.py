@@ -242,8 +242,9 @@ class Store:
         await self.run_write(op)
 
     async def ensure_schema(self, *, auto_upgrade: bool) -> None:
-        """Return when the schema is at head; upgrade first if `auto_upgrade`, else raise
-        SchemaOutdatedError (an empty database counts as outdated)."""
+        """Return when the schema is at head. An empty database gets it: nothing can be using
+        it. A schema at an older revision (older pods may still run on it) is upgraded only if
+        `auto_upgrade`, else SchemaOutdatedError names `syncd db upgrade`."""
         current, head = await self.schema_status()
         if current == head:
             return
@@ -252,12 +253,11 @@ class Store:
                 f"the store's schema is at revision {current}, newer than this syncd's "
                 f"({head}): a newer release migrated it; run that release (or a later one)"
             )
-        if auto_upgrade:
+        if auto_upgrade or current is None:
             await self.upgrade()
             return
-        found = "empty (no schema)" if current is None else f"at revision {current}"
         raise SchemaOutdatedError(
-            f"the store's schema is {found}, this syncd needs revision {head}: "
+            f"the store's schema is at revision {current}, this syncd needs revision {head}: "
             "run `syncd db upgrade --config FILE`, or set store.auto_upgrade = true"
         )
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from syncd.localstack import daemon_config, to_toml
 from syncd.store import NewJob, Store
+from syncd.store.store import SCHEMA_REVISION
+from tests.fixtures.store import migrate
 
 pytestmark = pytest.mark.integration
 
@@ -81,8 +86,56 @@ def test_check_config_names_a_bad_key_and_exits_2(tmp_path: Path) -> None:
     assert "batch.max_rec" in done.stderr
 
 
-def test_run_refuses_an_outdated_schema_until_db_upgrade(tmp_path: Path) -> None:
+def assert_run_creates_the_schema(config: Path, db: Path) -> None:
+    """`syncd run` on `config` brings the store at `db` to the newest revision (then stops,
+    on SIGTERM or for want of Amazon, unreachable here)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "syncd", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    async def schema() -> tuple[str | None, str]:
+        store = await Store.connect(f"sqlite+aiosqlite:///{db}")
+        try:
+            return await store.schema_status()
+        finally:
+            await store.close()
+
+    assert proc.stderr is not None
+    try:
+        deadline = time.monotonic() + 60
+        while (status := asyncio.run(schema()))[0] != SCHEMA_REVISION:
+            if proc.poll() is not None:
+                pytest.fail(f"syncd run exited before the schema: {proc.stderr.read()}")
+            assert time.monotonic() < deadline, f"no schema after 60 s: {status}"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)  # its exit: Amazon's token cannot be had here
+        assert "schema" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def test_run_creates_an_empty_store_and_refuses_an_outdated_one_until_db_upgrade(
+    tmp_path: Path,
+) -> None:
+    """A first `syncd run` on a new store needs no other command; a store at an older revision
+    (older pods may still use it) waits for `syncd db upgrade`."""
     config = write_config(tmp_path, store={"auto_upgrade": False})
+    assert_run_creates_the_schema(config, tmp_path / "syncd.db")
+    assert "already at revision" in syncd("db", "upgrade", "--config", str(config)).stdout
+
+    async def downgrade() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}")
+        async with engine.begin() as conn:
+            await conn.run_sync(migrate(f"{int(SCHEMA_REVISION) - 1:04d}", down=True))
+        await engine.dispose()
+
+    asyncio.run(downgrade())
     refused = syncd("run", "--config", str(config))
     assert refused.returncode == 1
     assert "syncd db upgrade" in refused.stderr

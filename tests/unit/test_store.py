@@ -27,6 +27,7 @@ from syncd.store.commands import upgrade_store
 from syncd.store.schema import jobs
 from syncd.store.store import SCHEMA_REVISION, alembic_config
 from tests.fakes import T0, FakeClock
+from tests.fixtures.store import migrate
 
 
 def new_job(job_id: str, records: int = 10, connection: str = "conn-1") -> NewJob:
@@ -42,17 +43,28 @@ async def claimed(store: Store, owner: str = "a") -> dict[str, JobRow]:
 NEWEST_MIGRATION = max(
     p.name[:4] for p in (Path(store_mod.__file__).parent / "migrations" / "versions").glob("0*.py")
 )
+OLDER = f"{int(SCHEMA_REVISION) - 1:04d}"  # the revision before the newest
 
 
 # -- schema --------------------------------------------------------------------------------------
-async def test_empty_database_is_outdated_unless_auto_upgrade(store_db_url: str) -> None:
+async def test_an_empty_database_gets_the_schema_an_outdated_one_only_with_auto_upgrade(
+    store_db_url: str,
+) -> None:
+    """No schema at all: nothing can be using the store, so creating it is safe (a first
+    `syncd run` needs no `syncd db upgrade`). A schema at an older revision may be in use by
+    older pods: it is upgraded only when asked (`syncd db upgrade`, store.auto_upgrade)."""
     s = await Store.connect(store_db_url)
     try:
         current, head = await s.schema_status()
         assert current is None
         assert head == NEWEST_MIGRATION
+        await s.ensure_schema(auto_upgrade=False)
+        assert await s.schema_status() == (head, head)
+        async with s._engine.begin() as conn:
+            await conn.run_sync(migrate(OLDER, down=True))
         with pytest.raises(SchemaOutdatedError) as err:
             await s.ensure_schema(auto_upgrade=False)
+        assert f"at revision {OLDER}" in str(err.value)
         assert "syncd db upgrade" in str(err.value)
         assert "store.auto_upgrade" in str(err.value)
         await s.ensure_schema(auto_upgrade=True)
@@ -137,13 +149,20 @@ async def test_ping(store: Store, tmp_path: Path) -> None:
 
 
 # -- commands ------------------------------------------------------------------------------------
+def test_jobs_on_a_new_store_lists_none(
+    store_db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "syncd.toml"
+    config.write_text(f'[store]\nurl = "{store_db_url}"\n')
+    assert cli.main(["jobs", "--config", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"counts": {}, "jobs": []}
+
+
 def test_db_upgrade_then_jobs_command(
     store_db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "syncd.toml"
     config.write_text(f'[store]\nurl = "{store_db_url}"\n')
-    assert cli.main(["jobs", "--config", str(config)]) == 1
-    assert "syncd db upgrade" in capsys.readouterr().err
     assert cli.main(["db", "upgrade", "--config", str(config)]) == 0
     assert f"upgraded from empty to revision {NEWEST_MIGRATION}" in capsys.readouterr().out
     assert cli.main(["db", "upgrade", "--config", str(config)]) == 0
