@@ -32,7 +32,7 @@ def hash_field(
     """
     hashed = prehashed(value, strict_reference=strict_reference)
     if hashed is not None:
-        return hashed, hashed
+        return (hashed, hashed) if hashed else None
     normalized = normalize(field, value, country, strict_reference=strict_reference)
     if normalized is None:
         return None
@@ -50,7 +50,7 @@ def _digest(rule: Rule, value: str, country: str, strict: bool) -> str | None:
     if len(value) >= 64:  # shorter, it cannot be a hash
         hashed = prehashed(value, strict_reference=strict)
         if hashed is not None:
-            return hashed
+            return hashed or None
     value = value.strip()
     normalized = rule(value, country, strict) if value else None
     return _sha256(normalized.encode()).hexdigest() if normalized else None
@@ -127,10 +127,10 @@ def build_hashed_pii(
         if len(raw) < 64 or (digest := prehashed(raw, strict_reference=strict_reference)) is None:
             value = raw.strip()
             normalized = rule(value, rules, strict_reference) if value else None
-            if not normalized:
-                dropped[key, "invalid"] += 1
-                continue
-            digest = _sha256(normalized.encode()).hexdigest()
+            digest = _sha256(normalized.encode()).hexdigest() if normalized else ""
+        if not digest:
+            dropped[key, "invalid"] += 1
+            continue
         first[key] = digest
     if not more:  # one object at most, within the cap: len(PII_KEYS) < MAX_HASHED_VALUES_PER_MEMBER
         return HashedPII([first] if first else [], dropped)

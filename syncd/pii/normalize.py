@@ -20,7 +20,7 @@ import unicodedata
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from syncd.pii.phone import e164
 from syncd.vocabulary import PiiKey
@@ -111,6 +111,7 @@ _PHONE_CHARS = _PhoneTable()
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _LOWER_HEX64 = re.compile(r"[0-9a-f]{64}")
+EMPTY_SHA256: Final = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # of ""
 
 # --- reference data ------------------------------------------------------------------------------
 
@@ -325,17 +326,21 @@ FIELDS = frozenset(RULES)
 
 
 def prehashed(value: str, *, strict_reference: bool = False) -> str | None:
-    """The value as it is sent when it already is a SHA-256 hex (trimmed, lower-cased), else None.
+    """The value as it is sent when it already is a SHA-256 hex (trimmed, lower-cased), else None;
+    "" (omit it) when it is the hash of the empty string, everyone's (D1).
 
     The reference only recognises exactly 64 lower-case hex characters (D2 off).
     """
     if strict_reference:
-        return value if len(value) == 64 and _LOWER_HEX64.fullmatch(value) else None
+        if len(value) == 64 and _LOWER_HEX64.fullmatch(value):
+            return "" if value == EMPTY_SHA256 else value
+        return None
     if len(value) < 64:
         return None  # trimming cannot make it longer
     stripped = value.strip()
     if len(stripped) == 64 and _HEX64.fullmatch(stripped):
-        return stripped.lower()
+        lowered = stripped.lower()
+        return "" if lowered == EMPTY_SHA256 else lowered
     return None
 
 
@@ -352,7 +357,7 @@ def normalize(
         raise ValueError(f"unknown PII field {field!r}")
     hashed = prehashed(value, strict_reference=strict_reference)
     if hashed is not None:
-        return hashed
+        return hashed or None
     value = value.strip()
     if not value:
         return None

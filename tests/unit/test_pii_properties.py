@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from syncd.pii import hash_field, normalize, normalize_country
+from syncd.pii import build_hashed_pii, hash_field, normalize, normalize_country
 from syncd.vocabulary import PII_KEYS
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -76,6 +77,30 @@ def test_prehashed_values_pass_through_lower_cased(
 ) -> None:
     assert normalize(field, pad + digest + pad, country) == digest.lower()
     assert hash_field(field, pad + digest + pad, country) == (digest.lower(), digest.lower())
+
+
+@given(
+    field=FIELDS,
+    case=st.sampled_from([str.lower, str.upper]),
+    pad=st.sampled_from(["", " ", "\t", " \n"]),
+    country=COUNTRIES,
+    strict=st.booleans(),
+)
+def test_the_hash_of_the_empty_string_is_omitted_even_pre_hashed(
+    field: str, case: Callable[[str], str], pad: str, country: str | None, strict: bool
+) -> None:
+    """D1 (which the reference switch keeps): the hash of "" is everyone's; sent as a value's
+    hash it is noise, so it is omitted like an empty value, also when the value is that hash."""
+    value = pad + case(EMPTY_SHA256) + pad
+    hashed = hash_field(field, value, country, strict_reference=strict)
+    if not strict or value == EMPTY_SHA256:  # the reference knows bare lower-case hashes only
+        assert normalize(field, value, country, strict_reference=strict) is None
+        assert hashed is None
+    else:  # not a hash to the reference: a value like any other
+        assert hashed is None or hashed[1] != EMPTY_SHA256
+    for identifiers in ({field: value}, {field: [value]}, {field: [value, "x@example.com"]}):
+        pii = build_hashed_pii(identifiers, country or "US", strict_reference=strict)
+        assert EMPTY_SHA256 not in str(pii.objects)
 
 
 @given(value=st.text(alphabet="0123456789abcdef", min_size=64, max_size=64), field=FIELDS)
