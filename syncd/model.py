@@ -68,7 +68,8 @@ class Consent:
 
     def to_api(self, country_code: str | None = None) -> dict[str, Any] | None:
         """The record's `userConsent` object, or None if nothing is set. `geo` only comes with
-        an IP address (`country_code` is then the record's country)."""
+        an IP address (`country_code` is then the record's country), and always beside a
+        `consent` object (the API's `userConsent` holds one), empty if no signal is set."""
         consent: dict[str, Any] = {}
         amzn = {}
         if self.amzn_ad_storage:
@@ -81,10 +82,10 @@ class Consent:
             consent["tcf"] = self.tcf
         if self.gpp:
             consent["gpp"] = self.gpp
-        user_consent: dict[str, Any] = {"consent": consent} if consent else {}
-        if self.ip_address:
-            user_consent["geo"] = {"countryCode": country_code, "ipAddress": self.ip_address}
-        return user_consent or None
+        if self.ip_address:  # `geo` goes beside a `consent` object, if an empty one
+            geo = {"countryCode": country_code, "ipAddress": self.ip_address}
+            return {"consent": consent, "geo": geo}
+        return {"consent": consent} if consent else None
 
 
 @dataclass(slots=True)

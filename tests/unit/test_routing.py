@@ -13,6 +13,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from syncd.members import without_consent_ip
 from syncd.model import (
     Action,
     Consent,
@@ -24,6 +25,7 @@ from syncd.model import (
 )
 from syncd.routing import Router, Unusable, external_user_id
 from syncd.sandbox.validation import CONSENT_COUNTRIES as SANDBOX_CONSENT_COUNTRIES
+from syncd.sandbox.validation import check_record
 from syncd.vocabulary import CONSENT_VALUES
 
 # Amazon's externalUserId pattern, written out here as the oracle (not imported from syncd).
@@ -274,11 +276,43 @@ def test_a_consent_ip_address_goes_out_as_geo_with_the_records_country(
     ]
 
 
-def test_an_ip_address_alone_is_a_geo_only_user_consent() -> None:
+def test_an_ip_address_alone_goes_out_beside_an_empty_consent() -> None:
+    """The API's `userConsent` holds a `consent` object (the sandbox refuses one without): an
+    event's IP address with no consent signal still goes out, as `geo` beside `consent: {}`."""
     record = orjson.loads(
         encode_record("m", "FR", Action.ADD, [], Consent(ip_address="2001:db8::1"))
     )
-    assert record["userConsent"] == {"geo": {"countryCode": "FR", "ipAddress": "2001:db8::1"}}
+    assert record["userConsent"] == {
+        "consent": {},
+        "geo": {"countryCode": "FR", "ipAddress": "2001:db8::1"},
+    }
+
+
+_TEXT = st.text(st.characters(codec="ascii", categories=("L", "N")), min_size=1)
+
+
+@given(
+    country=st.sampled_from(["US", "DE", "FR", "GB"]),
+    action=st.sampled_from(Action),
+    consent=st.builds(
+        Consent,
+        st.one_of(st.none(), st.sampled_from(sorted(CONSENT_VALUES))),
+        st.one_of(st.none(), st.sampled_from(sorted(CONSENT_VALUES))),
+        st.one_of(st.none(), _TEXT),
+        st.one_of(st.none(), _TEXT),
+        st.one_of(st.none(), st.sampled_from(["203.0.113.7", "2001:db8::1"])),
+    ),
+)
+def test_every_consent_an_event_can_carry_makes_a_record_the_api_accepts(
+    country: str, action: Action, consent: Consent
+) -> None:
+    """Whatever mix of consent fields a well-formed event carries, the record (and the one a
+    refresh sends, its IP dropped) passes the sandbox's check of a record: else Amazon refuses
+    the member, and marks it invalid, for a shape of syncd's making."""
+    pii = [{"email": sha("a@example.com")}]
+    encoded = encode_record("m", country, action, pii, consent)
+    for record in (encoded, without_consent_ip(encoded)):
+        assert check_record(orjson.loads(record), 0) is None, record
 
 
 STRICT_DESTINATIONS = (
