@@ -164,10 +164,12 @@ class Pipeline:
         """Record the chunk: its changes in one `record_changes` per run between erases (an
         erase applies after the changes before it and before those after it), then mark its
         events done. Unusable events, and records a policy kept back (`consent_missing`), are
-        dead-lettered instead (their event is done once the broker has them all)."""
+        dead-lettered instead (their event is done once the broker has them all); of an
+        identifiers-only event, only where the profile is a member (`_settle_updates`)."""
         recorded: list[SourceRef] = []
         changes: list[MemberChange] = []
         connections: set[str] = set()
+        updates: list[tuple[SourceRef, list[tuple[int, MemberRecord]]]] = []
         for message, outcome in chunk:
             ref = message.ref
             if isinstance(outcome, str):
@@ -184,8 +186,11 @@ class Pipeline:
             held = [(i, r) for i, r in outcome if r.dead_letter]
             self._tracker.track(ref, 1 + len(held))  # done once recorded and each dead letter sent
             recorded.append(ref)
-            for index, record in held:
-                self._send_dead_letter(ref, self._member_dead_letter(index, record))
+            if all(r.identifiers_only for _, r in outcome):
+                updates.append((ref, outcome))
+            else:
+                for index, record in held:
+                    self._send_dead_letter(ref, self._member_dead_letter(index, record))
             for index, record in outcome:
                 if record.dead_letter:
                     continue
@@ -201,11 +206,43 @@ class Pipeline:
                     )
                 )
         counts = await self._record_changes(changes)
+        if updates:
+            await self._settle_updates(updates)
         for ref in recorded:
             self._tracker.done(ref)
         if counts.recorded:  # no-ops and older changes leave nothing to claim (a replay)
             for connection_id in connections:
                 self._wake(connection_id)
+
+    async def _settle_updates(
+        self, updates: list[tuple[SourceRef, list[tuple[int, MemberRecord]]]]
+    ) -> None:
+        """Identifiers-only events, once recorded: each applies where the profile is a member.
+        A record a policy kept back is dead-lettered there, and nowhere else; an event of a
+        profile that is a member nowhere had nothing to do (filtered)."""
+        keys = {
+            (self._destinations[i].audience_id, r.external_user_id)
+            for _, outcome in updates
+            for i, r in outcome
+        }
+        members = await persist(lambda: self._members.members_among(keys), what="member lookup")
+        nowhere = 0
+        for ref, outcome in updates:
+            member_of = {
+                i
+                for i, r in outcome
+                if (self._destinations[i].audience_id, r.external_user_id) in members
+            }
+            nowhere += not member_of
+            for index, record in outcome:
+                if not record.dead_letter:
+                    continue
+                if index in member_of:
+                    self._send_dead_letter(ref, self._member_dead_letter(index, record))
+                else:
+                    self._tracker.done(ref)  # nothing to keep back where it is no member
+        if nowhere:
+            metrics.EVENTS_FILTERED.labels("not_member").inc(nowhere)
 
     async def _record_changes(self, changes: list[MemberChange]) -> RecordCounts:
         if not changes:

@@ -1373,6 +1373,23 @@ class MemberTable:
                 found.update((row[0], _held(row)) for row in result)
         return found
 
+    async def members_among(self, keys: Iterable[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Those of `keys` (audience_id, externalUserId) whose desired action is ADD: where the
+        profile is a member, as an identifiers-only change finds it."""
+        found: set[tuple[int, str]] = set()
+        async with self._store._read() as conn:
+            for audience_id, ids in _by_audience(set(keys)).items():
+                for chunk in self._batches(ids):
+                    rows = await conn.execute(
+                        select(m.c.external_user_id).where(
+                            m.c.audience_id == audience_id,
+                            self._among(m.c.external_user_id, chunk),
+                            m.c.action == ADD,
+                        )
+                    )
+                    found.update((audience_id, euid) for (euid,) in rows)
+        return found
+
     async def held_page(
         self, audience_id: int, after: str | None, limit: int, *, action: str | None = None
     ) -> list[HeldMember]:

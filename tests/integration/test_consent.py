@@ -1,6 +1,7 @@
 """The strict consent policy against real processes (broker, sandbox, `syncd run`): an EU add
 without consent is never POSTed and becomes a `consent_missing` member dead letter; a DENIED add
-removes a member Amazon holds; a destination under "pass" sends what the events carry."""
+removes a member Amazon holds; a destination under "pass" sends what the events carry; an
+identifiers-only event is kept back only where the profile is a member."""
 
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ def event(profile_id: str, user_data: str | None, audience: str = "eu") -> tuple
     }
     if user_data is not None:
         body["consent"] = {"amzn_user_data": user_data}
+    return profile_id.encode(), orjson.dumps(body)
+
+
+def identifiers_only(profile_id: str) -> tuple[bytes, bytes]:
+    body = {"profile_id": profile_id, "identifiers": {"email": f"new.{profile_id}@example.com"}}
     return profile_id.encode(), orjson.dumps(body)
 
 
@@ -125,4 +131,29 @@ async def test_strict_consent_dead_letters_unanswered_eu_adds_and_removes_on_den
         ids = {user for user, _ in sent(sb)}
         assert not ids & {"no-consent", "unknown-consent"}  # never POSTed
         assert ("later-denied", "DELETE") in sent(sb)
+
+        # Identifiers only, without consent (DE): kept back where the profile is a member of
+        # the strict audience; a profile that is a member nowhere has nothing to do (filtered).
+        await produce(
+            kafka.bootstrap,
+            topic,
+            [identifiers_only("stranger"), identifiers_only("granted-1")],
+        )
+
+        async def settled() -> bool:
+            daemon.check_alive()
+            filtered = {"reason": "not_member"}
+            dead = {"reason": "consent_missing"}
+            return (
+                await daemon.metric("syncd_events_filtered_total", filtered) == 1
+                and await daemon.metric("syncd_events_dead_lettered_total", dead) >= 3
+            )
+
+        await wait_for(settled, 60, "the identifiers-only events handled")
+        dead = await read_topic(kafka.bootstrap, dlq, 3)
+        assert sorted(orjson.loads(m.value)["externalUserId"] for m in dead) == [
+            "granted-1",
+            "no-consent",
+            "unknown-consent",
+        ]
         assert await daemon.terminate() == 0
