@@ -288,8 +288,14 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if typing.get_origin(hint) is tuple:
         if from_env:
             text = value.strip()
-            items: Any = orjson.loads(text) if text.startswith("[") else text.split(",")
-            value = [i.strip() if isinstance(i, str) else i for i in items if i != ""]
+            try:
+                items: Any = orjson.loads(text) if text.startswith("[") else text.split(",")
+            except orjson.JSONDecodeError:
+                raise ConfigError(
+                    key, f"must be a JSON list of strings or a comma-separated list, got {text!r}"
+                ) from None
+            if isinstance(items, list):
+                value = [i.strip() if isinstance(i, str) else i for i in items if i != ""]
         if isinstance(value, list) and all(isinstance(i, str) for i in value):
             return tuple(value)
         raise ConfigError(key, f"must be a list of strings, got {_show(key, value)}")

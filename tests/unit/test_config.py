@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,21 @@ def test_env_overrides_convert_to_the_field_type() -> None:
 def test_env_override_with_bad_value_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"batch\.max_records"):
         config.from_mapping({}, {"SYNCD_BATCH__MAX_RECORDS": "many"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SYNCD_KAFKA__TOPICS", "["),
+        ("SYNCD_KAFKA__TOPICS", '["a", 1]'),
+        ("SYNCD_KAFKA__TOPICS", '["a"'),
+        ("SYNCD_AMAZON__TARGET_TYPES", "[DSP]"),
+    ],
+)
+def test_env_override_with_a_bad_list_names_the_key(name: str, value: str) -> None:
+    key = name.removeprefix("SYNCD_").lower().replace("__", ".")
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        config.from_mapping({}, {name: value})
 
 
 def test_secret_file_and_masking(tmp_path: Path) -> None:
