@@ -37,6 +37,8 @@ def add_parser(sub: Any) -> None:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
+    config_mod.require_credentials(cfg)  # what `syncd run` refuses to start without
+    config_mod.require_destinations(cfg)
     sys.stdout.write(orjson.dumps(config_mod.masked(cfg), option=orjson.OPT_INDENT_2).decode())
     sys.stdout.write("\n")
     return asyncio.run(_check_online(cfg)) if args.online else 0
@@ -44,8 +46,6 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 async def _check_online(cfg: Config) -> int:
     """Report each online check on stderr; 2 naming the first failed item, 1 unreachable."""
-    config_mod.require_credentials(cfg)
-    config_mod.require_destinations(cfg)
     first_failure: Finding | None = None
     async with AmazonClient(check_client_config(cfg.amazon)) as client:
         try:

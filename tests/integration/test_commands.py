@@ -80,6 +80,35 @@ def test_check_config_shows_no_store_url_secret(tmp_path: Path, url: str) -> Non
     assert "s3kr1t" not in refused.stdout + refused.stderr
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "named"),
+    [("amazon", "client_secret", "amazon.client_secret"), (None, "destinations", "destinations")],
+)
+def test_check_config_refuses_what_run_refuses(
+    tmp_path: Path, section: str | None, key: str, named: str
+) -> None:
+    """A config `syncd run` cannot start with (no credentials, no destination) does not pass
+    the check: exit 2, naming the key, as `run` does."""
+    raw = orjson.loads(
+        orjson.dumps(
+            daemon_config(
+                bootstrap="127.0.0.1:1",
+                topic="t",
+                sandbox_url="http://127.0.0.1:1",
+                token_url="http://127.0.0.1:1/auth/o2/token",
+                store_url=f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}",
+            )
+        )
+    )
+    del (raw[section] if section else raw)[key]
+    path = tmp_path / "syncd.toml"
+    path.write_text(to_toml(raw))
+    for command in ("check-config", "run"):
+        done = syncd(command, "--config", str(path))
+        assert done.returncode == 2, (command, done.stderr)
+        assert named in done.stderr
+
+
 def test_check_config_names_a_bad_key_and_exits_2(tmp_path: Path) -> None:
     done = syncd("check-config", "--config", str(write_config(tmp_path, batch={"max_rec": 5})))
     assert done.returncode == 2
