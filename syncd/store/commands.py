@@ -15,14 +15,17 @@ from rich.table import Table
 
 from syncd import config as config_mod
 from syncd.store.store import JobRow, Store
+from syncd.vocabulary import JobState
 
 
 def add_parser(sub: Any) -> None:
     jobs = sub.add_parser("jobs", help="tracked jobs from the store")
     jobs.add_argument("--config", required=True, help="TOML config file")
-    jobs.add_argument("--state", help="only jobs in this state (e.g. PENDING, SUCCEEDED, EXPIRED)")
+    jobs.add_argument(
+        "--state", type=_job_state, help=f"only jobs in this state ({', '.join(JobState)})"
+    )
     jobs.add_argument("--json", action="store_true", help="machine-readable output")
-    jobs.add_argument("--limit", type=int, default=20, help="recent jobs to list (default 20)")
+    jobs.add_argument("--limit", type=_limit, default=20, help="recent jobs to list (default 20)")
     jobs.set_defaults(func=_cmd_jobs)
 
     db = sub.add_parser("db", help="store schema management")
@@ -30,6 +33,18 @@ def add_parser(sub: Any) -> None:
     upgrade = db_sub.add_parser("upgrade", help="apply the store's schema migrations")
     upgrade.add_argument("--config", required=True, help="TOML config file")
     upgrade.set_defaults(func=_cmd_db_upgrade)
+
+
+def _job_state(text: str) -> str:
+    if text.upper() not in JobState.__members__:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(JobState)}, got {text!r}")
+    return text.upper()
+
+
+def _limit(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:

@@ -184,9 +184,13 @@ def test_db_upgrade_then_jobs_command(
     doc = json.loads(capsys.readouterr().out)
     assert doc["counts"] == {"PENDING": 2, "SUCCEEDED": 1}
     assert {j["job_request_id"] for j in doc["jobs"]} == {"job-0", "job-1", "job-2"}
-    assert cli.main(["jobs", "--config", str(config), "--json", "--state", "SUCCEEDED"]) == 0
-    [job] = json.loads(capsys.readouterr().out)["jobs"]
-    assert (job["job_request_id"], job["invalid_reasons"]) == ("job-1", {"invalid_pii": 1})
+    for state in ("SUCCEEDED", "succeeded"):
+        assert cli.main(["jobs", "--config", str(config), "--json", "--state", state]) == 0
+        [job] = json.loads(capsys.readouterr().out)["jobs"]
+        assert (job["job_request_id"], job["invalid_reasons"]) == ("job-1", {"invalid_pii": 1})
+    for flag, value in (("--state", "BOGUS"), ("--limit", "0"), ("--limit", "-1")):
+        assert cli.main(["jobs", "--config", str(config), flag, value]) == 2
+        assert f"argument {flag}" in capsys.readouterr().err
     assert cli.main(["jobs", "--config", str(config)]) == 0
     table = capsys.readouterr().out
     assert "Jobs by state" in table
