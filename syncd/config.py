@@ -527,6 +527,8 @@ def masked(cfg: Config) -> dict[str, Any]:
 
     out: dict[str, Any] = conv(cfg)
     out["store"]["url"] = mask_urls(cfg.store.url)
+    for key in ("api_url", "token_url"):  # a proxy's password, say
+        out["amazon"][key] = mask_urls(getattr(cfg.amazon, key))
     return out
 
 

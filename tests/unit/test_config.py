@@ -281,6 +281,17 @@ def test_check_config_masks_query_passwords() -> None:
     )
 
 
+@pytest.mark.parametrize("key", ["api_url", "token_url"])
+def test_check_config_masks_secrets_in_amazon_urls(key: str) -> None:
+    """A proxy's password or a token in Amazon's URLs is a secret like the store's."""
+    cfg = config.from_mapping(
+        {}, {f"SYNCD_AMAZON__{key.upper()}": "https://user:hunter2@proxy.example/x?token=abc"}
+    )
+    shown = config.masked(cfg)["amazon"][key]
+    assert shown == "https://user:***@proxy.example/x?token=***"
+    assert getattr(cfg.amazon, key) == "https://user:hunter2@proxy.example/x?token=abc"
+
+
 def test_config_errors_do_not_echo_a_url_secret() -> None:
     """A store URL of the wrong type is named in the error, its secrets masked."""
     url = "postgresql+asyncpg://u:hunter2@h/db?sslpassword=s3kr1t"
