@@ -72,6 +72,8 @@ def _answer(line: bytes, strict_reference: bool) -> bytes:
     if field not in FIELDS:
         raise _BadLine(_FIELD_ERROR)
     country = request.get("country")
+    if isinstance(country, str) and not country.strip():
+        country = None  # blank: no country, as in an event
     if country is not None:
         if not isinstance(country, str):
             raise _BadLine("country must be a string or null")

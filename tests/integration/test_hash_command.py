@@ -75,6 +75,18 @@ def test_bad_lines_are_answered_in_place_without_the_value() -> None:
     assert answers[9]["normalized"] == "SW1A1AA"
 
 
+def test_a_blank_country_is_an_absent_one() -> None:
+    """As in an event: a country that is empty or blank is no country."""
+    stdin = b"".join(
+        json.dumps({"field": "phone", "value": "206-266-1000", **extra}).encode() + b"\n"
+        for extra in ({}, {"country": None}, {"country": ""}, {"country": "  "})
+    )
+    done = run_hash(stdin)
+    assert done.returncode == 0, done.stdout
+    answers = lines(done.stdout)
+    assert answers[1:] == answers[:1] * 3
+
+
 @pytest.mark.parametrize(
     ("country", "state", "default", "strict"),
     [
