@@ -139,13 +139,19 @@ def occurred_at(value: object, field: str = "occurred_at") -> float | None:
         return None
     if not isinstance(value, str):
         raise DecodeError("bad_occurred_at", f"{field} is {json_type(value)}")
+    text = value.strip()
+    if text[-1:] == "z":  # RFC 3339 allows a lower-case z (and t, which Python reads)
+        text = text[:-1] + "Z"
+    leap = text[16:19] == ":60" and text[10:11] in ("T", "t", " ")  # hh:mm:60, a leap second
+    if leap:
+        text = text[:17] + "59" + text[19:]
     try:
-        moment = datetime.fromisoformat(value.strip())
+        moment = datetime.fromisoformat(text)
     except ValueError:
         raise DecodeError("bad_occurred_at", f"{field} is not ISO-8601") from None
     if moment.tzinfo is None:
         raise DecodeError("bad_occurred_at", f"{field} has no time zone")
-    at = moment.timestamp()
+    at = moment.timestamp() + leap  # the leap second: the second after :59
     if at > time.time() + MAX_FUTURE_S:
         raise DecodeError("bad_occurred_at", f"{field} is more than 5 minutes in the future")
     return at
