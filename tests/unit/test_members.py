@@ -226,6 +226,17 @@ async def test_identifiers_only_change_applies_to_adds_only(table: MemberTable) 
     )
 
 
+async def test_members_among_are_the_keys_whose_desired_action_is_add(
+    table: MemberTable,
+) -> None:
+    await table.record_changes(
+        [change("in", ADD), change("out", REMOVE), change("other", ADD, audience=A2)]
+    )
+    keys = [(A1, "in"), (A1, "out"), (A1, "nobody"), (A2, "in"), (A2, "other"), (A1, "in")]
+    assert await table.members_among(keys) == {(A1, "in"), (A2, "other")}
+    assert await table.members_among([]) == set()
+
+
 async def test_identifiers_only_change_in_one_chunk_follows_time_order(
     table: MemberTable,
 ) -> None:
