@@ -101,6 +101,13 @@ _SIGNAL = st.one_of(st.none(), st.sampled_from(sorted(CONSENT_VALUES)), ANY_TEXT
     hashed_pii=[{'em"ail': "\\", "\U0001f600": "\u2028"}],
     consent=Consent(tcf="\x00\x1f"),
 )
+@example(  # a pair named twice, a geo of its IP alone
+    member="m",
+    country="FR",
+    action=Action.ADD,
+    hashed_pii=[{"email": "a"}, {"email": "a", "phone": "b"}],
+    consent=Consent(ip_address="2001:db8::1"),
+)
 def test_an_encoded_record_is_the_json_of_its_fields(
     member: str,
     country: str,
@@ -109,7 +116,8 @@ def test_an_encoded_record_is_the_json_of_its_fields(
     consent: Consent | None,
 ) -> None:
     """The encoded record parses and equals the plain dict; text no JSON document can hold (a
-    lone surrogate) raises instead of producing bytes."""
+    lone surrogate) raises instead of producing bytes. A record's digest, made of the parts it
+    is encoded from, is `record_digest` of its bytes (a stored or reconciled record's)."""
     plain: dict[str, Any] = {
         "externalUserId": member,
         "countryCode": country,
@@ -127,39 +135,6 @@ def test_an_encoded_record_is_the_json_of_its_fields(
         return
     for _ in range(2):  # the second time with the consent's cached object
         assert orjson.loads(encode_record(member, country, action, hashed_pii, consent)) == expected
-
-
-_CONSENTS = st.one_of(
-    st.none(),
-    st.builds(Consent, *[st.one_of(st.none(), EVENT_TEXT)] * 5),
-)
-
-
-@settings(max_examples=300)
-@given(
-    member=EVENT_TEXT,
-    country=EVENT_TEXT,
-    action=st.sampled_from(Action),
-    hashed_pii=st.lists(st.dictionaries(EVENT_TEXT, EVENT_TEXT, max_size=4), max_size=3),
-    consent=_CONSENTS,
-)
-@example(  # a pair named twice, a geo of its IP alone
-    member="m",
-    country="FR",
-    action=Action.ADD,
-    hashed_pii=[{"email": "a"}, {"email": "a", "phone": "b"}],
-    consent=Consent(ip_address="2001:db8::1"),
-)
-def test_a_records_digest_is_the_digest_of_its_encoded_bytes(
-    member: str,
-    country: str,
-    action: Action,
-    hashed_pii: list[dict[str, str]],
-    consent: Consent | None,
-) -> None:
-    """`member_record` digests the parts it encodes; `record_digest` parses stored bytes (a
-    reconcile, a stored record). Both must agree, or a stored member looks changed."""
-    for _ in range(2):  # the second time with the consent's cached object
         record = member_record(member, country, action, hashed_pii, consent)
         assert record.digest == record_digest(record.json)
 
