@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import csv
 import sqlite3
@@ -116,6 +117,8 @@ def read_snapshot(path: Path, fmt: str, max_bytes: int = 1_000_000) -> Iterator[
 def _read_jsonl(path: Path, max_bytes: int) -> Iterator[Line]:
     with path.open("rb") as f:
         for number, line in enumerate(f, start=1):
+            if number == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)  # as a CSV may start (utf-8-sig)
             if not line.strip():
                 continue
             try:
@@ -151,8 +154,8 @@ def _read_csv(path: Path) -> Iterator[Line]:
     with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
         header = next(reader, None)
-        if header is None:
-            return
+        if header is None:  # not an empty snapshot: that would remove every member
+            raise UsageError("--snapshot: the CSV file is empty (no header with profile_id)")
         names = [h.strip() for h in header]
         _check_columns(names, "the CSV header")
         line = reader.line_num + 1
@@ -268,6 +271,7 @@ class Report:
     counts: Counter[str] = field(default_factory=Counter)  # KINDS
     unusable: Counter[str] = field(default_factory=Counter)  # reason -> lines
     unusable_lines: dict[str, list[int]] = field(default_factory=dict)  # the first few
+    unknown: int = 0  # unusable lines whose member cannot be read: none absent is removed
     changed_meanwhile: int = 0  # rows that changed between compare and write
     erased: int = 0  # members erased at or after --as-of
     lines: int = 0
@@ -374,8 +378,9 @@ class Reconciler:
                 async with self._transformer:
                     await self._snapshot(lines, seen)
                     await self._flush()
-                    await self._absent(seen)
-                    await self._flush()
+                    if not self.report.unknown:  # else any member may be an unusable line's
+                        await self._absent(seen)
+                        await self._flush()
             finally:
                 seen.close()
         return self.report
@@ -394,6 +399,8 @@ class Reconciler:
                 self.report.bad(number, value)
                 if not isinstance(item, str) and (euid := member_id(item)) is not None:
                     seen.keep([euid])
+                else:
+                    self.report.unknown += 1
                 continue
             numbers.append(number)
             values.append(value)
@@ -431,6 +438,8 @@ class Reconciler:
             self.report.bad(number, reason)
             if euid is not None:
                 kept.append(euid)
+            else:
+                self.report.unknown += 1
         seen.keep(kept)
         fresh = seen.add([r.external_user_id for _, r in records])
         chosen: list[MemberRecord] = []
@@ -557,6 +566,11 @@ def summary(report: Report, dest: Destination, view: BudgetView, *, dry_run: boo
         listed = report.unusable_lines[reason]
         more = f" and {n - len(listed)} more" if n > len(listed) else ""
         lines.append(f"    {reason}: {n} (lines {', '.join(map(str, listed))}{more})")
+    if report.unknown:
+        lines.append(
+            f"  absent     not removed: {report.unknown} unusable lines name no member that "
+            "can be read, and any member may be theirs; fix them and run again"
+        )
     if c[WITHDRAWN]:
         lines.append(f"  withdrawn  {c[WITHDRAWN]}  (never sent to Amazon: nothing to remove)")
     if c[NEWER]:
@@ -761,9 +775,10 @@ async def reconcile(
             **{k: report.counts[k] for k in KINDS},
             unusable=sum(report.unusable.values()),
         )
+        code = 1 if report.unknown else 0  # not all done: the absent were not removed
         if wait and not dry_run:
-            return await wait_for_amazon(members, dest, timeout, out)
-        return 0
+            return max(code, await wait_for_amazon(members, dest, timeout, out))
+        return code
     finally:
         with contextlib.suppress(Exception):
             await store.close()

@@ -226,8 +226,11 @@ async def test_unusable_lines_are_counted_and_the_rest_goes_through(
     await send_all(table)
     report = await reconcile(table, path, "csv")
     assert report.counts[ADDED] == 2
-    # the member of an unusable line is neither added nor removed; one the snapshot lacks is
-    assert report.counts[REMOVED] == 1
+    # The member of an unusable line is neither added nor removed. Two lines name no member
+    # that can be read (no profile id; a row whose cells cannot be told apart): any member
+    # may be theirs, so none the snapshot lacks is removed ("gone" stays).
+    assert report.counts[REMOVED] == 0
+    assert report.unknown == 2
     assert dict(report.unusable) == {
         "bad_country": 1,
         "no_profile_id": 1,
@@ -246,7 +249,43 @@ async def test_unusable_lines_are_counted_and_the_rest_goes_through(
         "ok1",
         "ok2",
         "bad-country",
+        "gone",
     }
+    view = BudgetView(waiting=2, remaining=5000, per_hour=3600, window_s=3600.0)
+    assert "2 unusable lines name no member" in summary(report, DEST, view, dry_run=False)
+
+
+async def test_a_row_split_by_an_unquoted_comma_removes_no_member(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    path = tmp_path / "s.csv"
+    path.write_text(
+        "profile_id,email,address\np1,a@x.io,1 Main St\np2,b@x.io,123 Main St, Apt 4B\n"
+    )
+    await stream(table, {"p1": "a@x.io", "p2": "b@x.io"})
+    await send_all(table)
+    report = await reconcile(table, path, "csv")
+    assert dict(report.unusable) == {"bad_csv_row": 1}
+    assert report.counts[REMOVED] == 0
+    assert {p for p, (a, _) in (await desired(table)).items() if a == ADD} == {"p1", "p2"}
+
+
+def test_a_json_lines_snapshot_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"profile_id": "p1", "identifiers": {"email": "a@x.io"}}\n')
+    [(number, fields)] = list(read_snapshot(path, "jsonl"))
+    assert number == 1
+    assert isinstance(fields, dict)
+    assert fields["profile_id"] == "p1"
+
+
+@pytest.mark.parametrize("content", [b"", b"\xef\xbb\xbf", b"\n\n"])
+def test_a_csv_snapshot_without_a_header_is_a_usage_error(tmp_path: Path, content: bytes) -> None:
+    """Not an empty snapshot (which would remove every member): a CSV needs its header."""
+    path = tmp_path / "s.csv"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match="profile_id"):
+        list(read_snapshot(path, "csv"))
 
 
 def test_a_csv_header_without_profile_id_or_with_unknown_columns_is_a_usage_error(
