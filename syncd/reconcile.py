@@ -184,13 +184,18 @@ def _read_parquet(path: Path) -> Iterator[Line]:
             yield number, _fields(values)
 
 
-def _cell(value: Any) -> str | None:
+def _cell(value: Any) -> Any:
     """A Parquet cell as the text a CSV cell would hold (an integer column of profile ids or
-    phone numbers reads as their digits)."""
+    phone numbers reads as their digits, and so does a whole float); a list cell is several
+    values (an identifier may have several)."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list):
+        return [_cell(item) for item in value]
     return str(value)
 
 

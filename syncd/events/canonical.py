@@ -166,7 +166,8 @@ def country(value: object, field: str = "country") -> str | None:
 
 
 def string_values(value: object, field: str) -> list[str]:
-    """A string or a list of strings -> the non-blank strings (nulls skipped)."""
+    """A string or a list of strings -> the non-blank strings (nulls skipped). A whole number
+    (a phone or a postal code a CDP typed as one) is the text of its digits."""
     if type(value) is str:  # the common case
         return [value] if value.strip() else []
     items: Iterable[object] = value if isinstance(value, list) else (value,)
@@ -175,10 +176,18 @@ def string_values(value: object, field: str) -> list[str]:
         if item is None:
             continue
         if not isinstance(item, str):
-            raise DecodeError("bad_identifiers", f"{field} holds a value of type {json_type(item)}")
+            item = _digits(item, field)
         if item.strip():
             out.append(item)
     return out
+
+
+def _digits(value: object, field: str) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    raise DecodeError("bad_identifiers", f"{field} holds a value of type {json_type(value)}")
 
 
 class IdentifierSet:

@@ -122,9 +122,9 @@ def test_nulls_blanks_and_unknown_identifier_keys_are_skipped() -> None:
 @pytest.mark.parametrize(
     "identifiers",
     [
-        {"email": 5},
-        {"phone": ["+1 206", 12065550100]},
-        {"postal_code": 98101},
+        {"email": 5.5},
+        {"phone": ["+1 206", True]},
+        {"postal_code": 98101.5},
         {"city": {"name": "Seattle"}},
         {"email": [["nested"]]},
         {"state": True},
@@ -139,6 +139,15 @@ def test_identifier_values_of_other_types_are_bad_identifiers(identifiers: Any) 
     if isinstance(identifiers, dict):
         [key] = identifiers
         assert f"identifiers.{key}" in str(info.value)  # names the field, not the value
+
+
+def test_a_whole_number_is_the_text_of_its_digits() -> None:
+    """A CDP may type a phone or a postal code as a number: its digits, not a lost event."""
+    change = decode(
+        encode(identifiers={"phone": [12062661000, "+1 206"], "postal_code": 98101.0}),
+        "canonical",
+    )
+    assert change.identifiers == {"phone": ["12062661000", "+1 206"], "postal": ["98101"]}
 
 
 def test_a_second_address_line_joins_the_address_with_a_space() -> None:

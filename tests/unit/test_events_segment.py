@@ -195,6 +195,17 @@ def test_a_segment_erase_flag_is_not_an_erase() -> None:
     assert change.adds == ("vip",)
 
 
+def test_numeric_traits_read_as_their_digits() -> None:
+    """A phone or a postal code typed as a number keeps the event (and its email)."""
+    traits = {"email": "a@example.com", "phone": 12062661000, "address": {"postal_code": 98101}}
+    change = seg(track(context={"traits": traits}))
+    assert change.identifiers == {
+        "email": ["a@example.com"],
+        "phone": ["12062661000"],
+        "postal": ["98101"],
+    }
+
+
 @pytest.mark.parametrize(
     ("doc", "reason"),
     [
@@ -212,8 +223,8 @@ def test_a_segment_erase_flag_is_not_an_erase() -> None:
             "bad_audiences",
         ),
         (identify(traits=["vip"]), "bad_identifiers"),
-        (track(context={"traits": {"email": 5}}), "bad_identifiers"),
-        (track(context={"traits": {"address": {"city": ["Paris", 1]}}}), "bad_identifiers"),
+        (track(context={"traits": {"email": False}}), "bad_identifiers"),
+        (track(context={"traits": {"address": {"city": ["Paris", {}]}}}), "bad_identifiers"),
         (track(context={"traits": {"address": 12}}), "bad_identifiers"),
         (track(context={"traits": {"address": {"country": 840}}}), "bad_country"),
         (track(timestamp="noon"), "bad_occurred_at"),

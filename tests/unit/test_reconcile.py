@@ -585,6 +585,37 @@ async def test_a_parquet_snapshot_with_integer_columns_reads_as_text(
     assert not report.unusable
 
 
+def test_parquet_floats_and_lists_read_as_a_csv_would_hold_them(tmp_path: Path) -> None:
+    """A whole float is its digits (a profile id 1.0 is the member "1" that events name); a
+    list is several values."""
+    path = tmp_path / "s.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "profile_id": [1.0, 2.0],
+                "phone": [12062661000.0, None],
+                "postal_code": [2134.0, 98101.0],
+                "email": [["a@x.io", "b@x.io"], None],
+            }
+        ),
+        path,
+    )
+    assert list(read_snapshot(path, "parquet")) == [
+        (
+            1,
+            {
+                "profile_id": "1",
+                "identifiers": {
+                    "phone": "12062661000",
+                    "postal_code": "2134",
+                    "email": ["a@x.io", "b@x.io"],
+                },
+            },
+        ),
+        (2, {"profile_id": "2", "identifiers": {"postal_code": "98101"}}),
+    ]
+
+
 def test_usage_errors_exit_2_naming_the_flag(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
