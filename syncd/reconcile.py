@@ -244,7 +244,14 @@ def compare_member(
             return UNCHANGED, None
         if held.order >= (as_of, RECONCILE_POSITION):
             return NEWER, None
-    kind = REMOVED if action == REMOVE else CHANGED if held and held.action == ADD else ADDED
+    if action == REMOVE:  # as for a member the snapshot lacks: never sent or refused, skipped
+        if held is None:
+            return WITHDRAWN, None  # Amazon was never sent it: nothing to record or send
+        if held.invalid:
+            return INVALID, None
+        kind = WITHDRAWN if held.never_sent else REMOVED
+    else:
+        kind = CHANGED if held and held.action == ADD else ADDED
     return kind, ReconcileWrite(euid, action, record, digest, held)
 
 

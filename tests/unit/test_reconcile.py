@@ -37,6 +37,7 @@ from syncd.model import Action, Destination
 from syncd.pii import build_hashed_pii
 from syncd.reconcile import (
     ADDED,
+    INVALID,
     CHANGED,
     NEWER,
     REMOVED,
@@ -324,6 +325,12 @@ def test_compare_rules_for_a_snapshot_member() -> None:
     assert compare_member("u", ADD, b"r", b"d2", held(at=AS_OF + 1), AS_OF) == (NEWER, None)
     # a remove (strict consent DENIED) of a member removed already: unchanged whatever digest
     assert compare_member("u", REMOVE, b"r", b"d2", held(REMOVE), AS_OF) == (UNCHANGED, None)
+    # Removes skip members Amazon was never sent or refused, as for the members it lacks
+    assert compare_member("u", REMOVE, b"r", b"d1", held(), AS_OF)[0] == REMOVED
+    assert compare_member("u", REMOVE, b"r", b"d1", None, AS_OF) == (WITHDRAWN, None)
+    kind, write = compare_member("u", REMOVE, b"r", b"d1", held(never_sent=True), AS_OF)
+    assert (kind, write is not None) == (WITHDRAWN, True)  # the row's add withdrawn, unsent
+    assert compare_member("u", REMOVE, b"r", b"d1", held(invalid=True), AS_OF) == (INVALID, None)
 
 
 def test_compare_rules_for_a_member_the_snapshot_lacks() -> None:
