@@ -37,8 +37,8 @@ from syncd.model import Action, Destination
 from syncd.pii import build_hashed_pii
 from syncd.reconcile import (
     ADDED,
-    INVALID,
     CHANGED,
+    INVALID,
     NEWER,
     REMOVED,
     UNCHANGED,
