@@ -1502,12 +1502,16 @@ class MemberTable:
             return counts
         return await self._transaction(op)
 
-    async def reconcile_progress(self, audience_id: int) -> tuple[int, int]:
-        """(left, refused) of the reconcile changes `audience_id` holds (rows whose desired
-        state a reconcile recorded): left = due or sent with its job pending; refused = Amazon
-        refused it, or its sends failed too often (not due until it changes). One pass over the
-        audience's rows."""
-        mine = and_(m.c.audience_id == audience_id, m.c.position == RECONCILE_POSITION)
+    async def reconcile_progress(self, audience_id: int, as_of: float) -> tuple[int, int]:
+        """(left, refused) of the changes the reconcile at `as_of` recorded in `audience_id`
+        (rows whose desired state it wrote, and no change since): left = due or sent with its
+        job pending; refused = Amazon refused it, or its sends failed too often (not due until
+        it changes). One pass over the audience's rows."""
+        mine = and_(
+            m.c.audience_id == audience_id,
+            m.c.position == RECONCILE_POSITION,
+            m.c.occurred_at == as_of,
+        )
         left = or_(m.c.due_since.is_not(None), m.c.job_request_id.is_not(None))
         refused = and_(
             m.c.due_since.is_(None),

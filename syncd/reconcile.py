@@ -620,10 +620,11 @@ def summary(report: Report, dest: Destination, view: BudgetView, *, dry_run: boo
 
 # -- --wait --------------------------------------------------------------------------------------
 async def wait_for_amazon(
-    members: MemberTable, dest: Destination, timeout: float | None, out: Any
+    members: MemberTable, dest: Destination, timeout: float | None, out: Any, *, as_of: float
 ) -> int:
-    """Show progress until every reconcile change of the audience is settled: 0 when Amazon
-    accepted all of it, 1 when some was refused (with the count) or `timeout` ran out."""
+    """Show progress until every change of the audience's reconcile at `as_of` is settled: 0
+    when Amazon accepted all of it, 1 when some was refused (with the count) or `timeout` ran
+    out. An earlier reconcile's changes are not waited for."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -634,7 +635,7 @@ async def wait_for_amazon(
     )
 
     console = Console(file=out)
-    left, refused = await members.reconcile_progress(dest.audience_id)
+    left, refused = await members.reconcile_progress(dest.audience_id, as_of)
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     last_progress = start
@@ -661,7 +662,7 @@ async def wait_for_amazon(
                 )
                 return 1
             await asyncio.sleep(WAIT_POLL_S)  # the polling cadence of --wait, not a sync point
-            now_left, refused = await members.reconcile_progress(dest.audience_id)
+            now_left, refused = await members.reconcile_progress(dest.audience_id, as_of)
             if now_left < left or now_left > total:
                 last_progress = time.monotonic()
             total = max(total, now_left)
@@ -789,7 +790,7 @@ async def reconcile(
         )
         code = 1 if report.unknown else 0  # not all done: the absent were not removed
         if wait and not dry_run:
-            return max(code, await wait_for_amazon(members, dest, timeout, out))
+            return max(code, await wait_for_amazon(members, dest, timeout, out, as_of=as_of))
         return code
     finally:
         with contextlib.suppress(Exception):

@@ -373,7 +373,7 @@ async def test_mirror_sends_exactly_the_difference_and_the_same_snapshot_again_n
     assert (report.counts[ADDED], report.counts[CHANGED], report.counts[REMOVED]) == (1, 1, 1)
     assert report.counts[UNCHANGED] == 1
     assert await table.waiting([AUDIENCE_ID], RECONCILE) == 3
-    assert await table.reconcile_progress(AUDIENCE_ID) == (3, 0)
+    assert await table.reconcile_progress(AUDIENCE_ID, AS_OF) == (3, 0)
     claims = await table.claim_due([AUDIENCE_ID], 1000, LEASE, "sender")
     assert {(c.external_user_id, c.action) for c in claims} == {
         ("change", ADD),
@@ -382,7 +382,7 @@ async def test_mirror_sends_exactly_the_difference_and_the_same_snapshot_again_n
     }
     assert await table.mark_sent(claims, "rec") == []
     await table.apply_job_outcome("rec", "SUCCEEDED")
-    assert await table.reconcile_progress(AUDIENCE_ID) == (0, 0)
+    assert await table.reconcile_progress(AUDIENCE_ID, AS_OF) == (0, 0)
     again = await reconcile(table, path, "jsonl", as_of=AS_OF + 50)
     assert again.to_send == 0
     assert again.counts[UNCHANGED] == 3
@@ -493,18 +493,25 @@ async def test_wait_exits_1_with_the_count_when_amazon_refused_some(
     assert await table.mark_sent(claims, "job") == []
     await table.apply_job_outcome("job", "PARTIALLYSUCCEEDED", {"bad": "invalid_pii"})
     out = io.StringIO()
-    assert await wait_for_amazon(table, DEST, 30.0, out) == 1
+    assert await wait_for_amazon(table, DEST, 30.0, out, as_of=AS_OF) == 1
     assert "refused by Amazon: 1" in out.getvalue()
+    # a later reconcile waits for its own changes, not for what an earlier one had refused
+    s = {"good": "g@x.io", "bad": "b@x.io", "new": "n@x.io"}
+    await reconcile(table, snapshot(tmp_path, s), "jsonl", as_of=AS_OF + 50)
+    assert await table.reconcile_progress(AUDIENCE_ID, AS_OF + 50) == (1, 0)
+    await send_all(table, "job-2")
+    out = io.StringIO()
+    assert await wait_for_amazon(table, DEST, 30.0, out, as_of=AS_OF + 50) == 0
 
 
 async def test_wait_exits_0_once_amazon_accepted_all_of_it(
     tmp_path: Path, table: MemberTable
 ) -> None:
     await reconcile(table, snapshot(tmp_path, {"a": "a@x.io", "b": "b@x.io"}), "jsonl")
-    assert await table.reconcile_progress(AUDIENCE_ID) == (2, 0)
+    assert await table.reconcile_progress(AUDIENCE_ID, AS_OF) == (2, 0)
     await send_all(table)
     out = io.StringIO()
-    assert await wait_for_amazon(table, DEST, 30.0, out) == 0
+    assert await wait_for_amazon(table, DEST, 30.0, out, as_of=AS_OF) == 0
     assert "Amazon accepted all of it" in out.getvalue()
 
 
@@ -513,7 +520,7 @@ async def test_wait_says_when_nothing_is_sending_and_gives_up_at_the_timeout(
 ) -> None:
     await reconcile(table, snapshot(tmp_path, {"a": "a@x.io", "b": "b@x.io"}), "jsonl")
     out = io.StringIO()
-    assert await wait_for_amazon(table, DEST, 2.5, out) == 1
+    assert await wait_for_amazon(table, DEST, 2.5, out, as_of=AS_OF) == 1
     text = out.getvalue()
     assert "nothing is sending" in text
     assert "timed out: 2 of 2 not accepted yet" in text
