@@ -320,11 +320,15 @@ def member_report(
     default applies); `now` decides whether a claim is live; `budget` is the connection's, for
     a member waiting to be claimed; `blocked` the connection's (cause, since) when a sender
     found it blocked. Times are ISO 8601 UTC."""
+    hashed_id = external_user_id(profile_id) != profile_id
     doc: dict[str, Any] = {
         "audience": dest.audience,
         "audience_id": dest.audience_id,
         "profile_id": profile_id,
-        "external_user_id": external_user_id(profile_id),
+        # the profile id itself, or (when it does not fit Amazon's pattern) its SHA-256, which
+        # is not shown: the profile id may be an email, and this command shows no hash
+        "external_user_id": profile_id if not hashed_id else None,
+        "external_user_id_hashed": hashed_id,
         "state": "erased" if erased_at is not None else "absent",
         "desired": None,
         "sent": None,
@@ -377,7 +381,7 @@ def _state(member: MemberState) -> str:
     """The member's state as MemberTable.counts counts it."""
     if member.due_since is not None or member.job_request_id is not None:
         return "pending"
-    if member.outcome != CONFIRMED:
+    if member.outcome is not None and member.outcome != CONFIRMED:  # NULL: as SQL compares
         return "invalid"
     return "member" if member.action == ADD else "removed"
 
@@ -516,7 +520,8 @@ def _print_member(console: Console, doc: dict[str, Any]) -> None:
     )
     table.add_column("", style="bold", no_wrap=True)
     table.add_column("")
-    rows: list[tuple[str, str]] = [("externalUserId", doc["external_user_id"])]
+    shown_id = doc["external_user_id"] or "the SHA-256 of the profile id (not shown)"
+    rows: list[tuple[str, str]] = [("externalUserId", shown_id)]
     rows.append(("state", doc["state"]))
     if doc["desired"]:
         d = doc["desired"]

@@ -357,8 +357,19 @@ async def test_show_finds_a_profile_by_the_external_user_id_ingest_gives_it(
     assert euid != profile
     await table.record_changes([change(euid)])
     doc = await show(store, profile)
-    assert doc["external_user_id"] == euid
     assert doc["state"] == "pending"
+    # the SHA-256 of a profile id (an email, say) is not shown: "never hashes"
+    assert (doc["external_user_id"], doc["external_user_id_hashed"]) == (None, True)
+    assert euid not in orjson.dumps(doc).decode()
+
+
+def test_a_member_withdrawn_before_it_was_ever_sent_shows_as_removed_as_counted() -> None:
+    """`members show` and `audiences status` (MemberTable.counts) name one state alike: a
+    row with no outcome and nothing due is removed (a reconcile withdrew its unsent add)."""
+    unsent = state(action=REMOVE, outcome=None, sent_action=None, sent_at=None, accepted_at=None)
+    doc = member_report(VIP, "u1", unsent, None, None, 60, 0.5, now=T0)
+    assert doc["state"] == "removed"
+    assert (doc["external_user_id"], doc["external_user_id_hashed"]) == ("u1", False)
 
 
 def state(**values: Any) -> MemberState:
