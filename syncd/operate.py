@@ -168,7 +168,7 @@ class AudienceStatus:
 
     @property
     def match_ratio(self) -> float | None:
-        return self.matched / self.received if self.received else None
+        return min(1.0, self.matched / self.received) if self.received else None
 
     def to_json(self) -> dict[str, Any]:
         return {

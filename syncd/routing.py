@@ -154,17 +154,21 @@ class Router:
         return parts
 
     def _targets(self, change: ProfileChange) -> list[tuple[Destination, Action]]:
-        """The destinations of the audiences the change names; unknown ones are counted."""
+        """The destinations of the audiences the change names; unknown ones are counted (an
+        event that names no other is unusable, and counted as such)."""
         targets: list[tuple[Destination, Action]] = []
+        unknown = 0
         for keys, action in ((change.adds, _ADD), (change.removes, _REMOVE)):
             for key in keys:
                 dest = self._by_audience.get(key)
                 if dest is None:
-                    self.counts.filtered["unknown_audience"] += 1
+                    unknown += 1
                 else:
                     targets.append((dest, action))
         if not targets:
             raise Unusable("unknown_audience")
+        if unknown:
+            self.counts.filtered["unknown_audience"] += unknown
         return targets
 
     def _hash(self, change: ProfileChange, country: str) -> HashedPII:

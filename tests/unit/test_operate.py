@@ -220,6 +220,10 @@ def test_status_json_holds_the_contract_keys_with_exactly_four_member_states() -
     assert doc["dsp_audience_size"] == 120000
     assert doc["amazon_received"] is None  # absent from the metadata
     assert set(doc["members"]) == {"member", "pending", "removed", "invalid"}
+    # Amazon may resolve more ids than records received (several identifiers per record):
+    # the ratio stays within 0..1
+    over = AudienceStatus(VIP, Metadata(), received=10, matched=12, members={})
+    assert over.to_json()["match_ratio"] == 1.0
 
 
 @pytest.mark.parametrize(
