@@ -170,18 +170,22 @@ def _read_csv(path: Path) -> Iterator[Line]:
 
 
 def _read_parquet(path: Path) -> Iterator[Line]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
-    names = list(parquet.schema_arrow.names)
-    _check_columns(names, "the Parquet schema")
-    number = 0
-    for batch in parquet.iter_batches(batch_size=CHUNK_LINES, columns=names):
-        columns = {name: batch.column(name).to_pylist() for name in names}
-        for i in range(batch.num_rows):
-            number += 1
-            values = {name: _cell(columns[name][i]) for name in names}
-            yield number, _fields(values)
+    try:
+        parquet = pq.ParquetFile(path)
+        names = list(parquet.schema_arrow.names)
+        _check_columns(names, "the Parquet schema")
+        number = 0
+        for batch in parquet.iter_batches(batch_size=CHUNK_LINES, columns=names):
+            columns = {name: batch.column(name).to_pylist() for name in names}
+            for i in range(batch.num_rows):
+                number += 1
+                values = {name: _cell(columns[name][i]) for name in names}
+                yield number, _fields(values)
+    except (pa.ArrowException, OSError) as exc:  # where the file is broken, not what it holds
+        raise UsageError(f"--snapshot: not a readable Parquet file ({exc})") from None
 
 
 def _cell(value: Any) -> Any:

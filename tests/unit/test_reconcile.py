@@ -630,6 +630,16 @@ def test_parquet_floats_and_lists_read_as_a_csv_would_hold_them(tmp_path: Path) 
     ]
 
 
+@pytest.mark.parametrize("content", [b"", b"garbage", b"PAR1" + b"\0" * 64 + b"PAR1"])
+def test_a_file_that_is_not_parquet_is_a_usage_error_naming_the_snapshot(
+    tmp_path: Path, content: bytes
+) -> None:
+    path = tmp_path / "s.parquet"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match="--snapshot"):
+        list(read_snapshot(path, "parquet"))
+
+
 def test_usage_errors_exit_2_naming_the_flag(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
