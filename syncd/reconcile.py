@@ -153,7 +153,7 @@ def _read_csv(path: Path) -> Iterator[Line]:
     # surrogateescape: a byte that is not UTF-8 becomes an unusable line, not a crash
     with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
+        header = next((row for row in reader if any(cell.strip() for cell in row)), None)
         if header is None:  # not an empty snapshot: that would remove every member
             raise UsageError("--snapshot: the CSV file is empty (no header with profile_id)")
         names = [h.strip() for h in header]

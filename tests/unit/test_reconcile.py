@@ -280,6 +280,13 @@ def test_a_json_lines_snapshot_may_start_with_a_byte_order_mark(tmp_path: Path) 
     assert fields["profile_id"] == "p1"
 
 
+def test_blank_lines_before_a_csv_header_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "s.csv"
+    path.write_text("\n  \nprofile_id,email\np1,a@x.io\n")
+    [(number, fields)] = list(read_snapshot(path, "csv"))
+    assert (number, fields) == (4, {"profile_id": "p1", "identifiers": {"email": "a@x.io"}})
+
+
 @pytest.mark.parametrize("content", [b"", b"\xef\xbb\xbf", b"\n\n"])
 def test_a_csv_snapshot_without_a_header_is_a_usage_error(tmp_path: Path, content: bytes) -> None:
     """Not an empty snapshot (which would remove every member): a CSV needs its header."""
