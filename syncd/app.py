@@ -415,7 +415,11 @@ class Daemon:
         config_mod.require_destinations(cfg)
         store = await Store.connect(cfg.store.url)
         try:
-            await store.ensure_schema(auto_upgrade=cfg.store.auto_upgrade)
+            if await store.ensure_schema(auto_upgrade=cfg.store.auto_upgrade):
+                log.warning(  # expected once; else store.url may not name the store in use
+                    "the store had no schema: created it (a new, empty member table)",
+                    store=config_mod.mask_urls(cfg.store.url),
+                )
             self.store_ok = True
             spec = Spec(
                 cfg.destinations,

@@ -292,7 +292,9 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
                 items: Any = orjson.loads(text) if text.startswith("[") else text.split(",")
             except orjson.JSONDecodeError:
                 raise ConfigError(
-                    key, f"must be a JSON list of strings or a comma-separated list, got {text!r}"
+                    key,
+                    "must be a JSON list of strings or a comma-separated list, "
+                    f"got {_show(key, value)}",
                 ) from None
             if isinstance(items, list):
                 value = [i.strip() if isinstance(i, str) else i for i in items if i != ""]

@@ -1503,17 +1503,15 @@ class MemberTable:
         return await self._transaction(op)
 
     async def reconcile_progress(self, audience_id: int, as_of: float) -> tuple[int, int]:
-        """(left, refused) of the changes the reconcile at `as_of` recorded in `audience_id`
-        (rows whose desired state it wrote, and no change since): left = due or sent with its
-        job pending; refused = Amazon refused it, or its sends failed too often (not due until
-        it changes). One pass over the audience's rows."""
-        mine = and_(
-            m.c.audience_id == audience_id,
-            m.c.position == RECONCILE_POSITION,
-            m.c.occurred_at == as_of,
-        )
+        """(left, refused) of reconcile changes in `audience_id` (rows whose desired state a
+        reconcile wrote, and no change since): left = due or sent with its job pending, of any
+        reconcile (one may wait for an earlier one's); refused = of the reconcile at `as_of`,
+        Amazon refused it, or its sends failed too often (not due until it changes). One pass
+        over the audience's rows."""
+        mine = and_(m.c.audience_id == audience_id, m.c.position == RECONCILE_POSITION)
         left = or_(m.c.due_since.is_not(None), m.c.job_request_id.is_not(None))
         refused = and_(
+            m.c.occurred_at == as_of,
             m.c.due_since.is_(None),
             m.c.job_request_id.is_(None),
             m.c.outcome.in_((INVALID, FAILED)),

@@ -284,10 +284,12 @@ result."""
 class Report:
     """What a reconcile found and did."""
 
+    as_of: float = 0.0  # when the reconcile's changes happen (--as-of)
     counts: Counter[str] = field(default_factory=Counter)  # KINDS
     unusable: Counter[str] = field(default_factory=Counter)  # reason -> lines
     unusable_lines: dict[str, list[int]] = field(default_factory=dict)  # the first few
     unknown: int = 0  # unusable lines whose member cannot be read: none absent is removed
+    refused_before: int = 0  # unchanged members whose row Amazon refused as it stands
     changed_meanwhile: int = 0  # rows that changed between compare and write
     erased: int = 0  # members erased at or after --as-of
     lines: int = 0
@@ -384,7 +386,7 @@ class Reconciler:
             ),
             workers=cfg.transform.workers if workers is None else workers,
         )
-        self.report = Report()
+        self.report = Report(as_of=as_of)
         self._writes: list[ReconcileWrite] = []
 
     async def run(self, lines: Iterable[Line]) -> Report:
@@ -479,6 +481,8 @@ class Reconciler:
                 self._as_of,
             )
             self.report.counts[kind] += 1
+            if kind == UNCHANGED and (row := held.get(record.external_user_id)) and row.invalid:
+                self.report.refused_before += 1
             if write is not None:
                 writes.append(write)
         await self._record(writes)
@@ -574,7 +578,12 @@ def summary(report: Report, dest: Destination, view: BudgetView, *, dry_run: boo
         f"  adds       {c[ADDED]}",
         f"  changes    {c[CHANGED]}  (members whose identifiers changed: sent again)",
         f"  removes    {c[REMOVED]}",
-        f"  unchanged  {c[UNCHANGED]}",
+        f"  unchanged  {c[UNCHANGED]}"
+        + (
+            f"  ({report.refused_before} refused by Amazon as they stand)"
+            if report.refused_before
+            else ""
+        ),
         f"  unusable   {sum(report.unusable.values())}"
         + ("  (their members are left as they are)" if report.unusable else ""),
     ]
@@ -624,11 +633,13 @@ def summary(report: Report, dest: Destination, view: BudgetView, *, dry_run: boo
 
 # -- --wait --------------------------------------------------------------------------------------
 async def wait_for_amazon(
-    members: MemberTable, dest: Destination, timeout: float | None, out: Any, *, as_of: float
+    members: MemberTable, dest: Destination, timeout: float | None, out: Any, report: Report
 ) -> int:
-    """Show progress until every change of the audience's reconcile at `as_of` is settled: 0
-    when Amazon accepted all of it, 1 when some was refused (with the count) or `timeout` ran
-    out. An earlier reconcile's changes are not waited for."""
+    """Show progress until the audience's reconcile changes are settled: 0 when Amazon accepted
+    all of it, 1 when `report`'s reconcile has refused members (its own changes refused, and
+    members of its snapshot whose rows Amazon had refused as they stand) or `timeout` ran
+    out. What an earlier reconcile had refused of members this one no longer names is not
+    counted."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -639,7 +650,7 @@ async def wait_for_amazon(
     )
 
     console = Console(file=out)
-    left, refused = await members.reconcile_progress(dest.audience_id, as_of)
+    left, refused = await members.reconcile_progress(dest.audience_id, report.as_of)
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     last_progress = start
@@ -666,7 +677,7 @@ async def wait_for_amazon(
                 )
                 return 1
             await asyncio.sleep(WAIT_POLL_S)  # the polling cadence of --wait, not a sync point
-            now_left, refused = await members.reconcile_progress(dest.audience_id, as_of)
+            now_left, refused = await members.reconcile_progress(dest.audience_id, report.as_of)
             if now_left < left or now_left > total:
                 last_progress = time.monotonic()
             total = max(total, now_left)
@@ -685,6 +696,7 @@ async def wait_for_amazon(
                     f"{idle:.0f} s; is `syncd run` running{paused}?"
                 )
                 warned = True
+    refused += report.refused_before
     if refused:
         print(f"refused by Amazon: {refused} (see the member dead letters)", file=out)
         return 1
@@ -794,7 +806,7 @@ async def reconcile(
         )
         code = 1 if report.unknown else 0  # not all done: the absent were not removed
         if wait and not dry_run:
-            return max(code, await wait_for_amazon(members, dest, timeout, out, as_of=as_of))
+            return max(code, await wait_for_amazon(members, dest, timeout, out, report))
         return code
     finally:
         with contextlib.suppress(Exception):

@@ -10,7 +10,8 @@ Field rules (anything not listed here is ignored):
   other type -> `bad_profile_id`.
 - `identifiers`: an object. Keys `email phone address city state` and `first_name last_name
   postal_code` (the API names `firstname lastname postal` are accepted as aliases) map to the
-  API's hashedPII keys. A value is a string or a list of strings; nulls and blank strings are
+  API's hashedPII keys. A value is a string or a list of strings; a whole number is the text of
+  its digits (a phone or a postal code a CDP typed as a number); nulls and blank strings are
   skipped; any other type -> `bad_identifiers`. Unknown keys are ignored (a CDP may send more
   than Amazon takes). `address2` / `address_line2` is a second address line, joined to a single
   `address` with a space (docs/normalization.md); with several addresses -> `bad_identifiers`.

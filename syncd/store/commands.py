@@ -41,9 +41,14 @@ def _job_state(text: str) -> str:
     return text.upper()
 
 
+_MAX_LIMIT = 1_000_000
+
+
 def _limit(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    if not text.isdigit() or not 0 < int(text) <= _MAX_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer from 1 to {_MAX_LIMIT:,}, got {text!r}"
+        )
     return int(text)
 
 

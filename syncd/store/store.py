@@ -241,13 +241,14 @@ class Store:
 
         await self.run_write(op)
 
-    async def ensure_schema(self, *, auto_upgrade: bool) -> None:
-        """Return when the schema is at head. An empty database gets it: nothing can be using
-        it. A schema at an older revision (older pods may still run on it) is upgraded only if
-        `auto_upgrade`, else SchemaOutdatedError names `syncd db upgrade`."""
+    async def ensure_schema(self, *, auto_upgrade: bool) -> bool:
+        """Return when the schema is at head; True when it created it. An empty database gets
+        it: nothing can be using it. A schema at an older revision (older pods may still run
+        on it) is upgraded only if `auto_upgrade`, else SchemaOutdatedError names
+        `syncd db upgrade`."""
         current, head = await self.schema_status()
         if current == head:
-            return
+            return False
         if current is not None and current > head:  # revisions are zero-padded numbers
             raise SchemaOutdatedError(
                 f"the store's schema is at revision {current}, newer than this syncd's "
@@ -255,7 +256,7 @@ class Store:
             )
         if auto_upgrade or current is None:
             await self.upgrade()
-            return
+            return current is None
         raise SchemaOutdatedError(
             f"the store's schema is at revision {current}, this syncd needs revision {head}: "
             "run `syncd db upgrade --config FILE`, or set store.auto_upgrade = true"

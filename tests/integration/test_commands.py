@@ -116,14 +116,9 @@ def test_check_config_names_a_bad_key_and_exits_2(tmp_path: Path) -> None:
 
 
 def assert_run_creates_the_schema(config: Path, db: Path) -> None:
-    """`syncd run` on `config` brings the store at `db` to the newest revision (then stops,
-    on SIGTERM or for want of Amazon, unreachable here)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "syncd", "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """`syncd run` on `config` brings the store at `db` to the newest revision, and says so
+    (then stops, on SIGTERM or for want of Amazon, unreachable here)."""
+    log_path = db.parent / "run.log"
 
     async def schema() -> tuple[str | None, str]:
         store = await Store.connect(f"sqlite+aiosqlite:///{db}")
@@ -132,21 +127,28 @@ def assert_run_creates_the_schema(config: Path, db: Path) -> None:
         finally:
             await store.close()
 
-    assert proc.stderr is not None
-    try:
-        deadline = time.monotonic() + 60
-        while (status := asyncio.run(schema()))[0] != SCHEMA_REVISION:
-            if proc.poll() is not None:
-                pytest.fail(f"syncd run exited before the schema: {proc.stderr.read()}")
-            assert time.monotonic() < deadline, f"no schema after 60 s: {status}"
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)  # its exit: Amazon's token cannot be had here
-        assert "schema" not in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "syncd", "run", "--config", str(config)],
+            stdout=log_file,  # the log
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while (status := asyncio.run(schema()))[0] != SCHEMA_REVISION:
+                if proc.poll() is not None:
+                    pytest.fail(f"syncd run exited before the schema: {log_path.read_text()}")
+                assert time.monotonic() < deadline, f"no schema after 60 s: {status}"
+                time.sleep(0.1)  # the cadence of the poll, not a synchronization
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)  # its exit: Amazon's token cannot be had here
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log = log_path.read_text()
+    assert "syncd db upgrade" not in log
+    assert "the store had no schema: created it" in log
 
 
 def test_run_creates_an_empty_store_and_refuses_an_outdated_one_until_db_upgrade(

@@ -495,39 +495,47 @@ async def test_for_any_table_and_snapshot_the_desired_state_is_the_snapshot(
 async def test_wait_exits_1_with_the_count_when_amazon_refused_some(
     tmp_path: Path, table: MemberTable
 ) -> None:
-    await reconcile(table, snapshot(tmp_path, {"good": "g@x.io", "bad": "b@x.io"}), "jsonl")
+    first = await reconcile(table, snapshot(tmp_path, {"good": "g@x.io", "bad": "b@x.io"}), "jsonl")
     claims = await table.claim_due([AUDIENCE_ID], 10, LEASE, "sender")
     assert await table.mark_sent(claims, "job") == []
     await table.apply_job_outcome("job", "PARTIALLYSUCCEEDED", {"bad": "invalid_pii"})
     out = io.StringIO()
-    assert await wait_for_amazon(table, DEST, 30.0, out, as_of=AS_OF) == 1
+    assert await wait_for_amazon(table, DEST, 30.0, out, first) == 1
     assert "refused by Amazon: 1" in out.getvalue()
-    # a later reconcile waits for its own changes, not for what an earlier one had refused
+    # A later reconcile: a member of its snapshot that Amazon refused as it stands is still
+    # refused (exit 1); one its snapshot no longer names is not its concern (exit 0).
     s = {"good": "g@x.io", "bad": "b@x.io", "new": "n@x.io"}
-    await reconcile(table, snapshot(tmp_path, s), "jsonl", as_of=AS_OF + 50)
-    assert await table.reconcile_progress(AUDIENCE_ID, AS_OF + 50) == (1, 0)
+    again = await reconcile(table, snapshot(tmp_path, s), "jsonl", as_of=AS_OF + 50)
+    assert again.refused_before == 1
     await send_all(table, "job-2")
     out = io.StringIO()
-    assert await wait_for_amazon(table, DEST, 30.0, out, as_of=AS_OF + 50) == 0
+    assert await wait_for_amazon(table, DEST, 30.0, out, again) == 1
+    assert "refused by Amazon: 1" in out.getvalue()
+    s = {"good": "g@x.io", "new": "n@x.io", "other": "o@x.io"}
+    last = await reconcile(table, snapshot(tmp_path, s), "jsonl", as_of=AS_OF + 60)
+    assert last.refused_before == 0
+    await send_all(table, "job-3")
+    out = io.StringIO()
+    assert await wait_for_amazon(table, DEST, 30.0, out, last) == 0
 
 
 async def test_wait_exits_0_once_amazon_accepted_all_of_it(
     tmp_path: Path, table: MemberTable
 ) -> None:
-    await reconcile(table, snapshot(tmp_path, {"a": "a@x.io", "b": "b@x.io"}), "jsonl")
+    report = await reconcile(table, snapshot(tmp_path, {"a": "a@x.io", "b": "b@x.io"}), "jsonl")
     assert await table.reconcile_progress(AUDIENCE_ID, AS_OF) == (2, 0)
     await send_all(table)
     out = io.StringIO()
-    assert await wait_for_amazon(table, DEST, 30.0, out, as_of=AS_OF) == 0
+    assert await wait_for_amazon(table, DEST, 30.0, out, report) == 0
     assert "Amazon accepted all of it" in out.getvalue()
 
 
 async def test_wait_says_when_nothing_is_sending_and_gives_up_at_the_timeout(
     tmp_path: Path, table: MemberTable
 ) -> None:
-    await reconcile(table, snapshot(tmp_path, {"a": "a@x.io", "b": "b@x.io"}), "jsonl")
+    report = await reconcile(table, snapshot(tmp_path, {"a": "a@x.io", "b": "b@x.io"}), "jsonl")
     out = io.StringIO()
-    assert await wait_for_amazon(table, DEST, 2.5, out, as_of=AS_OF) == 1
+    assert await wait_for_amazon(table, DEST, 2.5, out, report) == 1
     text = out.getvalue()
     assert "nothing is sending" in text
     assert "timed out: 2 of 2 not accepted yet" in text

@@ -188,7 +188,12 @@ def test_db_upgrade_then_jobs_command(
         assert cli.main(["jobs", "--config", str(config), "--json", "--state", state]) == 0
         [job] = json.loads(capsys.readouterr().out)["jobs"]
         assert (job["job_request_id"], job["invalid_reasons"]) == ("job-1", {"invalid_pii": 1})
-    for flag, value in (("--state", "BOGUS"), ("--limit", "0"), ("--limit", "-1")):
+    for flag, value in (
+        ("--state", "BOGUS"),
+        ("--limit", "0"),
+        ("--limit", "-1"),
+        ("--limit", "99999999999999999999"),
+    ):
         assert cli.main(["jobs", "--config", str(config), flag, value]) == 2
         assert f"argument {flag}" in capsys.readouterr().err
     assert cli.main(["jobs", "--config", str(config)]) == 0
