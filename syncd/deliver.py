@@ -91,6 +91,9 @@ SETUP_FAULTS = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
 # Refused parts of 2+ records, with nothing of the batch accepted, that make a bisect a setup
 # fault: a bad audienceId costs 15 POSTs (every eighth of the batch refused), not thousands.
 BISECT_LIMIT = 15
+# A 400 whose message names one of these is about the request, not a record: a setup fault
+# at once, whatever the batch's size (a small batch never reaches BISECT_LIMIT).
+_REQUEST_FIELDS = ("audienceid", "targetresource", "connectionid", "request body")
 ADVICE = {
     "unauthorized": "Amazon refuses requests for this connection even with a fresh access "
     "token: check that the user of the refresh token still has access to it",
@@ -340,6 +343,9 @@ class ConnectionSender:
         """Amazon refused the part's records (400): bisect down to the refusing records."""
         if self._is_prober() and self._cause == "bad_request":
             delivery.parts.rotate(-1)  # still refused: probe with another part next time
+            await self._hold("bad_request", exc, self._pause(delivery))
+            return
+        if any(field in str(exc).lower() for field in _REQUEST_FIELDS):
             await self._hold("bad_request", exc, self._pause(delivery))
             return
         records = len(part.batch.records)

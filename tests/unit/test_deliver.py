@@ -479,6 +479,31 @@ async def test_a_bisect_where_every_part_is_refused_becomes_a_setup_fault(
     assert sorted(accepted) == sorted(f"m{i}" for i in range(64))
 
 
+async def test_a_400_that_names_the_audience_blocks_a_small_batch_without_dead_letters(
+    sender: tuple[ConnectionSender, Fakes],
+) -> None:
+    """Amazon says the request itself is wrong (its audienceId), not a record: a batch of 3,
+    too small for the bisect's limit, is not dead-lettered record by record; the connection
+    is blocked until Amazon accepts again, then everything is delivered."""
+    s, fakes = sender
+
+    async def bad_audience(body: bytes) -> str:
+        raise RejectedError(
+            "records_post failed: HTTP 400: audienceId 7 is not a valid audience", status=400
+        )
+
+    fakes.answer = bad_audience
+    s.submit(encoded(s.connection_id, members=3))
+    await until(lambda: blocked(s.connection_id, "bad_request") == 1, "blocked: bad_request")
+    assert fakes.rejected == []
+    fakes.answer = None  # the audience was fixed
+    await drained(s)
+    assert blocked(s.connection_id, "bad_request") == 0
+    assert fakes.rejected == []
+    accepted = [m.external_user_id for b in fakes.acked_batches for m in b.records]
+    assert sorted(accepted) == ["m0", "m1", "m2"]
+
+
 @pytest.mark.parametrize(
     ("status", "cause"), [(401, "unauthorized"), (403, "forbidden"), (404, "not_found")]
 )
