@@ -197,8 +197,13 @@ class Poller:
         except AuthError as exc:
             self._auth_error = exc
             return
-        except (AmazonError, TimeoutError) as exc:
-            error = str(exc) if isinstance(exc, AmazonError) else "no answer within the lease"
+        except Exception as exc:  # this job's poll failed; the round's other polls go on
+            if isinstance(exc, AmazonError):
+                error = str(exc)
+            elif isinstance(exc, TimeoutError):
+                error = "no answer within the lease"
+            else:  # an answer of a shape no one foresaw: a bug to report, not a reason to stop
+                error = f"unexpected answer ({type(exc).__name__})"
             metrics.JOB_POLLS.labels("error").inc()
             log.warning(
                 "job poll failed; will retry",

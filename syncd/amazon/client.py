@@ -574,7 +574,8 @@ def _job_status(data: Any, job_request_id: str, operation: str) -> JobStatus:
     size = data.get("audienceSize")
     size = size if isinstance(size, dict) else {}
     invalid: list[InvalidRecord] = []
-    for item in data.get("invalidRecords") or ():
+    items = data.get("invalidRecords")
+    for item in items if isinstance(items, list) else ():  # another shape: none readable
         if isinstance(item, dict):
             ext = item.get("externalId", item.get("externalUserId"))
             invalid.append(

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from syncd.amazon.api import InvalidRecord, JobStatus
 from syncd.config import PollConfig
-from syncd.errors import AmazonError, AuthError, RetryableError
+from syncd.errors import AuthError, RetryableError
 from syncd.jobs import IDLE_MAX_S, MemberOutcomes, Poller, poll_interval
 from syncd.members import MemberTable, member_change
 from syncd.model import Action, member_record
@@ -37,7 +37,7 @@ class FakeClient:
     would); `in_flight` and `peak_per_job` count GETs of one job under way at once."""
 
     def __init__(self) -> None:
-        self.script: dict[str, list[JobStatus | AmazonError]] = {}
+        self.script: dict[str, list[JobStatus | Exception]] = {}
         self.calls: list[str] = []
         self.active = 0
         self.peak = 0
@@ -62,7 +62,7 @@ class FakeClient:
             self.in_flight[job_request_id] -= 1
         queue = self.script.get(job_request_id, [])
         answer = queue.pop(0) if queue else JobStatus(job_request_id, "PENDING")
-        if isinstance(answer, AmazonError):
+        if isinstance(answer, Exception):
             raise answer
         return answer
 
@@ -193,6 +193,40 @@ async def test_failed_get_is_retried_with_backoff(
     assert client.calls == ["job-1", "job-1"]
     [row] = await store.list_jobs()
     assert (row.polls, row.error) == (2, None)
+
+
+async def test_an_answer_the_client_cannot_read_fails_that_poll_alone(
+    store: Store, client: FakeClient, poller: Poller
+) -> None:
+    """An unexpected error from one GET (an answer of a shape no one foresaw) is that job's
+    failed poll, retried later; the other polls of the round go on and are stored."""
+    await add(store, "odd", after=0)
+    await add(store, "fine", after=0)
+    client.script["odd"] = [TypeError("'int' object is not iterable")]
+    client.script["fine"] = [JobStatus("fine", "SUCCEEDED", 100.0)]
+    await poller.poll_once()
+    rows = {row.job_request_id: row for row in await store.list_jobs()}
+    assert rows["fine"].state == "SUCCEEDED"
+    assert (rows["odd"].state, rows["odd"].polls) == ("PENDING", 1)
+    assert rows["odd"].error is not None
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"invalidRecords": 1},
+        {"invalidRecords": "x"},
+        {"invalidRecords": [1, None, {"externalUserId": 5}]},
+        {"successful": [], "audienceSize": 3},
+        {"successful": {"recordsProcessedRate": "100"}},
+    ],
+)
+def test_a_job_status_of_odd_field_types_is_read_without_them(odd: dict[str, Any]) -> None:
+    from syncd.amazon.client import _job_status
+
+    status = _job_status({"jobState": "SUCCEEDED", **odd}, "job-1", "get_job")
+    assert (status.job_request_id, status.job_state) == ("job-1", "SUCCEEDED")
+    assert status.terminal
 
 
 async def test_concurrency_is_bounded_and_full_batches_loop_at_once(
