@@ -127,11 +127,13 @@ class TokenProvider:
             value = data["access_token"]
             expires_in = float(data.get("expires_in", 3600))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            raise AmazonError(
+            raise RetryableError(  # a proxy's or a gateway's page, say: a passing fault
                 "LwA answered without a usable access_token", status=200, operation=OPERATION
             ) from None
         if not isinstance(value, str) or not value or expires_in <= 0:
-            raise AmazonError("LwA answered with an invalid token", status=200, operation=OPERATION)
+            raise RetryableError(
+                "LwA answered with an invalid token", status=200, operation=OPERATION
+            )
         expires_at = started + expires_in  # measured from the request: errs on the early side
         self._refresh_at = expires_at - min(REFRESH_AHEAD_S, expires_in * 0.1)
         return AccessToken(value=value, expires_at=expires_at)
@@ -144,9 +146,24 @@ def _token_error(status: int, body: bytes, retry_after: float | None) -> AmazonE
     kind = classify(status)
     if kind is ThrottledError:
         return ThrottledError(message, retry_after=retry_after, operation=OPERATION)
-    if kind is RetryableError:
+    if kind is RetryableError or code not in _REFUSALS:  # a 404 or a 403 page: passing
         return RetryableError(message, status=status, operation=OPERATION)
     return AuthError(message, status=status, operation=OPERATION)
+
+
+# LwA's OAuth errors that refuse the credentials or the request syncd makes: fatal (retrying
+# cannot help; the operator must fix the config). Any other refusal is a passing fault.
+_REFUSALS = frozenset(
+    {
+        "invalid_grant",
+        "invalid_client",
+        "unauthorized_client",
+        "invalid_request",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "access_denied",
+    }
+)
 
 
 def _lwa_error(body: bytes) -> tuple[str, str]:

@@ -9,7 +9,7 @@ import pytest
 
 from syncd.amazon.auth import TokenProvider
 from syncd.amazon.retry import Retrier, RetryPolicy
-from syncd.errors import AmazonError, AuthError, RetryableError
+from syncd.errors import AuthError, RetryableError
 from tests.fakes import FakeTime
 
 
@@ -148,9 +148,29 @@ async def test_mark_fatal_keeps_the_first_error() -> None:
         await auth.token()
 
 
-async def test_a_body_without_access_token_is_an_error() -> None:
-    fake, lwa = FakeTime(), FakeLwa((200, {"token_type": "bearer"}))
+async def test_a_body_without_access_token_is_retried_as_a_passing_fault() -> None:
+    """A proxy or a gateway answering 200 with something else: retried, not fatal (syncd
+    must resume by itself once the token endpoint answers again)."""
+    fake, lwa = FakeTime(), FakeLwa((200, {"token_type": "bearer"}), (200, {"html": "<p>"}))
     auth = provider(lwa, fake)
-    with pytest.raises(AmazonError, match="access_token"):
-        await auth.token()
+    assert await auth.token() == "t3"
+    assert fake.sleeps == [1.0, 1.0]
+    assert auth.fatal_error is None
+    lwa.script = [(200, {"token_type": "bearer"})] * 5
+    with pytest.raises(RetryableError, match="access_token"):
+        await provider(lwa, fake).token()
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(404, {}), (403, {"message": "Forbidden"}), (400, {}), (429, {"error": "slow_down"})],
+)
+async def test_a_token_answer_that_refuses_no_credential_is_retried(
+    status: int, body: dict[str, object]
+) -> None:
+    """Only LwA's OAuth refusals (invalid_grant, invalid_client, ...) are fatal: a 404 from a
+    proxy, a 403 page or a 400 without an OAuth error code is a passing fault."""
+    fake, lwa = FakeTime(), FakeLwa((status, body))
+    auth = provider(lwa, fake)
+    assert await auth.token() == "t2"
     assert auth.fatal_error is None
