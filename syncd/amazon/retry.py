@@ -61,8 +61,12 @@ def nothing_accepted(exc: AmazonError) -> bool:
     return isinstance(exc, RejectedError) and exc.status in REFUSED_BEFORE_PROCESSING
 
 
+MAX_RETRY_AFTER_S = 900.0  # a longer wait (inf, a far date) is capped: then syncd probes again
+
+
 def parse_retry_after(value: str | None) -> float | None:
-    """`Retry-After` as seconds (>= 0): delta-seconds or an HTTP date; None if absent/invalid."""
+    """`Retry-After` as seconds (0 to MAX_RETRY_AFTER_S): delta-seconds or an HTTP date; None
+    if absent/invalid."""
     if not value:
         return None
     text = value.strip()
@@ -78,7 +82,7 @@ def parse_retry_after(value: str | None) -> float | None:
         seconds = (when - datetime.now(UTC)).total_seconds()
     if seconds != seconds:  # NaN
         return None
-    return max(0.0, seconds)
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
 
 
 def retry_reason(exc: RetryableError) -> str:

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from syncd.amazon.retry import (
+    MAX_RETRY_AFTER_S,
     Retrier,
     RetryPolicy,
     classify,
@@ -178,6 +179,11 @@ def test_parse_retry_after() -> None:
     assert 100 < (parse_retry_after(future) or 0) <= 120
     past = format_datetime(datetime.now(UTC) - timedelta(seconds=120), usegmt=True)
     assert parse_retry_after(past) == 0.0
+    # a wait past reason (inf, a huge number, a far date) is capped: a connection is never
+    # blocked for good by one header; it probes again after MAX_RETRY_AFTER_S
+    far = format_datetime(datetime.now(UTC) + timedelta(days=400), usegmt=True)
+    for value in ("inf", "1e300", far, str(MAX_RETRY_AFTER_S + 1)):
+        assert parse_retry_after(value) == MAX_RETRY_AFTER_S
 
 
 def test_retry_reason_labels() -> None:
