@@ -30,11 +30,11 @@ MAX_NAP_S = 5.0
 
 class BudgetStore(Protocol):
     async def reserve(
-        self, connection_id: str, records: int, limit: int, window_s: float
+        self, connection_id: str, records: int, limit: int, window_s: float, hold_s: float
     ) -> tuple[int | None, float]: ...
     async def release(self, reservation_id: int) -> None: ...
     async def confirm(self, reservation_id: int) -> None: ...
-    async def budget_used(self, connection_id: str, window_s: float) -> int: ...
+    async def budget_used(self, connection_id: str, window_s: float, hold_s: float) -> int: ...
 
 
 class Budget:
@@ -45,12 +45,16 @@ class Budget:
         store: BudgetStore,
         cfg: BudgetConfig,
         *,
+        hold_s: float = 0.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`hold_s`: the longest a POST may stay in flight (its retries included); its
+        reservation counts that long plus a window unless confirmed."""
         self._store = store
         self._limit = cfg.records_per_hour
         self._window_s = float(cfg.window_seconds)
+        self._hold_s = hold_s
         self._sleep = sleep
         self._clock = clock
         self._waiting: Counter[str] = Counter()  # connection -> acquirers waiting for budget
@@ -82,7 +86,9 @@ class Budget:
 
     async def _reserve(self, connection_id: str, records: int) -> tuple[int | None, float]:
         return await persist(
-            lambda: self._store.reserve(connection_id, records, self._limit, self._window_s),
+            lambda: self._store.reserve(
+                connection_id, records, self._limit, self._window_s, self._hold_s
+            ),
             what="budget reservation",
         )
 
@@ -116,7 +122,7 @@ class Budget:
 
     async def _update_usage(self, connection_id: str) -> None:
         try:
-            used = await self._store.budget_used(connection_id, self._window_s)
+            used = await self._store.budget_used(connection_id, self._window_s, self._hold_s)
         except Exception:  # metrics only; a store outage is retried where it matters
             return
         metrics.BUDGET_USED.labels(connection_id).set(used)

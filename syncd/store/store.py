@@ -24,9 +24,10 @@ by whoever learns it first.
 
 Budget rows: a reservation is stamped when it is made and re-stamped when its POST was
 accepted (`confirm`). A confirmed row counts for `window_s` after its stamp. An unconfirmed row
-(its POST is in flight, or its outcome is unknown) counts for two windows, so that a slow POST
-can never fall out of the window before Amazon received it. Rows older than two windows are
-pruned by the next reservation of the same connection.
+(its POST is in flight, or its outcome is unknown) counts for a window plus `hold_s`, the
+longest its POST may stay in flight (at least a window), so that a slow POST can never fall out
+of the window before Amazon received it. Rows past that are pruned by the next reservation of
+the same connection.
 """
 
 from __future__ import annotations
@@ -487,9 +488,15 @@ class Store:
 
     # -- budget ----------------------------------------------------------------------------------
     async def reserve(
-        self, connection_id: str, records: int, limit: int, window_s: float
+        self,
+        connection_id: str,
+        records: int,
+        limit: int,
+        window_s: float,
+        hold_s: float = 0.0,
     ) -> tuple[int | None, float]:
-        """Atomically reserve `records` of `connection_id`'s `limit` per rolling `window_s`.
+        """Atomically reserve `records` of `connection_id`'s `limit` per rolling `window_s`
+        (`hold_s`: the longest a POST stays in flight, see the module's docstring).
 
         Returns (reservation id, 0.0), or (None, seconds until enough reserved records have
         left the window) when the reservation would exceed the limit."""
@@ -505,10 +512,11 @@ class Store:
                 now = self._now_sync(conn)
             conn.execute(
                 delete(r).where(
-                    r.c.connection_id == connection_id, r.c.stamped_at <= now - 2 * window_s
+                    r.c.connection_id == connection_id,
+                    r.c.stamped_at <= now - window_s - max(window_s, hold_s),
                 )
             )
-            leaves = _leaves_at(window_s)
+            leaves = _leaves_at(window_s, hold_s)
             in_window = (r.c.connection_id == connection_id) & (leaves > now)
             used = int(
                 conn.scalar(select(func.coalesce(func.sum(r.c.records), 0)).where(in_window)) or 0
@@ -554,14 +562,14 @@ class Store:
             )
         )
 
-    async def budget_used(self, connection_id: str, window_s: float) -> int:
+    async def budget_used(self, connection_id: str, window_s: float, hold_s: float = 0.0) -> int:
         """Records of `connection_id` counted in the rolling window that ends now."""
         r = budget_reservations
         async with self._read() as conn:
             now = await self._now(conn)
             used = await conn.scalar(
                 select(func.coalesce(func.sum(r.c.records), 0)).where(
-                    r.c.connection_id == connection_id, _leaves_at(window_s) > now
+                    r.c.connection_id == connection_id, _leaves_at(window_s, hold_s) > now
                 )
             )
         return int(used or 0)
@@ -662,11 +670,12 @@ class Store:
         return await conn.run_sync(self._now_sync)
 
 
-def _leaves_at(window_s: float) -> ColumnElement[float]:
-    """When a reservation row stops counting: one window after a confirmed stamp, two after an
-    unconfirmed one."""
+def _leaves_at(window_s: float, hold_s: float) -> ColumnElement[float]:
+    """When a reservation row stops counting: one window after a confirmed stamp; a window
+    plus `hold_s` (at least a window) after an unconfirmed one."""
     r = budget_reservations
-    return r.c.stamped_at + case((r.c.confirmed, window_s), else_=2 * window_s)
+    unconfirmed = window_s + max(window_s, hold_s)
+    return r.c.stamped_at + case((r.c.confirmed, window_s), else_=unconfirmed)
 
 
 def _upgrade_to_head(connection: Connection) -> None:

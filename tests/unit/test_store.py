@@ -406,6 +406,22 @@ async def test_reserve_until_the_limit_then_wait_for_the_oldest(
     assert wait == 0
 
 
+async def test_a_post_in_flight_longer_than_two_windows_still_counts(
+    store: Store, clock: FakeClock
+) -> None:
+    """An unconfirmed reservation (its POST in flight, retrying) counts until its POST can no
+    longer land plus a window: `hold_s` (the longest a POST stays in flight), not two windows,
+    when that is longer. Else a small window lets a late 202 land beside a full window."""
+    rid, _ = await store.reserve("c", 1000, limit=1000, window_s=10, hold_s=300)
+    assert rid is not None
+    clock.advance(250)  # 25 windows later, the POST still retrying
+    assert (await store.reserve("c", 1, 1000, 10, hold_s=300))[0] is None
+    assert await store.budget_used("c", 10, hold_s=300) == 1000
+    clock.advance(60)  # past hold + window: it can no longer land in the window
+    assert await store.budget_used("c", 10, hold_s=300) == 0
+    assert (await store.reserve("c", 1000, 1000, 10, hold_s=300))[0] is not None
+
+
 async def test_release_frees_the_reservation(store: Store) -> None:
     rid, _ = await store.reserve("c", 1000, limit=1000, window_s=100)
     assert rid is not None
