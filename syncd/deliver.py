@@ -304,7 +304,7 @@ class ConnectionSender:
             await self._budget.release(reservation)
         elif error.status is not None:
             await self._budget.confirm(reservation)  # answered: whatever Amazon did is done
-        # else no answer: Amazon may still take it in; unconfirmed, it counts two windows
+        # else no answer: Amazon may still take it in; unconfirmed, it counts longer (store)
         outcome = "rejected" if isinstance(error, RejectedError) else "failed"
         metrics.BATCHES_SENT.labels(dest.connection_id, dest.audience, outcome).inc()
         return error
