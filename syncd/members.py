@@ -1377,17 +1377,9 @@ class MemberTable:
         """Those of `keys` (audience_id, externalUserId) whose desired action is ADD: where the
         profile is a member, as an identifiers-only change finds it."""
         found: set[tuple[int, str]] = set()
-        async with self._store._read() as conn:
-            for audience_id, ids in _by_audience(set(keys)).items():
-                for chunk in self._batches(ids):
-                    rows = await conn.execute(
-                        select(m.c.external_user_id).where(
-                            m.c.audience_id == audience_id,
-                            self._among(m.c.external_user_id, chunk),
-                            m.c.action == ADD,
-                        )
-                    )
-                    found.update((audience_id, euid) for (euid,) in rows)
+        for audience_id, ids in _by_audience(set(keys)).items():
+            held = await self.held_members(audience_id, ids)
+            found.update((audience_id, euid) for euid, row in held.items() if row.action == ADD)
         return found
 
     async def held_page(
