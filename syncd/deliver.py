@@ -12,7 +12,7 @@ member out of budget or behind a blocked connection waits in the table, one per 
 Every POST has a reservation of its own, settled by what the answer proves: confirmed when
 Amazon accepted it or may have (202, 5xx: re-stamped now), kept unconfirmed when no answer came
 (a timeout: it counts two windows), released only when nothing was accepted (429, 400/401/403/
-404/413, a connection that could not be opened). Then, per outcome:
+404/413, a connection that could not be opened, a failed token request). Then, per outcome:
 
 - 202: store the job row and the members' sent state, fenced on the claims (a store outage
   holds the sender until it is back; a lost lease stores the job row alone).

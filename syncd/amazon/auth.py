@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from syncd.amazon.api import AccessToken
+from syncd.amazon.retry import TOKEN_OPERATION as OPERATION
 from syncd.amazon.retry import Clock, Retrier, classify, parse_retry_after
 from syncd.errors import AmazonError, AuthError, RetryableError, ThrottledError
 from syncd.observability import metrics
@@ -26,7 +27,6 @@ log = get_logger("syncd.amazon.auth")
 
 # Refresh this long before expiry, at most; tokens with a short lifetime refresh at 90 %.
 REFRESH_AHEAD_S = 60.0
-OPERATION = "token"
 
 # POSTs the form to the token endpoint: returns (status, body, Retry-After header or None);
 # raises RetryableError on a timeout or a connection error.

@@ -48,15 +48,18 @@ def classify(status: int) -> type[AmazonError]:
     return RejectedError
 
 
+TOKEN_OPERATION = "token"  # LwA's token request, which every API call may make first
+
 # Refusals Amazon gives before it processes a request: the request was not taken in.
 REFUSED_BEFORE_PROCESSING = frozenset({400, 401, 403, 404, 413})
 
 
 def nothing_accepted(exc: AmazonError) -> bool:
     """Whether the failure proves Amazon accepted nothing: a 429, a refusal before processing
-    (400/401/403/404/413) or a request that never left. A 5xx, a timeout, a dropped connection or
-    an unreadable answer may hide an accepted POST."""
-    if isinstance(exc, ThrottledError | NotSentError):
+    (400/401/403/404/413), a request that never left, or a failed token request (the call went
+    no further). A 5xx, a timeout, a dropped connection or an unreadable answer of Amazon may
+    hide an accepted POST."""
+    if isinstance(exc, ThrottledError | NotSentError) or exc.operation == TOKEN_OPERATION:
         return True
     return isinstance(exc, RejectedError) and exc.status in REFUSED_BEFORE_PROCESSING
 

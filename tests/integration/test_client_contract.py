@@ -17,6 +17,7 @@ import pytest
 from syncd import cli
 from syncd.amazon.api import records_body
 from syncd.amazon.client import AmazonClient
+from syncd.amazon.retry import nothing_accepted
 from syncd.config import AmazonConfig
 from syncd.errors import AuthError, NotSentError, RejectedError, RetryableError
 from syncd.localstack import free_port
@@ -284,6 +285,21 @@ async def test_a_records_post_that_cannot_connect_is_resent(sandbox: RunningSand
         with pytest.raises(NotSentError, match="cannot connect"):
             await client.post_records(encoded_records(413642381039213536, "c"), connection_id="c")
     assert len(sleep.delays) == 2  # three attempts
+
+
+async def test_a_records_post_whose_token_request_failed_proves_nothing_was_accepted(
+    sandbox: RunningSandbox,
+) -> None:
+    """LwA answering a page instead of a token (a 404 here): the records POST never left, so its
+    budget reservation is released, not spent (nothing_accepted)."""
+    sleep = RecordingSleep()
+    cfg = config(sandbox, token_url=f"{sandbox.url}/no-token-here", max_attempts=2)
+    async with AmazonClient(cfg, sleep=sleep) as client:
+        with pytest.raises(RetryableError) as info:
+            await client.post_records(encoded_records(413642381039213536, "c"), connection_id="c")
+    assert info.value.status == 404
+    assert nothing_accepted(info.value)
+    assert requests(sandbox, "POST /amc/audiences/records") == 0
 
 
 async def test_retries_exhausted_raise_the_last_retryable_error(sandbox: RunningSandbox) -> None:

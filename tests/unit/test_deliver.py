@@ -587,6 +587,8 @@ SETTLEMENTS: dict[str, tuple[Exception, str | None]] = {
     "500-after-processing": (RetryableError("HTTP 500", status=500), "confirm"),
     "501": (RejectedError("HTTP 501", status=501), "confirm"),
     "timeout": (RetryableError("no answer (outcome unknown)"), None),
+    "token-503": (RetryableError("LwA HTTP 503", status=503, operation="token"), "release"),
+    "token-timeout": (RetryableError("LwA: no answer", operation="token"), "release"),
     "no-jobRequestId": (AmazonError("unexpected response (no jobRequestId)"), None),
     "unexpected-exception": (ValueError("a bug in parsing"), None),
 }

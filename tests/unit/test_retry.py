@@ -208,6 +208,11 @@ def test_retry_reason_labels() -> None:
         *((RetryableError(f"{s}", status=s), False) for s in (408, 500, 502, 503, 504)),
         (RetryableError("no answer"), False),  # a timeout or a dropped connection
         (AmazonError("no jobRequestId in a 202"), False),
+        # the token request failed: the records POST never left, whatever LwA answered
+        *((RetryableError(f"token {s}", status=s, operation="token"), True) for s in (503, 404)),
+        (RetryableError("token: no answer", operation="token"), True),
+        (RetryableError("LwA answered without a token", status=200, operation="token"), True),
+        (ThrottledError("token 429", operation="token"), True),
     ],
 )
 def test_only_answers_that_prove_nothing_was_accepted_release_a_records_post(
