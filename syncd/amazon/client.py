@@ -35,9 +35,9 @@ from syncd.amazon.api import (
     JobStatus,
     Terms,
 )
-from syncd.amazon.auth import OPERATION as TOKEN_OPERATION
 from syncd.amazon.auth import TokenProvider
 from syncd.amazon.retry import (
+    TOKEN_OPERATION,
     Clock,
     Retrier,
     RetryPolicy,
