@@ -16,7 +16,9 @@ A terminal job's outcome goes to its members (`MemberOutcomes`) before the termi
 stored: SUCCEEDED/COMPLETED confirm them; PARTIALLYSUCCEEDED marks its invalidRecords invalid and
 dead-letters them with Amazon's reason; FAILED and EXPIRED make them due again (FAILED ones are
 dead-lettered after MAX_FAILED_SENDS). Applying first means a crash in between polls the job
-again and applies nothing twice (the members no longer reference it).
+again and applies nothing twice (the members no longer reference it). The dead letters go out
+after the terminal state is stored: a broker outage that holds them past the lease cannot let
+another replica claim the job and GET it again.
 """
 
 from __future__ import annotations
@@ -68,8 +70,12 @@ class JobStore(Protocol):
 
 
 class JobOutcomes(Protocol):
-    async def finished(self, job: JobRow, status: JobStatus) -> None: ...
+    async def finished(self, job: JobRow, status: JobStatus) -> list[DeadLetter]: ...
+    async def dead_letter(self, letters: list[DeadLetter]) -> None: ...
     async def settle_expired(self) -> None: ...
+
+
+DeadLetter = tuple[DeadMember, str]  # a member a job refused, and the detail to send with it
 
 
 class MemberOutcomes:
@@ -89,9 +95,9 @@ class MemberOutcomes:
         self._audiences = audiences  # audience_id -> the config's audience key
         self._max_attempts = max_attempts
 
-    async def finished(self, job: JobRow, status: JobStatus) -> None:
-        """Retried until the store takes it; dead letters are sent after it (the source
-        retries the broker)."""
+    async def finished(self, job: JobRow, status: JobStatus) -> list[DeadLetter]:
+        """Applies the outcome to the members, retried until the store takes it; returns the
+        dead letters it calls for (`dead_letter` sends them)."""
         details = {r.external_id: r.error for r in status.invalid_records if r.external_id}
         invalid = {euid: classify_invalid_reason(error) for euid, error in details.items()}
         outcome = await persist(
@@ -100,10 +106,14 @@ class MemberOutcomes:
             ),
             what=f"members of job {job.job_request_id}",
         )
-        for dead in outcome.invalid:
-            await self._dead_letter(dead, details.get(dead.external_user_id, ""))
-        for dead in outcome.dead:
-            detail = f"job {job.job_request_id} FAILED; {self._max_attempts} sends failed"
+        failed = f"job {job.job_request_id} FAILED; {self._max_attempts} sends failed"
+        return [(dead, details.get(dead.external_user_id, "")) for dead in outcome.invalid] + [
+            (dead, failed) for dead in outcome.dead
+        ]
+
+    async def dead_letter(self, letters: list[DeadLetter]) -> None:
+        """Sends them (the source retries the broker until it takes each one)."""
+        for dead, detail in letters:
             await self._dead_letter(dead, detail)
 
     async def settle_expired(self) -> None:
@@ -213,8 +223,8 @@ class Poller:
             )
             await self._record(job, None, next_poll_in_s, error)
             return
-        if status.terminal and self._outcomes is not None:
-            await self._outcomes.finished(job, status)
+        outcomes = self._outcomes if status.terminal else None
+        letters = [] if outcomes is None else await outcomes.finished(job, status)
         stored = await self._record(job, status, next_poll_in_s)
         if status.terminal:
             metrics.JOB_POLLS.labels("terminal").inc()
@@ -222,6 +232,8 @@ class Poller:
                 self._finished(job, status)
         else:
             metrics.JOB_POLLS.labels("pending").inc()
+        if outcomes is not None and letters:
+            await outcomes.dead_letter(letters)
 
     def _count_for_audience(self, audience: str, status: JobStatus) -> None:
         """The audience's match figures and its run of FAILED jobs (the audience alerts)."""

@@ -591,3 +591,41 @@ async def test_an_expiry_a_crash_interrupted_is_settled_by_the_next_poller(
     await poller.poll_once()
     claims = await table.claim_due([7], 10, 60, "sender")
     assert sorted(c.external_user_id for c in claims) == ["u1", "u2"]
+
+
+class StalledDeadLetters(MemberDeadLetterSink):
+    """A broker that takes no dead letter until `open` is set (an outage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = asyncio.Event()
+        self.open = asyncio.Event()
+
+    async def dead_letter_member(self, value: bytes, reason: str, detail: str) -> None:
+        self.waiting.set()
+        await self.open.wait()
+        await super().dead_letter_member(value, reason, detail)
+
+
+async def test_a_terminal_job_is_stored_before_its_dead_letters_wait_on_the_broker(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """A broker outage longer than the poll lease while a terminal job's dead letters wait:
+    the job is terminal in the store already, so no replica claims and GETs it again."""
+    table, sink = MemberTable(store), StalledDeadLetters()
+    outcomes = MemberOutcomes(table, sink, {7: "vip"})
+    a = Poller(store, client, CFG, owner="a", lease_s=100, clock=clock, outcomes=outcomes)
+    b = Poller(store, client, CFG, owner="b", lease_s=100, clock=clock)
+    await sent_members(table, "partial", ["u1", "u2"])
+    client.script["partial"] = [
+        JobStatus("partial", "PARTIALLYSUCCEEDED", invalid_records=(InvalidRecord("u2", "bad"),))
+    ]
+    polling = asyncio.create_task(a.poll_once())
+    await sink.waiting.wait()
+    assert await store.job_states(["partial"]) == {"partial": "PARTIALLYSUCCEEDED"}
+    clock.advance(1000)  # a's lease ran out long ago
+    await b.poll_once()
+    assert client.calls == ["partial"]  # b never GETs a job a saw terminal
+    sink.open.set()
+    await polling
+    assert [(v["externalUserId"], r) for v, r, _ in sink.sent] == [("u2", "other")]
