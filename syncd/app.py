@@ -448,9 +448,7 @@ class Daemon:
         tracker = OffsetTracker()
         source = self.source = KafkaSource(cfg.kafka, tracker)
         members = MemberTable(store)
-        # a POST's longest flight: its retries, and the last attempt's own timeout
-        in_flight_s = cfg.amazon.max_retry_time_s + cfg.amazon.request_timeout_s
-        budget = Budget(store, cfg.budget, hold_s=in_flight_s)
+        budget = Budget(store, cfg.budget, hold_s=cfg.amazon.post_flight_s)
         # a GET with all its retries ends within max_retry_time_s + one attempt (+ a token
         # refresh): a job poll's lease
         lease_s = cfg.amazon.max_retry_time_s + 2 * cfg.amazon.request_timeout_s

@@ -71,6 +71,12 @@ class AmazonConfig:
     max_concurrency: int = 2
     target_types: tuple[str, ...] = ()  # e.g. ["DSP"]; AMC is always included
 
+    @property
+    def post_flight_s(self) -> float:
+        """The longest a records POST stays in flight: its retries and the last attempt's own
+        timeout. Its budget reservation, until answered, counts this long (the budget's hold)."""
+        return self.max_retry_time_s + self.request_timeout_s
+
 
 @dataclass(frozen=True)
 class StoreConfig:

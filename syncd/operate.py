@@ -482,7 +482,7 @@ async def show_member(
     budget = None
     if member is not None and member.due_since is not None and not dest.paused:
         window_s = cfg.budget.window_seconds
-        used = await store.budget_used(dest.connection_id, window_s)
+        used = await store.budget_used(dest.connection_id, window_s, cfg.amazon.post_flight_s)
         budget = BudgetUse(used, cfg.budget.records_per_hour, window_s, cfg.batch.max_records)
     blocked = await store.blocked(dest.connection_id) if budget is not None else None
     return member_report(

@@ -550,7 +550,8 @@ async def budget_view(
         if d.connection_id == dest.connection_id and not d.paused
     ] or [dest.audience_id]
     waiting = await members.waiting(audience_ids)
-    used = await store.budget_used(dest.connection_id, float(cfg.budget.window_seconds))
+    window_s = float(cfg.budget.window_seconds)
+    used = await store.budget_used(dest.connection_id, window_s, cfg.amazon.post_flight_s)
     return BudgetView(
         waiting,
         max(0, cfg.budget.records_per_hour - used),

@@ -46,6 +46,7 @@ from syncd.reconcile import (
     BudgetView,
     Reconciler,
     Report,
+    budget_view,
     compare_absent,
     compare_member,
     read_snapshot,
@@ -67,9 +68,10 @@ ROWS = [
 ]
 
 
-def config() -> Config:
+def config(**sections: Any) -> Config:
     return config_mod.from_mapping(
         {
+            **sections,
             "transform": {"workers": 0},
             "destinations": [
                 {
@@ -688,3 +690,19 @@ def test_usage_errors_exit_2_naming_the_flag(
     for flag, argv in cases.items():
         assert main(argv) == 2, flag
         assert flag in capsys.readouterr().err
+
+
+async def test_the_budget_view_counts_a_post_in_flight_as_the_daemon_does(
+    store: Store, clock: FakeClock
+) -> None:
+    """A POST retrying longer than two windows still counts for the daemon (its hold): the
+    view reconcile plans with must count it too, not show budget the daemon will not spend."""
+    cfg = config(budget={"window_seconds": 60})
+    hold_s = cfg.amazon.max_retry_time_s + cfg.amazon.request_timeout_s
+    rid, _ = await store.reserve(
+        DEST.connection_id, 1000, cfg.budget.records_per_hour, 60, hold_s=hold_s
+    )
+    assert rid is not None
+    clock.advance(200)  # three windows on, the POST still retrying: unconfirmed
+    view = await budget_view(cfg, DEST, MemberTable(store), store)
+    assert view.remaining == cfg.budget.records_per_hour - 1000
