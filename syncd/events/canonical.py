@@ -250,6 +250,8 @@ def _ip_address(value: Mapping[str, object]) -> str | None:
     if text is None:
         return None
     try:
+        if "%" in text:  # a scoped IPv6 address: its zone means nothing off the host
+            raise ValueError(text)
         return str(ipaddress.ip_address(text))
     except ValueError:
         raise DecodeError("bad_consent", "consent.ip_address is not an IP address") from None

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from syncd.events import DecodeError, canonical, decode, segment
 from syncd.model import Consent
+from syncd.sandbox.validation import check_ip_address
 
 
 def encode(**fields: Any) -> bytes:
@@ -311,6 +312,8 @@ def test_the_consent_ip_address_is_kept_in_its_compressed_form(ip: Any, kept: st
         {"ip_address": "example.com"},
         {"ip_address": 3405803783},
         {"ip_address": ["203.0.113.7"]},
+        {"ip_address": "fe80::1%eth0"},  # a scoped address: its zone means nothing off the host
+        {"ip_address": "fe80::1%canary@example.com"},
         {"amzn_user_data": "YES"},
         {"amzn_ad_storage": True},
         {"tcf": 1},
@@ -320,6 +323,34 @@ def test_the_consent_ip_address_is_kept_in_its_compressed_form(ip: Any, kept: st
 )
 def test_bad_consent(consent: Any) -> None:
     assert reason_of(encode(consent=consent)) == "bad_consent"
+
+
+@given(
+    st.one_of(
+        st.ip_addresses().map(str),
+        st.tuples(st.ip_addresses(v=6), st.text(max_size=8)).map(lambda p: f"{p[0]}%{p[1]}"),
+        st.text(max_size=40),
+    )
+)
+def test_a_consent_ip_address_syncd_keeps_is_one_amazon_takes(ip: str) -> None:
+    """Whatever `ip_address` decodes is sent as userConsent.geo.ipAddress: it must be what the
+    API takes (the sandbox's check), else the member is refused after it cost budget."""
+    event = encode(consent={"tcf": "t", "ip_address": ip})
+    kept = _decoded_ip(event)
+    if kept == "":
+        assert reason_of(event) == "bad_consent"
+    else:
+        assert kept is None or check_ip_address(kept)
+
+
+def _decoded_ip(event: bytes) -> str | None:
+    """The consent IP decode keeps (None: none), or "" when decode refuses the event."""
+    try:
+        consent = decode(event, "canonical").consent
+    except DecodeError:
+        return ""
+    assert consent is not None
+    return consent.ip_address
 
 
 @pytest.mark.parametrize(
