@@ -479,6 +479,31 @@ async def test_a_bisect_where_every_part_is_refused_becomes_a_setup_fault(
     assert sorted(accepted) == sorted(f"m{i}" for i in range(64))
 
 
+async def test_refusals_that_name_a_record_are_bisected_to_the_end_even_when_all_refuse(
+    sender: tuple[ConnectionSender, Fakes],
+) -> None:
+    """Amazon's message names a record (`records[i]...`): the refusal is about the records, not
+    the setup, however many refused parts there are. A batch whose every record is bad (16
+    events with one bad consent IP each) is dead-lettered record by record; the connection,
+    and the other audiences on it, go on."""
+    s, fakes = sender
+
+    async def each_refused(body: bytes) -> str:
+        raise RejectedError(
+            "records_post failed: HTTP 400: records[0].userConsent.geo.ipAddress must be an "
+            "IPv4 or IPv6 address",
+            status=400,
+        )
+
+    fakes.answer = each_refused
+    s.submit(encoded(s.connection_id, members=2 * BISECT_LIMIT))
+    await drained(s)
+    assert sorted(member_ids(e.body)[0] for e, _ in fakes.rejected) == sorted(
+        f"m{i}" for i in range(2 * BISECT_LIMIT)
+    )
+    assert blocked(s.connection_id, "bad_request") in (None, 0.0)
+
+
 async def test_a_400_that_names_the_audience_blocks_a_small_batch_without_dead_letters(
     sender: tuple[ConnectionSender, Fakes],
 ) -> None:
