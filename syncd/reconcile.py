@@ -159,11 +159,20 @@ def _read_csv(path: Path) -> Iterator[Line]:
         names = [h.strip() for h in header]
         _check_columns(names, "the CSV header")
         line = reader.line_num + 1
-        for row in reader:
+        rows = iter(reader)
+        while True:
+            try:
+                row = next(rows, None)
+            except csv.Error as exc:  # a cell past the csv module's limit (128 KiB), say
+                raise UsageError(f"--snapshot: line {line}: {exc}") from None
+            if row is None:
+                return
             number, line = line, reader.line_num + 1
             if not row or all(not cell.strip() for cell in row):
                 continue
-            if len(row) != len(names):
+            # a row over several lines: a quote left open swallowed the rows after it, whose
+            # members could not be read (an identifier holds no line break)
+            if len(row) != len(names) or line - number > 1:
                 yield number, "bad_csv_row"
                 continue
             yield number, _fields(dict(zip(names, row, strict=True)))

@@ -273,6 +273,31 @@ async def test_a_row_split_by_an_unquoted_comma_removes_no_member(
     assert {p for p, (a, _) in (await desired(table)).items() if a == ADD} == {"p1", "p2"}
 
 
+async def test_a_stray_quote_that_swallows_later_rows_removes_no_member(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    """`p1,"a@x.io` opens a quoted cell that runs to the end of the file: the rows after it
+    are not in the snapshot as read, yet they are members. The row spans several lines: it is
+    unusable, names no member that can be read, so nothing is removed."""
+    path = tmp_path / "s.csv"
+    path.write_text('profile_id,email\np1,"a@x.io\np2,b@x.io\np3,c@x.io\n')
+    await stream(table, {"p1": "a@x.io", "p2": "b@x.io", "p3": "c@x.io"})
+    await send_all(table)
+    report = await reconcile(table, path, "csv")
+    assert dict(report.unusable) == {"bad_csv_row": 1}
+    assert report.counts[REMOVED] == 0
+    assert {p for p, (a, _) in (await desired(table)).items() if a == ADD} == {"p1", "p2", "p3"}
+
+
+def test_a_csv_cell_past_the_csv_modules_limit_is_a_usage_error_naming_its_line(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.csv"
+    path.write_text("profile_id,email\np1,a@x.io\np2," + "b" * 200_000 + "@x.io\n")
+    with pytest.raises(UsageError, match="--snapshot: line 3"):
+        list(read_snapshot(path, "csv"))
+
+
 def test_a_json_lines_snapshot_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"profile_id": "p1", "identifiers": {"email": "a@x.io"}}\n')
