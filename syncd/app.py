@@ -53,7 +53,7 @@ from syncd.routing import RouteCounts
 from syncd.runtime import compiled
 from syncd.source import DLQ_RETRY_BACKOFF_S, KafkaSource, Message, OffsetTracker
 from syncd.store import Store, persist
-from syncd.transform import Outcome, Spec
+from syncd.transform import Outcome, Refused, Spec
 from syncd.transform_pool import Transformer
 
 log = get_logger("syncd.app")
@@ -172,7 +172,7 @@ class Pipeline:
         updates: list[tuple[SourceRef, list[tuple[int, MemberRecord]]]] = []
         for message, outcome in chunk:
             ref = message.ref
-            if isinstance(outcome, str):
+            if isinstance(outcome, Refused):
                 self._dead_letter(message, outcome)
                 continue
             if isinstance(outcome, Erase):
@@ -275,11 +275,12 @@ class Pipeline:
         detail = f"consent_policy strict: {dest.audience!r} needs consent.amzn_user_data"
         return lambda: self._source.dead_letter_member(value, record.dead_letter, detail)
 
-    def _dead_letter(self, message: Message, reason: str) -> None:
+    def _dead_letter(self, message: Message, refused: Refused) -> None:
         """Dead-letter an unusable event; it is done once the broker has it."""
         self._tracker.track(message.ref, 1)
         self._send_dead_letter(
-            message.ref, functools.partial(self._source.dead_letter, message, reason)
+            message.ref,
+            functools.partial(self._source.dead_letter, message, refused.reason, refused.detail),
         )
 
     def _send_dead_letter(self, ref: SourceRef, send: Callable[[], Awaitable[None]]) -> None:

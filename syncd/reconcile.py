@@ -55,7 +55,7 @@ from syncd.model import Action, Destination, MemberRecord
 from syncd.observability.logging import get_logger
 from syncd.routing import external_user_id
 from syncd.store import Store
-from syncd.transform import Outcome, Spec
+from syncd.transform import Outcome, Refused, Spec
 from syncd.transform_pool import Transformer
 
 log = get_logger("syncd.reconcile")
@@ -453,8 +453,8 @@ class Reconciler:
         records: list[tuple[int, MemberRecord]] = []
         kept: list[str] = []
         for number, euid, outcome in zip(numbers, ids, outcomes, strict=True):
-            if isinstance(outcome, str):
-                reason = outcome
+            if isinstance(outcome, Refused):
+                reason = outcome.reason
             elif not isinstance(outcome, list) or len(outcome) != 1:
                 reason = "not_a_member"  # cannot happen: no erase, one audience
             elif outcome[0][1].dead_letter:

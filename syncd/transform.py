@@ -27,15 +27,23 @@ import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from syncd.events import DecodeError, decode
 from syncd.model import Action, Destination, Erase, MemberRecord
 from syncd.routing import RouteCounts, Router, Unusable, external_user_id
 from syncd.runtime import tune_process
 
-Outcome = str | list[tuple[int, MemberRecord]] | Erase
-"""Per message: a dead-letter reason, (index into `Spec.destinations`, record) per part, or the
+
+class Refused(NamedTuple):
+    """An unusable event: its dead-letter reason and a detail naming the field (never data)."""
+
+    reason: str
+    detail: str = ""
+
+
+Outcome = Refused | list[tuple[int, MemberRecord]] | Erase
+"""Per message: why it is unusable, (index into `Spec.destinations`, record) per part, or the
 erase of a member. Records of an identifiers-only event (`identifiers_only`) name every
 destination."""
 
@@ -68,8 +76,11 @@ class Transform:
                     out.append(Erase(external_user_id(change.profile_id), change.occurred_at))
                     continue
                 parts = route(change)
-            except (DecodeError, Unusable) as exc:
-                out.append(exc.reason)
+            except DecodeError as exc:
+                out.append(Refused(exc.reason, exc.detail))
+                continue
+            except Unusable as exc:
+                out.append(Refused(exc.reason))
                 continue
             out.append([(index[p.destination.audience], p.record) for p in parts])
         return out, self._router.take_counts()
@@ -150,7 +161,7 @@ def _die_with(daemon_pid: int) -> None:
         os._exit(1)
 
 
-Wire = str | list[tuple[int, str, str, bytes, bytes, float | None, bool, str]] | Erase
+Wire = Refused | list[tuple[int, str, str, bytes, bytes, float | None, bool, str]] | Erase
 _ACTIONS = {action.value: action for action in Action}
 
 
@@ -160,7 +171,7 @@ def _run(transform: Transform, values: list[bytes | None]) -> tuple[list[Wire], 
     outcomes, counts = transform.run(values)
     wire: list[Wire] = [
         o
-        if isinstance(o, str | Erase)
+        if isinstance(o, Refused | Erase)
         else [
             (
                 i,
@@ -182,7 +193,7 @@ def _run(transform: Transform, values: list[bytes | None]) -> tuple[list[Wire], 
 def from_wire(wire: list[Wire]) -> list[Outcome]:
     return [
         w
-        if isinstance(w, str | Erase)
+        if isinstance(w, Refused | Erase)
         else [
             (i, MemberRecord(user, _ACTIONS[action], json, digest, at, only, dead_letter))
             for i, user, action, json, digest, at, only, dead_letter in w

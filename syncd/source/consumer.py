@@ -360,10 +360,11 @@ class KafkaSource:
         log.info("partitions assigned", partitions=sorted(f"{t}/{p}" for t, p in assigned))
 
     # -- dead letters (dead_letters.py) ----------------------------------------------------
-    async def dead_letter(self, message: Message, reason: str) -> None:
-        """Send an unusable event's original bytes (and key) to the dead-letter topic, reason in
-        a header, and wait for the broker's ack. Without a dead-letter topic: count and log."""
-        await self._dead_letters.event(message.ref, message.key, message.value, reason, detail="")
+    async def dead_letter(self, message: Message, reason: str, detail: str = "") -> None:
+        """Send an unusable event's original bytes (and key) to the dead-letter topic, reason and
+        detail (naming the field, never data) in headers, and wait for the broker's ack. Without
+        a dead-letter topic: count and log."""
+        await self._dead_letters.event(message.ref, message.key, message.value, reason, detail)
 
     async def dead_letter_payload(
         self, payload: bytes, reason: str, ref: SourceRef, *, detail: str = ""

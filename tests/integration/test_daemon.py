@@ -99,6 +99,15 @@ BAD: list[tuple[bytes, bytes, str]] = [
         event("b-4", identifiers={"email": "not-an-email"}, audiences={"add": ["vip"]}),
         "no_usable_identifier",
     ),
+    (
+        b"b-5",
+        event(
+            "b-5",
+            identifiers={"email": "b5@example.com", "phone": True},
+            audiences={"add": ["vip"]},
+        ),
+        "bad_identifiers",
+    ),
 ]
 
 
@@ -197,6 +206,11 @@ async def test_every_valid_change_arrives_as_the_contract_says(
     reasons = {m.key: dict(m.headers)["syncd-reason"].decode() for m in dead}
     assert reasons == {k: r for k, _, r in BAD}
     assert {m.key: m.value for m in dead} == {k: v for k, v, _ in BAD}  # original bytes
+    # the detail names the field (never its value)
+    details = {m.key: dict(m.headers).get("syncd-detail", b"") for m in dead}
+    assert details[b"b-5"] == b"identifiers.phone holds a value of type boolean"
+    assert details[b"b-1"] == b"line 1 column 2"
+    assert not any(b"example.com" in d for d in details.values())
 
     async def all_terminal() -> bool:
         store = await Store.connect(store_url)

@@ -15,6 +15,7 @@ from syncd.config import Config
 from syncd.members import MemberTable
 from syncd.model import Destination, SourceRef
 from syncd.source import KafkaSource, Message, OffsetTracker
+from syncd.transform import Refused
 from syncd.transform_pool import Transformer
 from tests.fakes import until
 
@@ -35,7 +36,7 @@ class FakeSource:
     def assigned(self) -> set[tuple[str, int]]:
         return {("t", 0)}
 
-    async def dead_letter(self, message: Message, reason: str) -> None:
+    async def dead_letter(self, message: Message, reason: str, detail: str = "") -> None:
         await self._send(message.value, reason, message.ref)
 
     async def _send(self, value: bytes | None, reason: str, ref: SourceRef) -> None:
@@ -64,7 +65,7 @@ async def test_an_event_is_acknowledged_only_after_the_broker_acknowledged_its_d
     source, tracker = FakeSource(failures=2), OffsetTracker()
     p = pipeline(source, tracker)
     message = Message(SourceRef("t", 0, 0), b"not json", 0)
-    p._dead_letter(message, "invalid_json")  # the path of an unusable event
+    p._dead_letter(message, Refused("invalid_json"))  # the path of an unusable event
     await until(lambda: source.attempts == 3, "two failed sends retried")
     assert tracker.pending() == 1  # failed twice, the third still waits for the broker
     assert tracker.committable().get(("t", 0), 0) == 0  # nothing past offset 0
@@ -79,7 +80,7 @@ async def test_a_cancelled_dead_letter_leaves_its_event_unacknowledged() -> None
     """The drain budget runs out at shutdown: the send is cancelled, nothing is committed."""
     source, tracker = FakeSource(), OffsetTracker()
     p = pipeline(source, tracker)
-    p._dead_letter(Message(SourceRef("t", 0, 0), b"x", 0), "invalid_json")
+    p._dead_letter(Message(SourceRef("t", 0, 0), b"x", 0), Refused("invalid_json"))
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(p.dead_letters_sent(), 0.05)  # as Daemon._drain does
     await until(lambda: not p._dead_letters, "the send cancelled")

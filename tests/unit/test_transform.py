@@ -25,7 +25,7 @@ from syncd import synth
 from syncd.localstack import child_processes, is_transform_worker
 from syncd.model import Action, Destination, Erase, MemberRecord
 from syncd.routing import RouteCounts
-from syncd.transform import FRAME_HEADER, PIPE_BYTES, Outcome, Spec, Transform
+from syncd.transform import FRAME_HEADER, PIPE_BYTES, Outcome, Refused, Spec, Transform
 from syncd.transform_pool import MAX_FRAME_BYTES, Transformer, TransformWorkerLost
 from tests.unit.test_events_canonical import events, json_values
 from tests.unit.test_events_segment import SEGMENT_FIELDS, hostile_segment
@@ -65,8 +65,8 @@ def test_outcomes_are_reasons_or_encoded_records_per_destination() -> None:
     )
     outcomes, counts = Transform(SPEC).run([event, b"{", None])
     first, not_json, empty = outcomes
-    assert not_json == "not_json"
-    assert isinstance(empty, str)
+    assert not_json == Refused("not_json", "line 1 column 2")
+    assert isinstance(empty, Refused)
     assert isinstance(first, list)
     assert [(index, record.action) for index, record in first] == [
         (0, Action.ADD),
@@ -90,7 +90,7 @@ def test_an_erase_event_is_the_erase_of_its_external_user_id() -> None:
     assert outcomes == [
         Erase(hashlib.sha256(b"p 4").hexdigest(), 1795341600.0),  # outside the API's pattern
         Erase("cdp-5", None),
-        "bad_erase",
+        Refused("bad_erase", "erase is string, not true"),
     ]
 
 
@@ -105,7 +105,7 @@ def test_an_identifiers_only_event_is_an_add_record_for_every_destination() -> N
         (1, Action.ADD, True),
     ]
     assert [orjson.loads(r.json)["countryCode"] for _, r in only] == ["US", "GB"]
-    assert unusable == "no_usable_identifier"
+    assert unusable == Refused("no_usable_identifier")
     assert counts.filtered == {}
 
 
@@ -119,13 +119,13 @@ def test_an_occurred_at_more_than_five_minutes_ahead_is_dead_lettered() -> None:
             orjson.dumps({"profile_id": "p", "erase": True, "occurred_at": ahead}),
         ]
     )
-    assert outcomes == ["bad_occurred_at"] * 3
+    assert [o.reason for o in outcomes if isinstance(o, Refused)] == ["bad_occurred_at"] * 3
 
 
 def assert_outcome(outcome: Outcome) -> None:
     """One of the three kinds: a reason, the erase of a member, or records per destination (an
     identifiers-only event's: ADDs, one per destination)."""
-    if isinstance(outcome, str | Erase):
+    if isinstance(outcome, Refused | Erase):
         return
     assert outcome
     for index, record in outcome:
@@ -159,7 +159,7 @@ def test_an_event_of_unknown_audiences_only_is_dead_lettered_not_also_filtered()
         {"profile_id": "p", "identifiers": {"email": "a@x.io"}, "audiences": {"add": ["nope"]}}
     )
     [outcome], counts = Transform(SPEC).run([event])
-    assert outcome == "unknown_audience"  # counted once, as a dead letter by its reason
+    assert outcome == Refused("unknown_audience")  # counted once, as a dead letter by its reason
     assert counts.filtered == {}
 
 
