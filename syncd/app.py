@@ -22,6 +22,7 @@ import functools
 import itertools
 import os
 import socket
+import time
 import uuid
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
@@ -32,7 +33,7 @@ from syncd.amazon.client import AmazonClient
 from syncd.audiences import AudienceWatcher
 from syncd.budget import Budget
 from syncd.config import Config
-from syncd.deliver import BlockLog, ConnectionSender, MemberFeed
+from syncd.deliver import BlockLog, ConnectionSender, MemberFeed, cancel_and_wait
 from syncd.errors import AmazonError, AuthError, RetryableError
 from syncd.jobs import MemberOutcomes, Poller
 from syncd.members import (
@@ -70,6 +71,9 @@ CLAIM_LEASE_S = 30.0
 # The start-up checks of the setup (and a blocked connection's checks again) are given up after
 # this: Amazon's retries through an outage must not hold the start back (nothing is blocked).
 SETUP_CHECK_TIMEOUT_S = 30.0
+# An SQLite write waits this long for another process's lock, then fails and is retried
+# (`persist`): a shutdown waits for one such statement at most, not the commands' 30 s.
+DAEMON_BUSY_TIMEOUT_S = 5.0
 
 
 class Pipeline:
@@ -414,7 +418,7 @@ class Daemon:
         cfg = self.cfg
         config_mod.require_credentials(cfg)
         config_mod.require_destinations(cfg)
-        store = await Store.connect(cfg.store.url)
+        store = await Store.connect(cfg.store.url, busy_timeout_s=DAEMON_BUSY_TIMEOUT_S)
         try:
             if await store.ensure_schema(auto_upgrade=cfg.store.auto_upgrade):
                 log.warning(  # expected once; else store.url may not name the store in use
@@ -540,7 +544,13 @@ class Daemon:
         halt_wait = asyncio.ensure_future(halt.wait())
         await asyncio.wait({stop_wait, halt_wait}, return_when=asyncio.FIRST_COMPLETED)
         halt.set()
-        await asyncio.wait({consume})  # a failure is in self.fatal already
+        drain_until = time.monotonic() + cfg.shutdown.drain_seconds
+        # the chunks read are recorded within the drain budget; a store that takes no write
+        # (down, locked) does not hold the shutdown: their events are not committed, so read again
+        await asyncio.wait({consume}, timeout=cfg.shutdown.drain_seconds)
+        if not consume.done():
+            log.warning("events not recorded within the drain budget; they will be read again")
+            await cancel_and_wait(consume)
         if isinstance(self.fatal, AuthError):
             # A restart cannot help until someone fixes the credentials: stay up, unready, and
             # quiet (no refresh loop against LwA) until told to stop.
@@ -552,7 +562,7 @@ class Daemon:
             # Shutdown, or a task failed (a bug, a broken worker): finish the POSTs under way
             # and store their jobs, then commit what is recorded and exit (1 after a failure,
             # so that the orchestrator restarts syncd).
-            await self._drain(feeds, senders, pipeline, cfg.shutdown.drain_seconds)
+            await self._drain(feeds, senders, pipeline, max(0.0, drain_until - time.monotonic()))
         poll_stop.set()
         for task in background:
             task.cancel()

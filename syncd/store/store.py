@@ -79,7 +79,9 @@ SCHEMA_REVISION: Final = "0008"
 _VERSION_TABLE = "alembic_version"
 _PG_ISOLATION = "READ COMMITTED"  # pinned: see the module docstring
 _MIGRATION_LOCK = 0x73796E6364  # pg_advisory_xact_lock key: "syncd" in hex
-_SQLITE_BUSY_TIMEOUT_MS = 30_000
+# how long an SQLite statement waits for another process's write lock: a command's writes are
+# not retried; the daemon's are (`persist`), so it waits less and is never held long by a lock
+SQLITE_BUSY_TIMEOUT_S = 30.0
 _PG_CONNECTION_LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:c))")
 _PG_NOW = text("SELECT CAST(extract(epoch FROM clock_timestamp()) AS double precision)")
 _PING_TIMEOUT_S = 5.0
@@ -159,7 +161,13 @@ def _current_revision(conn: Connection) -> str | None:
 class Store:
     """Async access to the store. Create with `await Store.connect(url)`, end with `close()`."""
 
-    def __init__(self, engine: AsyncEngine, *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        clock: Callable[[], float] | None = None,
+        busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S,
+    ) -> None:
         self._engine = engine
         self._clock = clock
         self._postgres = engine.dialect.name == "postgresql"
@@ -172,15 +180,22 @@ class Store:
         if not self._postgres:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="syncd-store-writer")
             self._sync_engine = create_engine(engine.url.set(drivername="sqlite"))
-            _configure_sqlite(self._sync_engine, time.sleep)
+            _configure_sqlite(self._sync_engine, time.sleep, busy_timeout_s)
 
     @classmethod
-    async def connect(cls, url: str, *, clock: Callable[[], float] | None = None) -> Store:
+    async def connect(
+        cls,
+        url: str,
+        *,
+        clock: Callable[[], float] | None = None,
+        busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S,
+    ) -> Store:
         """Open an engine for `url` (no I/O until first use). `clock` replaces the database's
-        clock, for tests."""
+        clock, for tests. `busy_timeout_s`: how long an SQLite statement waits for another
+        process's write lock before it fails ("database is locked")."""
         if url.startswith("sqlite"):
             engine = create_async_engine(url)
-            _configure_sqlite(engine.sync_engine, _sleep_in_greenlet)
+            _configure_sqlite(engine.sync_engine, _sleep_in_greenlet, busy_timeout_s)
         else:
             engine = create_async_engine(
                 url,
@@ -189,7 +204,7 @@ class Store:
                 pool_pre_ping=True,
                 isolation_level=_PG_ISOLATION,
             )
-        return cls(engine, clock=clock)
+        return cls(engine, clock=clock, busy_timeout_s=busy_timeout_s)
 
     async def close(self) -> None:
         await self._engine.dispose()
@@ -686,7 +701,9 @@ def _upgrade_to_head(connection: Connection) -> None:
     command.upgrade(cfg, "head")
 
 
-def _configure_sqlite(engine: Engine, sleep: Callable[[float], None]) -> None:
+def _configure_sqlite(
+    engine: Engine, sleep: Callable[[float], None], busy_timeout_s: float
+) -> None:
     """WAL, busy timeout, and SQLAlchemy (not the driver) in charge of BEGIN, so that writes
     take the lock up front (`BEGIN IMMEDIATE`) and reads see one snapshot (`BEGIN`). `sleep`
     waits between attempts to switch to WAL, as the engine's connections can."""
@@ -695,8 +712,8 @@ def _configure_sqlite(engine: Engine, sleep: Callable[[float], None]) -> None:
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
-        _enable_wal(cursor, sleep)
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        _enable_wal(cursor, sleep, busy_timeout_s)
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
 
@@ -706,11 +723,11 @@ def _configure_sqlite(engine: Engine, sleep: Callable[[float], None]) -> None:
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def _enable_wal(cursor: Any, sleep: Callable[[float], None]) -> None:
+def _enable_wal(cursor: Any, sleep: Callable[[float], None], busy_timeout_s: float) -> None:
     """Switch the file to WAL (persistent, so later connections find it done). Connections racing
     to switch a new file can get "database is locked" without SQLite's busy handler being asked,
     so retry for as long as the busy timeout."""
-    deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_MS / 1000
+    deadline = time.monotonic() + busy_timeout_s
     delay = 0.005
     while True:
         try:

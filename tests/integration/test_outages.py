@@ -4,6 +4,7 @@ stay bounded by backpressure, not grow with the backlog."""
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -308,3 +309,58 @@ def resident_mb(daemon: DaemonProcess) -> float:
         if line.startswith("VmHWM:"):  # peak resident set size
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmHWM in /proc status")
+
+
+async def test_sigterm_while_the_store_cannot_write_exits_within_the_drain_budget(
+    kafka: Any, tmp_path: Path
+) -> None:
+    """SIGTERM while syncd cannot record (another process holds SQLite's write lock, as an
+    outage would): it exits within its drain budget instead of waiting for the store, and
+    commits no offset of what it could not record; started again once the store is back, it
+    delivers everything."""
+    topic = f"term-locked-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=2)
+    first = list(synth.events(40, seed=71))
+    locked = list(synth.events(40, seed=72, id_prefix="locked-"))
+    await produce(kafka.bootstrap, topic, first)
+    async with running_sandbox(SandboxSettings(job_delay_s=0.2)) as sb:
+        raw = sqlite_daemon_config(
+            kafka.bootstrap, sb, topic, tmp_path, shutdown={"drain_seconds": 2}
+        )
+        group = raw["kafka"]["group_id"]
+        daemon = DaemonProcess(tmp_path, raw).start()
+
+        async def first_sent() -> bool:
+            daemon.check_alive()
+            return expected(first) <= delivered(sb)
+
+        await wait_for(first_sent, 60, "the events before the lock delivered")
+        first_ends = await end_offsets(kafka.bootstrap, topic)
+
+        async def first_committed() -> bool:
+            return await committed_offsets(kafka.bootstrap, topic, group) == first_ends
+
+        await wait_for(first_committed, 30, "the first events committed")
+        holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # the store takes no write from now on
+            await produce(kafka.bootstrap, topic, locked)
+
+            async def read_not_recorded() -> bool:
+                daemon.check_alive()
+                return await daemon.metric("syncd_events_consumed_total") >= len(first + locked)
+
+            await wait_for(read_not_recorded, 30, "the events after the lock read")
+            assert await daemon.terminate(timeout=30) == 0  # the lock is still held
+            assert await committed_offsets(kafka.bootstrap, topic, group) == first_ends
+        finally:
+            holder.rollback()
+            holder.close()
+        again = DaemonProcess(tmp_path, raw, name="again").start()
+
+        async def all_sent() -> bool:
+            again.check_alive()
+            return expected(first + locked) <= delivered(sb)
+
+        await wait_for(all_sent, 60, "every event delivered by the next run")
+        assert await again.terminate() == 0
