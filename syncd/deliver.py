@@ -609,6 +609,9 @@ class MemberFeed:
         self._target_types = target_types
         self._idle_s = idle_s
         self._held: set[Claim] = set()  # claimed and not yet stored as sent, refused or released
+        # accepted jobs whose row the store did not take yet (retried by the sender): nothing is
+        # claimed meanwhile, since their members' leases may have run out
+        self._unstored: set[str] = set()
         self._wake = asyncio.Event()
         self._claiming_done = asyncio.Event()
         self._waiting = metrics.MEMBER_CHANGES_WAITING.labels(connection_id)
@@ -675,6 +678,9 @@ class MemberFeed:
         return await self._batches(claims)
 
     async def _claim(self, limit: int) -> list[Claim]:
+        if self._unstored:  # its members would be claimed again, and sent twice
+            await asyncio.sleep(self._idle_s)
+            return []
         try:
             claims = await self._members.claim_due(
                 self._audience_ids, limit, self._lease_s, self._owner
@@ -733,9 +739,14 @@ class MemberFeed:
         # no longer renewed: a renewal racing this write would take the claims it settles for
         # lost ones (their token is cleared)
         self._held.difference_update(part.claims)
-        lost = await self._members.store_job(
-            part.claims, job, first_poll_after_s=self._first_poll_after_s
-        )
+        try:
+            lost = await self._members.store_job(
+                part.claims, job, first_poll_after_s=self._first_poll_after_s
+            )
+        except Exception:
+            self._unstored.add(job.job_request_id)
+            raise
+        self._unstored.discard(job.job_request_id)
         if lost:
             log.warning(
                 "job stored, but some members' claims were lost before its 202 was; the job "

@@ -23,7 +23,10 @@ log = get_logger("syncd.store")
 T = TypeVar("T")
 
 FIRST_PAUSE_S = 0.5
-MAX_PAUSE_S = 30.0
+# Short: once the store is back, a write held through the outage (a job row after its 202, a
+# terminal poll) lands within seconds, before the leases that ran out meanwhile let another
+# replica claim the same members or job.
+MAX_PAUSE_S = 5.0
 
 # PostgreSQL SQLSTATEs that a wait cures: classes 08 (connection exception), 53 (insufficient
 # resources: too many connections, disk full) and 57P (shutdown, crash, starting up), and the

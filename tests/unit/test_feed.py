@@ -15,6 +15,7 @@ from typing import Any, cast
 import orjson
 import pytest
 import structlog
+from sqlalchemy.exc import OperationalError
 
 from syncd.app import MAX_CHUNKS, Pipeline
 from syncd.config import Config
@@ -241,6 +242,37 @@ async def test_a_renewal_racing_a_stored_job_takes_no_claim_for_lost(
     await running.shutdown()
     assert [e["event"] for e in logs if "lost" in e["event"]] == []
     assert {await job_of(table, u) for u in ("u1", "u2")} != {None}
+
+
+async def test_a_job_row_waiting_for_the_store_keeps_its_members_from_being_claimed_again(
+    table: MemberTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store outage longer than the claim lease, just after a 202: the store comes back to
+    claims before the job row's retry lands. The feed claims nothing while a job row of its
+    waits, so the members Amazon accepted are not POSTed a second time."""
+    outage, failures, stored = True, 0, 0
+    store_job = table.store_job
+
+    async def store_job_after_outage(*args: Any, **kwargs: Any) -> list[Claim]:
+        nonlocal failures, stored
+        if outage:
+            failures += 1
+            raise OperationalError(
+                "INSERT INTO jobs", {}, Exception("server closed the connection")
+            )
+        lost = await store_job(*args, **kwargs)
+        stored += 1
+        return lost
+
+    monkeypatch.setattr(table, "store_job", store_job_after_outage)
+    amazon, dead = Amazon(), DeadLetters()
+    await add_members(table, "u1", "u2")
+    running = start(table, amazon, dead, lease_s=0.2)
+    await until(lambda: failures >= 2, "the job row retried past the claims' lease")
+    outage = False
+    await until(lambda: stored >= 1 and running.feed.held == 0, "the job row stored")
+    await running.shutdown()
+    assert sorted(u for ids in amazon.accepted for u in ids) == ["u1", "u2"]
 
 
 async def test_a_blocked_connection_keeps_its_claims_renewed_and_loses_nothing(
