@@ -301,14 +301,15 @@ def dead_letter_value(
     audience: str, audience_id: int, external_user_id: str, action: str, record: bytes | None
 ) -> bytes:
     """A member dead letter's value: {"audience", "audience_id", "externalUserId", "action",
-    "record"} with the hashed record (null when the member changed since it was sent)."""
+    "record"} with the hashed record (null when the member changed since it was sent), without
+    its consent IP: a dead letter outlives the change that carried it."""
     return orjson.dumps(
         {
             "audience": audience,
             "audience_id": audience_id,
             "externalUserId": external_user_id,
             "action": (Action.ADD if action == ADD else Action.REMOVE).value,
-            "record": None if record is None else orjson.Fragment(record),
+            "record": None if record is None else orjson.Fragment(without_consent_ip(record)),
         }
     )
 

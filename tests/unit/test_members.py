@@ -21,6 +21,7 @@ from syncd.members import (
     MemberChange,
     MemberTable,
     RecordCounts,
+    dead_letter_value,
     delete_record,
     member_change,
     without_consent_ip,
@@ -940,3 +941,14 @@ async def test_members_sent_together_forget_only_the_ips_they_carried(table: Mem
         stored = await stored_record(table, euid)
         assert stored == without_consent_ip(record)
         assert (stored == record) == (b"203.0.113.7" not in record)
+
+
+def test_a_member_dead_letter_holds_the_hashed_record_without_the_consent_ip() -> None:
+    """A dead letter outlives the change in the topic: the consent IP (personal data, kept only
+    until its change is accepted) stays out of it; the rest of the record is as it was sent."""
+    consent = Consent(amzn_user_data="GRANTED", ip_address="203.0.113.77")
+    record = member_record("u1", "FR", Action.ADD, [{"email": sha("a@x.io")}], consent)
+    value = orjson.loads(dead_letter_value("vip", 7, "u1", ADD, record.json))
+    assert b"203.0.113.77" not in orjson.dumps(value)
+    assert value["record"] == orjson.loads(without_consent_ip(record.json))
+    assert value["record"]["userConsent"]["geo"] == {"countryCode": "FR"}
