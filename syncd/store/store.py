@@ -179,7 +179,9 @@ class Store:
         self._sync_engine: Engine | None = None
         if not self._postgres:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="syncd-store-writer")
-            self._sync_engine = create_engine(engine.url.set(drivername="sqlite"))
+            self._sync_engine = create_engine(
+                engine.url.set(drivername="sqlite"), hide_parameters=True
+            )
             _configure_sqlite(self._sync_engine, time.sleep, busy_timeout_s)
 
     @classmethod
@@ -194,7 +196,7 @@ class Store:
         clock, for tests. `busy_timeout_s`: how long an SQLite statement waits for another
         process's write lock before it fails ("database is locked")."""
         if url.startswith("sqlite"):
-            engine = create_async_engine(url)
+            engine = create_async_engine(url, hide_parameters=True)
             _configure_sqlite(engine.sync_engine, _sleep_in_greenlet, busy_timeout_s)
         else:
             engine = create_async_engine(
@@ -203,6 +205,7 @@ class Store:
                 max_overflow=10,
                 pool_pre_ping=True,
                 isolation_level=_PG_ISOLATION,
+                hide_parameters=True,  # an error names the statement, never the values (PII)
             )
         return cls(engine, clock=clock, busy_timeout_s=busy_timeout_s)
 

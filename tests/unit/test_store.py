@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, insert, inspect, select, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from syncd import cli
 from syncd.amazon.api import InvalidRecord, JobStatus
@@ -684,3 +685,19 @@ async def test_a_blocked_connection_is_recorded_with_its_cause_and_since_until_i
     assert await store.blocked("c1") is None
     await store.set_blocked("c1", "")  # opening an open one changes nothing
     assert await store.blocked("c1") is None
+
+
+async def test_a_failed_statement_names_no_parameter_in_its_error(store: Store) -> None:
+    """Store errors are logged (repr, truncated): the values a statement carried (hashes, a
+    consent IP) must not be in them; SQLAlchemy puts them there unless told not to."""
+    secret = "canary-203.0.113.9"
+    bad = text("INSERT INTO no_such_table (x) VALUES (:x)")
+    with pytest.raises(DBAPIError) as written:
+        await store.run_write(lambda conn, now: conn.execute(bad, {"x": secret}))
+    assert "no_such_table" in str(written.value)
+    assert secret not in str(written.value)
+    assert secret not in repr(written.value)
+    async with store._read() as conn:
+        with pytest.raises(DBAPIError) as read:
+            await conn.execute(text("SELECT x FROM no_such_table WHERE x = :x"), {"x": secret})
+    assert secret not in str(read.value)
