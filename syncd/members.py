@@ -407,6 +407,18 @@ def _differs() -> ColumnElement[bool]:
     )
 
 
+def _an_erase() -> ColumnElement[bool]:
+    """The member's desired state is its erase: a REMOVE not newer than its tombstone."""
+    return and_(
+        m.c.action == REMOVE,
+        exists().where(
+            t.c.audience_id == m.c.audience_id,
+            t.c.external_user_id == m.c.external_user_id,
+            t.c.erased_at >= m.c.occurred_at,
+        ),
+    )
+
+
 def _claimable(now: float) -> ColumnElement[bool]:
     return and_(
         m.c.due_since.is_not(None),
@@ -1033,7 +1045,8 @@ class MemberTable:
                 )
                 result.confirmed = int(confirmed.rowcount)
             elif outcome == FAILED:
-                exhausted = and_(m.c.attempts + 1 >= max_attempts, ~_differs())
+                # an erase's DELETE is retried for as long as it fails: never given up
+                exhausted = and_(m.c.attempts + 1 >= max_attempts, ~_differs(), ~_an_erase())
                 rows = conn.execute(
                     update(m)
                     .where(of_job, exhausted)
@@ -1081,12 +1094,7 @@ class MemberTable:
         not newer than the tombstone). No tombstone, the usual case: nothing to scan."""
         if conn.execute(select(t.c.audience_id).limit(1)).first() is None:
             return 0
-        erased = exists().where(
-            t.c.audience_id == m.c.audience_id,
-            t.c.external_user_id == m.c.external_user_id,
-            t.c.erased_at >= m.c.occurred_at,
-        )
-        result = conn.execute(delete(m).where(of_job, m.c.action == REMOVE, ~_differs(), erased))
+        result = conn.execute(delete(m).where(of_job, ~_differs(), _an_erase()))
         return int(result.rowcount)
 
     # -- TTL refresh -----------------------------------------------------------------------------

@@ -635,6 +635,25 @@ async def test_erase_while_a_job_is_pending_waits_for_it(table: MemberTable) -> 
     assert (await table.apply_job_outcome("job-2", "SUCCEEDED")).erased == 1
 
 
+async def test_an_erase_whose_delete_keeps_failing_is_retried_past_the_attempt_limit(
+    table: MemberTable,
+) -> None:
+    """A failed erase is retried (the contract): unlike a change, an erase's DELETE is never
+    given up after `max_attempts` FAILED jobs, since the profile would stay in the audience."""
+    await table.record_changes([change()])
+    await send(table)
+    await table.apply_job_outcome("job-1", "SUCCEEDED")
+    await table.erase(["u1"], [A1], occurred_at=T0 + 1, position=0)
+    for attempt in range(4):
+        [claim] = await send(table, job=f"del-{attempt}")
+        assert claim.action == REMOVE
+        outcome = await table.apply_job_outcome(f"del-{attempt}", "FAILED", max_attempts=2)
+        assert outcome.dead == []
+    [claim] = await send(table, job="del-ok")
+    assert (await table.apply_job_outcome("del-ok", "SUCCEEDED")).erased == 1
+    assert await table.member(A1, "u1") is None
+
+
 async def test_tombstone_keeps_while_its_delete_waits(table: MemberTable, clock: FakeClock) -> None:
     await table.record_changes([change()])
     await table.erase(["u1"], [A1], occurred_at=T0 + 1, position=0)
