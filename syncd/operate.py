@@ -446,12 +446,17 @@ def _waiting(
         why.append(f"Amazon refused it ({member.reason}): not sent again until it changes")
     elif member.outcome == FAILED:
         why.append(
-            f"its sends failed {member.attempts} times ({member.reason}): dead-lettered, "
+            f"its sends failed {member.attempts} times{_last(member.reason)}: dead-lettered, "
             "not sent again until it changes"
         )
     if member.due_since is not None and member.attempts:
-        why.append(f"{member.attempts} failed attempts so far (last: {member.reason})")
+        why.append(f"{member.attempts} failed attempts so far{_last(member.reason)}")
     return why
+
+
+def _last(reason: str | None) -> str:
+    """Amazon's last reason, when it gave one (a FAILED job may carry none)."""
+    return f" (last: {reason})" if reason else ""
 
 
 def _budget_note(budget: BudgetUse) -> str:

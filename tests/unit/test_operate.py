@@ -351,6 +351,11 @@ async def test_show_says_why_a_member_waits_after_a_refusal_or_failures(
     assert failing["desired"]["action"] == "remove"
     assert failing["erased_at"] == "2027-01-15T08:00:06Z"
     assert failing["waiting"][-1] == "1 failed attempts so far (last: server_error)"
+    claims = await table.claim_due([A1], 10, 60, "s")
+    await table.mark_sent(claims, "job-3")
+    await table.apply_job_outcome("job-3", "FAILED")  # Amazon gave no reason
+    failing = await show(store, "flaky")
+    assert failing["waiting"][-1] == "2 failed attempts so far"
 
 
 async def test_show_finds_a_profile_by_the_external_user_id_ingest_gives_it(
