@@ -6,7 +6,9 @@ Loading order: built-in defaults <- TOML file <- `<key>_file` secrets <- environ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -26,6 +28,7 @@ from syncd.vocabulary import Region
 
 SECRET_KEYS = frozenset({"client_secret", "refresh_token", "sasl_password", "password"})
 MAX_RECORDS_PER_POST = 6000
+DAY_S = 86400.0
 MAX_AUDIENCE_ID = 2**63 - 1  # a signed 64-bit integer: the store's BIGINT and every JSON encoder
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 
@@ -278,15 +281,16 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         elif isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ConfigError(key, f"must be an integer, got {_show(key, value)}")
-    if hint is float:
+    if hint is float:  # never inf or nan: a duration or a fraction is finite
+        number: float | None = None
         if from_env:
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                number = float(value.strip())
         elif isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(key, f"must be a number, got {_show(key, value)}")
+            number = float(value)
+        if number is not None and math.isfinite(number):
+            return number
+        raise ConfigError(key, f"must be a finite number, got {_show(key, value)}")
     if hint is str:
         if isinstance(value, str):
             return str(value)
@@ -432,7 +436,10 @@ def _validate(cfg: Config) -> None:
     need(k.max_pending_events >= 1, "kafka.max_pending_events", "must be >= 1")
     need(k.commit_interval_ms >= 1, "kafka.commit_interval_ms", "must be >= 1")
     need(a.region in tuple(Region), "amazon.region", f"must be one of {', '.join(Region)}")
-    need(a.request_timeout_s > 0, "amazon.request_timeout_s", "must be > 0")
+    for key in ("request_timeout_s", "max_retry_time_s"):
+        need(0 < getattr(a, key) <= DAY_S, f"amazon.{key}", f"must be > 0 and at most {DAY_S:g}")
+    for key in ("backoff_base_s", "backoff_max_s"):
+        need(getattr(a, key) >= 0, f"amazon.{key}", "must be >= 0")
     need(a.max_attempts >= 1, "amazon.max_attempts", "must be >= 1")
     need(a.max_concurrency >= 1, "amazon.max_concurrency", "must be >= 1")
     need(
@@ -463,21 +470,13 @@ def _validate(cfg: Config) -> None:
     need(cfg.poll.max_job_age_s > 0, "poll.max_job_age_s", "must be > 0")
     need(cfg.poll.concurrency >= 1, "poll.concurrency", "must be >= 1")
     need(cfg.poll.claim_batch >= 1, "poll.claim_batch", "must be >= 1")
-    need(
-        0 < cfg.poll.retention_days < float("inf"),
-        "poll.retention_days",
-        "must be a number of days > 0 (and finite)",
-    )
+    need(cfg.poll.retention_days > 0, "poll.retention_days", "must be a number of days > 0")
     need(
         cfg.members.refresh_at == 0 or 0 < cfg.members.refresh_at < 1,
         "members.refresh_at",
         "must be 0 (never refresh) or a fraction of the ttl between 0 and 1 (exclusive)",
     )
-    need(
-        0 < cfg.members.tombstone_days < float("inf"),
-        "members.tombstone_days",
-        "must be a number of days > 0 (and finite)",
-    )
+    need(cfg.members.tombstone_days > 0, "members.tombstone_days", "must be a number of days > 0")
     host, sep, port = cfg.http.listen.rpartition(":")
     need(
         bool(sep) and bool(host) and port.isdigit() and int(port) < 65536,

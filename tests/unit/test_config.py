@@ -1,3 +1,4 @@
+import dataclasses
 import re
 from pathlib import Path
 
@@ -338,3 +339,52 @@ def test_kafka_reads_committed_messages_by_default() -> None:
     for bad in ("READ_COMMITTED", "committed", ""):
         with pytest.raises(ConfigError, match=r"kafka\.isolation_level.*read_committed"):
             config.from_mapping({"kafka": {"isolation_level": bad}})
+
+
+FLOAT_KEYS = [
+    (section.name, key.name)
+    for section in dataclasses.fields(config.Config)
+    if section.name != "destinations"
+    for key in dataclasses.fields(getattr(config.Config(), section.name))
+    if key.type == "float"
+]
+
+
+@pytest.mark.parametrize(("section", "key"), FLOAT_KEYS, ids=[f"{s}.{k}" for s, k in FLOAT_KEYS])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_every_float_key_refuses_a_non_finite_value(section: str, key: str, value: float) -> None:
+    """inf or nan in any float key (TOML or env) is refused naming the key: an infinite
+    max_retry_time_s, say, kept an unanswered POST's budget reservation for ever."""
+    env = {f"SYNCD_{section}__{key}".upper(): str(value)}
+    for raw, environ in (({section: {key: value}}, {}), ({}, env)):
+        with pytest.raises(ConfigError) as err:
+            config.from_mapping(raw, environ)
+        assert err.value.key == f"{section}.{key}"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("request_timeout_s", 0),
+        ("request_timeout_s", 86401),
+        ("max_retry_time_s", 0),
+        ("max_retry_time_s", -1),
+        ("max_retry_time_s", 86401),
+        ("backoff_base_s", -0.5),
+        ("backoff_max_s", -1),
+    ],
+)
+def test_amazon_timing_keys_are_bounded(key: str, value: float) -> None:
+    """Negative backoff passed check-config and crashed later in RetryPolicy."""
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping({"amazon": {key: value}})
+    assert err.value.key == f"amazon.{key}"
+
+
+def test_amazon_timing_keys_accept_their_bounds() -> None:
+    from syncd.amazon.retry import RetryPolicy
+
+    amazon = {"request_timeout_s": 86400, "max_retry_time_s": 86400, "backoff_base_s": 0}
+    cfg = config.from_mapping({"amazon": {**amazon, "backoff_max_s": 0}})
+    RetryPolicy.from_config(cfg.amazon)  # what every Amazon-talking command builds
+    assert cfg.amazon.post_flight_s == 2 * 86400
