@@ -1,7 +1,8 @@
 """Typed, frozen configuration, one dataclass per TOML section.
 
-Loading order: built-in defaults <- TOML file <- `<key>_file` secrets <- environment
-`SYNCD_<SECTION>__<KEY>`. Unknown sections or keys are errors, and every error names the key.
+Loading order: built-in defaults <- TOML file <- `<key>_file` secrets (string keys only) <-
+environment `SYNCD_<SECTION>__<KEY>`, whatever the order of the keys. Unknown sections or keys are
+errors, and every error names the key.
 """
 
 from __future__ import annotations
@@ -236,19 +237,31 @@ class _EnvText(str):
 
 def _build_section(name: str, cls: type[Any], values: Mapping[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
+    files: dict[str, Any] = {}
     for key, value in values.items():
-        if key.endswith("_file") and key[: -len("_file")] in known:
-            target = key[: -len("_file")]
-            kwargs[target] = _read_secret_file(f"{name}.{key}", value)
-            continue
-        if key not in known:
-            raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
-        if key in kwargs and value == "":  # a *_file set it; an empty explicit value is unset
-            continue
-        kwargs[key] = _coerce(f"{name}.{key}", hints[key], value)
+        target = key.removesuffix("_file")
+        if target != key and target in hints:
+            files[target] = value
+        elif key in hints:
+            kwargs[key] = _coerce(f"{name}.{key}", hints[key], value)
+        else:
+            raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(sorted(hints))})")
+    for key, path in files.items():
+        kwargs[key] = _from_file(name, key, hints[key], values.get(key, ""), path)
     return cls(**kwargs)
+
+
+def _from_file(section: str, key: str, hint: Any, value: Any, path: Any) -> Any:
+    """`<key>_file`, given beside `value` (the key's own, "" if unset). Precedence: an inline
+    TOML value < the file < an environment override; an empty value is a placeholder."""
+    if hint is not str:
+        raise ConfigError(f"{section}.{key}_file", "only a string key can be read from a file")
+    if value and isinstance(value, _EnvText) == isinstance(path, _EnvText):
+        raise ConfigError(f"{section}.{key}", f"is given both inline and by {key}_file")
+    if value and isinstance(value, _EnvText):
+        return str(value)
+    return _read_secret_file(f"{section}.{key}_file", path)
 
 
 def _read_secret_file(key: str, value: Any) -> str:

@@ -388,3 +388,48 @@ def test_amazon_timing_keys_accept_their_bounds() -> None:
     cfg = config.from_mapping({"amazon": {**amazon, "backoff_max_s": 0}})
     RetryPolicy.from_config(cfg.amazon)  # what every Amazon-talking command builds
     assert cfg.amazon.post_flight_s == 2 * 86400
+
+
+def test_secret_file_precedence_is_inline_then_file_then_env(tmp_path: Path) -> None:
+    """Inline TOML value < `<key>_file` < environment, whatever the order of the keys."""
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    path = str(secret)
+    env = {"SYNCD_AMAZON__CLIENT_SECRET": "from-env"}
+    for amazon in ({"client_secret_file": path}, {"client_secret": "", "client_secret_file": path}):
+        for ordered in (amazon, dict(reversed(amazon.items()))):
+            assert config.from_mapping({"amazon": ordered}).amazon.client_secret == "from-file"
+            assert config.from_mapping({"amazon": ordered}, env).amazon.client_secret == "from-env"
+    env_file = {"SYNCD_AMAZON__CLIENT_SECRET_FILE": path}
+    inline = {"amazon": {"client_secret": "inline"}}
+    assert config.from_mapping(inline, env_file).amazon.client_secret == "from-file"
+
+
+def test_a_secret_given_inline_and_by_file_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("from-file")
+    both = {"client_secret": "inline", "client_secret_file": str(secret)}
+    for amazon in (both, dict(reversed(both.items()))):
+        with pytest.raises(ConfigError) as err:
+            config.from_mapping({"amazon": amazon})
+        assert err.value.key == "amazon.client_secret"
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("batch", "max_records"),
+        ("kafka", "topics"),
+        ("store", "auto_upgrade"),
+        ("poll", "first_delay_s"),
+    ],
+)
+def test_only_string_keys_are_read_from_a_file(tmp_path: Path, section: str, key: str) -> None:
+    """`<key>_file` is for secrets: a number, list or boolean read from one was never
+    converted (max_records a str, topics subscribed char by char, "false" truthy)."""
+    text = tmp_path / "value"
+    text.write_text("5")
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping({section: {f"{key}_file": str(text)}})
+    assert err.value.key == f"{section}.{key}_file"
+    assert config.from_mapping({"kafka": {"group_id_file": str(text)}}).kafka.group_id == "5"
