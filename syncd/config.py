@@ -183,9 +183,7 @@ def load(path: str | Path | None, environ: Mapping[str, str] | None = None) -> C
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError("--config", f"file not found: {path}") from None
+            raw = tomllib.loads(_read_text("--config", path))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", f"not valid TOML: {exc}") from None
     return from_mapping(raw, os.environ if environ is None else environ)
@@ -267,10 +265,19 @@ def _from_file(section: str, key: str, hint: Any, value: Any, path: Any) -> Any:
 def _read_secret_file(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(key, "must be a file path")
+    return _read_text(key, value).strip()
+
+
+def _read_text(key: str, path: str | Path) -> str:
+    """A UTF-8 text file (a byte order mark is dropped); a ConfigError naming `key` if not."""
     try:
-        return Path(value).read_text(encoding="utf-8").strip()
+        return Path(path).read_bytes().decode("utf-8-sig")
     except OSError as exc:
-        raise ConfigError(key, f"cannot read secret file: {exc.strerror}") from None
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            key, f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:

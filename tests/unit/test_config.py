@@ -433,3 +433,27 @@ def test_only_string_keys_are_read_from_a_file(tmp_path: Path, section: str, key
         config.from_mapping({section: {f"{key}_file": str(text)}})
     assert err.value.key == f"{section}.{key}_file"
     assert config.from_mapping({"kafka": {"group_id_file": str(text)}}).kafka.group_id == "5"
+
+
+def test_an_unreadable_config_file_names_the_flag(tmp_path: Path) -> None:
+    """Not UTF-8, or a directory: a ConfigError naming --config, never a traceback."""
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[kafka]\ngroup_id = "caf\u00e9"\n'.encode("latin-1"))
+    for path in (latin1, tmp_path):
+        with pytest.raises(ConfigError) as err:
+            config.load(path, environ={})
+        assert err.value.key == "--config"
+
+
+def test_a_config_file_may_start_with_a_utf8_bom(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + '[kafka]\ngroup_id = "caf\u00e9"\n'.encode())
+    assert config.load(path, environ={}).kafka.group_id == "caf\u00e9"
+
+
+def test_a_secret_file_that_is_not_utf8_names_the_key(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes("s\u00e9cret".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping({"amazon": {"client_secret_file": str(secret)}})
+    assert err.value.key == "amazon.client_secret_file"
