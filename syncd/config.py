@@ -268,12 +268,18 @@ def _read_secret_file(key: str, value: Any) -> str:
     return _read_text(key, value).strip()
 
 
+def _read_bytes(key: str, path: str | Path) -> bytes:
+    """The file named by `key`; a ConfigError naming `key` if it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+
+
 def _read_text(key: str, path: str | Path) -> str:
     """A UTF-8 text file (a byte order mark is dropped); a ConfigError naming `key` if not."""
     try:
-        return Path(path).read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+        return _read_bytes(key, path).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(
             key, f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
@@ -427,7 +433,16 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(key, problem)
 
     k, a, b = cfg.kafka, cfg.amazon, cfg.batch
-    need(bool(k.topics), "kafka.topics", "must name at least one topic")
+    need(
+        all(s.strip() for s in k.bootstrap_servers.split(",")),
+        "kafka.bootstrap_servers",
+        "must be HOST:PORT[,HOST:PORT...], none blank",
+    )
+    need(
+        bool(k.topics) and all(t.strip() for t in k.topics),
+        "kafka.topics",
+        "must name at least one topic, none blank",
+    )
     need(
         k.auto_offset_reset in ("earliest", "latest"),
         "kafka.auto_offset_reset",
@@ -455,6 +470,11 @@ def _validate(cfg: Config) -> None:
     )
     need(k.max_pending_events >= 1, "kafka.max_pending_events", "must be >= 1")
     need(k.commit_interval_ms >= 1, "kafka.commit_interval_ms", "must be >= 1")
+    need(k.max_message_bytes >= 1, "kafka.max_message_bytes", "must be >= 1")
+    if k.security_protocol in ("SSL", "SASL_SSL"):  # the files syncd/source/connection.py opens
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(k, key):
+                _read_bytes(f"kafka.{key}", getattr(k, key))
     need(a.region in tuple(Region), "amazon.region", f"must be one of {', '.join(Region)}")
     for key in ("request_timeout_s", "max_retry_time_s"):
         need(0 < getattr(a, key) <= DAY_S, f"amazon.{key}", f"must be > 0 and at most {DAY_S:g}")

@@ -161,7 +161,8 @@ def test_pod_is_locked_down_and_probed(chart: helm.Chart, values: dict[str, Any]
 def test_rendered_config_loads_in_syncd(
     chart: helm.Chart, values: dict[str, Any], tmp_path: Path
 ) -> None:
-    """The ConfigMap is a config syncd accepts once the secret files exist where it points."""
+    """The ConfigMap is a config syncd accepts once the secret files (and the Kafka TLS files,
+    from volumes the pod mounts) exist where it points."""
     docs = render(chart, values)
     raw = config_toml(docs)
     pod = only(docs, "Deployment")["spec"]["template"]["spec"]
@@ -179,6 +180,13 @@ def test_rendered_config_loads_in_syncd(
                 local = tmp_path / Path(path).name
                 local.write_text(contents[local.name])
                 section[key] = str(local)
+    mounts = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):  # syncd reads them at load
+        if path := raw.get("kafka", {}).get(key):
+            assert any(path.startswith(m + "/") for m in mounts), path
+            local = tmp_path / key
+            local.write_text("-----BEGIN CERTIFICATE-----\n")
+            raw["kafka"][key] = str(local)
     cfg = syncd_config.from_mapping(raw, environ={})
     assert cfg.amazon.client_secret == "lwa-secret"
     assert cfg.amazon.refresh_token == "Atzr|token"

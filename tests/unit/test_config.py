@@ -78,6 +78,12 @@ def test_audience_id_keeps_all_18_digits() -> None:
         ({"poll": {"retention_days": 0}}, "poll.retention_days"),
         ({"poll": {"retention_days": float("nan")}}, "poll.retention_days"),
         ({"poll": {"retention_days": float("inf")}}, "poll.retention_days"),
+        ({"kafka": {"max_message_bytes": 0}}, "kafka.max_message_bytes"),
+        ({"kafka": {"topics": ["a", ""]}}, "kafka.topics"),
+        ({"kafka": {"topics": [" "]}}, "kafka.topics"),
+        ({"kafka": {"bootstrap_servers": ""}}, "kafka.bootstrap_servers"),
+        ({"kafka": {"bootstrap_servers": " "}}, "kafka.bootstrap_servers"),
+        ({"kafka": {"bootstrap_servers": "a:9092,,b:9092"}}, "kafka.bootstrap_servers"),
     ],
 )
 def test_errors_name_the_key(raw: dict[str, object], key: str) -> None:
@@ -457,3 +463,19 @@ def test_a_secret_file_that_is_not_utf8_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         config.from_mapping({"amazon": {"client_secret_file": str(secret)}})
     assert err.value.key == "amazon.client_secret_file"
+
+
+@pytest.mark.parametrize("key", ["ssl_cafile", "ssl_certfile", "ssl_keyfile"])
+def test_a_tls_file_kafka_cannot_read_names_the_key(tmp_path: Path, key: str) -> None:
+    """A missing ssl_cafile passed check-config; `syncd run` then crashed (FileNotFoundError)."""
+    pem = tmp_path / "x.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    for protocol in ("SSL", "SASL_SSL"):
+        kafka = {"security_protocol": protocol, key: str(pem)}
+        assert getattr(config.from_mapping({"kafka": kafka}).kafka, key) == str(pem)
+        for bad in (tmp_path / "missing.pem", tmp_path):
+            with pytest.raises(ConfigError) as err:
+                config.from_mapping({"kafka": {**kafka, key: str(bad)}})
+            assert err.value.key == f"kafka.{key}"
+    unused = {"security_protocol": "PLAINTEXT", key: str(tmp_path / "missing.pem")}
+    config.from_mapping({"kafka": unused})  # plaintext never opens it
