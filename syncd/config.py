@@ -7,6 +7,7 @@ errors, and every error names the key.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import math
@@ -340,6 +341,16 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if isinstance(hint, types.UnionType):  # pragma: no cover - no optional fields today
         return value
     raise ConfigError(key, f"unsupported type {hint!r}")  # pragma: no cover
+
+
+def amazon_id(text: str) -> int:
+    """An audience or advertiser id given on the command line (an argparse type): the range
+    `destinations[].audience_id` allows, 1..MAX_AUDIENCE_ID."""
+    if not (text.isascii() and text.isdigit() and 0 < int(text) <= MAX_AUDIENCE_ID):
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer up to {MAX_AUDIENCE_ID}, got {text!r}"
+        )
+    return int(text)
 
 
 def _show(key: str, value: Any) -> str:

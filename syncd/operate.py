@@ -69,7 +69,9 @@ def add_parser(sub: Any) -> None:
         "again.",
     )
     purge.add_argument("--config", required=True, help="TOML config file")
-    purge.add_argument("--audience-id", required=True, type=_audience_id, help="the audience_id")
+    purge.add_argument(
+        "--audience-id", required=True, type=config_mod.amazon_id, help="the audience_id"
+    )
     purge.add_argument("--yes", action="store_true", help="really delete the rows")
     purge.set_defaults(func=_cmd_purge)
 
@@ -85,12 +87,6 @@ def add_status_parser(audiences: Any) -> None:
     status.add_argument("--config", required=True, help="TOML config file")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_cmd_status)
-
-
-def _audience_id(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(text)
 
 
 def _print_json(doc: Any) -> None:

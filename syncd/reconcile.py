@@ -25,6 +25,7 @@ import asyncio
 import codecs
 import contextlib
 import csv
+import math
 import sqlite3
 import sys
 import tempfile
@@ -740,8 +741,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
     return value
 
 

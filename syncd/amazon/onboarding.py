@@ -51,15 +51,15 @@ def add_parser(sub: Any) -> None:
     acreate.add_argument("--name", required=True, help="10..128 alphanumeric characters")
     target = acreate.add_mutually_exclusive_group(required=True)
     target.add_argument("--connection-id")
-    target.add_argument("--advertiser-id", type=_positive_int)
+    target.add_argument("--advertiser-id", type=config_mod.amazon_id)
     acreate.add_argument("--description")
     acreate.add_argument("--country-code", help="ISO 3166-1 alpha-2, e.g. US")
     acreate.add_argument("--external-audience-id")
     acreate.add_argument("--ttl", type=_ttl, help=f"seconds, 0..{TTL_MAX_SECONDS}")
     get = _command(auds, "get", "show an audience (incl. metadata.audienceSize)", _audiences_get)
-    get.add_argument("audience_id", type=_positive_int)
+    get.add_argument("audience_id", type=config_mod.amazon_id)
     update = _command(auds, "update", "update description and/or ttl", _audiences_update)
-    update.add_argument("audience_id", type=_positive_int)
+    update.add_argument("audience_id", type=config_mod.amazon_id)
     update.add_argument("--description")
     update.add_argument("--ttl", type=_ttl, help=f"seconds, 0..{TTL_MAX_SECONDS}")
     add_status_parser(auds)  # reads the store too: syncd/operate.py
@@ -75,12 +75,6 @@ def _command(group: Any, name: str, help_text: str, action: Action) -> argparse.
     parser.add_argument("--config", required=True, help="syncd TOML config (credentials)")
     parser.set_defaults(func=lambda args: _main(args, action))
     return parser
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(text)
 
 
 def _ttl(text: str) -> int:

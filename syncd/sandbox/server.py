@@ -66,6 +66,12 @@ _TYPES: dict[str, Callable[[str], Any]] = {
 }
 
 
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"must be a port, 0..65535, got {text!r}")
+    return int(text)
+
+
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "sandbox",
@@ -73,7 +79,7 @@ def add_parser(sub: Any) -> None:
         description="A strict local emulator of the Amazon Ads Advertiser audiences API.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8080, help="port to bind (0: a free port)")
+    parser.add_argument("--port", type=_port, default=8080, help="port to bind (0: a free port)")
     for f in dataclasses.fields(SandboxSettings):
         help_text = f.metadata.get("help", "")
         if f.type == "bool":

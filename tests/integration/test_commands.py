@@ -115,6 +115,41 @@ def test_check_config_names_a_bad_key_and_exits_2(tmp_path: Path) -> None:
     assert "batch.max_rec" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "flag", "value"),
+    [
+        (["members", "purge", "--yes", "--config"], "--audience-id", "99999999999999999999"),
+        (["members", "purge", "--yes", "--config"], "--audience-id", str(2**63)),
+        (["audiences", "get", "--config"], "audience_id", "99999999999999999999"),
+        (["audiences", "update", "--ttl", "5", "--config"], "audience_id", str(2**63)),
+        (["audiences", "create", "--name", "n", "--config"], "--advertiser-id", str(2**63)),
+        (
+            ["reconcile", "--audience", "a", "--snapshot", "s", "--wait", "--config"],
+            "--timeout",
+            "nan",
+        ),
+        (
+            ["reconcile", "--audience", "a", "--snapshot", "s", "--wait", "--config"],
+            "--timeout",
+            "inf",
+        ),
+        (["sandbox", "--host"], "--port", "99999"),
+    ],
+)
+def test_numeric_flags_out_of_range_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], flag: str, value: str
+) -> None:
+    """An id past a signed 64-bit integer (what the config's audience_id allows), a timeout
+    that is not a finite number or a port past 65535 is exit 2 naming the flag: purge raised
+    OverflowError, so did sandbox --port."""
+    from syncd import cli
+
+    argv = [*command, str(write_config(tmp_path)) if command[-1] == "--config" else "127.0.0.1"]
+    argv += [value] if not flag.startswith("--") else [flag, value]
+    assert cli.main(argv) == 2
+    assert flag.replace("_", "-") in capsys.readouterr().err.replace("_", "-")
+
+
 def assert_run_creates_the_schema(config: Path, db: Path) -> None:
     """`syncd run` on `config` brings the store at `db` to the newest revision, and says so
     (then stops, on SIGTERM or for want of Amazon, unreachable here)."""
