@@ -202,6 +202,26 @@ def test_rendered_config_loads_in_syncd(
         assert cfg.store.url == "sqlite+aiosqlite:////var/lib/syncd/syncd.db"
 
 
+@pytest.mark.parametrize("mechanism", ["", "SCRAM-SHA-512"])
+@pytest.mark.parametrize("protocol", ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"])
+def test_the_sasl_password_file_follows_the_security_protocol(
+    chart: helm.Chart, protocol: str, mechanism: str, tmp_path: Path
+) -> None:
+    """syncd authenticates under SASL_* whatever the mechanism ("" = PLAIN): the password file
+    is configured exactly then (it was only with a mechanism, so an empty one dropped it)."""
+    kafka = {"security_protocol": protocol, "sasl_mechanism": mechanism, "sasl_username": "u"}
+    raw = config_toml(render(chart, {"config": {"kafka": kafka}}))
+    sasl = protocol.startswith("SASL_")
+    assert ("sasl_password_file" in raw["kafka"]) == sasl
+    if sasl:
+        assert raw["kafka"]["sasl_password_file"].endswith("/kafka-sasl-password")
+        password = tmp_path / "kafka-sasl-password"
+        password.write_text("sasl-pw")
+        raw["kafka"]["sasl_password_file"] = str(password)
+        raw["amazon"] = {}  # its secret files are not the point here
+        assert syncd_config.from_mapping(raw, environ={}).kafka.sasl_password == "sasl-pw"
+
+
 def test_values_cover_every_config_key_with_syncd_defaults(chart: helm.Chart) -> None:
     """values.yaml's config mirrors syncd.config: same keys (plus the chart-owned ones), same
     defaults, so the chart cannot drift from the daemon."""

@@ -123,7 +123,7 @@ PGSSLROOTCERT when the store URL names no ssl mode), then extraEnv. */}}
 {{- else }}
 {{- $_ = set $cfg.store "url" "sqlite+aiosqlite:////var/lib/syncd/syncd.db" }}
 {{- end }}
-{{- if $cfg.kafka.sasl_mechanism }}
+{{- if hasPrefix "SASL_" $cfg.kafka.security_protocol }}{{/* syncd authenticates ("" = PLAIN) */}}
 {{- $_ = set $cfg.kafka "sasl_password_file" (printf "%s/kafka-sasl-password" $dir) }}
 {{- end }}
 # Rendered by the syncd Helm chart from .Values.config; secrets are read from files.
