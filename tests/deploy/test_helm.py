@@ -222,6 +222,14 @@ def test_the_sasl_password_file_follows_the_security_protocol(
         assert syncd_config.from_mapping(raw, environ={}).kafka.sasl_password == "sasl-pw"
 
 
+@pytest.mark.parametrize("seconds", [1e19, 9.3e18, 2.0**53 + 2, 604800.0, 0.5, 1e-7])
+def test_a_number_renders_as_the_same_number(chart: helm.Chart, seconds: float) -> None:
+    """An integral float past int64 was rendered through int64: 1e19 became
+    -9223372036854775808."""
+    raw = config_toml(render(chart, {"config": {"poll": {"max_job_age_s": seconds}}}))
+    assert raw["poll"]["max_job_age_s"] == seconds
+
+
 def test_values_cover_every_config_key_with_syncd_defaults(chart: helm.Chart) -> None:
     """values.yaml's config mirrors syncd.config: same keys (plus the chart-owned ones), same
     defaults, so the chart cannot drift from the daemon."""

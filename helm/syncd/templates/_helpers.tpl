@@ -102,12 +102,13 @@ PGSSLROOTCERT when the store URL names no ssl mode), then extraEnv. */}}
 {{- end }}
 {{- end }}
 
-{{/* One TOML value: string, boolean, number (integral numbers as integers) or list. */}}
+{{/* One TOML value: string, boolean, number (integral numbers within 2^53, which float64
+holds exactly, as integers; int64 would wrap larger ones) or list. */}}
 {{- define "syncd.tomlValue" -}}
 {{- if kindIs "string" . }}{{ toJson . }}
 {{- else if kindIs "bool" . }}{{ . }}
 {{- else if kindIs "slice" . }}[{{ range $i, $v := . }}{{ if $i }}, {{ end }}{{ include "syncd.tomlValue" $v }}{{ end }}]
-{{- else if eq (float64 .) (floor .) }}{{ int64 . }}
+{{- else if and (eq (float64 .) (floor .)) (lt (float64 .) 9007199254740992.0) (gt (float64 .) -9007199254740992.0) }}{{ int64 . }}
 {{- else }}{{ float64 . }}
 {{- end }}
 {{- end }}
