@@ -343,14 +343,24 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     raise ConfigError(key, f"unsupported type {hint!r}")  # pragma: no cover
 
 
+def _as_id(value: Any) -> int | None:
+    """`value` (an integer, or a string of ASCII digits) as an Amazon id, 1..MAX_AUDIENCE_ID;
+    None if it is not one."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_AUDIENCE_ID:
+        return value
+    return None
+
+
 def amazon_id(text: str) -> int:
     """An audience or advertiser id given on the command line (an argparse type): the range
-    `destinations[].audience_id` allows, 1..MAX_AUDIENCE_ID."""
-    if not (text.isascii() and text.isdigit() and 0 < int(text) <= MAX_AUDIENCE_ID):
+    `destinations[].audience_id` allows."""
+    if (value := _as_id(text)) is None:
         raise argparse.ArgumentTypeError(
             f"must be a positive integer up to {MAX_AUDIENCE_ID}, got {text!r}"
         )
-    return int(text)
+    return value
 
 
 def _show(key: str, value: Any) -> str:
@@ -392,14 +402,8 @@ def _build_destinations(items: Any) -> tuple[Destination, ...]:
         seen.add(audience)
         if not isinstance(conn, str) or not conn:
             raise ConfigError(f"{where}.connection_id", "must be a non-empty string")
-        audience_id = item["audience_id"]
-        if isinstance(audience_id, str) and audience_id.isdigit():
-            audience_id = int(audience_id)
-        if (
-            not isinstance(audience_id, int)
-            or isinstance(audience_id, bool)
-            or not 0 < audience_id <= MAX_AUDIENCE_ID
-        ):
+        audience_id = _as_id(item["audience_id"])
+        if audience_id is None:
             raise ConfigError(
                 f"{where}.audience_id", f"must be a positive integer up to {MAX_AUDIENCE_ID}"
             )

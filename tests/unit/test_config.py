@@ -72,6 +72,8 @@ def test_audience_id_keeps_all_18_digits() -> None:
         ({"destinations": [{**DEST, "consent_policy": True}]}, "destinations[0].consent_policy"),
         ({"destinations": [{**DEST, "audience_id": 2**64}]}, "destinations[0].audience_id"),
         ({"destinations": [{**DEST, "audience_id": 2**63}]}, "destinations[0].audience_id"),
+        ({"destinations": [{**DEST, "audience_id": "\u00b2"}]}, "destinations[0].audience_id"),
+        ({"destinations": [{**DEST, "audience_id": "\u0661"}]}, "destinations[0].audience_id"),
         ({"destinations": [DEST, DEST]}, "destinations[1].audience"),
         ({"destinations": [{**DEST, "paused": "yes"}]}, "destinations[0].paused"),
         ({"destinations": [{**DEST, "paused": 1}]}, "destinations[0].paused"),
