@@ -534,7 +534,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.members.tombstone_days > 0, "members.tombstone_days", "must be a number of days > 0")
     host, sep, port = cfg.http.listen.rpartition(":")
     need(
-        bool(sep) and bool(host) and port.isdigit() and int(port) < 65536,
+        bool(sep) and bool(host) and port.isascii() and port.isdigit() and int(port) < 65536,
         "http.listen",
         "must be HOST:PORT",
     )

@@ -80,6 +80,7 @@ def test_audience_id_keeps_all_18_digits() -> None:
         ({"poll": {"retention_days": 0}}, "poll.retention_days"),
         ({"poll": {"retention_days": float("nan")}}, "poll.retention_days"),
         ({"poll": {"retention_days": float("inf")}}, "poll.retention_days"),
+        ({"http": {"listen": "0.0.0.0:\u00b2"}}, "http.listen"),
         ({"kafka": {"max_message_bytes": 0}}, "kafka.max_message_bytes"),
         ({"kafka": {"topics": ["a", ""]}}, "kafka.topics"),
         ({"kafka": {"topics": [" "]}}, "kafka.topics"),
