@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import (
     Callable,
     Iterable,
@@ -238,6 +238,7 @@ class ReconcileWrite:
     record: bytes
     digest: bytes
     held: HeldMember | None
+    kind: str = ""  # what the reconcile counted it as (its report's kinds)
 
 
 @dataclass(slots=True)
@@ -247,6 +248,7 @@ class ReconcileCounts:
     written: int = 0
     changed: int = 0  # the row changed since it was compared: left to that change
     erased: int = 0  # the member was erased at or after the reconcile's time
+    skipped: Counter[str] = field(default_factory=Counter)  # writes not applied, by kind
 
 
 # -- pure helpers ---------------------------------------------------------------------------------
@@ -1447,6 +1449,7 @@ class MemberTable:
                 erased = erased_at.get((audience_id, euid))
                 if erased is not None and erased >= occurred_at:
                     done.erased += 1
+                    done.skipped[w.kind] += 1
                     continue
                 now_held = current.get(euid)
                 if now_held is None and w.held is None:
@@ -1460,6 +1463,7 @@ class MemberTable:
                     updates[w.action].append(w)
                 else:
                     done.changed += 1
+                    done.skipped[w.kind] += 1
             for part in _shaped_chunks(inserts):
                 rows = [
                     {

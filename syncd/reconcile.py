@@ -266,7 +266,7 @@ def compare_member(
         kind = WITHDRAWN if held.never_sent else REMOVED
     else:
         kind = CHANGED if held and held.action == ADD else ADDED
-    return kind, ReconcileWrite(euid, action, record, digest, held)
+    return kind, ReconcileWrite(euid, action, record, digest, held, kind)
 
 
 def compare_absent(held: HeldMember, as_of: float) -> tuple[str | None, ReconcileWrite | None]:
@@ -278,10 +278,11 @@ def compare_absent(held: HeldMember, as_of: float) -> tuple[str | None, Reconcil
     if held.order >= (as_of, RECONCILE_POSITION):
         return NEWER, None
     assert held.record is not None
+    kind = WITHDRAWN if held.never_sent else REMOVED
     write = ReconcileWrite(
-        held.external_user_id, REMOVE, delete_record(held.record), held.digest, held
+        held.external_user_id, REMOVE, delete_record(held.record), held.digest, held, kind
     )
-    return (WITHDRAWN if held.never_sent else REMOVED), write
+    return kind, write
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -535,6 +536,7 @@ class Reconciler:
             )
             self.report.changed_meanwhile += done.changed
             self.report.erased += done.erased
+            self.report.counts.subtract(done.skipped)  # counted when compared, not recorded
 
 
 # -- the budget's view ---------------------------------------------------------------------------

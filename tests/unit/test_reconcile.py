@@ -731,3 +731,19 @@ async def test_the_budget_view_counts_a_post_in_flight_as_the_daemon_does(
     clock.advance(200)  # three windows on, the POST still retrying: unconfirmed
     view = await budget_view(cfg, DEST, MemberTable(store), store)
     assert view.remaining == cfg.budget.records_per_hour - 1000
+
+
+async def test_a_member_erased_after_the_as_of_is_reported_erased_not_added(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    """The snapshot names a profile erased after --as-of: nothing is recorded for it, and the
+    summary says so: not an add, not a record to send (each run of the same snapshot alike)."""
+    path = tmp_path / "s.csv"
+    path.write_text("profile_id,email\np1,a@x.io\np2,b@x.io\n")
+    await stream(table, {"p1": "a@x.io"})
+    await send_all(table)
+    await table.erase(["p2"], [AUDIENCE_ID], occurred_at=AS_OF + 5, position=0)
+    for _ in range(2):
+        report = await reconcile(table, path, "csv")
+        assert (report.counts[ADDED], report.erased, report.to_send) == (0, 1, 0)
+        assert report.counts[UNCHANGED] == 1
