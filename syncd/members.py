@@ -29,6 +29,7 @@ per member is measured in docs/benchmarks.md.
 from __future__ import annotations
 
 import functools
+import math
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import (
@@ -72,7 +73,7 @@ from sqlalchemy.exc import DBAPIError
 
 from syncd.model import Action, MemberRecord
 from syncd.store import NewJob, Store
-from syncd.store.schema import jobs, members, tombstones
+from syncd.store.schema import jobs, members, reconciled, tombstones
 from syncd.vocabulary import CONFIRMING_JOB_STATES, JobState
 
 T = TypeVar("T")
@@ -519,11 +520,15 @@ class MemberTable:
     ) -> None:
         """Record changes of distinct members (see `record_changes`)."""
         erased_at = self._tombstones(conn, [c.key for c in changes])
+        # a row per audience a complete reconcile set: what held at its --as-of
+        snapshot_at = {int(a): float(t) for a, t in conn.execute(select(reconciled))}
         live = []
         for change in changes:
             erased = erased_at.get(change.key)
             if erased is not None and change.occurred_at <= erased:
                 counts.erased += 1
+            elif change.occurred_at < snapshot_at.get(change.audience_id, -math.inf):
+                counts.superseded += 1  # older than a snapshot of the whole audience
             else:
                 live.append(change)
         full = [c for c in live if c.action != UPDATE]
@@ -1346,7 +1351,8 @@ class MemberTable:
         """Delete every member row of `audience_id` (an audience no destination names any more),
         `batch` rows per transaction so that a large audience never holds the write lock long.
         Its tombstones stay until `purge_tombstones` (should a destination name the audience
-        again, an erased profile must not come back). Returns how many rows were deleted."""
+        again, an erased profile must not come back); its last reconcile time goes. Returns how
+        many rows were deleted."""
 
         def op(conn: Connection, now: float) -> int:
             keys = (
@@ -1358,7 +1364,8 @@ class MemberTable:
             if self._postgres:
                 keys = keys.with_for_update()
             ids = list((conn.execute(keys)).scalars())
-            if not ids:
+            if not ids:  # the last round: the audience's reconcile time goes with its rows
+                conn.execute(delete(reconciled).where(reconciled.c.audience_id == audience_id))
                 return 0
             result = conn.execute(
                 delete(m).where(m.c.audience_id == audience_id, m.c.external_user_id.in_(ids))
@@ -1369,6 +1376,22 @@ class MemberTable:
         while deleted := await self._transaction(op):
             total += deleted
         return total
+
+    async def mark_reconciled(self, audience_id: int, as_of: float) -> None:
+        """A reconcile said what the whole audience holds at `as_of`: a live change older than
+        that is superseded from now on (`record_changes`). Only ever moves forward."""
+
+        def op(conn: Connection, now: float) -> None:
+            stmt = self._insert(reconciled).values(audience_id=audience_id, as_of=as_of)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[reconciled.c.audience_id],
+                    set_={"as_of": stmt.excluded.as_of},
+                    where=stmt.excluded.as_of > reconciled.c.as_of,
+                )
+            )
+
+        await self._transaction(op)
 
     # -- reconcile (syncd/reconcile.py) ----------------------------------------------------------
     async def held_members(self, audience_id: int, ids: Sequence[str]) -> dict[str, HeldMember]:

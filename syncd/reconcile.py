@@ -312,6 +312,12 @@ class Report:
             listed.append(number)
 
     @property
+    def complete(self) -> bool:
+        """Every line usable (a duplicate aside: its first line stands): the snapshot says what
+        the whole audience holds at --as-of, so a live change older than that is superseded."""
+        return sum(self.unusable.values()) == self.unusable["duplicate_profile_id"]
+
+    @property
     def to_send(self) -> int:
         return self.counts[ADDED] + self.counts[CHANGED] + self.counts[REMOVED]
 
@@ -410,6 +416,8 @@ class Reconciler:
                     if not self.report.unknown:  # else any member may be an unusable line's
                         await self._absent(seen)
                         await self._flush()
+                    if self.report.complete and not self._dry_run:
+                        await self._members.mark_reconciled(self._dest.audience_id, self._as_of)
             finally:
                 seen.close()
         return self.report

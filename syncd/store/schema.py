@@ -167,6 +167,15 @@ tombstones = Table(
     sqlite_with_rowid=False,
 )
 
+# -- the --as-of of each audience's last complete reconcile (migration 0009): what the snapshot
+# said holds at that time, so a live change older than it is superseded (members.py) -----------
+reconciled = Table(
+    "reconciled",
+    metadata,
+    Column("audience_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("as_of", Float, nullable=False),
+)
+
 # -- connections a sender found blocked by a setup fault (deliver.py), for `members show` ---------
 connection_blocks = Table(
     "connection_blocks",

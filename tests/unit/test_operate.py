@@ -149,6 +149,7 @@ async def test_purge_audience_deletes_its_rows_in_short_transactions_and_keeps_t
     await table.record_changes([change(f"u{i:02}", audience=A2) for i in range(10)])
     await table.record_changes([change("keep-1"), change("keep-2")])
     await table.erase(["u00"], [A2], occurred_at=T0 + 1, position=1)
+    await table.mark_reconciled(A2, T0 + 100)
     deleted_per_transaction: list[int] = []
     transaction = table._transaction
 
@@ -165,6 +166,8 @@ async def test_purge_audience_deletes_its_rows_in_short_transactions_and_keeps_t
     assert await table.audience_ids() == [A1]
     assert await table.tombstone(A2, "u00") == T0 + 1  # an erased profile stays erased
     assert await table.purge_audience(A2) == 0
+    # the audience's reconcile time went with it: a change older than it applies again
+    assert (await table.record_changes([change("u01", audience=A2, at=T0 + 50)])).recorded == 1
 
 
 # -- syncd audiences status ----------------------------------------------------------------------

@@ -747,3 +747,29 @@ async def test_a_member_erased_after_the_as_of_is_reported_erased_not_added(
         report = await reconcile(table, path, "csv")
         assert (report.counts[ADDED], report.erased, report.to_send) == (0, 1, 0)
         assert report.counts[UNCHANGED] == 1
+
+
+async def test_a_live_change_older_than_a_complete_reconcile_changes_nothing(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    """A snapshot says what the audience holds at --as-of, members it found unchanged included
+    (no row written for them): a live change older than that, read later, is superseded; a
+    newer one applies. A snapshot with an unusable line says nothing of that line's member:
+    then older live changes apply as before."""
+    await stream(table, {"p1": "a@x.io", "p2": "b@x.io"})
+    await send_all(table)
+    path = tmp_path / "s.csv"
+    path.write_text("profile_id,email\np1,a@x.io\np2,b@x.io\n")
+    report = await reconcile(table, path, "csv")
+    assert report.counts[UNCHANGED] == 2
+    await stream(table, {"p1": "late@x.io"}, at=AS_OF - 10)  # older than the snapshot
+    await stream(table, {"p2": "new@x.io"}, at=AS_OF + 1)  # newer
+    assert await send_all(table) == 1  # p2's change alone
+    p1 = await table.member(AUDIENCE_ID, "p1")
+    assert p1 is not None
+    assert p1.occurred_at == T0  # untouched by the older change
+
+    path.write_text("profile_id,email\np1,a@x.io\np2,new@x.io\np3,not-an-email\n")
+    await reconcile(table, path, "csv", as_of=AS_OF + 50)  # incomplete: p3's line unusable
+    await stream(table, {"p3": "c@x.io"}, at=AS_OF + 20)  # older than this one, newer than the last
+    assert await send_all(table) == 1
