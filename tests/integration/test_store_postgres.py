@@ -19,6 +19,7 @@ from syncd.budget import Budget
 from syncd.config import BudgetConfig
 from syncd.members import MemberTable
 from syncd.store import NewJob, Store
+from syncd.store.schema import reconciled
 from syncd.store.store import SCHEMA_REVISION
 from tests.fixtures.postgres import ISOLATION_LEVELS, new_database
 from tests.fixtures.store import migrate, partition_members
@@ -244,6 +245,7 @@ async def test_another_process_migrating_costs_the_member_table_no_failed_write(
         assert len(await table.claim_due([A1], 10, LEASE, "sender")) == 3  # prepared
         async with other._engine.begin() as conn:
             await conn.run_sync(migrate("0006", down=True))
+            await conn.run_sync(reconciled.create)  # 0009's table, which this code reads too
         await table.record_changes([change(f"v{i}") for i in range(3)])
         assert len(await table.claim_due([A1], 10, LEASE, "sender")) == 3
     finally:
