@@ -21,7 +21,7 @@ Amazon accepted it or may have (202, 5xx: re-stamped now), kept unconfirmed when
   with Amazon's message, marked invalid until they change), the rest is delivered. Bounded:
   once `BISECT_LIMIT` parts of two or more records were refused and none accepted, refusals
   are not about single records (a bad audienceId): a setup fault, cause `bad_request`. Refusals
-  whose message names a record (`records[i]...`) are about records: they never count.
+  naming a field a record takes from its event (`records[i].hashedPII...`) never count.
 - 401 (after a fresh token), 403, 404: a setup fault. The connection is blocked: the worker
   that met it holds its batch and probes with it after a pause (doubling up to `max_pause_s`),
   the other workers wait and the feed claims nothing more; nothing is dead-lettered.
@@ -92,9 +92,11 @@ RECORD_REFUSALS = frozenset({400, 413})  # about the records: bisect
 SETUP_FAULTS = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
 # Refused parts of 2+ records, with nothing of the batch accepted, that make a bisect a setup
 # fault: a bad audienceId costs 15 POSTs (every eighth of the batch refused), not thousands.
-# Refusals whose message names a record (`records[i]...`) do not count: they are about records.
+# Refusals naming a field of a record that comes from its event (`records[i].hashedPII...`,
+# `.userConsent...`, `.externalUserId...`) do not count: a batch of bad events is not a setup
+# fault. Any other field (`countryCode`: the destination's default) may be wrong for all.
 BISECT_LIMIT = 15
-_NAMES_A_RECORD = re.compile(r"records\[\d+\]")
+_NAMES_AN_EVENT_FIELD = re.compile(r"records\[\d+\]\.(hashedPII|userConsent|externalUserId)")
 # A 400 whose message names one of these is about the request, not a record: a setup fault
 # at once, whatever the batch's size (a small batch never reaches BISECT_LIMIT).
 _REQUEST_FIELDS = ("audienceid", "targetresource", "connectionid", "request body")
@@ -354,7 +356,7 @@ class ConnectionSender:
             return
         records = len(part.batch.records)
         if records > 1:
-            if not _NAMES_A_RECORD.search(str(exc)):
+            if not _NAMES_AN_EVENT_FIELD.search(str(exc)):
                 delivery.refused_groups += 1
             if delivery.accepted == 0 and delivery.refused_groups >= BISECT_LIMIT:
                 await self._hold("bad_request", exc, self._pause(delivery))

@@ -504,6 +504,30 @@ async def test_refusals_that_name_a_record_are_bisected_to_the_end_even_when_all
     assert blocked(s.connection_id, "bad_request") in (None, 0.0)
 
 
+async def test_refusals_of_a_field_every_record_shares_still_make_a_setup_fault(
+    sender: tuple[ConnectionSender, Fakes],
+) -> None:
+    """A field that may be wrong for every record alike (`countryCode`: the destination's
+    default) is not the events' fault: the bisect stops at its limit, nothing dead-lettered."""
+    s, fakes = sender
+
+    async def each_refused(body: bytes) -> str:
+        raise RejectedError(
+            "records_post failed: HTTP 400: records[0].countryCode must be an ISO code",
+            status=400,
+        )
+
+    fakes.answer = each_refused
+    fakes.pause_gate = asyncio.Event()  # no probe yet
+    s.submit(encoded(s.connection_id, members=64))
+    await until(lambda: blocked(s.connection_id, "bad_request") == 1, "blocked: bad_request")
+    assert fakes.kinds().count("post") == BISECT_LIMIT
+    assert fakes.rejected == []
+    fakes.answer = None
+    fakes.pause_gate.set()
+    await drained(s)
+
+
 async def test_a_400_that_names_the_audience_blocks_a_small_batch_without_dead_letters(
     sender: tuple[ConnectionSender, Fakes],
 ) -> None:
