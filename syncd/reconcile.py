@@ -171,12 +171,21 @@ def _read_csv(path: Path) -> Iterator[Line]:
             number, line = line, reader.line_num + 1
             if not row or all(not cell.strip() for cell in row):
                 continue
-            # a row over several lines: a quote left open swallowed the rows after it, whose
-            # members could not be read (an identifier holds no line break)
-            if len(row) != len(names) or line - number > 1:
+            if len(row) != len(names) or (line - number > 1 and _swallowed(names, row)):
                 yield number, "bad_csv_row"
                 continue
             yield number, _fields(dict(zip(names, row, strict=True)))
+
+
+def _swallowed(names: list[str], row: list[str]) -> bool:
+    """A row over several lines that a quote left open made of the rows after it, whose members
+    cannot be read: a line break in any cell but an address, or an address line after the
+    first holding a comma (the cells of another row). A quoted address over lines is legal."""
+    for name, cell in zip(names, row, strict=True):
+        later = cell.splitlines()[1:]
+        if later and (name != "address" or any("," in part for part in later)):
+            return True
+    return False
 
 
 def _read_parquet(path: Path) -> Iterator[Line]:

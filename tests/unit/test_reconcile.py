@@ -289,6 +289,16 @@ async def test_a_stray_quote_that_swallows_later_rows_removes_no_member(
     assert {p for p, (a, _) in (await desired(table)).items() if a == ADD} == {"p1", "p2", "p3"}
 
 
+def test_a_quoted_address_over_two_lines_is_one_usable_row(tmp_path: Path) -> None:
+    """A spreadsheet's line break inside a quoted address (Alt+Enter) is legal CSV."""
+    path = tmp_path / "s.csv"
+    path.write_text('profile_id,email,address\np1,a@x.io,"123 Main St\nApt 4B"\np2,b@x.io,\n')
+    lines = list(read_snapshot(path, "csv"))
+    assert [number for number, _ in lines] == [2, 4]
+    assert isinstance(lines[0][1], dict)
+    assert lines[0][1]["identifiers"]["address"] == "123 Main St\nApt 4B"
+
+
 def test_a_csv_cell_past_the_csv_modules_limit_is_a_usage_error_naming_its_line(
     tmp_path: Path,
 ) -> None:
