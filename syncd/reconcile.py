@@ -322,9 +322,11 @@ class Report:
 
     @property
     def complete(self) -> bool:
-        """Every line usable (a duplicate aside: its first line stands): the snapshot says what
-        the whole audience holds at --as-of, so a live change older than that is superseded."""
-        return sum(self.unusable.values()) == self.unusable["duplicate_profile_id"]
+        """Lines, every one usable (a duplicate aside: its first line stands): the snapshot says
+        what the whole audience holds at --as-of, so a live change older than that is
+        superseded."""
+        usable = sum(self.unusable.values()) == self.unusable["duplicate_profile_id"]
+        return self.lines > 0 and usable
 
     @property
     def to_send(self) -> int:
@@ -396,12 +398,16 @@ class Reconciler:
         *,
         as_of: float,
         dry_run: bool,
+        as_of_given: bool = False,
         workers: int | None = None,
     ) -> None:
+        """`as_of_given`: `as_of` is the snapshot's time (--as-of), not merely when the run
+        started: only then does a complete snapshot supersede older live changes."""
         self._cfg = cfg
         self._dest = dest
         self._members = members
         self._as_of = as_of
+        self._as_of_given = as_of_given
         self._dry_run = dry_run
         self._transformer = Transformer(
             Spec(
@@ -425,7 +431,7 @@ class Reconciler:
                     if not self.report.unknown:  # else any member may be an unusable line's
                         await self._absent(seen)
                         await self._flush()
-                    if self.report.complete and not self._dry_run:
+                    if self._as_of_given and self.report.complete and not self._dry_run:
                         await self._members.mark_reconciled(self._dest.audience_id, self._as_of)
             finally:
                 seen.close()
@@ -797,6 +803,7 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
             path,
             fmt,
             as_of=as_of,
+            as_of_given=args.as_of is not None,
             dry_run=args.dry_run,
             wait=args.wait,
             timeout=args.timeout,
@@ -811,6 +818,7 @@ async def reconcile(
     fmt: str,
     *,
     as_of: float,
+    as_of_given: bool = False,
     dry_run: bool = False,
     wait: bool = False,
     timeout: float | None = None,
@@ -824,7 +832,10 @@ async def reconcile(
         members = MemberTable(store)
         started = datetime.fromtimestamp(as_of, UTC).isoformat().replace("+00:00", "Z")
         log.info("reconcile started", audience=dest.audience, as_of=started, dry_run=dry_run)
-        report = await Reconciler(cfg, dest, members, as_of=as_of, dry_run=dry_run).run(lines)
+        reconciler = Reconciler(
+            cfg, dest, members, as_of=as_of, as_of_given=as_of_given, dry_run=dry_run
+        )
+        report = await reconciler.run(lines)
         view = await budget_view(cfg, dest, members, store)
         print(summary(report, dest, view, dry_run=dry_run), file=out, flush=True)
         log.info(

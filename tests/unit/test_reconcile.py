@@ -127,10 +127,19 @@ def record_of(profile: str, email: str, country: str = "US") -> tuple[bytes, byt
 
 
 async def reconcile(
-    table: MemberTable, path: Path, fmt: str, *, dry_run: bool = False, as_of: float = AS_OF
+    table: MemberTable,
+    path: Path,
+    fmt: str,
+    *,
+    dry_run: bool = False,
+    as_of: float = AS_OF,
+    as_of_given: bool = False,
 ) -> Report:
     lines = read_snapshot(path, fmt)
-    return await Reconciler(CFG, DEST, table, as_of=as_of, dry_run=dry_run, workers=0).run(lines)
+    reconciler = Reconciler(
+        CFG, DEST, table, as_of=as_of, as_of_given=as_of_given, dry_run=dry_run, workers=0
+    )
+    return await reconciler.run(lines)
 
 
 async def stream(table: MemberTable, members_: dict[str, str], at: float = T0) -> None:
@@ -762,15 +771,20 @@ async def test_a_member_erased_after_the_as_of_is_reported_erased_not_added(
 async def test_a_live_change_older_than_a_complete_reconcile_changes_nothing(
     tmp_path: Path, table: MemberTable
 ) -> None:
-    """A snapshot says what the audience holds at --as-of, members it found unchanged included
-    (no row written for them): a live change older than that, read later, is superseded; a
-    newer one applies. A snapshot with an unusable line says nothing of that line's member:
-    then older live changes apply as before."""
+    """A snapshot says what the audience holds at --as-of (given: its export time), members it
+    found unchanged included (no row written for them): a live change older than that, read
+    later, is superseded; a newer one applies. A snapshot with an unusable line says nothing of
+    that line's member, and a run without --as-of knows only when it started, not what the
+    snapshot saw: then older live changes apply as before."""
     await stream(table, {"p1": "a@x.io", "p2": "b@x.io"})
     await send_all(table)
     path = tmp_path / "s.csv"
     path.write_text("profile_id,email\np1,a@x.io\np2,b@x.io\n")
-    report = await reconcile(table, path, "csv")
+    await reconcile(table, path, "csv", as_of=AS_OF - 20)  # no --as-of: nothing superseded
+    await stream(table, {"p2": "b2@x.io"}, at=AS_OF - 30)
+    assert await send_all(table) == 1
+    path.write_text("profile_id,email\np1,a@x.io\np2,b2@x.io\n")
+    report = await reconcile(table, path, "csv", as_of_given=True)
     assert report.counts[UNCHANGED] == 2
     await stream(table, {"p1": "late@x.io"}, at=AS_OF - 10)  # older than the snapshot
     await stream(table, {"p2": "new@x.io"}, at=AS_OF + 1)  # newer
@@ -780,6 +794,6 @@ async def test_a_live_change_older_than_a_complete_reconcile_changes_nothing(
     assert p1.occurred_at == T0  # untouched by the older change
 
     path.write_text("profile_id,email\np1,a@x.io\np2,new@x.io\np3,not-an-email\n")
-    await reconcile(table, path, "csv", as_of=AS_OF + 50)  # incomplete: p3's line unusable
+    await reconcile(table, path, "csv", as_of=AS_OF + 50, as_of_given=True)  # p3's unusable
     await stream(table, {"p3": "c@x.io"}, at=AS_OF + 20)  # older than this one, newer than the last
     assert await send_all(table) == 1
