@@ -548,7 +548,8 @@ class Daemon:
         # the chunks read are recorded within the drain budget; a store that takes no write
         # (down, locked) does not hold the shutdown: their events are not committed, so read again
         await asyncio.wait({consume}, timeout=cfg.shutdown.drain_seconds)
-        if not consume.done():
+        drained = consume.done()  # else the store is slow or down: claims' leases run out
+        if not drained:
             log.warning("events not recorded within the drain budget; they will be read again")
             await cancel_and_wait(consume)
         if isinstance(self.fatal, AuthError):
@@ -562,13 +563,16 @@ class Daemon:
             # Shutdown, or a task failed (a bug, a broken worker): finish the POSTs under way
             # and store their jobs, then commit what is recorded and exit (1 after a failure,
             # so that the orchestrator restarts syncd).
-            await self._drain(feeds, senders, pipeline, max(0.0, drain_until - time.monotonic()))
+            left_s = max(0.0, drain_until - time.monotonic())
+            finished = await self._drain(feeds, senders, pipeline, left_s)
+            drained = drained and finished
         poll_stop.set()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        for feed in feeds.values():
-            await feed.release_held()
+        if drained:  # claims given back: due again for any replica at once
+            for feed in feeds.values():
+                await feed.release_held()
         stop_wait.cancel()
         halt_wait.cancel()
         await source.stop()
@@ -628,8 +632,9 @@ class Daemon:
         senders: dict[str, ConnectionSender],
         pipeline: Pipeline,
         budget_s: float,
-    ) -> None:
-        """Finish the batches claimed, within the drain budget; what is left stays due."""
+    ) -> bool:
+        """Finish the batches claimed, within the drain budget; what is left stays due. Whether
+        all was finished in time."""
 
         async def all_sent() -> None:
             await asyncio.gather(*(f.stopped_claiming() for f in feeds.values()))
@@ -640,9 +645,10 @@ class Daemon:
             await asyncio.wait_for(all_sent(), timeout=budget_s)
         except TimeoutError:
             log.warning(
-                "drain budget exhausted; unsent members stay due, unrecorded events are read again",
-                drain_seconds=budget_s,
+                "drain budget exhausted; unsent members stay due, unrecorded events are read again"
             )
+            return False
+        return True
 
     async def _commit_loop(self, source: KafkaSource, halt: asyncio.Event) -> None:
         interval = self.cfg.kafka.commit_interval_ms / 1000

@@ -663,6 +663,8 @@ class Store:
                 return await asyncio.shield(done)
             except asyncio.CancelledError:
                 await asyncio.wait([done])  # the transaction ends before the lock is given up
+                if not done.cancelled():
+                    done.exception()  # retrieved: its outcome no longer matters to anyone
                 raise
 
     def _in_writer(self, op: Callable[[Connection, float], T], now: float | None) -> T:
