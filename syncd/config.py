@@ -493,8 +493,12 @@ def _validate(cfg: Config) -> None:
     need(a.region in tuple(Region), "amazon.region", f"must be one of {', '.join(Region)}")
     for key in ("request_timeout_s", "max_retry_time_s"):
         need(0 < getattr(a, key) <= DAY_S, f"amazon.{key}", f"must be > 0 and at most {DAY_S:g}")
-    for key in ("backoff_base_s", "backoff_max_s"):
-        need(getattr(a, key) >= 0, f"amazon.{key}", "must be >= 0")
+    need(a.backoff_base_s > 0, "amazon.backoff_base_s", "must be > 0")
+    need(
+        a.backoff_max_s >= a.backoff_base_s,
+        "amazon.backoff_max_s",
+        "must be >= amazon.backoff_base_s",
+    )
     need(a.max_attempts >= 1, "amazon.max_attempts", "must be >= 1")
     need(a.max_concurrency >= 1, "amazon.max_concurrency", "must be >= 1")
     need(

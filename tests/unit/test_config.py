@@ -380,11 +380,14 @@ def test_every_float_key_refuses_a_non_finite_value(section: str, key: str, valu
         ("max_retry_time_s", -1),
         ("max_retry_time_s", 86401),
         ("backoff_base_s", -0.5),
+        ("backoff_base_s", 0),  # a blocked connection would be probed in a tight loop
         ("backoff_max_s", -1),
+        ("backoff_max_s", 0.1),  # below the base (0.5)
     ],
 )
 def test_amazon_timing_keys_are_bounded(key: str, value: float) -> None:
-    """Negative backoff passed check-config and crashed later in RetryPolicy."""
+    """Negative backoff passed check-config and crashed later in RetryPolicy; a zero one
+    made a blocked connection's probes and a failing POST's resends a tight loop."""
     with pytest.raises(ConfigError) as err:
         config.from_mapping({"amazon": {key: value}})
     assert err.value.key == f"amazon.{key}"
@@ -393,8 +396,8 @@ def test_amazon_timing_keys_are_bounded(key: str, value: float) -> None:
 def test_amazon_timing_keys_accept_their_bounds() -> None:
     from syncd.amazon.retry import RetryPolicy
 
-    amazon = {"request_timeout_s": 86400, "max_retry_time_s": 86400, "backoff_base_s": 0}
-    cfg = config.from_mapping({"amazon": {**amazon, "backoff_max_s": 0}})
+    amazon = {"request_timeout_s": 86400, "max_retry_time_s": 86400, "backoff_base_s": 0.001}
+    cfg = config.from_mapping({"amazon": {**amazon, "backoff_max_s": 0.001}})
     RetryPolicy.from_config(cfg.amazon)  # what every Amazon-talking command builds
     assert cfg.amazon.post_flight_s == 2 * 86400
 
