@@ -165,7 +165,10 @@ def _read_csv(path: Path) -> Iterator[Line]:
             try:
                 row = next(rows, None)
             except csv.Error as exc:  # a cell past the csv module's limit (128 KiB), say
-                raise UsageError(f"--snapshot: line {line}: {exc}") from None
+                raise UsageError(
+                    f"--snapshot: line {line}: {exc} (what the lines before it changed is "
+                    "recorded; nothing is removed: fix the file and run again)"
+                ) from None
             if row is None:
                 return
             number, line = line, reader.line_num + 1
