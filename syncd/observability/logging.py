@@ -1,16 +1,22 @@
 """Logs: structlog JSON on stdout for the daemon (`syncd run`); for every other command,
 warnings as plain lines on stderr, so that stdout holds only the command's output (JSON for
-scripts). Log ids, counts, offsets: never identifiers or their hashes."""
+scripts). Log ids, counts, offsets: never identifiers or their hashes. Whatever a line carries
+(an exception's text, say) comes out with URL secrets masked and PostgreSQL's DETAIL line (the
+values of the row at fault) hidden."""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 from syncd.config import mask_urls
+
+# PostgreSQL's DETAIL line, up to its end (a newline, or an escaped one in a repr)
+_DB_DETAIL = re.compile(r"DETAIL:(?:(?!\\n)[^\n])*")
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -27,7 +33,7 @@ def configure(level: str = "info", *, json: bool = True, stderr: bool = False) -
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            _mask_url_secrets,
+            _mask_secrets,
             structlog.processors.JSONRenderer()
             if json
             else structlog.dev.ConsoleRenderer(colors=False),
@@ -45,14 +51,15 @@ def for_commands() -> None:
     configure("warning", json=False, stderr=True)
 
 
-def _mask_url_secrets(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
-    """A store URL's password may turn up in any value (an exception's text, say): mask it."""
+def _mask_secrets(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    """A store URL's password, or a failing row's values, may turn up in any value (an
+    exception's text, say): mask them."""
     return {key: _masked(value) for key, value in event.items()}
 
 
 def _masked(value: object) -> object:
     if isinstance(value, str):
-        return mask_urls(value)
+        return _DB_DETAIL.sub("DETAIL: [hidden]", mask_urls(value))
     if isinstance(value, dict):
         return {k: _masked(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -485,3 +485,31 @@ def test_a_tls_file_kafka_cannot_read_names_the_key(tmp_path: Path, key: str) ->
             assert err.value.key == f"kafka.{key}"
     unused = {"security_protocol": "PLAINTEXT", key: str(tmp_path / "missing.pem")}
     config.from_mapping({"kafka": unused})  # plaintext never opens it
+
+
+def test_logs_hide_the_row_values_postgresql_puts_in_an_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """PostgreSQL's DETAIL line of an error repeats the row's values (a record's hashes, a
+    consent IP): logged errors keep the message and hide that line, as text or as a repr."""
+    import structlog
+
+    from syncd.observability import logging as syncd_logging
+
+    text = (
+        'new row for relation "members" violates check constraint "x"\n'
+        "DETAIL:  Failing row contains (7, u1, 203.0.113.9).\n"
+        "[SQL: INSERT INTO members ...]"
+    )
+    before = structlog.get_config()
+    syncd_logging.configure("info")
+    try:
+        log = syncd_logging.get_logger("test")
+        log.warning("store write failed", error=repr(RuntimeError(text)))
+        log.warning("store write failed", error=text)
+    finally:
+        structlog.configure(**before)
+    out = capsys.readouterr().out
+    assert "203.0.113.9" not in out
+    assert out.count("violates check constraint") == 2
+    assert out.count("[SQL: INSERT INTO members") == 2
