@@ -1505,9 +1505,12 @@ class MemberTable:
                 ]
                 stmt = self._insert(m).values(rows).on_conflict_do_nothing()
                 result = conn.execute(stmt.returning(m.c.external_user_id))
-                inserted = len(result.all())
-                done.written += inserted
-                done.changed += len(part) - inserted
+                inserted = set(result.scalars())
+                done.written += len(inserted)
+                for w in part:  # ingest made a row meanwhile: left to that change
+                    if w.external_user_id not in inserted:
+                        done.changed += 1
+                        done.skipped[w.kind] += 1
             for action, group in updates.items():
                 if group:
                     conn.execute(
