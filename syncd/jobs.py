@@ -69,13 +69,13 @@ class JobStore(Protocol):
     async def job_counts(self) -> dict[str, int]: ...
 
 
+DeadLetter = tuple[DeadMember, str]  # a member a job refused, and the detail to send with it
+
+
 class JobOutcomes(Protocol):
     async def finished(self, job: JobRow, status: JobStatus) -> list[DeadLetter]: ...
     async def dead_letter(self, letters: list[DeadLetter]) -> None: ...
     async def settle_expired(self) -> None: ...
-
-
-DeadLetter = tuple[DeadMember, str]  # a member a job refused, and the detail to send with it
 
 
 class MemberOutcomes:

@@ -491,8 +491,9 @@ class MemberTable:
         self, changes: Iterable[MemberChange], *, rank: int = LIVE
     ) -> RecordCounts:
         """Record changes as their members' desired state, in one transaction: a change applies
-        only when newer (occurred_at, then position) than the member's row and than its erase;
-        an UPDATE applies only to a member whose desired action is ADD. A member becomes due when
+        only when newer (occurred_at, then position) than the member's row and than its erase,
+        and not older than its audience's last complete reconcile (`mark_reconciled`); an UPDATE
+        applies only to a member whose desired action is ADD. A member becomes due when
         its desired state differs from what was sent and confirmed and no job is pending. A
         member with no row always gets one, due (unknown is not absent: a REMOVE is sent too).
         `rank` BACKGROUND for reconcile work (claimed after live changes)."""
@@ -504,8 +505,10 @@ class MemberTable:
             done = RecordCounts(superseded=counts.superseded)
             if self._postgres:  # an erase must not slip between the tombstone check and a write
                 conn.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": _ERASE_LOCK})
+            # a row per audience a complete reconcile set: what held at its --as-of
+            snapshot_at = {int(a): float(t) for a, t in conn.execute(select(reconciled))}
             for changes_of_round in rounds:
-                self._apply(conn, changes_of_round, now, rank, done)
+                self._apply(conn, changes_of_round, now, rank, done, snapshot_at)
             return done
 
         return await self._transaction(op)
@@ -517,11 +520,11 @@ class MemberTable:
         now: float,
         rank: int,
         counts: RecordCounts,
+        snapshot_at: Mapping[int, float],
     ) -> None:
-        """Record changes of distinct members (see `record_changes`)."""
+        """Record changes of distinct members (see `record_changes`); `snapshot_at`: audience
+        id -> the --as-of of its last complete reconcile."""
         erased_at = self._tombstones(conn, [c.key for c in changes])
-        # a row per audience a complete reconcile set: what held at its --as-of
-        snapshot_at = {int(a): float(t) for a, t in conn.execute(select(reconciled))}
         live = []
         for change in changes:
             erased = erased_at.get(change.key)
