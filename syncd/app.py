@@ -418,7 +418,11 @@ class Daemon:
         cfg = self.cfg
         config_mod.require_credentials(cfg)
         config_mod.require_destinations(cfg)
-        store = await Store.connect(cfg.store.url, busy_timeout_s=DAEMON_BUSY_TIMEOUT_S)
+        store = await Store.connect(
+            cfg.store.url,
+            busy_timeout_s=DAEMON_BUSY_TIMEOUT_S,
+            statement_timeout_s=cfg.store.statement_timeout_s,
+        )
         try:
             if await store.ensure_schema(auto_upgrade=cfg.store.auto_upgrade):
                 log.warning(  # expected once; else store.url may not name the store in use

@@ -87,6 +87,9 @@ class AmazonConfig:
 class StoreConfig:
     url: str = "sqlite+aiosqlite:///syncd.db"
     auto_upgrade: bool = False  # `syncd run` applies migrations itself instead of refusing
+    # PostgreSQL: a statement unanswered this long fails (retried on a new connection), so a
+    # connection that went silent (a failover, a NAT that forgot it) is given up
+    statement_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -510,6 +513,11 @@ def _validate(cfg: Config) -> None:
         cfg.store.url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")),
         "store.url",
         "must start with sqlite+aiosqlite:// or postgresql+asyncpg://",
+    )
+    need(
+        0 < cfg.store.statement_timeout_s <= DAY_S,
+        "store.statement_timeout_s",
+        f"must be > 0 and at most {DAY_S:g}",
     )
     need(
         1 <= b.max_records <= MAX_RECORDS_PER_POST,

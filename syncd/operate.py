@@ -625,7 +625,7 @@ async def watch_store_size(
 # -- plumbing ------------------------------------------------------------------------------------
 async def _with_store(cfg: Config, work: Callable[[Store], Awaitable[T]]) -> T:
     """`work` on the config's store, whose schema must be current (`syncd db upgrade`)."""
-    store = await Store.connect(cfg.store.url)
+    store = await Store.connect(cfg.store.url, statement_timeout_s=cfg.store.statement_timeout_s)
     try:
         await store.ensure_schema(auto_upgrade=False)
         return await work(store)

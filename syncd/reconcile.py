@@ -829,7 +829,7 @@ async def reconcile(
 ) -> int:
     out = sys.stdout if out is None else out
     lines = read_snapshot(path, fmt, cfg.kafka.max_message_bytes)
-    store = await Store.connect(cfg.store.url)
+    store = await Store.connect(cfg.store.url, statement_timeout_s=cfg.store.statement_timeout_s)
     try:
         await store.ensure_schema(auto_upgrade=False)
         members = MemberTable(store)

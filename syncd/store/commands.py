@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from syncd import config as config_mod
+from syncd.config import StoreConfig
 from syncd.store.store import JobRow, Store
 from syncd.vocabulary import JobState
 
@@ -54,7 +55,7 @@ def _limit(text: str) -> int:
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
-    counts, recent = asyncio.run(_read_jobs(cfg.store.url, args.state, args.limit))
+    counts, recent = asyncio.run(_read_jobs(cfg.store, args.state, args.limit))
     if args.json:
         doc = {"counts": counts, "jobs": [dataclasses.asdict(j) for j in recent]}
         print(json.dumps(doc, indent=2, sort_keys=True))
@@ -64,9 +65,9 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 
 async def _read_jobs(
-    url: str, state: str | None, limit: int
+    cfg: StoreConfig, state: str | None, limit: int
 ) -> tuple[dict[str, int], list[JobRow]]:
-    store = await Store.connect(url)
+    store = await Store.connect(cfg.url, statement_timeout_s=cfg.statement_timeout_s)
     try:
         await store.ensure_schema(auto_upgrade=False)
         return await store.job_counts(), await store.list_jobs(state, limit)

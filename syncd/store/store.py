@@ -59,9 +59,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 from sqlalchemy.util import await_only
 
 from syncd.amazon.api import JobStatus
@@ -82,6 +82,9 @@ _MIGRATION_LOCK = 0x73796E6364  # pg_advisory_xact_lock key: "syncd" in hex
 # how long an SQLite statement waits for another process's write lock: a command's writes are
 # not retried; the daemon's are (`persist`), so it waits less and is never held long by a lock
 SQLITE_BUSY_TIMEOUT_S = 30.0
+# how long a PostgreSQL statement may go unanswered (asyncpg's command_timeout): a connection
+# whose server went silent without a reset (a failover) fails instead of hanging for ever
+STATEMENT_TIMEOUT_S = 60.0
 _PG_CONNECTION_LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:c))")
 _PG_NOW = text("SELECT CAST(extract(epoch FROM clock_timestamp()) AS double precision)")
 _PING_TIMEOUT_S = 5.0
@@ -191,22 +194,18 @@ class Store:
         *,
         clock: Callable[[], float] | None = None,
         busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S,
+        statement_timeout_s: float = STATEMENT_TIMEOUT_S,
     ) -> Store:
         """Open an engine for `url` (no I/O until first use). `clock` replaces the database's
         clock, for tests. `busy_timeout_s`: how long an SQLite statement waits for another
-        process's write lock before it fails ("database is locked")."""
+        process's write lock before it fails ("database is locked"). `statement_timeout_s`:
+        how long a PostgreSQL statement may go unanswered before it fails (a TimeoutError, which
+        `persist` retries on a new connection); migrations have none."""
         if url.startswith("sqlite"):
             engine = create_async_engine(url, hide_parameters=True)
             _configure_sqlite(engine.sync_engine, _sleep_in_greenlet, busy_timeout_s)
         else:
-            engine = create_async_engine(
-                url,
-                pool_size=10,
-                max_overflow=10,
-                pool_pre_ping=True,
-                isolation_level=_PG_ISOLATION,
-                hide_parameters=True,  # an error names the statement, never the values (PII)
-            )
+            engine = _postgres_engine(url, statement_timeout_s, pool_size=10, max_overflow=10)
         return cls(engine, clock=clock, busy_timeout_s=busy_timeout_s)
 
     async def close(self) -> None:
@@ -253,12 +252,18 @@ class Store:
     async def upgrade(self) -> None:
         """Apply every migration up to head, in one transaction (replicas take turns)."""
 
-        def op(conn: Connection, _now: float) -> None:
-            if self._postgres:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
-            _upgrade_to_head(conn)
-
-        await self.run_write(op)
+        if not self._postgres:
+            await self.run_write(lambda conn, _now: _upgrade_to_head(conn))
+            return
+        # A migration may rewrite a large table: its statements get no timeout (an engine of
+        # their own, one connection).
+        engine = _postgres_engine(self._engine.url, None, poolclass=NullPool)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+                await conn.run_sync(_upgrade_to_head)
+        finally:
+            await engine.dispose()
 
     async def ensure_schema(self, *, auto_upgrade: bool) -> bool:
         """Return when the schema is at head; True when it created it. An empty database gets
@@ -688,6 +693,17 @@ class Store:
 
     async def _now(self, conn: AsyncConnection) -> float:
         return await conn.run_sync(self._now_sync)
+
+
+def _postgres_engine(url: str | URL, statement_timeout_s: float | None, **pool: Any) -> AsyncEngine:
+    return create_async_engine(
+        url,
+        pool_pre_ping=True,
+        isolation_level=_PG_ISOLATION,
+        hide_parameters=True,  # an error names the statement, never the values (PII)
+        connect_args={"command_timeout": statement_timeout_s},
+        **pool,
+    )
 
 
 def _leaves_at(window_s: float, hold_s: float) -> ColumnElement[float]:

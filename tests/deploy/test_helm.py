@@ -432,6 +432,7 @@ def test_production_values_scale_out_with_postgresql(chart: helm.Chart) -> None:
     assert only(docs, "Deployment")["spec"]["replicas"] == 12
     assert config_toml(docs)["store"] == {
         "auto_upgrade": False,
+        "statement_timeout_s": 60.0,
         "url_file": "/var/run/secrets/syncd/store-url",
     }
 

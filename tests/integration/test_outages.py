@@ -4,6 +4,8 @@ stay bounded by backpressure, not grow with the backlog."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 import uuid
 import warnings
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from syncd import synth
 from syncd.localstack import (
@@ -364,3 +367,115 @@ async def test_sigterm_while_the_store_cannot_write_exits_within_the_drain_budge
 
         await wait_for(all_sent, 60, "every event delivered by the next run")
         assert await again.terminate() == 0
+
+
+class SilencingProxy:
+    """A TCP proxy in front of PostgreSQL's Unix socket. `silence()` makes every connection
+    open through it go quiet, as when the database's host dies or fails over without a reset:
+    the server's side is closed (its transactions roll back, their locks go), the client's side
+    stays open and nothing more arrives on it. Connections opened later go through."""
+
+    def __init__(self, socket_path: str) -> None:
+        self._socket_path = socket_path
+        self._open: list[asyncio.StreamWriter] = []  # server sides of the connections
+        self._silenced: list[asyncio.StreamWriter] = []  # client sides, kept open
+        self._pumps: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> SilencingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._open + self._silenced:
+            writer.close()
+        for pump in self._pumps:
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    def silence(self) -> int:
+        """Silence every connection open now; how many there were."""
+        count = len(self._open)
+        for writer in self._open:
+            writer.close()
+        self._open.clear()
+        return count
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_unix_connection(self._socket_path)
+        self._open.append(server_w)
+        self._silenced.append(client_w)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    if server_w.is_closing():
+                        return  # silenced: whatever comes is dropped
+                    dst.write(data)
+                    await dst.drain()
+                if not server_w.is_closing():
+                    dst.close()  # a closed end is passed on, but for a silenced connection
+
+        for src, dst in ((client_r, server_w), (server_r, client_w)):
+            task = asyncio.create_task(pump(src, dst))
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
+
+
+def proxied_url(pg_url: str, port: int) -> str:
+    """`pg_url` (a database on the Unix socket of the tests' server) through 127.0.0.1:`port`."""
+    url = make_url(pg_url)
+    return url.set(host="127.0.0.1", port=port, query={}).render_as_string(hide_password=False)
+
+
+def postgres_socket(pg_url: str) -> str:
+    (path,) = Path(make_url(pg_url).query["host"]).glob(".s.PGSQL.*[0-9]")  # not its .lock
+    return str(path)
+
+
+async def test_a_store_connection_that_goes_silent_is_given_up_and_syncd_goes_on(
+    kafka: Any, pg_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL's host fails over (or a NAT forgets the connections): every open connection
+    goes silent without a reset. syncd's statements on them must time out and be retried on new
+    connections, not wait for ever: the events produced afterwards are delivered and committed."""
+    topic = f"pg-silent-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=2)
+    before = list(synth.events(100, seed=81))
+    after = list(synth.events(100, seed=82, id_prefix="after-"))
+    await produce(kafka.bootstrap, topic, before)
+    async with (
+        SilencingProxy(postgres_socket(pg_url)) as proxy,
+        running_sandbox(SandboxSettings(job_delay_s=0.2)) as sb,
+    ):
+        raw = daemon_config(
+            bootstrap=kafka.bootstrap,
+            topic=topic,
+            sandbox_url=sb.url,
+            token_url=sb.token_url,
+            store_url=proxied_url(pg_url, proxy.port),
+            batch={"max_records": 50, "linger_ms": 50},
+        )
+        raw["store"]["statement_timeout_s"] = 2.0
+        group = raw["kafka"]["group_id"]
+        daemon = DaemonProcess(tmp_path, raw).start()
+
+        async def sent(events: list[dict[str, Any]]) -> bool:
+            daemon.check_alive()
+            return expected(events) <= delivered(sb)
+
+        await wait_for(lambda: sent(before), 60, "the events before the silence delivered")
+        assert proxy.silence() > 0
+        await produce(kafka.bootstrap, topic, after)
+        await wait_for(lambda: sent(after), 60, "the events after the silence delivered")
+        ends = await end_offsets(kafka.bootstrap, topic)
+
+        async def committed() -> bool:
+            return await committed_offsets(kafka.bootstrap, topic, group) == ends
+
+        await wait_for(committed, 30, "every offset committed after the silence")
+        assert await daemon.terminate() == 0

@@ -393,6 +393,13 @@ def test_amazon_timing_keys_are_bounded(key: str, value: float) -> None:
     assert err.value.key == f"amazon.{key}"
 
 
+@pytest.mark.parametrize("value", [0, -1, 86401])
+def test_store_statement_timeout_is_bounded(value: float) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping({"store": {"statement_timeout_s": value}})
+    assert err.value.key == "store.statement_timeout_s"
+
+
 def test_amazon_timing_keys_accept_their_bounds() -> None:
     from syncd.amazon.retry import RetryPolicy
 
