@@ -179,6 +179,9 @@ class Pipeline:
             if isinstance(outcome, Refused):
                 self._dead_letter(message, outcome)
                 continue
+            if not outcome:  # a tombstone (counted as filtered): nothing to do
+                self._tracker.track(ref, 0)
+                continue
             if isinstance(outcome, Erase):
                 self._tracker.track(ref, 1)
                 recorded.append(ref)

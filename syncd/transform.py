@@ -43,9 +43,9 @@ class Refused(NamedTuple):
 
 
 Outcome = Refused | list[tuple[int, MemberRecord]] | Erase
-"""Per message: why it is unusable, (index into `Spec.destinations`, record) per part, or the
-erase of a member. Records of an identifiers-only event (`identifiers_only`) name every
-destination."""
+"""Per message: why it is unusable, (index into `Spec.destinations`, record) per part (none: a
+null value, a compacted topic's tombstone, has nothing to do), or the erase of a member.
+Records of an identifiers-only event (`identifiers_only`) name every destination."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +69,14 @@ class Transform:
     def run(self, values: Sequence[bytes | None]) -> tuple[list[Outcome], RouteCounts]:
         spec, route, index = self._spec, self._router.route, self._index
         out: list[Outcome] = []
+        tombstones = 0
         for raw in values:
+            if raw is None:  # a null value: a compacted topic's deleted key, not an event
+                out.append([])
+                tombstones += 1
+                continue
             try:
-                change = decode(raw or b"", spec.input_format, max_bytes=spec.max_bytes)
+                change = decode(raw, spec.input_format, max_bytes=spec.max_bytes)
                 if change.erase:
                     out.append(Erase(external_user_id(change.profile_id), change.occurred_at))
                     continue
@@ -83,7 +88,10 @@ class Transform:
                 out.append(Refused(exc.reason))
                 continue
             out.append([(index[p.destination.audience], p.record) for p in parts])
-        return out, self._router.take_counts()
+        counts = self._router.take_counts()
+        if tombstones:
+            counts.filtered["tombstone"] += tombstones
+        return out, counts
 
 
 # -- the worker process ---------------------------------------------------------------------------

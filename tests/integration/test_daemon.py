@@ -144,7 +144,10 @@ async def test_every_valid_change_arrives_as_the_contract_says(
     await kafka.create_topic(topic, partitions=3)
     await kafka.create_topic(dlq, partitions=1)
     synthetic = list(synth.events(300, seed=3, audiences=("vip", "newsletter")))
-    await produce(kafka.bootstrap, topic, [*HAND_MADE, *[(k, v) for k, v, _ in BAD], *synthetic])
+    tombstone = (b"t-1", None)  # a compacted topic's deleted key: filtered, not dead-lettered
+    await produce(
+        kafka.bootstrap, topic, [*HAND_MADE, *[(k, v) for k, v, _ in BAD], tombstone, *synthetic]
+    )
     raw = daemon_config(
         bootstrap=kafka.bootstrap,
         topic=topic,
@@ -224,6 +227,8 @@ async def test_every_valid_change_arrives_as_the_contract_says(
     # what routing counted in the transform worker is published by the daemon
     assert await daemon.metric("syncd_records_default_country_total", {"audience": "lapsed"}) >= 1
     assert await daemon.metric("syncd_pii_values_dropped_total", {"field": "email"}) >= 1
+    assert await daemon.metric("syncd_events_filtered_total", {"reason": "tombstone"}) == 1
+    assert await daemon.metric("syncd_events_dead_lettered_total", {"reason": "not_json"}) == 1
     assert await daemon.terminate() == 0
     assert sandbox.state.stats()["terminal_polls"] == 0
     ends = await end_offsets(kafka.bootstrap, topic)

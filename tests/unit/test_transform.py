@@ -63,9 +63,10 @@ def test_outcomes_are_reasons_or_encoded_records_per_destination() -> None:
             "audiences": {"add": ["vip"], "remove": ["lapsed", "unknown"]},
         }
     )
-    outcomes, counts = Transform(SPEC).run([event, b"{", None])
-    first, not_json, empty = outcomes
+    outcomes, counts = Transform(SPEC).run([event, b"{", None, b""])
+    first, not_json, tombstone, empty = outcomes
     assert not_json == Refused("not_json", "line 1 column 2")
+    assert tombstone == []  # a compacted topic's deleted key: nothing to do, not a bad event
     assert isinstance(empty, Refused)
     assert isinstance(first, list)
     assert [(index, record.action) for index, record in first] == [
@@ -74,7 +75,7 @@ def test_outcomes_are_reasons_or_encoded_records_per_destination() -> None:
     ]
     countries = [orjson.loads(record.json)["countryCode"] for _, record in first]
     assert countries == ["US", "GB"]  # no event country: each destination's own
-    assert counts.filtered == {"unknown_audience": 1}
+    assert counts.filtered == {"unknown_audience": 1, "tombstone": 1}
     assert counts.default_country == {"vip": 1, "lapsed": 1}
     assert counts.dropped[("phone", "invalid")] == 2  # once per country it was hashed for
 
