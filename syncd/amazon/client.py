@@ -559,8 +559,16 @@ def _audience(data: Any, operation: str) -> Audience:
     return Audience(audience_id=audience_id, raw=data)
 
 
-def _opt_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+# The largest counts the store's columns take (jobs.received_records and matched_records are
+# integers, audience_size a bigint): a count beyond them, or below 0, is no count.
+_MAX_RECORD_COUNT = 2**31 - 1
+_MAX_AUDIENCE_SIZE = 2**63 - 1
+
+
+def _count(value: Any, maximum: int) -> int | None:
+    """A count of Amazon's job status, or None when it is not an int in 0..maximum."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= maximum
+    return value if ok else None
 
 
 def _job_status(data: Any, job_request_id: str, operation: str) -> JobStatus:
@@ -589,7 +597,7 @@ def _job_status(data: Any, job_request_id: str, operation: str) -> JobStatus:
         job_state=state,
         processed_rate=float(rate) if isinstance(rate, int | float) else None,
         invalid_records=tuple(invalid),
-        received_record_size=_opt_int(size.get("receivedRecordSize")),
-        id_resolution_count=_opt_int(size.get("idResolutionCount")),
-        dsp_audience_size=_opt_int(size.get("dspAudienceSize")),
+        received_record_size=_count(size.get("receivedRecordSize"), _MAX_RECORD_COUNT),
+        id_resolution_count=_count(size.get("idResolutionCount"), _MAX_RECORD_COUNT),
+        dsp_audience_size=_count(size.get("dspAudienceSize"), _MAX_AUDIENCE_SIZE),
     )

@@ -629,3 +629,43 @@ async def test_a_terminal_job_is_stored_before_its_dead_letters_wait_on_the_brok
     sink.open.set()
     await polling
     assert [(v["externalUserId"], r) for v, r, _ in sink.sent] == [("u2", "other")]
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        {"receivedRecordSize": -5},
+        {"idResolutionCount": -1},
+        {"receivedRecordSize": 2**63},  # past any integer column (SQLite: OverflowError)
+        {"dspAudienceSize": 2**64 - 1},
+        {"receivedRecordSize": 2**31},  # past PostgreSQL's integer column
+    ],
+)
+async def test_odd_counts_in_a_job_status_lose_no_dead_letter_and_stop_no_poll(
+    store: Store, client: FakeClient, clock: FakeClock, size: dict[str, int]
+) -> None:
+    """A terminal job status whose audienceSize counts are negative or larger than the store's
+    columns hold (Amazon answering oddly): the counts are left out, the job is stored terminal,
+    its invalid member is dead-lettered and the round's other poll is stored too."""
+    from syncd.amazon.client import _job_status
+
+    table, sink = MemberTable(store), MemberDeadLetterSink()
+    outcomes = MemberOutcomes(table, sink, {7: "vip"})
+    poller = Poller(store, client, CFG, owner="a", clock=clock, outcomes=outcomes)
+    await sent_members(table, "odd", ["u1", "u2"])
+    await sent_members(table, "fine", ["u3"])
+    raw = {
+        "jobState": "PARTIALLYSUCCEEDED",
+        "invalidRecords": [{"externalId": "u2", "error": "INVALID_HASHED_PII: unresolved"}],
+        "audienceSize": size,
+    }
+    client.script["odd"] = [_job_status(raw, "odd", "records_get")]
+    client.script["fine"] = [JobStatus("fine", "SUCCEEDED", 100.0)]
+    await poller.poll_once()
+    assert await store.job_states(["odd", "fine"]) == {
+        "odd": "PARTIALLYSUCCEEDED",
+        "fine": "SUCCEEDED",
+    }
+    assert [(v["externalUserId"], r) for v, r, _ in sink.sent] == [("u2", "invalid_pii")]
+    [row] = [j for j in await store.list_jobs() if j.job_request_id == "odd"]
+    assert (row.received_records, row.matched_records, row.audience_size) == (None, None, None)
