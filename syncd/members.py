@@ -72,11 +72,13 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from syncd.model import Action, MemberRecord
+from syncd.observability.logging import get_logger
 from syncd.store import NewJob, Store
 from syncd.store.schema import jobs, members, reconciled, tombstones
 from syncd.vocabulary import CONFIRMING_JOB_STATES, JobState
 
 T = TypeVar("T")
+log = get_logger("syncd.members")
 
 ADD = "add"
 REMOVE = "remove"
@@ -835,13 +837,34 @@ class MemberTable:
     ) -> list[Claim]:
         """The job row of a POST Amazon accepted and its members' sent state (`mark_sent`), in
         one transaction: the job is stored whatever happened to the claims (the poller follows
-        it), the members only where their lease still holds. Returns the lost claims."""
+        it), the members only where their lease still holds. Returns the lost claims.
+
+        A jobRequestId of a job that is over already (Amazon reused it) is never polled again:
+        the claims are given back instead, due to be sent anew, and the finished job is left as
+        it is."""
+        reused = False
 
         def op(conn: Connection, now: float) -> list[Claim]:
-            self._store.insert_job(conn, now, job, first_poll_after_s)
+            nonlocal reused
+            if not self._store.insert_job(conn, now, job, first_poll_after_s):
+                state = conn.scalar(
+                    select(jobs.c.state).where(jobs.c.job_request_id == job.job_request_id)
+                )
+                reused = state != JobState.PENDING
+                if reused:
+                    self._set_lease(conn, now, claims, None)
+                    return []
             return self._mark_sent(conn, now, claims, job.job_request_id)
 
-        return await self._transaction(op)
+        lost = await self._transaction(op)
+        if reused:
+            log.warning(
+                "Amazon answered a POST with the jobRequestId of a finished job; its records "
+                "are sent again",
+                job_request_id=job.job_request_id,
+                members=len(claims),
+            )
+        return lost
 
     def _mark_sent(
         self, conn: Connection, now: float, claims: Sequence[Claim], job_request_id: str
@@ -969,34 +992,39 @@ class MemberTable:
         return await self._lease(claims, lease_s)
 
     async def _lease(self, claims: Sequence[Claim], lease_s: float | None) -> list[Claim]:
-        def op(conn: Connection, now: float) -> list[Claim]:
-            lost: list[Claim] = []
-            for (audience_id, token), group in _claim_groups(claims).items():
-                held = {c.external_user_id: c for c in group}
-                for chunk in self._batches(sorted(held)):
-                    if lease_s is None:
-                        values: dict[str, Any] = {
-                            "claimed_by": None,
-                            "claim_token": None,
-                            "claimed_until": None,
-                        }
-                    else:
-                        values = {"claimed_until": now + lease_s}
-                    result = conn.execute(
-                        update(m)
-                        .where(
-                            m.c.audience_id == audience_id,
-                            self._among(m.c.external_user_id, chunk),
-                            m.c.claim_token == token,
-                        )
-                        .values(values)
-                        .returning(m.c.external_user_id)
-                    )
-                    kept = set(result.scalars())
-                    lost.extend(held[euid] for euid in chunk if euid not in kept)
-            return lost
+        return await self._transaction(
+            lambda conn, now: self._set_lease(conn, now, claims, lease_s)
+        )
 
-        return await self._transaction(op)
+    def _set_lease(
+        self, conn: Connection, now: float, claims: Sequence[Claim], lease_s: float | None
+    ) -> list[Claim]:
+        """`_lease` inside the caller's write transaction."""
+        lost: list[Claim] = []
+        for (audience_id, token), group in _claim_groups(claims).items():
+            held = {c.external_user_id: c for c in group}
+            for chunk in self._batches(sorted(held)):
+                if lease_s is None:
+                    values: dict[str, Any] = {
+                        "claimed_by": None,
+                        "claim_token": None,
+                        "claimed_until": None,
+                    }
+                else:
+                    values = {"claimed_until": now + lease_s}
+                result = conn.execute(
+                    update(m)
+                    .where(
+                        m.c.audience_id == audience_id,
+                        self._among(m.c.external_user_id, chunk),
+                        m.c.claim_token == token,
+                    )
+                    .values(values)
+                    .returning(m.c.external_user_id)
+                )
+                kept = set(result.scalars())
+                lost.extend(held[euid] for euid in chunk if euid not in kept)
+        return lost
 
     # -- job outcomes ----------------------------------------------------------------------------
     async def apply_job_outcome(

@@ -293,9 +293,9 @@ class Store:
 
     def insert_job(
         self, conn: Connection, now: float, job: NewJob, first_poll_after_s: float
-    ) -> None:
+    ) -> bool:
         """`add_job` inside the caller's write transaction (the member table stores a job with
-        its members' sent state in one)."""
+        its members' sent state in one). Returns whether it was added (False: stored already)."""
         values = {
             "job_request_id": job.job_request_id,
             "connection_id": job.connection_id,
@@ -319,6 +319,7 @@ class Store:
         )
         if added is not None:
             self._count(conn, {JobState.PENDING: 1})
+        return added is not None
 
     async def claim_due_jobs(self, owner: str, limit: int, lease_s: float) -> list[JobRow]:
         """Atomically claim up to `limit` due PENDING jobs for `lease_s` seconds: no other owner

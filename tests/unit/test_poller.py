@@ -669,3 +669,26 @@ async def test_odd_counts_in_a_job_status_lose_no_dead_letter_and_stop_no_poll(
     assert [(v["externalUserId"], r) for v, r, _ in sink.sent] == [("u2", "invalid_pii")]
     [row] = [j for j in await store.list_jobs() if j.job_request_id == "odd"]
     assert (row.received_records, row.matched_records, row.audience_size) == (None, None, None)
+
+
+async def test_members_sent_under_the_id_of_a_finished_job_are_sent_again(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """Amazon answers a POST's 202 with the jobRequestId of a job that is already terminal (a
+    reused id): that job is never polled again, so its new members cannot wait for it. They are
+    due again (sent anew) instead of pending for ever, and the finished job stays as it was."""
+    table = MemberTable(store)
+    outcomes = MemberOutcomes(table, MemberDeadLetterSink(), {7: "vip"})
+    poller = Poller(store, client, CFG, owner="a", clock=clock, outcomes=outcomes)
+    await sent_members(table, "reused", ["u1"])
+    client.script["reused"] = [JobStatus("reused", "SUCCEEDED", 100.0)]
+    await poller.poll_once()
+    assert await store.job_states(["reused"]) == {"reused": "SUCCEEDED"}
+    await sent_members(table, "reused", ["u2"])  # the same id for another POST
+    u2 = await table.member(7, "u2")
+    assert u2 is not None
+    assert u2.job_request_id is None
+    [claim] = await table.claim_due([7], 10, 60, "sender")
+    assert (claim.external_user_id, claim.action) == ("u2", "add")
+    [row] = await store.list_jobs()
+    assert (row.job_request_id, row.state, row.records) == ("reused", "SUCCEEDED", 1)
