@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -67,6 +68,7 @@ MIN_SLOTS = 16
 SLOTS_PER_CONNECTION_SLOT = 4
 
 _SHA256ISH = re.compile(r"[0-9a-fA-F]{64}")
+MAX_JOB_REQUEST_ID = 128  # characters of jobs.job_request_id (syncd.store.schema)
 _MAX_MESSAGE = 300
 
 
@@ -156,6 +158,13 @@ class AmazonClient:
         job_id = _field(data, "jobRequestId", operation)
         if not isinstance(job_id, str) or not job_id:
             raise _unexpected(operation, f"jobRequestId for connection {connection_id}")
+        if len(job_id) > MAX_JOB_REQUEST_ID:
+            raise AmazonError(
+                f"{operation}: unexpected response from Amazon (a jobRequestId of {len(job_id)} "
+                f"characters for connection {connection_id}; syncd stores {MAX_JOB_REQUEST_ID})",
+                status=None,
+                operation=operation,
+            )
         return job_id
 
     async def get_job(self, job_request_id: str) -> JobStatus:
@@ -163,7 +172,7 @@ class AmazonClient:
         _require(job_request_id, "job_request_id")
         data = await self._call(
             "GET",
-            f"{RECORDS_PATH}/{job_request_id}",
+            f"{RECORDS_PATH}/{quote(job_request_id, safe='')}",  # one path segment, as is
             operation=operation,
             media_type=AUDIENCES_MEDIA_TYPE,
         )

@@ -124,6 +124,7 @@ FAULT_KEYS = frozenset(
         "revoke_refresh_token",
         "connection_status",
         "refuse_records_prefix",
+        "job_request_id",
     }
 )
 
@@ -283,6 +284,7 @@ class Faults:
     # connectionId -> (status, monotonic until, Retry-After seconds or None) for record POSTs
     connection_status: dict[str, tuple[int, float, float | None]] = field(default_factory=dict)
     refuse_records_prefix: str = ""  # 400 for a record POST holding such an externalUserId
+    job_request_id: str = ""  # the jobRequestId of every accepted record POST ("": a new UUID)
 
 
 class SandboxState:
@@ -393,6 +395,8 @@ class SandboxState:
             self._set_connection_status(faults["connection_status"])
         if "refuse_records_prefix" in faults:
             self.faults.refuse_records_prefix = str(faults["refuse_records_prefix"])
+        if "job_request_id" in faults:  # Amazon reusing an id, or one of an odd form
+            self.faults.job_request_id = str(faults["job_request_id"])
 
     def _set_connection_status(self, spec: Any) -> None:
         """`{"connection_id": ..., "status": 403, "for_s": 30, "retry_after_s": 8}`: record POSTs
@@ -431,6 +435,7 @@ class SandboxState:
                 for c, (st, until, _) in f.connection_status.items()
             },
             "refuse_records_prefix": f.refuse_records_prefix,
+            "job_request_id": f.job_request_id,
         }
 
     def chance(self, rate: float) -> bool:
@@ -494,7 +499,7 @@ class SandboxState:
         audience_id: int = body["audienceId"]
         connection_id: str = body["targetResource"]["connectionId"]
         records: list[dict[str, Any]] = body["records"]
-        job_id = str(uuid.uuid4())
+        job_id = self.faults.job_request_id or str(uuid.uuid4())  # a fault's id: filed anew
         received_at = self.now()
         if audience_id not in self.audiences:  # without strict_audiences: created implicitly
             self._add_audience(

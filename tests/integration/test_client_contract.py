@@ -16,13 +16,14 @@ import pytest
 
 from syncd import cli
 from syncd.amazon.api import records_body
-from syncd.amazon.client import AmazonClient
+from syncd.amazon.client import MAX_JOB_REQUEST_ID, AmazonClient
 from syncd.amazon.retry import nothing_accepted
 from syncd.config import AmazonConfig
-from syncd.errors import AuthError, NotSentError, RejectedError, RetryableError
+from syncd.errors import AmazonError, AuthError, NotSentError, RejectedError, RetryableError
 from syncd.localstack import free_port
 from syncd.sandbox.server import RunningSandbox, running_sandbox
 from syncd.sandbox.state import SandboxSettings
+from syncd.store.schema import jobs
 
 pytestmark = pytest.mark.integration
 
@@ -192,6 +193,43 @@ async def test_unknown_job_is_a_rejection(sandbox: RunningSandbox) -> None:
     assert info.value.status == 404
     assert info.value.operation == "records_get"
     assert "not found" in str(info.value)
+
+
+async def test_a_job_request_id_the_store_cannot_hold_is_a_clear_error_of_that_post(
+    sandbox: RunningSandbox,
+) -> None:
+    """A 202 whose jobRequestId is longer than the store's column (128 characters): the POST
+    fails with an error naming it (not one that proves nothing was accepted: the sender
+    resends under a reservation of its own), instead of an id PostgreSQL refuses to store."""
+    async with AmazonClient(config(sandbox)) as client:
+        connection_id, audience_id = await setup_destination(client)
+        sandbox.state.set_faults({"job_request_id": "j" * 129})
+        with pytest.raises(AmazonError) as info:
+            await client.post_records(
+                encoded_records(audience_id, connection_id), connection_id=connection_id
+            )
+    assert "jobRequestId" in str(info.value)
+    assert "129" in str(info.value)
+    assert not nothing_accepted(info.value)
+    assert requests(sandbox, "POST /amc/audiences/records") == 1
+    assert jobs.c.job_request_id.type.length == MAX_JOB_REQUEST_ID == 128
+
+
+@pytest.mark.parametrize("odd", ["job?x=1#y", "job a%2Fb", "j" * 128])
+async def test_a_job_request_id_of_any_characters_is_polled_as_itself(
+    sandbox: RunningSandbox, odd: str
+) -> None:
+    """Amazon's jobRequestId goes into the GET's path as one segment, whatever it holds."""
+    async with AmazonClient(config(sandbox)) as client:
+        connection_id, audience_id = await setup_destination(client)
+        sandbox.state.set_faults({"job_request_id": odd})
+        job_id = await client.post_records(
+            encoded_records(audience_id, connection_id), connection_id=connection_id
+        )
+        assert job_id == odd
+        status = await client.get_job(job_id)
+    assert status.job_request_id == odd
+    assert requests(sandbox, "GET /amc/audiences/records/{jobRequestId} 200") == 1
 
 
 async def test_throttled_call_obeys_retry_after(sandbox: RunningSandbox) -> None:
