@@ -7,7 +7,8 @@ the destinations name (each distinct audience_id once):
   at once, each read given up after `metadata_timeout_s` or one refresh period (whichever is
   shorter), and read again after `metadata_retry_s` when it fails: a 401/403/404 is a setup
   problem of that destination and is logged as such; nothing stops the loop. Until a ttl is
-  read, the contract's default applies (34300800 s, Amazon's own default).
+  read, the contract's default applies (34300800 s, Amazon's own default); a ttl that is no
+  number in 0..34300800 is logged and the one known before holds.
 - every refresh period, members whose last accepted CREATE is older than `refresh_at` x ttl are
   marked due (the senders re-send them after live changes). A member must be re-sent within its
   refresh window, between refresh_at x ttl and the ttl: the period is at most a quarter of the
@@ -226,14 +227,14 @@ class AudienceWatcher:
             isinstance(ttl, int | float) and not isinstance(ttl, bool) and 0 <= ttl <= DEFAULT_TTL_S
         ):
             ttl_s = float(ttl)
-        else:
+        else:  # as through a failed read: the ttl read before (or the default) holds
             log.warning(
-                "audience metadata holds an unusable ttl; using the default",
+                "audience metadata holds an unusable ttl; keeping the one known",
                 audience=audience.key,
                 ttl=repr(ttl)[:40],
-                default_s=DEFAULT_TTL_S,
+                ttl_s=audience.effective_ttl_s,
             )
-            ttl_s = None
+            ttl_s = audience.ttl_s
         if ttl_s == 0 and audience.ttl_s != 0:
             log.warning(
                 "audience ttl is 0: Amazon soft-removes its members; syncd does not refresh them",

@@ -452,3 +452,28 @@ async def test_a_hanging_metadata_read_does_not_hold_the_refreshes_back(
     await asyncio.wait_for(w.run_once(), timeout=30)
     assert len(await table.claim_due([A1], 10, 60, "s")) == 1
     assert sample("syncd_audience_metadata_reads_total", audience=stuck, outcome="failed") == 1
+
+
+@pytest.mark.parametrize("odd", ["60", -1, True, DEFAULT_TTL_S + 1, 1e30, [60]])
+async def test_an_unusable_ttl_keeps_the_ttl_read_before(
+    odd: Any, table: MemberTable, clock: FakeClock
+) -> None:
+    """Amazon answered ttl 60, then a ttl syncd cannot use: the 60 s it read holds (as through
+    a failed read), so the members are still refreshed within their window instead of waiting
+    for the default ttl (397 days) while Amazon drops them after 60 s."""
+    vip = key("vip")
+    amazon = FakeAmazon({A1: meta(ttl=60)})
+    await confirmed_members(table, "u1")
+    w = watcher(amazon, table, clock, dest(vip), metadata_every_s=10)
+    await w.run_once()
+    amazon.answers[A1] = meta(ttl=odd)
+    clock.advance(10)
+    with capture_logs() as logs:
+        await w.run_once()
+    assert amazon.calls == [A1, A1]
+    assert sample("syncd_audience_ttl_seconds", audience=vip) == 60
+    clock.advance(30)
+    await w.run_once()
+    assert len(await table.claim_due([A1], 10, 60, "s")) == 1
+    [warning] = [e for e in logs if e["event"].startswith("audience metadata holds an unusable")]
+    assert warning["ttl_s"] == 60  # says which ttl it keeps
