@@ -27,6 +27,7 @@ log = get_logger("syncd.amazon.auth")
 
 # Refresh this long before expiry, at most; tokens with a short lifetime refresh at 90 %.
 REFRESH_AHEAD_S = 60.0
+MAX_TOKEN_LIFETIME_S = 86400.0  # a longer expires_in (1e30, "inf") counts this long
 
 # POSTs the form to the token endpoint: returns (status, body, Retry-After header or None);
 # raises RetryableError on a timeout or a connection error.
@@ -130,10 +131,11 @@ class TokenProvider:
             raise RetryableError(  # a proxy's or a gateway's page, say: a passing fault
                 "LwA answered without a usable access_token", status=200, operation=OPERATION
             ) from None
-        if not isinstance(value, str) or not value or expires_in <= 0:
+        if not isinstance(value, str) or not value or not expires_in > 0:  # NaN too
             raise RetryableError(
                 "LwA answered with an invalid token", status=200, operation=OPERATION
             )
+        expires_in = min(expires_in, MAX_TOKEN_LIFETIME_S)
         expires_at = started + expires_in  # measured from the request: errs on the early side
         self._refresh_at = expires_at - min(REFRESH_AHEAD_S, expires_in * 0.1)
         return AccessToken(value=value, expires_at=expires_at)

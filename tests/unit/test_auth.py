@@ -7,7 +7,7 @@ import asyncio
 import orjson
 import pytest
 
-from syncd.amazon.auth import TokenProvider
+from syncd.amazon.auth import MAX_TOKEN_LIFETIME_S, TokenProvider
 from syncd.amazon.retry import Retrier, RetryPolicy
 from syncd.errors import AuthError, RetryableError
 from tests.fakes import FakeTime
@@ -174,3 +174,25 @@ async def test_a_token_answer_that_refuses_no_credential_is_retried(
     auth = provider(lwa, fake)
     assert await auth.token() == "t2"
     assert auth.fatal_error is None
+
+
+@pytest.mark.parametrize("odd", ["NaN", "nan", "-inf"])
+async def test_a_token_whose_lifetime_is_no_number_is_retried_not_used(odd: str) -> None:
+    """An expires_in that float() reads as NaN (or -inf): a token that would be refreshed on
+    every call (or never be held) is an invalid answer, retried like any passing fault."""
+    fake, lwa = FakeTime(), FakeLwa((200, {"access_token": "odd", "expires_in": odd}))
+    auth = provider(lwa, fake)
+    assert await auth.token() == "t2"
+    assert await auth.token() == "t2"
+    assert lwa.calls == 2
+    assert auth.held
+
+
+@pytest.mark.parametrize("odd", [1e30, "inf", "Infinity"])
+async def test_a_token_said_to_live_for_ever_is_refreshed_within_a_day(odd: object) -> None:
+    fake, lwa = FakeTime(), FakeLwa((200, {"access_token": "odd", "expires_in": odd}))
+    auth = provider(lwa, fake)
+    assert await auth.token() == "odd"
+    fake.now += MAX_TOKEN_LIFETIME_S
+    assert not auth.held
+    assert await auth.token() == "t2"
