@@ -1070,14 +1070,28 @@ class MemberTable:
                 conn.execute(select(func.count()).select_from(locked))  # counted, not returned
             if outcome == CONFIRMED:
                 result.erased = self._finish_erasures(conn, of_job)
-                for euid, why in sorted(refused.items()):
-                    rows = conn.execute(
-                        update(m)
-                        .where(of_job, m.c.external_user_id == euid)
-                        .values(_settle(now, INVALID, why, accepted=False))
-                        .returning(*_dead_columns())
-                    )
-                    result.invalid.extend(_dead(row, why) for row in rows)
+                # Amazon's list may name anything, any number of times: only the job's own
+                # members are marked, a statement per reason class (and chunk), not per entry.
+                held = set(conn.execute(select(m.c.external_user_id).where(of_job)).scalars())
+                by_reason: dict[str, list[str]] = defaultdict(list)
+                for euid in sorted(held.intersection(refused)):
+                    by_reason[refused[euid]].append(euid)
+                for why, ids in sorted(by_reason.items()):
+                    # SQLite: one chunk (its statements take any number of ids in one step)
+                    for chunk in self._batches(ids) if self._postgres else [ids]:
+                        if self._postgres:
+                            among, params = self._among(m.c.external_user_id, chunk), {}
+                        else:
+                            among = m.c.external_user_id.in_(_IDS)
+                            params = {"ids": orjson.dumps(list(chunk)).decode()}
+                        rows = conn.execute(
+                            update(m)
+                            .where(of_job, among)
+                            .values(_settle(now, INVALID, why, accepted=False))
+                            .returning(*_dead_columns()),
+                            params,
+                        )
+                        result.invalid.extend(_dead(row, why) for row in rows)
                 confirmed = conn.execute(
                     update(m).where(of_job).values(_settle(now, CONFIRMED, None, accepted=True))
                 )

@@ -455,6 +455,35 @@ async def test_success_confirms_and_starts_the_ttl_clock_at_the_202(
     assert await table.counts(A1) == {"member": 1, "pending": 0, "removed": 1, "invalid": 0}
 
 
+async def test_a_huge_invalid_records_list_costs_a_few_statements(table: MemberTable) -> None:
+    """A job's invalidRecords may list anything (50,000 ids the job never held, repeated, a
+    thousand of its own): the outcome is written by a few statements, not one per entry (one
+    per entry held a SQLite store's write lock for minutes)."""
+    await table.record_changes([change(f"m{i}", pos=i) for i in range(1500)])
+    await send(table, limit=1500)
+    invalid = {f"stranger{i}": "invalid_pii" for i in range(50_000)}
+    invalid |= {f"m{i}": "invalid_pii" if i % 2 else "consent" for i in range(1000)}
+    ran: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        ran.append(statement)
+
+    engine = table._store._sync_engine or table._store._engine.sync_engine  # where writes run
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        outcome = await table.apply_job_outcome("job-1", "PARTIALLYSUCCEEDED", invalid)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert outcome.confirmed == 500
+    assert sorted(d.external_user_id for d in outcome.invalid) == sorted(
+        f"m{i}" for i in range(1000)
+    )
+    assert {d.reason for d in outcome.invalid if d.external_user_id == "m1"} == {"invalid_pii"}
+    assert {d.reason for d in outcome.invalid if d.external_user_id == "m2"} == {"consent"}
+    assert await table.counts(A1) == {"member": 500, "pending": 0, "removed": 0, "invalid": 1000}
+    assert len(ran) <= 20
+
+
 async def test_partial_success_marks_the_refused_invalid(table: MemberTable) -> None:
     await table.record_changes([change("ok"), change("bad"), change("bad2", email="z")])
     await send(table)
