@@ -1499,7 +1499,7 @@ class MemberTable:
             done = ReconcileCounts()
             if self._postgres:  # an erase must not slip between the tombstone check and a write
                 conn.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": _ERASE_LOCK})
-            erased_at = self._tombstones(conn, [(audience_id, e) for e in ids])
+            erased = self._erased_since(conn, audience_id, ids, occurred_at)
             current: dict[str, HeldMember] = {}
             for chunk in self._batches(ids):
                 query = (
@@ -1514,8 +1514,7 @@ class MemberTable:
             updates: dict[str, list[ReconcileWrite]] = {ADD: [], REMOVE: []}
             for euid in ids:
                 w = by_id[euid]
-                erased = erased_at.get((audience_id, euid))
-                if erased is not None and erased >= occurred_at:
+                if euid in erased:
                     done.erased += 1
                     done.skipped[w.kind] += 1
                     continue
@@ -1577,6 +1576,18 @@ class MemberTable:
         if not writes:
             return counts
         return await self._transaction(op)
+
+    async def erased_since(self, audience_id: int, ids: Sequence[str], at: float) -> set[str]:
+        """Those of `ids` erased from `audience_id` at or after `at`: what `record_reconcile`
+        leaves out of a reconcile at `at` (a dry run counts them as it would)."""
+        async with self._store._read() as conn:
+            return await conn.run_sync(self._erased_since, audience_id, ids, at)
+
+    def _erased_since(
+        self, conn: Connection, audience_id: int, ids: Sequence[str], at: float
+    ) -> set[str]:
+        erased_at = self._tombstones(conn, [(audience_id, e) for e in ids])
+        return {euid for (_, euid), erased in erased_at.items() if erased >= at}
 
     async def reconcile_progress(self, audience_id: int, as_of: float) -> tuple[int, int]:
         """(left, refused) of reconcile changes in `audience_id` (rows whose desired state a

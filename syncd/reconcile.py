@@ -547,8 +547,17 @@ class Reconciler:
             await self._record(writes)
 
     async def _record(self, writes: list[ReconcileWrite]) -> None:
-        """Record `writes` once WRITE_BATCH of them wait (a commit per few chunks)."""
+        """Record `writes` once WRITE_BATCH of them wait (a commit per few chunks). A dry run
+        records nothing, and counts what the write would leave out: members erased at or after
+        --as-of."""
         if self._dry_run:
+            if writes:
+                erased = await self._members.erased_since(
+                    self._dest.audience_id, [w.external_user_id for w in writes], self._as_of
+                )
+                skipped = Counter(w.kind for w in writes if w.external_user_id in erased)
+                self.report.erased += skipped.total()
+                self.report.counts.subtract(skipped)
             return
         self._writes += writes
         if len(self._writes) >= WRITE_BATCH:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.test_reconcile import (  # the unit tests re-run on PostgreSQL
+    test_a_dry_run_counts_a_member_erased_after_the_as_of_as_the_real_run_does,
     test_a_member_never_sent_is_removed_without_a_delete,
     test_a_newer_live_change_wins_and_a_row_changed_since_compared_is_left,
     test_a_reconcile_cut_short_and_run_again_does_the_rest,
@@ -22,6 +23,7 @@ from tests.unit.test_reconcile import (  # the unit tests re-run on PostgreSQL
 pytestmark = pytest.mark.integration
 
 __all__ = [
+    "test_a_dry_run_counts_a_member_erased_after_the_as_of_as_the_real_run_does",
     "test_a_member_never_sent_is_removed_without_a_delete",
     "test_a_newer_live_change_wins_and_a_row_changed_since_compared_is_left",
     "test_a_reconcile_cut_short_and_run_again_does_the_rest",

@@ -768,6 +768,28 @@ async def test_a_member_erased_after_the_as_of_is_reported_erased_not_added(
         assert report.counts[UNCHANGED] == 1
 
 
+async def test_a_dry_run_counts_a_member_erased_after_the_as_of_as_the_real_run_does(
+    tmp_path: Path, table: MemberTable
+) -> None:
+    """A dry run reports what the real run would record: a member erased at or after --as-of
+    whose erase Amazon confirmed (its tombstone alone is left: p3) is counted erased, not an
+    add; one whose erase's DELETE still waits (p2) holds a change newer than --as-of."""
+    path = tmp_path / "s.csv"
+    path.write_text("profile_id,email\np1,a@x.io\np2,b@x.io\np3,c@x.io\n")
+    await stream(table, {"p1": "a@x.io", "p2": "b@x.io", "p3": "c@x.io"})
+    await send_all(table)
+    await table.erase(["p3"], [AUDIENCE_ID], occurred_at=AS_OF + 5, position=0)
+    assert await send_all(table, "erase") == 1
+    assert await table.member(AUDIENCE_ID, "p3") is None
+    await table.erase(["p2"], [AUDIENCE_ID], occurred_at=AS_OF + 5, position=0)
+    dry = await reconcile(table, path, "csv", dry_run=True)
+    assert await table.waiting([AUDIENCE_ID], RECONCILE) == 0  # a dry run changes nothing
+    report = await reconcile(table, path, "csv")
+    assert (report.counts[ADDED], report.counts[NEWER], report.erased) == (0, 1, 1)
+    assert report.to_send == 0
+    assert (dry.counts, dry.erased, dry.to_send) == (report.counts, report.erased, 0)
+
+
 async def test_a_live_change_older_than_a_complete_reconcile_changes_nothing(
     tmp_path: Path, table: MemberTable
 ) -> None:
