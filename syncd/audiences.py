@@ -16,9 +16,10 @@ the destinations name (each distinct audience_id once):
   `refresh_every_s` and never under MIN_CHECK_S. ttl 0, or `refresh_at` 0: nothing is refreshed.
 - members past the middle of their window whose re-send has no job yet are counted at risk: the
   budget (or a blocked connection) does not let the refreshes out in time.
-Every `purge_every_s`, tombstones older than `tombstone_days` are purged. Every replica runs a
-watcher: marking and purging are idempotent, and claims keep two replicas from sending a member
-twice. Metric labels: the destination's audience key (the first one naming the audience_id).
+Every `purge_every_s`, tombstones whose erase was recorded (and happened) more than
+`tombstone_days` ago are purged. Every replica runs a watcher: marking and purging are
+idempotent, and claims keep two replicas from sending a member twice. Metric labels: the
+destination's audience key (the first one naming the audience_id).
 """
 
 from __future__ import annotations

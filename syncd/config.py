@@ -120,7 +120,7 @@ class MembersConfig:
     """[members]: the member table's upkeep (syncd/audiences.py)."""
 
     refresh_at: float = 0.8  # re-send a member after this fraction of its audience's ttl; 0 = never
-    tombstone_days: float = 30.0  # how long an erased member's tombstone is kept
+    tombstone_days: float = 30.0  # how long an erased member's tombstone is kept once recorded
 
 
 @dataclass(frozen=True)

@@ -1209,7 +1209,7 @@ class MemberTable:
         def op(conn: Connection, now: float) -> int:
             if self._postgres:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ERASE_LOCK})
-            self._add_tombstones(conn, keys, occurred_at)
+            self._add_tombstones(conn, keys, occurred_at, now)
             deletes = 0
             for audience_id, ids in _by_audience(keys).items():
                 for chunk in self._batches(ids):
@@ -1267,32 +1267,46 @@ class MemberTable:
         return await self._transaction(op)
 
     def _add_tombstones(
-        self, conn: Connection, keys: Sequence[tuple[int, str]], erased_at: float
+        self, conn: Connection, keys: Sequence[tuple[int, str]], erased_at: float, now: float
     ) -> None:
+        """A tombstone per key of the erase at `erased_at`, recorded `now`; a key's newer erase
+        replaces an older one's."""
         for chunk in _shaped_chunks(keys):
             stmt = self._insert(t).values(
                 [
-                    {"audience_id": a, "external_user_id": e, "erased_at": erased_at}
+                    {
+                        "audience_id": a,
+                        "external_user_id": e,
+                        "erased_at": erased_at,
+                        "recorded_at": now,
+                    }
                     for a, e in chunk
                 ]
             )
             stmt = stmt.on_conflict_do_update(
                 index_elements=[t.c.audience_id, t.c.external_user_id],
-                set_={"erased_at": stmt.excluded.erased_at},
+                set_={"erased_at": stmt.excluded.erased_at, "recorded_at": now},
                 where=stmt.excluded.erased_at > t.c.erased_at,
             )
             conn.execute(stmt)
 
     async def purge_tombstones(self, older_than_s: float) -> int:
-        """Delete tombstones of erases more than `older_than_s` ago whose member rows are gone
-        (a DELETE still waiting keeps its tombstone). Returns how many."""
+        """Delete tombstones whose erase both happened and was recorded more than
+        `older_than_s` ago, and whose member rows are gone (a DELETE still waiting keeps its
+        tombstone): an erase read long after it happened guards against replays of the
+        member's older events as long as any. A tombstone an older release wrote (no
+        recorded_at) counts from its erase. Returns how many."""
 
         def op(conn: Connection, now: float) -> int:
+            cutoff = now - older_than_s
             row_left = exists().where(
                 m.c.audience_id == t.c.audience_id,
                 m.c.external_user_id == t.c.external_user_id,
             )
-            result = conn.execute(delete(t).where(t.c.erased_at < now - older_than_s, ~row_left))
+            recorded_before = or_(t.c.recorded_at.is_(None), t.c.recorded_at < cutoff)
+            result = conn.execute(
+                delete(t).where(t.c.erased_at < cutoff, recorded_before, ~row_left)
+            )
             return int(result.rowcount)
 
         return await self._transaction(op)

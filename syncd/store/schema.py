@@ -162,6 +162,8 @@ tombstones = Table(
     Column("audience_id", BigInteger, nullable=False),
     Column("external_user_id", _KEY, nullable=False),
     Column("erased_at", Float, nullable=False),  # occurred_at of the erase event
+    # when that erase was recorded (migration 0010; NULL: by an older release): kept from then
+    Column("recorded_at", Float),
     PrimaryKeyConstraint("audience_id", "external_user_id"),
     Index("ix_tombstones_erased_at", "erased_at"),
     sqlite_with_rowid=False,

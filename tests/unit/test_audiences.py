@@ -393,9 +393,13 @@ async def test_odd_metadata_falls_back_to_the_default_ttl(
 
 async def test_old_tombstones_are_purged_hourly(table: MemberTable, clock: FakeClock) -> None:
     """Tombstones older than tombstone_days go at start and then once an hour (the watcher's
-    schedule runs on its own clock here, the store's time on `clock`)."""
+    schedule runs on its own clock here, the store's time on `clock`). Each erase is recorded
+    as it happens."""
+    clock.advance(-31 * 86400)
     await table.erase(["old"], [A1], occurred_at=T0 - 31 * 86400, position=0)
+    clock.advance(2 * 86400)
     await table.erase(["recent"], [A1], occurred_at=T0 - 29 * 86400, position=0)
+    clock.advance(29 * 86400)  # T0
     schedule = FakeClock()
     w = watcher(FakeAmazon({A1: meta()}), table, schedule, dest(key("vip")))
     before = sample("syncd_tombstones_purged_total") or 0

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event, select
+from sqlalchemy import event, insert, select, text
 
 from syncd.members import (
     ADD,
@@ -28,8 +29,9 @@ from syncd.members import (
 )
 from syncd.model import Action, Consent, member_record, record_digest
 from syncd.store import NewJob
-from syncd.store.schema import members
+from syncd.store.schema import members, tombstones
 from tests.fakes import T0, FakeClock
+from tests.fixtures.store import migrate
 
 A1 = 413642381039213536  # real audience ids have 18 digits
 A2 = 413642381039213537
@@ -689,6 +691,59 @@ async def test_tombstone_keeps_while_its_delete_waits(table: MemberTable, clock:
     clock.advance(1000)
     assert await table.purge_tombstones(10) == 0
     assert await table.tombstone(A1, "u1") == T0 + 1
+
+
+async def test_a_tombstone_is_kept_tombstone_days_after_its_erase_was_recorded(
+    table: MemberTable, clock: FakeClock
+) -> None:
+    """An erase may be read long after it happened (a lagging consumer, a topic replayed from
+    further back). Its tombstone guards against a replay of the member's older events for
+    tombstone_days from when it was recorded, as any erase's does, not from when it happened
+    (it went as soon as its DELETE was confirmed, and the replay brought the member back)."""
+    keep_s = 30 * 86400.0
+    long_ago = T0 - keep_s - 100
+    await table.record_changes([change(at=long_ago - 100)])
+    await send(table)
+    await table.apply_job_outcome("job-1", "SUCCEEDED")
+    assert await table.erase(["u1"], [A1], occurred_at=long_ago, position=0) == 1  # read now
+    await send(table, job="del")
+    assert (await table.apply_job_outcome("del", "SUCCEEDED")).erased == 1
+    assert await table.purge_tombstones(keep_s) == 0
+    replayed = await table.record_changes([change(at=long_ago - 100)])
+    assert replayed == RecordCounts(erased=1)
+    assert await table.member(A1, "u1") is None
+    clock.advance(keep_s + 1)
+    assert await table.purge_tombstones(keep_s) == 1
+    assert await table.tombstone(A1, "u1") is None
+
+
+async def test_tombstones_stored_before_revision_0010_count_from_the_upgrade(
+    table: MemberTable,
+) -> None:
+    """When a tombstone stored before revision 0010 was recorded is not known: it is kept
+    tombstone_days from the upgrade on. A downgrade keeps the tombstones."""
+
+    async def recorded_at() -> list[float | None]:
+        async with table._store._read() as conn:
+            return list((await conn.execute(select(tombstones.c.recorded_at))).scalars())
+
+    async with table._store._engine.begin() as conn:
+        await conn.run_sync(migrate("0009", down=True))
+        await conn.execute(
+            insert(tombstones).values(audience_id=A1, external_user_id="u1", erased_at=T0)
+        )
+    before = time.time()
+    async with table._store._engine.begin() as conn:
+        await conn.run_sync(migrate("head"))
+    [upgraded_at] = await recorded_at()
+    assert upgraded_at is not None
+    assert before <= upgraded_at <= time.time()
+    assert await table.tombstone(A1, "u1") == T0
+    async with table._store._engine.begin() as conn:
+        await conn.run_sync(migrate("0009", down=True))
+        kept = await conn.execute(text("SELECT erased_at FROM tombstones"))
+        assert list(kept.scalars()) == [T0]
+        await conn.run_sync(migrate("head"))
 
 
 # -- counts ---------------------------------------------------------------------------------------
