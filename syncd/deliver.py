@@ -52,12 +52,12 @@ from typing import Any, Protocol
 from syncd.amazon.retry import nothing_accepted, retry_reason
 from syncd.batching import EncodedBatch, build_batches
 from syncd.errors import AmazonError, AuthError, RejectedError, RetryableError, ThrottledError
-from syncd.members import RECONCILE, Claim, MemberDeadLetters, dead_letter_value
+from syncd.members import RECONCILE, Claim, JobIdReused, MemberDeadLetters, dead_letter_value
 from syncd.model import Action, Batch, Destination
 from syncd.observability import metrics
 from syncd.observability.logging import get_logger
 from syncd.store import NewJob, persist
-from syncd.store.reasons import classify_invalid_reason
+from syncd.store.reasons import OTHER, classify_invalid_reason
 
 log = get_logger("syncd.deliver")
 
@@ -745,6 +745,15 @@ class MemberFeed:
             lost = await self._members.store_job(
                 part.claims, job, first_poll_after_s=self._first_poll_after_s
             )
+        except JobIdReused as exc:  # settled as a refusal: never resent in a loop
+            log.warning(
+                "Amazon answered a POST with the jobRequestId of a finished job; its "
+                "members are dead-lettered",
+                job_request_id=job.job_request_id,
+                members=len(part.claims),
+            )
+            await self._refuse(part.claims, OTHER, str(exc))
+            return
         except Exception:
             self._unstored.add(job.job_request_id)
             raise

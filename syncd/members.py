@@ -72,13 +72,11 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from syncd.model import Action, MemberRecord
-from syncd.observability.logging import get_logger
 from syncd.store import NewJob, Store
 from syncd.store.schema import jobs, members, reconciled, tombstones
 from syncd.vocabulary import CONFIRMING_JOB_STATES, JobState
 
 T = TypeVar("T")
-log = get_logger("syncd.members")
 
 ADD = "add"
 REMOVE = "remove"
@@ -439,6 +437,17 @@ def _retryable(exc: DBAPIError) -> bool:
     if isinstance(exc.orig, AsyncAdapt_asyncpg_dbapi.InvalidCachedStatementError):
         return True
     return getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES
+
+
+class JobIdReused(Exception):
+    """Amazon answered a POST with the jobRequestId of a job that is over: the POST's outcome
+    can never be read."""
+
+    def __init__(self, job_request_id: str) -> None:
+        super().__init__(
+            f"Amazon answered with the jobRequestId of a finished job ({job_request_id}): "
+            "the outcome of this POST cannot be followed"
+        )
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -839,32 +848,19 @@ class MemberTable:
         one transaction: the job is stored whatever happened to the claims (the poller follows
         it), the members only where their lease still holds. Returns the lost claims.
 
-        A jobRequestId of a job that is over already (Amazon reused it) is never polled again:
-        the claims are given back instead, due to be sent anew, and the finished job is left as
-        it is."""
-        reused = False
+        A jobRequestId of a job that is over already (Amazon reused it) would never be polled
+        again: JobIdReused is raised and nothing is written (the claims still hold)."""
 
         def op(conn: Connection, now: float) -> list[Claim]:
-            nonlocal reused
             if not self._store.insert_job(conn, now, job, first_poll_after_s):
                 state = conn.scalar(
                     select(jobs.c.state).where(jobs.c.job_request_id == job.job_request_id)
                 )
-                reused = state != JobState.PENDING
-                if reused:
-                    self._set_lease(conn, now, claims, None)
-                    return []
+                if state != JobState.PENDING:
+                    raise JobIdReused(job.job_request_id)
             return self._mark_sent(conn, now, claims, job.job_request_id)
 
-        lost = await self._transaction(op)
-        if reused:
-            log.warning(
-                "Amazon answered a POST with the jobRequestId of a finished job; its records "
-                "are sent again",
-                job_request_id=job.job_request_id,
-                members=len(claims),
-            )
-        return lost
+        return await self._transaction(op)
 
     def _mark_sent(
         self, conn: Connection, now: float, claims: Sequence[Claim], job_request_id: str
@@ -992,39 +988,34 @@ class MemberTable:
         return await self._lease(claims, lease_s)
 
     async def _lease(self, claims: Sequence[Claim], lease_s: float | None) -> list[Claim]:
-        return await self._transaction(
-            lambda conn, now: self._set_lease(conn, now, claims, lease_s)
-        )
-
-    def _set_lease(
-        self, conn: Connection, now: float, claims: Sequence[Claim], lease_s: float | None
-    ) -> list[Claim]:
-        """`_lease` inside the caller's write transaction."""
-        lost: list[Claim] = []
-        for (audience_id, token), group in _claim_groups(claims).items():
-            held = {c.external_user_id: c for c in group}
-            for chunk in self._batches(sorted(held)):
-                if lease_s is None:
-                    values: dict[str, Any] = {
-                        "claimed_by": None,
-                        "claim_token": None,
-                        "claimed_until": None,
-                    }
-                else:
-                    values = {"claimed_until": now + lease_s}
-                result = conn.execute(
-                    update(m)
-                    .where(
-                        m.c.audience_id == audience_id,
-                        self._among(m.c.external_user_id, chunk),
-                        m.c.claim_token == token,
+        def op(conn: Connection, now: float) -> list[Claim]:
+            lost: list[Claim] = []
+            for (audience_id, token), group in _claim_groups(claims).items():
+                held = {c.external_user_id: c for c in group}
+                for chunk in self._batches(sorted(held)):
+                    if lease_s is None:
+                        values: dict[str, Any] = {
+                            "claimed_by": None,
+                            "claim_token": None,
+                            "claimed_until": None,
+                        }
+                    else:
+                        values = {"claimed_until": now + lease_s}
+                    result = conn.execute(
+                        update(m)
+                        .where(
+                            m.c.audience_id == audience_id,
+                            self._among(m.c.external_user_id, chunk),
+                            m.c.claim_token == token,
+                        )
+                        .values(values)
+                        .returning(m.c.external_user_id)
                     )
-                    .values(values)
-                    .returning(m.c.external_user_id)
-                )
-                kept = set(result.scalars())
-                lost.extend(held[euid] for euid in chunk if euid not in kept)
-        return lost
+                    kept = set(result.scalars())
+                    lost.extend(held[euid] for euid in chunk if euid not in kept)
+            return lost
+
+        return await self._transaction(op)
 
     # -- job outcomes ----------------------------------------------------------------------------
     async def apply_job_outcome(

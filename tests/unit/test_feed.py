@@ -25,6 +25,7 @@ from syncd.members import Claim, MemberTable, member_change
 from syncd.model import Action, Destination, Erase, SourceRef, member_record
 from syncd.routing import RouteCounts
 from syncd.source import KafkaSource, Message, OffsetTracker
+from syncd.store import NewJob
 from syncd.transform import Outcome
 from syncd.transform_pool import Transformer
 from tests.fakes import until
@@ -59,6 +60,7 @@ class Amazon:
     refuse: Callable[[list[str]], int | None] = lambda ids: None
     accepted: list[list[str]] = field(default_factory=list)
     posts: int = 0
+    job_id: str = ""  # the jobRequestId of every 202 ("": a new one each time)
 
     async def post_records(
         self,
@@ -75,7 +77,7 @@ class Amazon:
                 f"records_post failed: HTTP {status}: invalid email hash", status=status
             )
         self.accepted.append(ids)
-        return f"job-{uuid.uuid4().hex[:8]}"
+        return self.job_id or f"job-{uuid.uuid4().hex[:8]}"
 
     # budget: always room
     async def acquire(self, connection_id: str, records: int) -> int:
@@ -214,6 +216,38 @@ async def test_a_refused_record_is_a_member_dead_letter_and_invalid_until_it_cha
     await until(lambda: ["u2"] in amazon.accepted, "the changed u2 sent")
     await running.shutdown()
     assert len(dead.sent) == 1
+
+
+async def test_a_202_naming_a_finished_job_dead_letters_its_members_instead_of_resending(
+    table: MemberTable,
+) -> None:
+    """Amazon answers 202 with the jobRequestId of a job that is over (a reused id): that POST's
+    outcome can never be read. Its members are dead-lettered and marked invalid (sent again
+    only once they change), as a refused record is: not resent in a loop that Amazon answering
+    so for good would turn into a connection's whole budget."""
+    store = table._store
+    await store.add_job(
+        NewJob("job-reused", DEST.connection_id, DEST.audience_id, "vip", 1, 1, 0),
+        first_poll_after_s=0,
+    )
+    assert await store.expire_jobs(max_age_s=-1) == 1  # the job is over
+    amazon, dead = Amazon(job_id="job-reused"), DeadLetters()
+    await add_members(table, "u1", "u2")
+    running = start(table, amazon, dead)
+    await until(lambda: len(dead.sent) == 2, "both members dead-lettered")
+    await running.shutdown()
+    assert amazon.posts == 1
+    assert {(v["externalUserId"], reason) for v, reason, _ in dead.sent} == {
+        ("u1", "other"),
+        ("u2", "other"),
+    }
+    assert all("job-reused" in detail and "finished" in detail for _, _, detail in dead.sent)
+    for euid in ("u1", "u2"):
+        state = await table.member(DEST.audience_id, euid)
+        assert state is not None
+        assert (state.outcome, state.due_since, state.job_request_id) == ("invalid", None, None)
+    [job] = await store.list_jobs()
+    assert (job.job_request_id, job.state, job.records) == ("job-reused", "EXPIRED", 1)
 
 
 async def test_a_renewal_racing_a_stored_job_takes_no_claim_for_lost(

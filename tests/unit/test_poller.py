@@ -19,7 +19,7 @@ from syncd.amazon.api import InvalidRecord, JobStatus
 from syncd.config import PollConfig
 from syncd.errors import AuthError, RetryableError
 from syncd.jobs import IDLE_MAX_S, MemberOutcomes, Poller, poll_interval
-from syncd.members import MemberTable, member_change
+from syncd.members import JobIdReused, MemberTable, member_change
 from syncd.model import Action, member_record
 from syncd.observability.metrics import REGISTRY
 from syncd.store import JobRow, NewJob, Store
@@ -671,12 +671,13 @@ async def test_odd_counts_in_a_job_status_lose_no_dead_letter_and_stop_no_poll(
     assert (row.received_records, row.matched_records, row.audience_size) == (None, None, None)
 
 
-async def test_members_sent_under_the_id_of_a_finished_job_are_sent_again(
+async def test_a_job_id_of_a_finished_job_is_refused_by_store_job(
     store: Store, client: FakeClient, clock: FakeClock
 ) -> None:
     """Amazon answers a POST's 202 with the jobRequestId of a job that is already terminal (a
-    reused id): that job is never polled again, so its new members cannot wait for it. They are
-    due again (sent anew) instead of pending for ever, and the finished job stays as it was."""
+    reused id): that job is never polled again, so its new members cannot wait for it.
+    `store_job` raises JobIdReused and writes nothing: the claims still hold (the feed
+    dead-letters them, tests/unit/test_feed.py), the finished job stays as it was."""
     table = MemberTable(store)
     outcomes = MemberOutcomes(table, MemberDeadLetterSink(), {7: "vip"})
     poller = Poller(store, client, CFG, owner="a", clock=clock, outcomes=outcomes)
@@ -684,11 +685,15 @@ async def test_members_sent_under_the_id_of_a_finished_job_are_sent_again(
     client.script["reused"] = [JobStatus("reused", "SUCCEEDED", 100.0)]
     await poller.poll_once()
     assert await store.job_states(["reused"]) == {"reused": "SUCCEEDED"}
-    await sent_members(table, "reused", ["u2"])  # the same id for another POST
-    u2 = await table.member(7, "u2")
-    assert u2 is not None
-    assert u2.job_request_id is None
-    [claim] = await table.claim_due([7], 10, 60, "sender")
-    assert (claim.external_user_id, claim.action) == ("u2", "add")
+    u2 = member_record("u2", "US", Action.ADD, [{"email": "c" * 64}])
+    await table.record_changes([member_change(7, u2, occurred_at=T0, position=0)])
+    claims = await table.claim_due([7], 10, 60, "sender")
+    job = NewJob("reused", "conn-1", 7, "vip", 1, 1, 0)
+    with pytest.raises(JobIdReused, match="reused"):
+        await table.store_job(claims, job, first_poll_after_s=0)
+    state = await table.member(7, "u2")
+    assert state is not None
+    assert (state.job_request_id, state.sent_action) == (None, None)
+    assert await table.renew(claims, 60) == []  # still held by the sender
     [row] = await store.list_jobs()
     assert (row.job_request_id, row.state, row.records) == ("reused", "SUCCEEDED", 1)
