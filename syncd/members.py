@@ -62,6 +62,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -101,6 +102,7 @@ _ROWS_PER_STATEMENT = 250  # x 8 values per row: within SQLite's and asyncpg's p
 _PG_IDS_PER_STATEMENT = 10_000  # PostgreSQL: ids passed as one array
 _SHAPES = (_ROWS_PER_STATEMENT, 128, 64, 32, 16, 8, 4, 2, 1)  # rows per INSERT
 _MAX_REASON_CHARS = 64
+_PURGE_BATCH = 10_000  # tombstones deleted per transaction
 
 m = members
 t = tombstones
@@ -1281,12 +1283,13 @@ class MemberTable:
             )
             conn.execute(stmt)
 
-    async def purge_tombstones(self, older_than_s: float) -> int:
+    async def purge_tombstones(self, older_than_s: float, batch: int = _PURGE_BATCH) -> int:
         """Delete tombstones whose erase both happened and was recorded more than
         `older_than_s` ago, and whose member rows are gone (a DELETE still waiting keeps its
         tombstone): an erase read long after it happened guards against replays of the
         member's older events as long as any. A tombstone an older release wrote (no
-        recorded_at) counts from its erase. Returns how many."""
+        recorded_at) counts from its erase. `batch` at a time, a transaction each. Returns how
+        many."""
 
         def op(conn: Connection, now: float) -> int:
             cutoff = now - older_than_s
@@ -1295,12 +1298,20 @@ class MemberTable:
                 m.c.external_user_id == t.c.external_user_id,
             )
             recorded_before = or_(t.c.recorded_at.is_(None), t.c.recorded_at < cutoff)
-            result = conn.execute(
-                delete(t).where(t.c.erased_at < cutoff, recorded_before, ~row_left)
+            old = (
+                select(t.c.audience_id, t.c.external_user_id)
+                .where(t.c.erased_at < cutoff, recorded_before, ~row_left)
+                .limit(batch)
             )
-            return int(result.rowcount)
+            key = tuple_(t.c.audience_id, t.c.external_user_id)
+            return int(conn.execute(delete(t).where(key.in_(old))).rowcount)
 
-        return await self._transaction(op)
+        purged = 0
+        while True:
+            done = await self._transaction(op)
+            purged += done
+            if done < batch:
+                return purged
 
     # -- reading ---------------------------------------------------------------------------------
     async def counts(self, audience_id: int) -> dict[str, int]:

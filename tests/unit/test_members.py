@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
+from typing import Any
 
 import orjson
 import pytest
@@ -625,6 +626,28 @@ async def test_erase_deletes_everywhere_then_keeps_only_a_tombstone(
     clock.advance(20)  # the erase (T0 + 10) is now more than 86401 s old
     assert await table.purge_tombstones(86400 + 1) == 2
     assert await table.tombstone(A1, "u1") is None
+
+
+async def test_tombstones_are_purged_in_short_transactions(
+    table: MemberTable, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tombstones due at once (every one an upgrade to revision 0010 found counts from it) go in
+    batches, a transaction each, not in one statement that holds the write lock (or outlasts
+    store.statement_timeout_s) for millions of rows."""
+    await table.erase([f"u{i}" for i in range(7)], [A1], occurred_at=T0, position=1)
+    transactions = 0
+    transaction = table._transaction
+
+    async def counted(op: Any) -> Any:
+        nonlocal transactions
+        transactions += 1
+        return await transaction(op)
+
+    monkeypatch.setattr(table, "_transaction", counted)
+    clock.advance(100)
+    assert await table.purge_tombstones(10, batch=3) == 7
+    assert transactions == 3  # 3 + 3 + 1
+    assert [await table.tombstone(A1, f"u{i}") for i in range(7)] == [None] * 7
 
 
 async def test_change_newer_than_the_erase_applies(table: MemberTable) -> None:
