@@ -41,6 +41,10 @@ class SchemaOutdatedError(SyncdError):
     """The store's schema revision is not the one this code needs."""
 
 
+class StoreUnavailable(SyncdError):
+    """A command's store could not be reached or used; the message names it (secrets masked)."""
+
+
 class AmazonError(SyncdError):
     """An Amazon Ads / LwA call failed. `status` is the HTTP status, or None if none arrived."""
 

@@ -35,7 +35,7 @@ from syncd.observability import metrics
 from syncd.observability.logging import get_logger
 from syncd.preflight import check_client_config
 from syncd.routing import external_user_id
-from syncd.store import JobRow, Store
+from syncd.store import JobRow, Store, command_store
 
 T = TypeVar("T")
 log = get_logger("syncd.operate")
@@ -625,9 +625,6 @@ async def watch_store_size(
 # -- plumbing ------------------------------------------------------------------------------------
 async def _with_store(cfg: Config, work: Callable[[Store], Awaitable[T]]) -> T:
     """`work` on the config's store, whose schema must be current (`syncd db upgrade`)."""
-    store = await Store.connect(cfg.store.url, statement_timeout_s=cfg.store.statement_timeout_s)
-    try:
+    async with command_store(cfg.store.url, cfg.store.statement_timeout_s) as store:
         await store.ensure_schema(auto_upgrade=False)
         return await work(store)
-    finally:
-        await store.close()

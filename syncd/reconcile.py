@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
-import contextlib
 import csv
 import math
 import sqlite3
@@ -55,7 +54,7 @@ from syncd.members import (
 from syncd.model import Action, Destination, MemberRecord
 from syncd.observability.logging import get_logger
 from syncd.routing import external_user_id
-from syncd.store import Store
+from syncd.store import Store, command_store
 from syncd.transform import Outcome, Refused, Spec
 from syncd.transform_pool import Transformer
 
@@ -838,8 +837,7 @@ async def reconcile(
 ) -> int:
     out = sys.stdout if out is None else out
     lines = read_snapshot(path, fmt, cfg.kafka.max_message_bytes)
-    store = await Store.connect(cfg.store.url, statement_timeout_s=cfg.store.statement_timeout_s)
-    try:
+    async with command_store(cfg.store.url, cfg.store.statement_timeout_s) as store:
         await store.ensure_schema(auto_upgrade=False)
         members = MemberTable(store)
         started = datetime.fromtimestamp(as_of, UTC).isoformat().replace("+00:00", "Z")
@@ -861,6 +859,3 @@ async def reconcile(
         if wait and not dry_run:
             return max(code, await wait_for_amazon(members, dest, timeout, out, report))
         return code
-    finally:
-        with contextlib.suppress(Exception):
-            await store.close()

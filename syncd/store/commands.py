@@ -15,7 +15,7 @@ from rich.table import Table
 
 from syncd import config as config_mod
 from syncd.config import StoreConfig
-from syncd.store.store import JobRow, Store
+from syncd.store.store import JobRow, command_store
 from syncd.vocabulary import JobState
 
 
@@ -67,12 +67,9 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 async def _read_jobs(
     cfg: StoreConfig, state: str | None, limit: int
 ) -> tuple[dict[str, int], list[JobRow]]:
-    store = await Store.connect(cfg.url, statement_timeout_s=cfg.statement_timeout_s)
-    try:
+    async with command_store(cfg.url, cfg.statement_timeout_s) as store:
         await store.ensure_schema(auto_upgrade=False)
         return await store.job_counts(), await store.list_jobs(state, limit)
-    finally:
-        await store.close()
 
 
 def _print_tables(counts: dict[str, int], recent: list[JobRow]) -> None:
@@ -131,10 +128,7 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 async def upgrade_store(url: str) -> tuple[str | None, str]:
     """`syncd db upgrade` on the store at `url`: (its revision before, the head it is at now)."""
-    store = await Store.connect(url)
-    try:
+    async with command_store(url) as store:
         before, head = await store.schema_status()
         await store.upgrade()
         return before, head
-    finally:
-        await store.close()

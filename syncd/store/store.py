@@ -60,12 +60,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 from sqlalchemy.util import await_only
 
 from syncd.amazon.api import JobStatus
-from syncd.errors import SchemaOutdatedError
+from syncd.config import mask_urls
+from syncd.errors import SchemaOutdatedError, StoreUnavailable
 from syncd.store.reasons import invalid_reason_counts
 from syncd.store.schema import budget_reservations, connection_blocks, job_counts, jobs
 from syncd.vocabulary import JobState
@@ -694,6 +696,30 @@ class Store:
 
     async def _now(self, conn: AsyncConnection) -> float:
         return await conn.run_sync(self._now_sync)
+
+
+@asynccontextmanager
+async def command_store(
+    url: str, statement_timeout_s: float = STATEMENT_TIMEOUT_S
+) -> AsyncIterator[Store]:
+    """A command's store, closed on exit. Its first statement (reading the schema's revision)
+    tells whether it can be used at all: a store that cannot be reached or refuses syncd is a
+    StoreUnavailable naming it (the URL's secrets masked) and the cause, not a traceback."""
+    store = await Store.connect(url, statement_timeout_s=statement_timeout_s)
+    try:
+        try:
+            await store.schema_status()
+        except (OSError, TimeoutError, SQLAlchemyError) as exc:
+            cause = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
+            if isinstance(exc, DBAPIError):
+                cause = str(exc.orig).strip().splitlines()[0] if str(exc.orig) else cause
+            problem = f"{type(exc).__name__}: {cause}"[:_MAX_ERROR_CHARS]
+            raise StoreUnavailable(
+                f"the store ({mask_urls(url)}) cannot be used: {mask_urls(problem)}"
+            ) from None
+        yield store
+    finally:
+        await store.close()
 
 
 def _postgres_engine(url: str | URL, statement_timeout_s: float | None, **pool: Any) -> AsyncEngine:

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from syncd.localstack import daemon_config, to_toml
+from syncd.localstack import daemon_config, free_port, to_toml
 from syncd.store import NewJob, Store
 from syncd.store.store import SCHEMA_REVISION
 from tests.fixtures.store import migrate
@@ -236,6 +236,36 @@ def test_jobs_lists_tracked_jobs_as_a_table_and_as_json(tmp_path: Path) -> None:
     assert table.returncode == 0, table.stderr
     assert "PENDING" in table.stdout
     assert "job-1" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["jobs"],
+        ["db", "upgrade"],
+        ["audiences", "status"],
+        ["members", "show", "--audience", "vip", "--profile", "p-1"],
+        ["reconcile", "--audience", "vip", "--snapshot", "SNAPSHOT"],
+    ],
+    ids=lambda c: "-".join(c[:2]),
+)
+def test_a_store_that_cannot_be_reached_is_a_one_line_error_naming_it(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """A command whose store does not answer (nothing listens at the URL's port) exits 1 with
+    one line naming the store (its URL, password masked) and the cause: no traceback."""
+    url = f"postgresql+asyncpg://syncd:s3cret@127.0.0.1:{free_port()}/syncd"
+    config = write_config(tmp_path, store={"url": url})
+    snapshot = tmp_path / "snapshot.jsonl"
+    snapshot.write_text('{"profile_id": "p-1", "identifiers": {"email": "a@example.com"}}\n')
+    command = [str(snapshot) if arg == "SNAPSHOT" else arg for arg in command]
+    result = syncd(*command, "--config", str(config))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("syncd: error: the store (postgresql+asyncpg://syncd:***@127.0.0.1:")
+    assert "refused" in line.lower()
+    assert "s3cret" not in result.stderr
 
 
 @pytest.mark.slow
