@@ -158,10 +158,11 @@ class AmazonClient:
         job_id = _field(data, "jobRequestId", operation)
         if not isinstance(job_id, str) or not job_id:
             raise _unexpected(operation, f"jobRequestId for connection {connection_id}")
-        if len(job_id) > MAX_JOB_REQUEST_ID:
+        if len(job_id) > MAX_JOB_REQUEST_ID or job_id in (".", ".."):
             raise AmazonError(
                 f"{operation}: unexpected response from Amazon (a jobRequestId of {len(job_id)} "
-                f"characters for connection {connection_id}; syncd stores {MAX_JOB_REQUEST_ID})",
+                f"characters for connection {connection_id}; syncd stores up to "
+                f"{MAX_JOB_REQUEST_ID} and polls it as one path segment, never . or ..)",
                 status=None,
                 operation=operation,
             )

@@ -215,6 +215,22 @@ async def test_a_job_request_id_the_store_cannot_hold_is_a_clear_error_of_that_p
     assert jobs.c.job_request_id.type.length == MAX_JOB_REQUEST_ID == 128
 
 
+@pytest.mark.parametrize("odd", [".", ".."])
+async def test_a_job_request_id_no_path_can_name_is_a_clear_error_of_that_post(
+    sandbox: RunningSandbox, odd: str
+) -> None:
+    """`.` and `..` cannot be one path segment (URLs resolve them): such a job could never be
+    polled, so its POST fails with an error naming the id, as one too long for the store."""
+    async with AmazonClient(config(sandbox)) as client:
+        connection_id, audience_id = await setup_destination(client)
+        sandbox.state.set_faults({"job_request_id": odd})
+        with pytest.raises(AmazonError, match="jobRequestId") as info:
+            await client.post_records(
+                encoded_records(audience_id, connection_id), connection_id=connection_id
+            )
+    assert not nothing_accepted(info.value)
+
+
 @pytest.mark.parametrize("odd", ["job?x=1#y", "job a%2Fb", "j" * 128])
 async def test_a_job_request_id_of_any_characters_is_polled_as_itself(
     sandbox: RunningSandbox, odd: str
