@@ -45,6 +45,10 @@ class StoreUnavailable(SyncdError):
     """A command's store could not be reached or used; the message names it (secrets masked)."""
 
 
+class ListenError(SyncdError):
+    """A server could not listen where it was asked to (the port in use, say)."""
+
+
 class AmazonError(SyncdError):
     """An Amazon Ads / LwA call failed. `status` is the HTTP status, or None if none arrived."""
 

@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from syncd.errors import ListenError, SyncdError
 from syncd.observability.metrics import READY, REGISTRY
 
 Readiness = Callable[[], dict[str, bool]]
@@ -51,8 +52,20 @@ async def start_http(address: tuple[str, int], readiness: Readiness) -> web.AppR
     host, port = address
     runner = web.AppRunner(create_app(readiness), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await listen(runner, host, port)
+    except ListenError as exc:
+        await runner.cleanup()
+        raise SyncdError(f"config key 'http.listen': {exc}") from None
     return runner
+
+
+async def listen(runner: web.AppRunner, host: str, port: int) -> None:
+    """Start serving `runner` on host:port, or raise ListenError saying why it cannot."""
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def bound_port(runner: web.AppRunner) -> int:

@@ -20,6 +20,8 @@ from typing import Any
 from aiohttp import web
 
 from syncd.amazon.api import TOKEN_PATH
+from syncd.errors import ListenError, SyncdError
+from syncd.observability.http import listen
 from syncd.runtime import tune_process
 from syncd.sandbox.app import SANDBOX_STATE, create_app
 from syncd.sandbox.state import SandboxSettings, SandboxState
@@ -47,8 +49,7 @@ async def running_sandbox(
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        await listen(runner, host, port)
         bound_port = runner.addresses[0][1]
         url = f"http://{f'[{host}]' if ':' in host else host}:{bound_port}"
         yield RunningSandbox(url=url, token_url=url + TOKEN_PATH, state=app[SANDBOX_STATE])
@@ -110,7 +111,10 @@ def settings_from_args(args: argparse.Namespace) -> SandboxSettings:
 def run(args: argparse.Namespace) -> int:
     """`syncd sandbox`: serve until SIGTERM or SIGINT, then exit 0."""
     tune_process()
-    asyncio.run(serve(settings_from_args(args), args.host, args.port))
+    try:
+        asyncio.run(serve(settings_from_args(args), args.host, args.port))
+    except ListenError as exc:
+        raise SyncdError(f"--port {args.port}: {exc}") from None
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import orjson
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from syncd.localstack import daemon_config, free_port, to_toml
+from syncd.localstack import daemon_config, free_port, provide, running_sandbox, to_toml
 from syncd.store import NewJob, Store
 from syncd.store.store import SCHEMA_REVISION
 from tests.fixtures.store import migrate
@@ -281,3 +282,53 @@ def test_demo_runs_the_whole_pipeline_and_summarizes() -> None:
         assert audience in status
     assert "not_found" not in done.stderr  # the demo's audiences exist at the sandbox
     assert re.search(r"\d+\.\d%", status), status
+
+
+def test_the_sandbox_on_a_port_in_use_is_a_one_line_error_naming_the_flag() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = syncd("sandbox", "--port", str(port), timeout=30)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"syncd: error: --port {port}: cannot listen on 127.0.0.1:{port}")
+
+
+async def test_run_with_http_listen_in_use_is_a_one_line_error_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    async with running_sandbox() as sb:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            raw = daemon_config(
+                bootstrap="127.0.0.1:1",
+                topic="t",
+                sandbox_url=sb.url,
+                token_url=sb.token_url,
+                store_url=f"sqlite+aiosqlite:///{tmp_path / 'syncd.db'}",
+                http={"listen": f"127.0.0.1:{port}"},
+            )
+            provide(sb.state, raw["destinations"])
+            config = tmp_path / "syncd.toml"
+            config.write_text(to_toml(raw))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "syncd",
+                "run",
+                "--config",
+                str(config),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    last = stderr.decode().strip().splitlines()[-1]
+    assert last.startswith(
+        f"syncd: error: config key 'http.listen': cannot listen on 127.0.0.1:{port}"
+    )
+    assert "Traceback" not in stderr.decode()
