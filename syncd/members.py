@@ -1070,19 +1070,12 @@ class MemberTable:
                 for euid in sorted(held.intersection(refused)):
                     by_reason[refused[euid]].append(euid)
                 for why, ids in sorted(by_reason.items()):
-                    # SQLite: one chunk (its statements take any number of ids in one step)
-                    for chunk in self._batches(ids) if self._postgres else [ids]:
-                        if self._postgres:
-                            among, params = self._among(m.c.external_user_id, chunk), {}
-                        else:
-                            among = m.c.external_user_id.in_(_IDS)
-                            params = {"ids": orjson.dumps(list(chunk)).decode()}
+                    for chunk in self._batches(ids):
                         rows = conn.execute(
                             update(m)
-                            .where(of_job, among)
+                            .where(of_job, self._among(m.c.external_user_id, chunk))
                             .values(_settle(now, INVALID, why, accepted=False))
-                            .returning(*_dead_columns()),
-                            params,
+                            .returning(*_dead_columns())
                         )
                         result.invalid.extend(_dead(row, why) for row in rows)
                 confirmed = conn.execute(
