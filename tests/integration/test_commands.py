@@ -4,12 +4,14 @@ schema, and the demo."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -284,11 +286,17 @@ def test_demo_runs_the_whole_pipeline_and_summarizes() -> None:
     assert re.search(r"\d+\.\d%", status), status
 
 
-def test_the_sandbox_on_a_port_in_use_is_a_one_line_error_naming_the_flag() -> None:
+@contextlib.contextmanager
+def port_in_use() -> Iterator[int]:
+    """A port of 127.0.0.1 another socket listens on, for the block."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
+        yield taken.getsockname()[1]
+
+
+def test_the_sandbox_on_a_port_in_use_is_a_one_line_error_naming_the_flag() -> None:
+    with port_in_use() as port:
         result = syncd("sandbox", "--port", str(port), timeout=30)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -300,10 +308,7 @@ async def test_run_with_http_listen_in_use_is_a_one_line_error_naming_the_key(
     tmp_path: Path,
 ) -> None:
     async with running_sandbox() as sb:
-        with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
-            taken.listen()
-            port = taken.getsockname()[1]
+        with port_in_use() as port:
             raw = daemon_config(
                 bootstrap="127.0.0.1:1",
                 topic="t",
