@@ -115,16 +115,23 @@ def read_snapshot(path: Path, fmt: str, max_bytes: int = 1_000_000) -> Iterator[
 
 
 def _read_jsonl(path: Path, max_bytes: int) -> Iterator[Line]:
+    empty = True
     with path.open("rb") as f:
         for number, line in enumerate(f, start=1):
             if number == 1:
                 line = line.removeprefix(codecs.BOM_UTF8)  # as a CSV may start (utf-8-sig)
             if not line.strip():
                 continue
+            empty = False
             try:
                 yield number, load(line, max_bytes)
             except DecodeError as exc:
                 yield number, exc.reason
+    if empty:  # no header says it is meant empty: that would remove every member
+        raise UsageError(
+            "--snapshot: the JSON lines file is empty (to empty the audience, give a CSV file "
+            "holding only its header)"
+        )
 
 
 def _check_columns(names: Sequence[str], where: str) -> None:

@@ -342,6 +342,22 @@ def test_a_csv_snapshot_without_a_header_is_a_usage_error(tmp_path: Path, conten
         list(read_snapshot(path, "csv"))
 
 
+@pytest.mark.parametrize("content", [b"", b"\xef\xbb\xbf", b"\n  \n"])
+async def test_an_empty_json_lines_snapshot_is_a_usage_error_and_removes_no_member(
+    tmp_path: Path, table: MemberTable, content: bytes
+) -> None:
+    """A JSON lines file has no header to say it is meant empty: an empty one (an export that
+    wrote nothing) is a usage error, as a CSV without its header, not the removal of every
+    member."""
+    await stream(table, {"p1": "a@x.io", "p2": "b@x.io"})
+    assert await send_all(table) == 2
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=r"--snapshot: .*empty"):
+        await reconcile(table, path, "jsonl")
+    assert await table.waiting([AUDIENCE_ID]) == 0
+
+
 def test_a_csv_header_without_profile_id_or_with_unknown_columns_is_a_usage_error(
     tmp_path: Path,
 ) -> None:
@@ -401,6 +417,12 @@ def test_compare_rules_for_a_member_the_snapshot_lacks() -> None:
 
 # -- a whole reconcile ---------------------------------------------------------------------------
 def snapshot(tmp: Path, members_: dict[str, str]) -> Path:
+    """A JSON lines snapshot of `members_`; none: a CSV file of its header only (an empty JSON
+    lines file is refused)."""
+    if not members_:
+        path = tmp / "snap.csv"
+        path.write_text("profile_id,country,email\n")
+        return path
     path = tmp / "snap.jsonl"
     path.write_bytes(
         b"".join(
@@ -491,7 +513,7 @@ async def test_a_member_never_sent_is_removed_without_a_delete(
     tmp_path: Path, table: MemberTable
 ) -> None:
     await stream(table, {"pending": "p@x.io"})  # due, never sent
-    report = await reconcile(table, snapshot(tmp_path, {}), "jsonl")
+    report = await reconcile(table, snapshot(tmp_path, {}), "csv")
     assert report.counts[WITHDRAWN] == 1
     assert report.to_send == 0
     assert await table.waiting([AUDIENCE_ID]) == 0
@@ -523,14 +545,15 @@ async def test_for_any_table_and_snapshot_the_desired_state_is_the_snapshot(
             await stream(t, m)
             if sent:
                 await send_all(t)
-        report = await reconcile(t, snapshot(tmp, s), "jsonl")
+        path = snapshot(tmp, s)
+        report = await reconcile(t, path, snapshot_format(path, None))
         want = {p: (ADD, record_of(p, e)[1]) for p, e in s.items()}
         got = {p: v for p, v in (await desired(t)).items() if v[0] == ADD}
         assert got == want
         changed = sum(1 for p in s.keys() & m.keys() if s[p] != m[p])
         if sent:  # everything of M reached Amazon: the difference, exactly, is sent
             assert report.to_send == len(s.keys() - m.keys()) + len(m.keys() - s.keys()) + changed
-        again = await reconcile(t, snapshot(tmp, s), "jsonl", as_of=AS_OF + 1)
+        again = await reconcile(t, path, snapshot_format(path, None), as_of=AS_OF + 1)
         assert again.to_send == 0
         assert again.counts[UNCHANGED] == len(s)
     finally:
