@@ -134,12 +134,18 @@ def _read_jsonl(path: Path, max_bytes: int) -> Iterator[Line]:
         )
 
 
-def _check_columns(names: Sequence[str], where: str) -> None:
-    unknown = [n for n in names if n not in COLUMNS]
+def _check_columns(names: Sequence[str], where: str, *, by_position: bool = False) -> None:
+    """`by_position`: name unknown columns by their number, not their text (a CSV file without
+    its header starts with a member's PII)."""
+    unknown = [(i, n) for i, n in enumerate(names, start=1) if n not in COLUMNS]
     if unknown:
-        raise UsageError(
-            f"--snapshot: {where} names unknown columns {unknown!r}; known: {', '.join(COLUMNS)}"
+        shown = (
+            f"columns {', '.join(str(i) for i, _ in unknown)} (by number: a file without its "
+            "header would start with a member)"
+            if by_position
+            else f"columns {[n for _, n in unknown]!r}"
         )
+        raise UsageError(f"--snapshot: {where} names unknown {shown}; known: {', '.join(COLUMNS)}")
     if "profile_id" not in names:
         raise UsageError(f"--snapshot: {where} has no profile_id column")
 
@@ -164,7 +170,7 @@ def _read_csv(path: Path) -> Iterator[Line]:
         if header is None:  # not an empty snapshot: that would remove every member
             raise UsageError("--snapshot: the CSV file is empty (no header with profile_id)")
         names = [h.strip() for h in header]
-        _check_columns(names, "the CSV header")
+        _check_columns(names, "the CSV header", by_position=True)
         line = reader.line_num + 1
         rows = iter(reader)
         while True:

@@ -370,6 +370,30 @@ def test_a_csv_header_without_profile_id_or_with_unknown_columns_is_a_usage_erro
         list(read_snapshot(path, "csv"))
 
 
+def test_a_csv_without_its_header_is_refused_without_showing_its_first_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A header-less CSV's first row is a member's PII: the error names the unknown columns by
+    position, never by their cells."""
+    from syncd.cli import main
+
+    config_path = tmp_path / "syncd.toml"
+    config_path.write_text(
+        f'[store]\nurl = "sqlite+aiosqlite:///{tmp_path / "s.db"}"\n\n[[destinations]]\n'
+        'audience = "vip"\nconnection_id = "5a523424-e8b3-4da5-9a32-24a861aea576"\n'
+        "audience_id = 413642381039213536\n"
+    )
+    snap = tmp_path / "s.csv"
+    snap.write_text("p1,jane.doe@example.com,+12062661000\np2,b@example.com,\n")
+    argv = ["reconcile", "--config", str(config_path), "--audience", "vip"]
+    assert main([*argv, "--snapshot", str(snap), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--snapshot" in err
+    assert "columns 1, 2, 3" in err
+    for cell in ("p1", "jane.doe", "2062661000"):
+        assert cell not in err
+
+
 # -- compare rules -------------------------------------------------------------------------------
 def held(
     action: str = ADD,
