@@ -69,7 +69,7 @@ def _answer(line: bytes, strict_reference: bool) -> bytes:
     if not isinstance(request, dict):
         raise _BadLine("line is not a JSON object")
     field = request.get("field")
-    if field not in FIELDS:
+    if not isinstance(field, str) or field not in FIELDS:  # a list or an object: unhashable
         raise _BadLine(_FIELD_ERROR)
     country = request.get("country")
     if isinstance(country, str) and not country.strip():

@@ -75,6 +75,28 @@ def test_bad_lines_are_answered_in_place_without_the_value() -> None:
     assert answers[9]["normalized"] == "SW1A1AA"
 
 
+def test_a_field_or_country_of_any_json_type_is_a_bad_line_not_a_crash() -> None:
+    """A list or an object where a name is expected (unhashable: `in FIELDS` raised) is an
+    error line, and the lines after it are answered."""
+    stdin = b"".join(
+        json.dumps(doc).encode() + b"\n"
+        for doc in (
+            {"field": ["email"], "value": "a@example.com"},
+            {"field": {"email": 1}, "value": "a@example.com"},
+            {"field": "email", "country": ["US"], "value": "a@example.com"},
+            {"field": "city", "value": "Oslo"},
+        )
+    )
+    done = run_hash(stdin)
+    assert done.returncode == 1
+    assert b"Traceback" not in done.stderr
+    errors = [a.get("error") for a in lines(done.stdout)]
+    field_error = "field must be one of: email phone firstname lastname address city state postal"
+    assert errors[0] == errors[1] == field_error
+    assert errors[2] == "country must be a string or null"
+    assert errors[3] is None
+
+
 def test_a_blank_country_is_an_absent_one() -> None:
     """As in an event: a country that is empty or blank is no country."""
     stdin = b"".join(
