@@ -97,6 +97,32 @@ def test_a_field_or_country_of_any_json_type_is_a_bad_line_not_a_crash() -> None
     assert errors[3] is None
 
 
+def test_a_reader_that_stops_reading_ends_it_quietly() -> None:
+    """`syncd hash < big | head -1`: once stdout's reader is gone, it stops without a
+    traceback (a BrokenPipeError was one), exit 1."""
+    line = json.dumps({"field": "city", "value": "Oslo"}).encode() + b"\n"
+    with subprocess.Popen(
+        [str(SYNCD), "hash"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdin.write(line)
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["normalized"] == "oslo"
+        proc.stdout.close()  # as head does after its line
+        try:
+            proc.stdin.write(line * 1000)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it stopped reading: what the test wants
+        assert proc.wait(timeout=60) == 1
+        assert proc.stderr.read() == b""
+
+
 def test_a_blank_country_is_an_absent_one() -> None:
     """As in an event: a country that is empty or blank is no country."""
     stdin = b"".join(
