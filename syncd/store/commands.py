@@ -130,5 +130,5 @@ async def upgrade_store(url: str) -> tuple[str | None, str]:
     """`syncd db upgrade` on the store at `url`: (its revision before, the head it is at now)."""
     async with command_store(url) as store:
         before, head = await store.schema_status()
-        await store.upgrade()
+        await store.ensure_schema(auto_upgrade=True)  # a newer schema: SchemaOutdatedError
         return before, head

@@ -8,6 +8,7 @@ import contextlib
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -213,6 +214,27 @@ def test_run_creates_an_empty_store_and_refuses_an_outdated_one_until_db_upgrade
     assert "upgraded" in upgraded.stdout
     again = syncd("db", "upgrade", "--config", str(config))
     assert "already at revision" in again.stdout
+
+
+def test_db_upgrade_on_a_store_a_newer_release_migrated_is_a_one_line_error(
+    tmp_path: Path,
+) -> None:
+    """An older syncd's `db upgrade` on a newer schema says so (as its other commands do) and
+    leaves it as it is: alembic's CommandError was a traceback."""
+    config = write_config(tmp_path)
+    assert syncd("db", "upgrade", "--config", str(config)).returncode == 0
+    newer = f"{int(SCHEMA_REVISION) + 1:04d}"
+    with sqlite3.connect(tmp_path / "syncd.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = ?", (newer,))
+    db.close()
+    result = syncd("db", "upgrade", "--config", str(config))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"revision {newer}, newer than this syncd's" in line
+    with sqlite3.connect(tmp_path / "syncd.db") as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(newer,)]
+    db.close()
 
 
 def test_jobs_lists_tracked_jobs_as_a_table_and_as_json(tmp_path: Path) -> None:
