@@ -10,9 +10,13 @@ import os
 import select
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from syncd.errors import ConfigError, SchemaOutdatedError, SyncdError, UsageError
 from syncd.observability.logging import for_commands as logs_for_commands
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 # Modules that contribute subcommands, in the order `syncd --help` lists them.
 COMMAND_MODULES = (
@@ -25,6 +29,14 @@ COMMAND_MODULES = (
     "syncd.operate",  # members
     "syncd.reconcile",  # reconcile
 )
+
+
+def data_console(*, stderr: bool = False) -> Console:
+    """A console for tables of stored data (profile ids, audience keys, Amazon's reasons): their
+    text is shown as it is, never read as rich markup (`[/b]` raised) or emoji codes."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, markup=False, emoji=False)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -26,6 +26,7 @@ from rich.table import Table
 from syncd import config as config_mod
 from syncd.amazon.client import AmazonClient
 from syncd.audiences import DEFAULT_TTL_S, METADATA_TIMEOUT_S, SIZE_KINDS
+from syncd.cli import data_console
 from syncd.config import Config
 from syncd.deliver import ADVICE
 from syncd.errors import ConfigError, FatalError, UsageError
@@ -219,9 +220,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json([s.to_json() for s in statuses])
     else:
-        print_status(Console(), statuses)
+        print_status(data_console(), statuses)
     if orphans:
-        _print_orphans(Console(stderr=True), orphans, args.config)
+        _print_orphans(data_console(stderr=True), orphans, args.config)
     return 0
 
 
@@ -510,7 +511,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(doc)
     else:
-        _print_member(Console(), doc)
+        _print_member(data_console(), doc)
     return 0
 
 

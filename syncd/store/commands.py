@@ -10,10 +10,10 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from syncd import config as config_mod
+from syncd.cli import data_console
 from syncd.config import StoreConfig
 from syncd.store.store import JobRow, command_store
 from syncd.vocabulary import JobState
@@ -73,7 +73,7 @@ async def _read_jobs(
 
 
 def _print_tables(counts: dict[str, int], recent: list[JobRow]) -> None:
-    console = Console()
+    console = data_console()
     by_state = Table(title="Jobs by state")
     by_state.add_column("state")
     by_state.add_column("jobs", justify="right")

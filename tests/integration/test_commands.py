@@ -237,6 +237,20 @@ def test_db_upgrade_on_a_store_a_newer_release_migrated_is_a_one_line_error(
     db.close()
 
 
+@pytest.mark.parametrize("profile", ["[/bold]", "[bold]p-1", ":thumbs_up:"])
+def test_members_show_prints_a_profile_id_as_given(tmp_path: Path, profile: str) -> None:
+    """A profile id (or any stored text) is shown as it is, never read as rich markup or emoji
+    codes: a closing tag was a MarkupError traceback, an opening one hid itself."""
+    config = write_config(tmp_path)
+    assert syncd("db", "upgrade", "--config", str(config)).returncode == 0
+    result = syncd(
+        "members", "show", "--config", str(config), "--audience", "vip", "--profile", profile
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{profile} in vip" in result.stdout
+
+
 def test_jobs_lists_tracked_jobs_as_a_table_and_as_json(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     assert syncd("db", "upgrade", "--config", str(config)).returncode == 0
