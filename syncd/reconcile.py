@@ -803,6 +803,8 @@ def _as_of(text: str | None) -> float:
     except DecodeError as exc:
         raise UsageError(f"--as-of: {exc.detail}") from None
     assert at is not None
+    if at < 0:  # no snapshot predates the epoch (year 1 could not even be printed)
+        raise UsageError(f"--as-of: {text!r} is before 1970-01-01T00:00:00Z")
     return at
 
 

@@ -866,3 +866,11 @@ async def test_a_live_change_older_than_a_complete_reconcile_changes_nothing(
     await reconcile(table, path, "csv", as_of=AS_OF + 50, as_of_given=True)  # p3's unusable
     await stream(table, {"p3": "c@x.io"}, at=AS_OF + 20)  # older than this one, newer than the last
     assert await send_all(table) == 1
+
+
+@pytest.mark.parametrize("text", ["0001-01-01T00:00:00+01:00", "1969-12-31T23:59:59Z"])
+def test_an_as_of_before_1970_is_a_usage_error_naming_the_flag(text: str) -> None:
+    """No snapshot predates the epoch; year 1 an hour east of UTC was a traceback later (its
+    time could not be printed)."""
+    with pytest.raises(UsageError, match="--as-of"):
+        reconcile_mod._as_of(text)
