@@ -502,6 +502,10 @@ async def show_member(
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    try:
+        args.profile.encode()
+    except UnicodeEncodeError:  # bytes of another encoding in argv
+        raise UsageError("--profile: not valid UTF-8 (no event can carry such an id)") from None
     cfg = config_mod.load(args.config)
     dest = next((d for d in cfg.destinations if d.audience == args.audience), None)
     if dest is None:

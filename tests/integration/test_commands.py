@@ -373,3 +373,16 @@ async def test_run_with_http_listen_in_use_is_a_one_line_error_naming_the_key(
         f"syncd: error: config key 'http.listen': cannot listen on 127.0.0.1:{port}"
     )
     assert "Traceback" not in stderr.decode()
+
+
+def test_members_show_of_a_profile_id_no_event_can_carry_is_a_usage_error(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 in --profile (no event can carry them): exit 2 naming the flag,
+    not a traceback when the answer is written as JSON."""
+    config = write_config(tmp_path)
+    result = syncd(
+        "members", "show", "--config", str(config), "--audience", "vip",
+        "--profile", "\udcff\udcfe", "--json",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "--profile" in result.stderr
