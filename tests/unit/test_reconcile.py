@@ -370,6 +370,17 @@ def test_a_csv_header_without_profile_id_or_with_unknown_columns_is_a_usage_erro
         list(read_snapshot(path, "csv"))
 
 
+def command_config(tmp_path: Path) -> Path:
+    """A config for the command itself: an SQLite store in `tmp_path`, the destination vip."""
+    path = tmp_path / "syncd.toml"
+    path.write_text(
+        f'[store]\nurl = "sqlite+aiosqlite:///{tmp_path / "s.db"}"\n\n[[destinations]]\n'
+        'audience = "vip"\nconnection_id = "5a523424-e8b3-4da5-9a32-24a861aea576"\n'
+        "audience_id = 413642381039213536\n"
+    )
+    return path
+
+
 def test_a_csv_without_its_header_is_refused_without_showing_its_first_row(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -377,12 +388,7 @@ def test_a_csv_without_its_header_is_refused_without_showing_its_first_row(
     position, never by their cells."""
     from syncd.cli import main
 
-    config_path = tmp_path / "syncd.toml"
-    config_path.write_text(
-        f'[store]\nurl = "sqlite+aiosqlite:///{tmp_path / "s.db"}"\n\n[[destinations]]\n'
-        'audience = "vip"\nconnection_id = "5a523424-e8b3-4da5-9a32-24a861aea576"\n'
-        "audience_id = 413642381039213536\n"
-    )
+    config_path = command_config(tmp_path)
     snap = tmp_path / "s.csv"
     snap.write_text("p1,jane.doe@example.com,+12062661000\np2,b@example.com,\n")
     argv = ["reconcile", "--config", str(config_path), "--audience", "vip"]
@@ -753,12 +759,7 @@ def test_usage_errors_exit_2_naming_the_flag(
 ) -> None:
     from syncd.cli import main
 
-    config_path = tmp_path / "syncd.toml"
-    config_path.write_text(
-        f'[store]\nurl = "sqlite+aiosqlite:///{tmp_path / "s.db"}"\n\n[[destinations]]\n'
-        'audience = "vip"\nconnection_id = "5a523424-e8b3-4da5-9a32-24a861aea576"\n'
-        "audience_id = 413642381039213536\n"
-    )
+    config_path = command_config(tmp_path)
     snap = tmp_path / "s.csv"
     snap.write_text("profile_id,email\np,a@x.io\n")
     base = ["reconcile", "--config", str(config_path), "--snapshot", str(snap)]
