@@ -819,7 +819,8 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
         raise UsageError(f"--audience: no destination has audience {args.audience!r}")
     path = Path(args.snapshot)
     if not path.is_file():
-        raise UsageError(f"--snapshot: no such file: {path}")
+        problem = "not a regular file" if path.exists() else "no such file"
+        raise UsageError(f"--snapshot: {problem}: {path}")
     fmt = snapshot_format(path, args.format)
     as_of = _as_of(args.as_of)
     return asyncio.run(

@@ -875,3 +875,15 @@ def test_an_as_of_before_1970_is_a_usage_error_naming_the_flag(text: str) -> Non
     time could not be printed)."""
     with pytest.raises(UsageError, match="--as-of"):
         reconcile_mod._as_of(text)
+
+
+def test_a_snapshot_that_is_not_a_file_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory given as --snapshot exists: "no such file" would send the operator looking
+    for a typo."""
+    from syncd.cli import main
+
+    argv = ["reconcile", "--config", str(command_config(tmp_path)), "--audience", "vip"]
+    assert main([*argv, "--snapshot", str(tmp_path)]) == 2
+    assert f"--snapshot: not a regular file: {tmp_path}" in capsys.readouterr().err
