@@ -106,6 +106,15 @@ class MemberOutcomes:
             ),
             what=f"members of job {job.job_request_id}",
         )
+        marked = {dead.external_user_id for dead in outcome.invalid}
+        unmatched = sum(1 for r in status.invalid_records if r.external_id not in marked)
+        if unmatched:  # nothing says which members they were: those count as confirmed
+            log.warning(
+                "invalid records name no member of their job; its members count as confirmed",
+                job_request_id=job.job_request_id,
+                invalid_records=len(status.invalid_records),
+                unmatched=unmatched,
+            )
         failed = f"job {job.job_request_id} FAILED; {self._max_attempts} sends failed"
         return [(dead, details.get(dead.external_user_id, "")) for dead in outcome.invalid] + [
             (dead, failed) for dead in outcome.dead

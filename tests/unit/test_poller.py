@@ -14,6 +14,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from syncd.amazon.api import InvalidRecord, JobStatus
 from syncd.config import PollConfig
@@ -697,3 +698,29 @@ async def test_a_job_id_of_a_finished_job_is_refused_by_store_job(
     assert await table.renew(claims, 60) == []  # still held by the sender
     [row] = await store.list_jobs()
     assert (row.job_request_id, row.state, row.records) == ("reused", "SUCCEEDED", 1)
+
+
+async def test_invalid_records_naming_no_member_of_the_job_are_reported(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """Amazon lists invalid records without an id (or with one the job does not hold): nothing
+    says which members they were, so the job's members count as confirmed; a warning says how
+    many entries named none of them."""
+    table = MemberTable(store)
+    outcomes = MemberOutcomes(table, MemberDeadLetterSink(), {7: "vip"})
+    poller = Poller(store, client, CFG, owner="a", clock=clock, outcomes=outcomes)
+    await sent_members(table, "partial", ["u1", "u2"])
+    invalid = (
+        InvalidRecord(None, "bad hash"),
+        InvalidRecord("nobody", "bad"),
+        InvalidRecord("u2", "x"),
+    )
+    client.script["partial"] = [JobStatus("partial", "PARTIALLYSUCCEEDED", invalid_records=invalid)]
+    with capture_logs() as logs:
+        await poller.poll_once()
+    [warning] = [e for e in logs if e["event"].startswith("invalid records name no member")]
+    assert (warning["job_request_id"], warning["unmatched"], warning["invalid_records"]) == (
+        "partial",
+        2,
+        3,
+    )
