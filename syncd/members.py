@@ -222,7 +222,7 @@ class HeldMember:
     digest: bytes
     occurred_at: float
     position: int
-    never_sent: bool  # no POST of it was ever accepted and none is pending
+    never_sent: bool  # no POST of it was accepted, none is pending, none may have gone
     invalid: bool  # Amazon refused the desired state as it stands (sent as is, marked invalid)
     record: bytes | None = None
 
@@ -1841,8 +1841,16 @@ def _dead(row: Any, reason: str) -> DeadMember:
     return DeadMember(audience_id, euid, sent_action, None if differs else bytes(record), reason)
 
 
+def _never_sent() -> ColumnElement[bool]:
+    """No POST of the member was accepted, none is pending, and none may have gone: no claim is
+    left on the row (a sender's claim stays until its POST is answered or it gives the claim
+    back; one that ran out may have POSTed and died before the answer)."""
+    return and_(
+        m.c.sent_action.is_(None), m.c.job_request_id.is_(None), m.c.claimed_until.is_(None)
+    )
+
+
 def _held_columns() -> tuple[Any, ...]:
-    never_sent = and_(m.c.sent_action.is_(None), m.c.job_request_id.is_(None))
     invalid = and_(m.c.outcome == INVALID, m.c.job_request_id.is_(None), ~_differs())
     return (
         m.c.external_user_id,
@@ -1850,7 +1858,7 @@ def _held_columns() -> tuple[Any, ...]:
         m.c.digest,
         m.c.occurred_at,
         m.c.position,
-        case((never_sent, True), else_=False),
+        case((_never_sent(), True), else_=False),
         case((invalid, True), else_=False),
     )
 
@@ -1878,11 +1886,7 @@ def _reconcile_update(action: str, now: float) -> Any:
         m.c.sent_digest == bindparam("d"),
         or_(m.c.outcome == CONFIRMED, m.c.outcome == INVALID),  # no IN: an executemany
     )
-    never_sent = and_(
-        m.c.sent_action.is_(None),
-        or_(m.c.claimed_until.is_(None), m.c.claimed_until <= now),
-    )
-    nothing_to_send = or_(same_as_sent, never_sent) if action == REMOVE else same_as_sent
+    nothing_to_send = or_(same_as_sent, _never_sent()) if action == REMOVE else same_as_sent
     return (
         update(m)
         .where(m.c.audience_id == bindparam("a"), m.c.external_user_id == bindparam("e"))

@@ -550,6 +550,23 @@ async def test_a_member_never_sent_is_removed_without_a_delete(
     assert (await desired(table))["pending"][0] == REMOVE
 
 
+async def test_a_member_whose_post_may_have_gone_is_removed_with_a_delete(
+    tmp_path: Path, table: MemberTable, clock: FakeClock
+) -> None:
+    """A sender claimed the member and died with its POST unanswered (it may have reached
+    Amazon): no sent state, no job, its claim ran out. Amazon may hold that member, so a snapshot
+    that lacks it removes it with a DELETE; a member never claimed is still withdrawn unsent."""
+    await stream(table, {"timed-out": "t@x.io"})
+    assert len(await table.claim_due([AUDIENCE_ID], 10, LEASE, "sender")) == 1  # POSTed: no answer
+    await stream(table, {"unsent": "u@x.io"})
+    clock.advance(LEASE + 1)  # the sender died: its lease ran out, nothing stored
+    report = await reconcile(table, snapshot(tmp_path, {}), "csv")
+    assert (report.counts[REMOVED], report.counts[WITHDRAWN], report.to_send) == (1, 1, 1)
+    claims = await table.claim_due([AUDIENCE_ID], 10, LEASE, "sender")
+    assert [(c.external_user_id, c.action) for c in claims] == [("timed-out", REMOVE)]
+    assert (await desired(table))["unsent"][0] == REMOVE
+
+
 emails = st.sampled_from(["a@x.io", "b@x.io", "c@x.io"])
 profiles = st.dictionaries(st.sampled_from([f"p{i}" for i in range(12)]), emails, max_size=12)
 
