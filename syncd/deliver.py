@@ -747,7 +747,7 @@ class MemberFeed:
             )
         except JobIdReused as exc:  # settled as a refusal: never resent in a loop
             log.warning(
-                "Amazon answered a POST with the jobRequestId of a finished job; its "
+                "Amazon answered a POST with the jobRequestId of another POST's job; its "
                 "members are dead-lettered",
                 job_request_id=job.job_request_id,
                 members=len(part.claims),

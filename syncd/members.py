@@ -102,6 +102,8 @@ _ROWS_PER_STATEMENT = 250  # x 8 values per row: within SQLite's and asyncpg's p
 _PG_IDS_PER_STATEMENT = 10_000  # PostgreSQL: ids passed as one array
 _SHAPES = (_ROWS_PER_STATEMENT, 128, 64, 32, 16, 8, 4, 2, 1)  # rows per INSERT
 _MAX_REASON_CHARS = 64
+# a stored job with these of a new 202's job is that POST's own (a retried write), else another's
+_POST_FIELDS = ("connection_id", "audience_id", "records", "adds", "removes")
 _PURGE_BATCH = 10_000  # tombstones deleted per transaction
 
 m = members
@@ -447,7 +449,7 @@ class JobIdReused(Exception):
 
     def __init__(self, job_request_id: str) -> None:
         super().__init__(
-            f"Amazon answered with the jobRequestId of a finished job ({job_request_id}): "
+            f"Amazon answered with the jobRequestId of another POST's job ({job_request_id}): "
             "the outcome of this POST cannot be followed"
         )
 
@@ -850,15 +852,20 @@ class MemberTable:
         one transaction: the job is stored whatever happened to the claims (the poller follows
         it), the members only where their lease still holds. Returns the lost claims.
 
-        A jobRequestId of a job that is over already (Amazon reused it) would never be polled
-        again: JobIdReused is raised and nothing is written (the claims still hold)."""
+        A jobRequestId of another POST's job (Amazon reused it) would give these members that
+        job's outcome, or none if it is over already (it is never polled again): JobIdReused is
+        raised and nothing is written (the claims still hold). The same POST stored again (a
+        retried write) takes its job as it is."""
 
         def op(conn: Connection, now: float) -> list[Claim]:
             if not self._store.insert_job(conn, now, job, first_poll_after_s):
-                state = conn.scalar(
-                    select(jobs.c.state).where(jobs.c.job_request_id == job.job_request_id)
-                )
-                if state != JobState.PENDING:
+                stored = conn.execute(
+                    select(jobs.c.state, *(jobs.c[f] for f in _POST_FIELDS)).where(
+                        jobs.c.job_request_id == job.job_request_id
+                    )
+                ).one()
+                same = tuple(stored[1:]) == tuple(getattr(job, f) for f in _POST_FIELDS)
+                if stored.state != JobState.PENDING or not same:
                     raise JobIdReused(job.job_request_id)
             return self._mark_sent(conn, now, claims, job.job_request_id)
 

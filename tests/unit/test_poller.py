@@ -724,3 +724,21 @@ async def test_invalid_records_naming_no_member_of_the_job_are_reported(
         2,
         3,
     )
+
+
+async def test_a_job_id_of_another_pending_job_is_refused_by_store_job(store: Store) -> None:
+    """A jobRequestId Amazon gave another POST that is still pending: the two POSTs would share
+    one outcome, the second's members confirmed by a job that never held them. Only the same
+    POST stored again (a retried write) takes the job as it is."""
+    table = MemberTable(store)
+    await sent_members(table, "shared", ["u1", "u2"])  # the first POST: 2 records
+    u3 = member_record("u3", "US", Action.ADD, [{"email": "c" * 64}])
+    await table.record_changes([member_change(7, u3, occurred_at=T0, position=9)])
+    claims = await table.claim_due([7], 10, 60, "sender")
+    with pytest.raises(JobIdReused, match="shared"):
+        await table.store_job(
+            claims, NewJob("shared", "conn-1", 7, "vip", 1, 1, 0), first_poll_after_s=0
+        )
+    state = await table.member(7, "u3")
+    assert state is not None
+    assert state.job_request_id is None
