@@ -863,9 +863,9 @@ class MemberTable:
                     select(jobs.c.state, *(jobs.c[f] for f in _POST_FIELDS)).where(
                         jobs.c.job_request_id == job.job_request_id
                     )
-                ).one()
-                same = tuple(stored[1:]) == tuple(getattr(job, f) for f in _POST_FIELDS)
-                if stored.state != JobState.PENDING or not same:
+                ).first()  # None: purged meanwhile (a retention's old id)
+                post = (JobState.PENDING, *(getattr(job, f) for f in _POST_FIELDS))
+                if stored is None or tuple(stored) != post:
                     raise JobIdReused(job.job_request_id)
             return self._mark_sent(conn, now, claims, job.job_request_id)
 

@@ -631,5 +631,4 @@ async def watch_store_size(
 async def _with_store(cfg: Config, work: Callable[[Store], Awaitable[T]]) -> T:
     """`work` on the config's store, whose schema must be current (`syncd db upgrade`)."""
     async with command_store(cfg.store.url, cfg.store.statement_timeout_s) as store:
-        await store.ensure_schema(auto_upgrade=False)
         return await work(store)

@@ -854,7 +854,6 @@ async def reconcile(
     out = sys.stdout if out is None else out
     lines = read_snapshot(path, fmt, cfg.kafka.max_message_bytes)
     async with command_store(cfg.store.url, cfg.store.statement_timeout_s) as store:
-        await store.ensure_schema(auto_upgrade=False)
         members = MemberTable(store)
         started = datetime.fromtimestamp(as_of, UTC).isoformat().replace("+00:00", "Z")
         log.info("reconcile started", audience=dest.audience, as_of=started, dry_run=dry_run)

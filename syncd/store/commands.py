@@ -68,7 +68,6 @@ async def _read_jobs(
     cfg: StoreConfig, state: str | None, limit: int
 ) -> tuple[dict[str, int], list[JobRow]]:
     async with command_store(cfg.url, cfg.statement_timeout_s) as store:
-        await store.ensure_schema(auto_upgrade=False)
         return await store.job_counts(), await store.list_jobs(state, limit)
 
 
@@ -128,7 +127,7 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 async def upgrade_store(url: str) -> tuple[str | None, str]:
     """`syncd db upgrade` on the store at `url`: (its revision before, the head it is at now)."""
-    async with command_store(url) as store:
+    async with command_store(url, schema_current=False) as store:
         before, head = await store.schema_status()
         await store.ensure_schema(auto_upgrade=True)  # a newer schema: SchemaOutdatedError
         return before, head

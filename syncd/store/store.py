@@ -700,15 +700,20 @@ class Store:
 
 @asynccontextmanager
 async def command_store(
-    url: str, statement_timeout_s: float = STATEMENT_TIMEOUT_S
+    url: str, statement_timeout_s: float = STATEMENT_TIMEOUT_S, *, schema_current: bool = True
 ) -> AsyncIterator[Store]:
-    """A command's store, closed on exit. Its first statement (reading the schema's revision)
-    tells whether it can be used at all: a store that cannot be reached or refuses syncd is a
-    StoreUnavailable naming it (the URL's secrets masked) and the cause, not a traceback."""
+    """A command's store, closed on exit; with `schema_current`, its schema at this code's
+    revision (`ensure_schema`: an empty store gets it; an older or newer one is a
+    SchemaOutdatedError naming what to run). Its first use tells whether it can be used at all:
+    a store that cannot be reached or refuses syncd is a StoreUnavailable naming it (the URL's
+    secrets masked) and the cause, not a traceback."""
     store = await Store.connect(url, statement_timeout_s=statement_timeout_s)
     try:
         try:
-            await store.schema_status()
+            if schema_current:
+                await store.ensure_schema(auto_upgrade=False)
+            else:
+                await store.schema_status()
         except (OSError, TimeoutError, SQLAlchemyError) as exc:
             cause = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
             if isinstance(exc, DBAPIError):
