@@ -527,15 +527,12 @@ class Daemon:
             spawn(sender.run(), f"sender:{conn}")
             spawn(feeds[conn].run(sender, halt), f"feed:{conn}")
         audiences = {d.audience_id: d.audience for d in cfg.destinations}
+        outcomes = MemberOutcomes(members, source, audiences)
         poller = Poller(
-            store,
-            client,
-            cfg.poll,
-            owner=self.owner,
-            lease_s=lease_s,
-            outcomes=MemberOutcomes(members, source, audiences),
+            store, client, cfg.poll, owner=self.owner, lease_s=lease_s, outcomes=outcomes
         )
         spawn(poller.run(poll_stop), "poller")
+        spawn(outcomes.run(poll_stop), "member-dead-letters")
         spawn(blocks.run(), "blocked-connections")
         watcher = AudienceWatcher(client, members, cfg.destinations, cfg.members)
         spawn(watcher.run(halt), "audiences")

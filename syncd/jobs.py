@@ -16,15 +16,17 @@ A terminal job's outcome goes to its members (`MemberOutcomes`) before the termi
 stored: SUCCEEDED/COMPLETED confirm them; PARTIALLYSUCCEEDED marks its invalidRecords invalid and
 dead-letters them with Amazon's reason; FAILED and EXPIRED make them due again (FAILED ones are
 dead-lettered after MAX_FAILED_SENDS). Applying first means a crash in between polls the job
-again and applies nothing twice (the members no longer reference it). The dead letters go out
-after the terminal state is stored: a broker outage that holds them past the lease cannot let
-another replica claim the job and GET it again.
+again and applies nothing twice (the members no longer reference it). The dead letters are
+queued in the store by the transaction that applies the outcome, and `MemberOutcomes.run` sends
+them apart from polling: a broker outage holds them, not the polls; a crash or a stop before
+they are sent (or a write retried after its COMMIT's reply was lost) loses none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -47,6 +49,11 @@ HOUSEKEEPING_EVERY_S = 10.0  # expiry, retention and the jobs-by-state gauge
 GET_SHARE_OF_LEASE = 0.9  # a GET is given up after this share of the lease (the rest: margin)
 DAY_S = 86400.0
 MAX_FAILED_SENDS = 5  # a member whose sends ended FAILED this often in a row is dead-lettered
+DEAD_LETTERS_PER_LEASE = 100
+# a queued dead letter being sent is taken by another process only after this (its sender died,
+# or a broker outage holds it: then more than one replica may send it once the broker is back)
+DEAD_LETTER_LEASE_S = 30.0
+DEAD_LETTER_SWEEP_S = 10.0  # how often queued dead letters left by another process are looked for
 
 
 class JobClient(Protocol):
@@ -69,12 +76,8 @@ class JobStore(Protocol):
     async def job_counts(self) -> dict[str, int]: ...
 
 
-DeadLetter = tuple[DeadMember, str]  # a member a job refused, and the detail to send with it
-
-
 class JobOutcomes(Protocol):
-    async def finished(self, job: JobRow, status: JobStatus) -> list[DeadLetter]: ...
-    async def dead_letter(self, letters: list[DeadLetter]) -> None: ...
+    async def finished(self, job: JobRow, status: JobStatus) -> None: ...
     async def settle_expired(self) -> None: ...
 
 
@@ -94,36 +97,63 @@ class MemberOutcomes:
         self._dead_letters = dead_letters
         self._audiences = audiences  # audience_id -> the config's audience key
         self._max_attempts = max_attempts
+        self._queued = asyncio.Event()  # an outcome queued dead letters: `run` sends them
 
-    async def finished(self, job: JobRow, status: JobStatus) -> list[DeadLetter]:
-        """Applies the outcome to the members, retried until the store takes it; returns the
-        dead letters it calls for (`dead_letter` sends them)."""
+    async def finished(self, job: JobRow, status: JobStatus) -> None:
+        """Applies the outcome to the members, retried until the store takes it, and queues
+        the dead letters it calls for in the same transaction (`run` sends them)."""
         details = {r.external_id: r.error for r in status.invalid_records if r.external_id}
         invalid = {euid: classify_invalid_reason(error) for euid, error in details.items()}
         outcome = await persist(
             lambda: self._members.apply_job_outcome(
-                job.job_request_id, status.job_state, invalid, max_attempts=self._max_attempts
+                job.job_request_id,
+                status.job_state,
+                invalid,
+                max_attempts=self._max_attempts,
+                details=details,
             ),
             what=f"members of job {job.job_request_id}",
         )
-        marked = {dead.external_user_id for dead in outcome.invalid}
-        unmatched = sum(1 for r in status.invalid_records if r.external_id not in marked)
-        if unmatched:  # nothing says which members they were: those count as confirmed
-            log.warning(
-                "invalid records name no member of their job; its members count as confirmed",
-                job_request_id=job.job_request_id,
-                invalid_records=len(status.invalid_records),
-                unmatched=unmatched,
-            )
-        failed = f"job {job.job_request_id} FAILED; {self._max_attempts} sends failed"
-        return [(dead, details.get(dead.external_user_id, "")) for dead in outcome.invalid] + [
-            (dead, failed) for dead in outcome.dead
-        ]
+        # none confirmed nor marked: a write retried after its COMMIT's reply was lost found
+        # the members settled by the first (whose dead letters are queued)
+        if outcome.confirmed or outcome.invalid:
+            marked = {dead.external_user_id for dead in outcome.invalid}
+            unmatched = sum(1 for r in status.invalid_records if r.external_id not in marked)
+            if unmatched:  # nothing says which members they were: those count as confirmed
+                log.warning(
+                    "invalid records name no member of their job; its members count as confirmed",
+                    job_request_id=job.job_request_id,
+                    invalid_records=len(status.invalid_records),
+                    unmatched=unmatched,
+                )
+        if outcome.invalid or outcome.dead:
+            self._queued.set()
 
-    async def dead_letter(self, letters: list[DeadLetter]) -> None:
-        """Sends them (the source retries the broker until it takes each one)."""
-        for dead, detail in letters:
-            await self._dead_letter(dead, detail)
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sends the queued member dead letters until `stop` is set: those a job outcome just
+        queued, and every DEAD_LETTER_SWEEP_S those a crashed or stopped process left (once
+        their lease ran out). Apart from polling: a broker outage holds the dead letters, not
+        the polls."""
+        while not stop.is_set():
+            try:
+                await self.send_dead_letters()
+            except Exception as exc:  # the store or the broker: try again at the next sweep
+                log.warning("member dead letters not sent; retrying", error=repr(exc)[:300])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queued.wait(), timeout=DEAD_LETTER_SWEEP_S)
+            self._queued.clear()
+
+    async def send_dead_letters(self) -> None:
+        """Sends the queued member dead letters no other process is sending, each forgotten
+        only after the broker acknowledged it; the source retries the broker until it does."""
+        lease = functools.partial(
+            self._members.lease_dead_letters, DEAD_LETTERS_PER_LEASE, DEAD_LETTER_LEASE_S
+        )
+        while letters := await persist(lease, what="member dead letters"):
+            for letter in letters:
+                await self._dead_letter(letter.member, letter.detail)
+            sent = functools.partial(self._members.dead_letters_sent, [x.id for x in letters])
+            await persist(sent, what="member dead letters sent")
 
     async def settle_expired(self) -> None:
         """Make the members of every expired job due again (the same action is sent again).
@@ -232,8 +262,8 @@ class Poller:
             )
             await self._record(job, None, next_poll_in_s, error)
             return
-        outcomes = self._outcomes if status.terminal else None
-        letters = [] if outcomes is None else await outcomes.finished(job, status)
+        if status.terminal and self._outcomes is not None:
+            await self._outcomes.finished(job, status)
         stored = await self._record(job, status, next_poll_in_s)
         if status.terminal:
             metrics.JOB_POLLS.labels("terminal").inc()
@@ -241,8 +271,6 @@ class Poller:
                 self._finished(job, status)
         else:
             metrics.JOB_POLLS.labels("pending").inc()
-        if outcomes is not None and letters:
-            await outcomes.dead_letter(letters)
 
     def _count_for_audience(self, audience: str, status: JobStatus) -> None:
         """The audience's match figures and its run of FAILED jobs (the audience alerts)."""

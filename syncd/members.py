@@ -57,6 +57,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    insert,
     literal,
     literal_column,
     or_,
@@ -74,7 +75,7 @@ from sqlalchemy.exc import DBAPIError
 
 from syncd.model import Action, MemberRecord
 from syncd.store import NewJob, Store
-from syncd.store.schema import jobs, members, reconciled, tombstones
+from syncd.store.schema import jobs, member_dead_letters, members, reconciled, tombstones
 from syncd.vocabulary import CONFIRMING_JOB_STATES, JobState
 
 T = TypeVar("T")
@@ -102,12 +103,14 @@ _ROWS_PER_STATEMENT = 250  # x 8 values per row: within SQLite's and asyncpg's p
 _PG_IDS_PER_STATEMENT = 10_000  # PostgreSQL: ids passed as one array
 _SHAPES = (_ROWS_PER_STATEMENT, 128, 64, 32, 16, 8, 4, 2, 1)  # rows per INSERT
 _MAX_REASON_CHARS = 64
+_MAX_DETAIL_CHARS = 300  # of Amazon's message in a dead letter's syncd-detail header
 # a stored job with these of a new 202's job is that POST's own (a retried write), else another's
 _POST_FIELDS = ("connection_id", "audience_id", "records", "adds", "removes")
 _PURGE_BATCH = 10_000  # tombstones deleted per transaction
 
 m = members
 t = tombstones
+dl = member_dead_letters
 
 
 # -- values passed in and out --------------------------------------------------------------------
@@ -179,6 +182,16 @@ class DeadMember:
     action: str
     record: bytes | None
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedDeadLetter:
+    """A member dead letter waiting in the store for the broker (`MemberTable.lease_dead_letters`),
+    with the detail to send beside its reason."""
+
+    id: int
+    member: DeadMember
+    detail: str
 
 
 @dataclass(slots=True)
@@ -1035,16 +1048,19 @@ class MemberTable:
         *,
         max_attempts: int = 5,
         reason: str | None = None,
+        details: Mapping[str, str] | None = None,
     ) -> JobOutcome:
         """A job reached a terminal `state` (Amazon's, or EXPIRED): update its members.
 
         SUCCEEDED / COMPLETED confirm them (an add's TTL clock starts at its 202);
         PARTIALLYSUCCEEDED confirms all but `invalid` ({externalUserId: reason class}), which are
-        marked invalid and returned for dead-lettering; FAILED makes them due again, `reason`
-        noted, and after `max_attempts` failed sends returns them as dead (not due until they
-        change); EXPIRED makes them due again (the same action is sent again). A member whose
-        desired state changed meanwhile is due whatever the outcome. A confirmed or refused
-        DELETE of an erased member removes its row (its tombstone stays)."""
+        marked invalid and dead-lettered (`details`: Amazon's message per externalUserId);
+        FAILED makes them due again, `reason` noted, and after `max_attempts` failed sends
+        dead-letters them (not due until they change); EXPIRED makes them due again (the same
+        action is sent again). A member whose desired state changed meanwhile is due whatever
+        the outcome. A confirmed or refused DELETE of an erased member removes its row (its
+        tombstone stays). The dead letters are queued in the same transaction
+        (`lease_dead_letters`) and returned too."""
         refused = {euid: r[:_MAX_REASON_CHARS] for euid, r in (invalid or {}).items()}
         if state in CONFIRMING_JOB_STATES:
             outcome = CONFIRMED
@@ -1112,9 +1128,74 @@ class MemberTable:
                     .values(job_request_id=None, outcome=EXPIRED, reason=None, due_since=now)
                 )
                 result.retried = int(retried.rowcount)
+            failed = f"job {job_request_id} FAILED; {max_attempts} sends failed"
+            queued = [(d, (details or {}).get(d.external_user_id, "")) for d in result.invalid]
+            self._queue_dead_letters(conn, [*queued, *((d, failed) for d in result.dead)])
             return result
 
         return await self._transaction(op)
+
+    # -- member dead letters: queued with the outcome, deleted once the broker has them ----------
+    def _queue_dead_letters(
+        self, conn: Connection, letters: Sequence[tuple[DeadMember, str]]
+    ) -> None:
+        for chunk in _chunks(letters):
+            if chunk:
+                conn.execute(
+                    insert(dl),
+                    [
+                        {
+                            "audience_id": d.audience_id,
+                            "external_user_id": d.external_user_id,
+                            "action": d.action,
+                            "record": d.record,
+                            "reason": d.reason,
+                            "detail": detail[:_MAX_DETAIL_CHARS],
+                        }
+                        for d, detail in chunk
+                    ],
+                )
+
+    async def lease_dead_letters(self, limit: int, lease_s: float) -> list[QueuedDeadLetter]:
+        """Up to `limit` queued dead letters no one is sending (never leased, or the lease ran
+        out: its sender died), oldest first, each leased for `lease_s`."""
+
+        def op(conn: Connection, now: float) -> list[QueuedDeadLetter]:
+            free = or_(dl.c.leased_until.is_(None), dl.c.leased_until <= now)
+            pick = select(dl.c.id).where(free).order_by(dl.c.id).limit(limit)
+            if self._postgres:
+                pick = pick.with_for_update(skip_locked=True)
+            rows = conn.execute(
+                update(dl)
+                .where(dl.c.id.in_(pick.scalar_subquery()))
+                .values(leased_until=now + lease_s)
+                .returning(
+                    dl.c.id,
+                    dl.c.audience_id,
+                    dl.c.external_user_id,
+                    dl.c.action,
+                    dl.c.record,
+                    dl.c.reason,
+                    dl.c.detail,
+                )
+            ).all()
+            return [
+                QueuedDeadLetter(
+                    int(i), DeadMember(int(a), e, act, None if r is None else bytes(r), why), d
+                )
+                for i, a, e, act, r, why, d in sorted(rows)
+            ]
+
+        return await self._transaction(op)
+
+    async def dead_letters_sent(self, ids: Sequence[int]) -> None:
+        """The broker acknowledged these: forget them."""
+
+        def op(conn: Connection, now: float) -> None:
+            for chunk in self._batches(ids):
+                conn.execute(delete(dl).where(self._among(dl.c.id, chunk)))
+
+        await self._transaction(op)
 
     async def expired_jobs(self, limit: int = 100) -> list[str]:
         """Jobs syncd gave up polling (EXPIRED) whose members still wait for them: their outcome
@@ -1206,6 +1287,8 @@ class MemberTable:
             deletes = 0
             for audience_id, ids in _by_audience(keys).items():
                 for chunk in self._batches(ids):
+                    of_erased = self._among(dl.c.external_user_id, chunk)
+                    conn.execute(delete(dl).where(dl.c.audience_id == audience_id, of_erased))
                     where = and_(
                         m.c.audience_id == audience_id,
                         self._among(m.c.external_user_id, chunk),

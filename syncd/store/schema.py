@@ -169,6 +169,28 @@ tombstones = Table(
     sqlite_with_rowid=False,
 )
 
+# -- member dead letters on their way to the dead-letter topic (migration 0011): written in the
+# transaction that applies a job's outcome, deleted once the broker acknowledged them (jobs.py),
+# so neither a crash before the send nor a write retried after a lost COMMIT reply loses one ---
+member_dead_letters = Table(
+    "member_dead_letters",
+    metadata,
+    Column(
+        "id",
+        BigInteger().with_variant(Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    Column("audience_id", BigInteger, nullable=False),
+    Column("external_user_id", _KEY, nullable=False),
+    Column("action", String(6), nullable=False),  # the refused send's: add | remove
+    Column("record", Bytes),  # that send's hashed record (NULL: the member changed since)
+    Column("reason", String(64), nullable=False),  # reason class (syncd-reason header)
+    Column("detail", Text, nullable=False),  # Amazon's message (syncd-detail header)
+    Column("leased_until", Float),  # a poller is sending it (taken again once this passes)
+    Index("ix_member_dead_letters_member", "audience_id", "external_user_id"),  # erasure
+)
+
 # -- the --as-of of each audience's last complete reconcile (migration 0009): what the snapshot
 # said holds at that time, so a live change older than it is superseded (members.py) -----------
 reconciled = Table(

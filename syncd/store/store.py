@@ -77,7 +77,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 # The migration this code needs (the newest in migrations/versions; a unit test holds them equal).
-SCHEMA_REVISION: Final = "0010"
+SCHEMA_REVISION: Final = "0011"
 _VERSION_TABLE = "alembic_version"
 _PG_ISOLATION = "READ COMMITTED"  # pinned: see the module docstring
 _MIGRATION_LOCK = 0x73796E6364  # pg_advisory_xact_lock key: "syncd" in hex

@@ -6,6 +6,7 @@ dead-lettered."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -387,3 +388,61 @@ async def test_each_record_a_job_lists_as_invalid_reaches_the_dead_letter_topic(
         assert sorted((a, e) for a, e, _ in got) == sorted((a, e) for a, e, _ in invalid)
         assert all(detail.decode().startswith("INVALID_HASHED_PII") for _, _, detail in got)
         assert await daemon.terminate() == 0
+
+
+async def test_dead_letters_a_crash_left_waiting_on_the_broker_are_sent_after_a_restart(
+    own_broker: Any, tmp_path: Path
+) -> None:
+    """The broker goes away while jobs end with invalid records: syncd stores the jobs terminal
+    (never polled again) and its dead letters wait for the broker; syncd is killed there. Started
+    again with the broker back, it sends every one of them: they waited in the store."""
+    topic, dlq = f"crash-{uuid.uuid4().hex[:8]}", f"dlq-{uuid.uuid4().hex[:8]}"
+    await own_broker.create_topic(topic, partitions=1)
+    await own_broker.create_topic(dlq, partitions=1)
+    events = list(synth.events(200, seed=78))
+    settings = SandboxSettings(
+        job_delay_s=600, rate_per_s=1000, burst=1000, invalid_record_rate=0.2, seed=78
+    )
+    async with running_sandbox(settings) as sb:
+        raw = sqlite_daemon_config(
+            own_broker.bootstrap, sb, topic, tmp_path, batch={"max_records": 50, "linger_ms": 200}
+        )
+        raw["kafka"]["dead_letter_topic"] = dlq
+        daemon = DaemonProcess(tmp_path, raw).start()
+        await produce(own_broker.bootstrap, topic, events)
+        want = changes_for(events, CONNECTION) | changes_for(events, OTHER_CONNECTION)
+
+        async def every_change_sent() -> bool:
+            daemon.check_alive()
+            return delivered_to(sb, CONNECTION) | delivered_to(sb, OTHER_CONNECTION) >= want
+
+        await wait_for(every_change_sent, 60, "every change sent")
+        own_broker.stop()
+        for job in sb.state.jobs.values():  # every job ends now, with the broker away
+            job.ready_at = time.monotonic()
+
+        async def every_job_stored_terminal() -> bool:
+            daemon.check_alive()
+            jobs = list(sb.state.jobs.values())
+            finished = await daemon.metric("syncd_jobs_finished_total")
+            return all(j.observed_terminal for j in jobs) and finished == len(jobs)
+
+        await wait_for(every_job_stored_terminal, 60, "every job stored terminal")
+        invalid = sorted(
+            (job.audience_id, entry["externalId"])
+            for job in sb.state.jobs.values()
+            for entry in job.invalid_records
+        )
+        assert len(invalid) > 10  # the seeded rate refused a fair share
+        daemon.kill()
+        own_broker.start()  # its memory storage forgot both topics
+        await own_broker.create_topic(topic, partitions=1)
+        await own_broker.create_topic(dlq, partitions=1)
+        again = DaemonProcess(tmp_path, raw, name="again").start()
+        dead = await read_topic(own_broker.bootstrap, dlq, len(invalid), timeout=60)
+        got = sorted(
+            (value["audience_id"], value["externalUserId"])
+            for value in (orjson.loads(message.value) for message in dead)
+        )
+        assert got == invalid
+        assert await again.terminate() == 0

@@ -650,6 +650,33 @@ async def test_tombstones_are_purged_in_short_transactions(
     assert [await table.tombstone(A1, f"u{i}") for i in range(7)] == [None] * 7
 
 
+async def test_dead_letters_wait_in_the_store_until_sent_and_an_erase_drops_them(
+    table: MemberTable, clock: FakeClock
+) -> None:
+    """A job's refused members are queued with its outcome (Amazon's message beside), leased to
+    one sender at a time (taken again once the lease runs out) and forgotten once sent; an
+    erase drops those of its profile (no row of an erased profile stays)."""
+    await table.record_changes([change("u1"), change("u2", email="b"), change("u3", email="c")])
+    await send(table)
+    outcome = await table.apply_job_outcome(
+        "job-1",
+        "PARTIALLYSUCCEEDED",
+        {"u1": "invalid_pii", "u2": "invalid_pii"},
+        details={"u1": "INVALID_HASHED_PII: " + "x" * 400},
+    )
+    assert sorted(d.external_user_id for d in outcome.invalid) == ["u1", "u2"]
+    u1, u2 = await table.lease_dead_letters(10, 60)
+    assert (u1.member, u2.member) == tuple(outcome.invalid)
+    assert (u1.detail, u2.detail) == ("INVALID_HASHED_PII: " + "x" * 280, "")
+    assert await table.lease_dead_letters(10, 60) == []  # leased
+    clock.advance(61)
+    assert [x.id for x in await table.lease_dead_letters(1, 60)] == [u1.id]  # the lease ran out
+    await table.dead_letters_sent([u1.id])
+    await table.erase(["u2"], [A1], occurred_at=T0 + 1, position=0)
+    clock.advance(61)
+    assert await table.lease_dead_letters(10, 60) == []
+
+
 async def test_change_newer_than_the_erase_applies(table: MemberTable) -> None:
     await table.erase(["u1"], [A1], occurred_at=T0, position=0)  # no row: a tombstone only
     assert await table.member(A1, "u1") is None

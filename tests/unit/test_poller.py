@@ -14,12 +14,13 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
 
 from syncd.amazon.api import InvalidRecord, JobStatus
 from syncd.config import PollConfig
 from syncd.errors import AuthError, RetryableError
-from syncd.jobs import IDLE_MAX_S, MemberOutcomes, Poller, poll_interval
+from syncd.jobs import DEAD_LETTER_LEASE_S, IDLE_MAX_S, MemberOutcomes, Poller, poll_interval
 from syncd.members import JobIdReused, MemberTable, member_change
 from syncd.model import Action, member_record
 from syncd.observability.metrics import REGISTRY
@@ -504,14 +505,8 @@ async def test_a_terminal_job_settles_its_members_and_dead_letters_the_invalid_o
     store: Store, client: FakeClient, clock: FakeClock
 ) -> None:
     table, sink = MemberTable(store), MemberDeadLetterSink()
-    poller = Poller(
-        store,
-        client,
-        CFG,
-        owner="a",
-        clock=clock,
-        outcomes=MemberOutcomes(table, sink, {7: "vip"}, max_attempts=2),
-    )
+    outcomes = MemberOutcomes(table, sink, {7: "vip"}, max_attempts=2)
+    poller = Poller(store, client, CFG, owner="a", clock=clock, outcomes=outcomes)
     await sent_members(table, "ok", ["u1", "u2"])
     client.script["ok"] = [
         JobStatus(
@@ -526,6 +521,7 @@ async def test_a_terminal_job_settles_its_members_and_dead_letters_the_invalid_o
     assert u2 is not None
     assert (u1.outcome, u1.job_request_id, u1.due_since) == ("confirmed", None, None)
     assert (u2.outcome, u2.reason, u2.due_since) == ("invalid", "invalid_pii", None)
+    await outcomes.send_dead_letters()
     [(value, reason, detail)] = sink.sent
     assert (value["audience"], value["audience_id"], value["externalUserId"]) == ("vip", 7, "u2")
     assert (value["action"], value["record"]["externalUserId"]) == ("CREATE", "u2")
@@ -548,7 +544,10 @@ async def test_a_terminal_job_settles_its_members_and_dead_letters_the_invalid_o
     u3 = await table.member(7, "u3")
     assert u3 is not None
     assert u3.due_since is None  # not resent until it changes
-    assert [(v["externalUserId"], r) for v, r, _ in sink.sent[1:]] == [("u3", "failed")]
+    await outcomes.send_dead_letters()
+    assert [(v["externalUserId"], r, d) for v, r, d in sink.sent[1:]] == [
+        ("u3", "failed", "job f2 FAILED; 2 sends failed")
+    ]
 
 
 async def test_an_expired_job_makes_its_members_due_again(
@@ -608,28 +607,103 @@ class StalledDeadLetters(MemberDeadLetterSink):
         await super().dead_letter_member(value, reason, detail)
 
 
-async def test_a_terminal_job_is_stored_before_its_dead_letters_wait_on_the_broker(
+async def test_a_broker_outage_holds_the_dead_letters_not_the_polls(
     store: Store, client: FakeClient, clock: FakeClock
 ) -> None:
-    """A broker outage longer than the poll lease while a terminal job's dead letters wait:
-    the job is terminal in the store already, so no replica claims and GETs it again."""
+    """A terminal job's dead letter waits on the broker: the job is stored terminal and the
+    polls go on (other jobs end meanwhile); the dead letters go once the broker is back."""
     table, sink = MemberTable(store), StalledDeadLetters()
     outcomes = MemberOutcomes(table, sink, {7: "vip"})
-    a = Poller(store, client, CFG, owner="a", lease_s=100, clock=clock, outcomes=outcomes)
-    b = Poller(store, client, CFG, owner="b", lease_s=100, clock=clock)
+    poller = Poller(store, client, CFG, owner="a", clock=clock, outcomes=outcomes)
     await sent_members(table, "partial", ["u1", "u2"])
     client.script["partial"] = [
         JobStatus("partial", "PARTIALLYSUCCEEDED", invalid_records=(InvalidRecord("u2", "bad"),))
     ]
-    polling = asyncio.create_task(a.poll_once())
+    stop = asyncio.Event()
+    sending = asyncio.create_task(outcomes.run(stop))
+    await poller.poll_once()
     await sink.waiting.wait()
     assert await store.job_states(["partial"]) == {"partial": "PARTIALLYSUCCEEDED"}
-    clock.advance(1000)  # a's lease ran out long ago
-    await b.poll_once()
-    assert client.calls == ["partial"]  # b never GETs a job a saw terminal
+    await sent_members(table, "later", ["u3"])
+    client.script["later"] = [JobStatus("later", "FAILED")]
+    clock.advance(CFG.first_delay_s)
+    await poller.poll_once()
+    assert await store.job_states(["later"]) == {"later": "FAILED"}
+    stop.set()
     sink.open.set()
-    await polling
+    await sending
     assert [(v["externalUserId"], r) for v, r, _ in sink.sent] == [("u2", "other")]
+    assert client.calls == ["partial", "later"]
+
+
+async def test_dead_letters_a_crash_left_unsent_are_sent_after_a_restart(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """The process died while a terminal job's dead letter waited on the broker (the job was
+    stored terminal already, so it is never polled again): the dead letter waits in the store,
+    and the next process sends it once the crashed one's lease ran out, once."""
+    table, stalled = MemberTable(store), StalledDeadLetters()
+    outcomes = MemberOutcomes(table, stalled, {})
+    poller = Poller(store, client, CFG, owner="a", clock=clock, outcomes=outcomes)
+    await sent_members(table, "partial", ["u1", "u2"])
+    client.script["partial"] = [
+        JobStatus("partial", "PARTIALLYSUCCEEDED", invalid_records=(InvalidRecord("u2", "bad"),))
+    ]
+    await poller.poll_once()
+    sending = asyncio.create_task(outcomes.send_dead_letters())
+    await stalled.waiting.wait()
+    sending.cancel()  # the crash
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    sink = MemberDeadLetterSink()
+    after = MemberOutcomes(table, sink, {7: "v"})
+    await after.send_dead_letters()
+    assert sink.sent == []  # the crashed process's lease still holds
+    clock.advance(DEAD_LETTER_LEASE_S)
+    await after.send_dead_letters()
+    assert [(v["externalUserId"], v["audience"], r, d) for v, r, d in sink.sent] == [
+        ("u2", "v", "other", "bad")
+    ]
+    clock.advance(DEAD_LETTER_LEASE_S)
+    await after.send_dead_letters()
+    assert len(sink.sent) == 1
+
+
+class CommitReplyLost(MemberTable):
+    """A store whose first job-outcome COMMIT succeeds but whose answer is lost (a dropped
+    connection, a statement timeout at COMMIT): `persist` writes the outcome again."""
+
+    lost = False
+
+    async def apply_job_outcome(self, *args: Any, **kwargs: Any) -> Any:
+        outcome = await super().apply_job_outcome(*args, **kwargs)
+        if not self.lost:
+            self.lost = True
+            raise OperationalError("COMMIT", {}, ConnectionResetError("reply lost"))
+        return outcome
+
+
+async def test_a_job_outcome_written_again_after_a_lost_commit_reply_loses_no_dead_letter(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    table, sink = CommitReplyLost(store), MemberDeadLetterSink()
+    outcomes = MemberOutcomes(table, sink, {7: "v"})
+    poller = Poller(store, client, CFG, owner="a", clock=clock, outcomes=outcomes)
+    await sent_members(table, "partial", ["u1", "u2"])
+    client.script["partial"] = [
+        JobStatus(
+            "partial",
+            "PARTIALLYSUCCEEDED",
+            invalid_records=(InvalidRecord("u2", "INVALID_HASHED_PII: unresolved"),),
+        )
+    ]
+    with capture_logs() as logs:
+        await poller.poll_once()
+    assert table.lost
+    assert not [e for e in logs if "name no member" in e["event"]]  # the retry found none
+    await outcomes.send_dead_letters()
+    assert [(v["externalUserId"], r) for v, r, _ in sink.sent] == [("u2", "invalid_pii")]
+    assert await store.job_states(["partial"]) == {"partial": "PARTIALLYSUCCEEDED"}
 
 
 @pytest.mark.parametrize(
@@ -663,6 +737,7 @@ async def test_odd_counts_in_a_job_status_lose_no_dead_letter_and_stop_no_poll(
     client.script["odd"] = [_job_status(raw, "odd", "records_get")]
     client.script["fine"] = [JobStatus("fine", "SUCCEEDED", 100.0)]
     await poller.poll_once()
+    await outcomes.send_dead_letters()
     assert await store.job_states(["odd", "fine"]) == {
         "odd": "PARTIALLYSUCCEEDED",
         "fine": "SUCCEEDED",
