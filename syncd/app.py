@@ -678,7 +678,7 @@ class Daemon:
     async def _health_loop(self, store: Store, source: KafkaSource, halt: asyncio.Event) -> None:
         """Readiness of the two dependencies, probed every few seconds."""
         while not halt.is_set():
-            self.store_ok = await store.ping()
+            self.store_ok = await store.ping() and store.takes_writes
             self.kafka_ok = await source.reachable()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(halt.wait(), timeout=HEALTH_INTERVAL_S)

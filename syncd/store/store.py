@@ -68,6 +68,7 @@ from sqlalchemy.util import await_only
 from syncd.amazon.api import JobStatus
 from syncd.config import mask_urls
 from syncd.errors import SchemaOutdatedError, StoreUnavailable
+from syncd.store.persist import transient
 from syncd.store.reasons import invalid_reason_counts
 from syncd.store.schema import budget_reservations, connection_blocks, job_counts, jobs
 from syncd.vocabulary import JobState
@@ -180,6 +181,7 @@ class Store:
         # thread (with a synchronous engine of the same file), rather than in SQLite's busy
         # handler, which sleeps; busy_timeout still covers other processes.
         self._write_lock = asyncio.Lock()
+        self._writes_failing = False
         self._writer: ThreadPoolExecutor | None = None
         self._sync_engine: Engine | None = None
         if not self._postgres:
@@ -651,6 +653,12 @@ class Store:
             )
         )
 
+    @property
+    def takes_writes(self) -> bool:
+        """False from a write that failed for want of the store (unreachable, or SQLite's write
+        lock held by another process, which reads do not notice) until one succeeds: /readyz."""
+        return not self._writes_failing
+
     async def run_write(self, op: Callable[[Connection, float], T]) -> T:
         """`op(conn, now)`, plain synchronous SQLAlchemy, as one write transaction.
 
@@ -658,6 +666,16 @@ class Store:
         writer thread: one thread hand-over per transaction, not one per statement, so the lock
         is held for the work and not for the event loop's turns between statements.
         PostgreSQL: in SQLAlchemy's greenlet (`run_sync`), concurrently."""
+        try:
+            result = await self._run_write(op)
+        except Exception as exc:
+            if transient(exc):
+                self._writes_failing = True
+            raise
+        self._writes_failing = False
+        return result
+
+    async def _run_write(self, op: Callable[[Connection, float], T]) -> T:
         if self._writer is None:
             async with self._engine.begin() as conn:
                 return await conn.run_sync(lambda sync: op(sync, self._now_sync(sync)))

@@ -369,6 +369,41 @@ async def test_sigterm_while_the_store_cannot_write_exits_within_the_drain_budge
         assert await again.terminate() == 0
 
 
+async def test_an_sqlite_store_another_process_write_locks_is_reported_not_ready(
+    kafka: Any, tmp_path: Path
+) -> None:
+    """Another process holds SQLite's write lock (an operator's sqlite3 shell, a stuck
+    command): reads still answer, but nothing can be recorded. /readyz reports the store until
+    the lock goes; then syncd is ready again and delivers everything."""
+    topic = f"write-locked-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(topic, partitions=1)
+    events = list(synth.events(40, seed=73))
+    async with running_sandbox(SandboxSettings(job_delay_s=0.2)) as sb:
+        daemon = DaemonProcess(tmp_path, sqlite_daemon_config(kafka.bootstrap, sb, topic, tmp_path))
+        daemon.start()
+        await daemon.wait_ready()
+        holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # the store takes no write from now on
+            await produce(kafka.bootstrap, topic, events)
+
+            async def store_unready() -> bool:
+                daemon.check_alive()
+                return not (await readiness(daemon))["store"]
+
+            await wait_for(store_unready, 30, "/readyz reports the store not taking writes")
+        finally:
+            holder.rollback()
+            holder.close()
+
+        async def ready_and_all_sent() -> bool:
+            daemon.check_alive()
+            return (await readiness(daemon))["store"] and expected(events) <= delivered(sb)
+
+        await wait_for(ready_and_all_sent, 60, "ready again and every event delivered")
+        assert await daemon.terminate() == 0
+
+
 class SilencingProxy:
     """A TCP proxy in front of PostgreSQL's Unix socket. `silence()` makes every connection
     open through it go quiet, as when the database's host dies or fails over without a reset:

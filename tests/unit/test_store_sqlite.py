@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import insert, inspect, select, text
+from sqlalchemy.exc import OperationalError
 
 from syncd.members import MemberChange, MemberTable
 from syncd.store import Store
@@ -86,5 +89,32 @@ async def test_upgrading_to_0005_makes_members_a_rowid_table_and_keeps_every_row
         sql_back, rows_back, _ = await table_sql_rows_and_indexes()
         assert "WITHOUT ROWID" in sql_back
         assert len(rows_back) == 50
+    finally:
+        await store.close()
+
+
+async def test_a_write_lock_another_process_holds_is_seen_as_not_taking_writes(
+    tmp_path: Path,
+) -> None:
+    """Reads go on beside another process's write lock (WAL), so a read probe does not see
+    it: the store says it takes no writes from a write that failed on it until one succeeds."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'locked.db'}"
+    store = await Store.connect(url, busy_timeout_s=0.05)
+    try:
+        await store.ensure_schema(auto_upgrade=True)
+        table = MemberTable(store)
+        assert store.takes_writes
+        holder = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(OperationalError, match="locked"):
+                await table.purge_tombstones(0)
+            assert await store.ping()  # reads answer
+            assert not store.takes_writes
+        finally:
+            holder.rollback()
+            holder.close()
+        await table.purge_tombstones(0)
+        assert store.takes_writes
     finally:
         await store.close()
