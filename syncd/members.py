@@ -1287,8 +1287,6 @@ class MemberTable:
             deletes = 0
             for audience_id, ids in _by_audience(keys).items():
                 for chunk in self._batches(ids):
-                    of_erased = self._among(dl.c.external_user_id, chunk)
-                    conn.execute(delete(dl).where(dl.c.audience_id == audience_id, of_erased))
                     where = and_(
                         m.c.audience_id == audience_id,
                         self._among(m.c.external_user_id, chunk),
@@ -1337,6 +1335,10 @@ class MemberTable:
                             ),
                             params,
                         )
+                    # after the rows' locks: a job outcome holding them queued its dead
+                    # letters by now (a leased one is being sent: it goes, once)
+                    of_erased = self._among(dl.c.external_user_id, chunk)
+                    conn.execute(delete(dl).where(dl.c.audience_id == audience_id, of_erased))
                     deletes += len(params)
             return deletes
 

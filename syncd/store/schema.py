@@ -26,6 +26,14 @@ from sqlalchemy.engine import Dialect
 
 metadata = MetaData()
 
+
+def _serial_id() -> Column[int]:
+    """An `id` the database numbers (SQLite: the rowid itself)."""
+    return Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+
+
 jobs = Table(
     "jobs",
     metadata,
@@ -70,12 +78,7 @@ job_counts = Table(
 budget_reservations = Table(
     "budget_reservations",
     metadata,
-    Column(
-        "id",
-        BigInteger().with_variant(Integer, "sqlite"),
-        primary_key=True,
-        autoincrement=True,
-    ),
+    _serial_id(),
     Column("connection_id", String(128), nullable=False),
     Column("records", Integer, nullable=False),
     Column("stamped_at", Float, nullable=False),
@@ -175,12 +178,7 @@ tombstones = Table(
 member_dead_letters = Table(
     "member_dead_letters",
     metadata,
-    Column(
-        "id",
-        BigInteger().with_variant(Integer, "sqlite"),
-        primary_key=True,
-        autoincrement=True,
-    ),
+    _serial_id(),
     Column("audience_id", BigInteger, nullable=False),
     Column("external_user_id", _KEY, nullable=False),
     Column("action", String(6), nullable=False),  # the refused send's: add | remove

@@ -341,3 +341,54 @@ async def test_member_statements_find_their_audience_through_an_index(
     ]
     assert leases
     assert all("Tid Scan on members" in plan for plan in leases), leases
+
+
+async def test_an_erase_racing_a_job_outcome_leaves_no_dead_letter_of_the_member(
+    replicas: list[MemberTable],
+) -> None:
+    """A job's outcome locks its members and queues the refused one's dead letter; an erase of
+    that member runs meanwhile on another replica. Whichever way they interleave, no dead letter
+    of the erased member stays queued (it would carry its record after the erase)."""
+    applying, erasing = replicas[0], replicas[1]
+    await applying.record_changes([change("u1")])
+    claims = await applying.claim_due([A1], 10, LEASE, "s")
+    assert await applying.mark_sent(claims, "job-1") == []
+    engine = applying._store._engine
+
+    async def waiting_on_locks() -> int:
+        async with engine.connect() as conn:
+            return int(
+                await conn.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                )
+            )
+
+    async def until_waiting(n: int) -> None:
+        deadline = asyncio.get_running_loop().time() + 10
+        while await waiting_on_locks() < n:
+            assert asyncio.get_running_loop().time() < deadline, f"{n} waiting on locks"
+
+    async with engine.connect() as blocker:
+        # an uncommitted row with the id the outcome's dead letter gets next: the outcome
+        # waits there, its members locked, until the blocker rolls back
+        await blocker.execute(
+            text(
+                "INSERT INTO member_dead_letters"
+                " (id, audience_id, external_user_id, action, reason, detail)"
+                " SELECT COALESCE(last_value, 0) + 1, 1, 'zz', 'add', 'x', ''"
+                " FROM pg_sequences WHERE sequencename = 'member_dead_letters_id_seq'"
+            )
+        )
+        outcome = asyncio.create_task(
+            applying.apply_job_outcome("job-1", "PARTIALLYSUCCEEDED", {"u1": "invalid_pii"})
+        )
+        await until_waiting(1)
+        erase = asyncio.create_task(erasing.erase(["u1"], [A1], occurred_at=T0 + 1, position=0))
+        await until_waiting(2)
+        await blocker.rollback()
+    assert [d.external_user_id for d in (await outcome).invalid] == ["u1"]
+    await erase
+    assert await applying.lease_dead_letters(10, LEASE) == []
