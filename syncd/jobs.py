@@ -50,8 +50,8 @@ GET_SHARE_OF_LEASE = 0.9  # a GET is given up after this share of the lease (the
 DAY_S = 86400.0
 MAX_FAILED_SENDS = 5  # a member whose sends ended FAILED this often in a row is dead-lettered
 DEAD_LETTERS_PER_LEASE = 100
-# a queued dead letter being sent is taken by another process only after this (its sender died,
-# or a broker outage holds it: then more than one replica may send it once the broker is back)
+# a queued dead letter being sent is leased this long, renewed while its send lasts: taken by
+# another process only once its sender died
 DEAD_LETTER_LEASE_S = 30.0
 DEAD_LETTER_SWEEP_S = 10.0  # how often queued dead letters left by another process are looked for
 
@@ -92,8 +92,10 @@ class MemberOutcomes:
         audiences: Mapping[int, str],
         *,
         max_attempts: int = MAX_FAILED_SENDS,
+        lease_s: float = DEAD_LETTER_LEASE_S,
     ) -> None:
         self._members = members
+        self._lease_s = lease_s  # of the dead letters being sent
         self._dead_letters = dead_letters
         self._audiences = audiences  # audience_id -> the config's audience key
         self._max_attempts = max_attempts
@@ -147,13 +149,30 @@ class MemberOutcomes:
         """Sends the queued member dead letters no other process is sending, each forgotten
         only after the broker acknowledged it; the source retries the broker until it does."""
         lease = functools.partial(
-            self._members.lease_dead_letters, DEAD_LETTERS_PER_LEASE, DEAD_LETTER_LEASE_S
+            self._members.lease_dead_letters, DEAD_LETTERS_PER_LEASE, self._lease_s
         )
         while letters := await persist(lease, what="member dead letters"):
-            for letter in letters:
-                await self._dead_letter(letter.member, letter.detail)
-            sent = functools.partial(self._members.dead_letters_sent, [x.id for x in letters])
+            ids = [x.id for x in letters]
+            renewing = asyncio.create_task(self._renew(ids))
+            try:
+                for letter in letters:
+                    await self._dead_letter(letter.member, letter.detail)
+            finally:
+                renewing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewing
+            sent = functools.partial(self._members.dead_letters_sent, ids)
             await persist(sent, what="member dead letters sent")
+
+    async def _renew(self, ids: list[int]) -> None:
+        """Keep the lease of dead letters being sent while the broker takes its time (an
+        outage): no other process sends them meanwhile."""
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            try:
+                await self._members.renew_dead_letters(ids, self._lease_s)
+            except Exception as exc:  # the store: the lease may run out, a duplicate at worst
+                log.warning("member dead-letter lease not renewed", error=repr(exc)[:300])
 
     async def settle_expired(self) -> None:
         """Make the members of every expired job due again (the same action is sent again).
@@ -170,7 +189,7 @@ class MemberOutcomes:
             dead.action,
             dead.record,
         )
-        await self._dead_letters.dead_letter_member(value, dead.reason, detail[:300])
+        await self._dead_letters.dead_letter_member(value, dead.reason, detail)
 
 
 def poll_interval(polls: int, cfg: PollConfig) -> float:

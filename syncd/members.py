@@ -1139,22 +1139,21 @@ class MemberTable:
     def _queue_dead_letters(
         self, conn: Connection, letters: Sequence[tuple[DeadMember, str]]
     ) -> None:
-        for chunk in _chunks(letters):
-            if chunk:
-                conn.execute(
-                    insert(dl),
-                    [
-                        {
-                            "audience_id": d.audience_id,
-                            "external_user_id": d.external_user_id,
-                            "action": d.action,
-                            "record": d.record,
-                            "reason": d.reason,
-                            "detail": detail[:_MAX_DETAIL_CHARS],
-                        }
-                        for d, detail in chunk
-                    ],
-                )
+        if letters:
+            conn.execute(
+                insert(dl),
+                [
+                    {
+                        "audience_id": d.audience_id,
+                        "external_user_id": d.external_user_id,
+                        "action": d.action,
+                        "record": d.record,
+                        "reason": d.reason,
+                        "detail": detail[:_MAX_DETAIL_CHARS],
+                    }
+                    for d, detail in letters
+                ],
+            )
 
     async def lease_dead_letters(self, limit: int, lease_s: float) -> list[QueuedDeadLetter]:
         """Up to `limit` queued dead letters no one is sending (never leased, or the lease ran
@@ -1165,9 +1164,12 @@ class MemberTable:
             pick = select(dl.c.id).where(free).order_by(dl.c.id).limit(limit)
             if self._postgres:
                 pick = pick.with_for_update(skip_locked=True)
+            ids = list(conn.execute(pick).scalars())
+            if not ids:
+                return []
             rows = conn.execute(
                 update(dl)
-                .where(dl.c.id.in_(pick.scalar_subquery()))
+                .where(self._among(dl.c.id, ids))
                 .values(leased_until=now + lease_s)
                 .returning(
                     dl.c.id,
@@ -1188,14 +1190,19 @@ class MemberTable:
 
         return await self._transaction(op)
 
+    async def renew_dead_letters(self, ids: Sequence[int], lease_s: float) -> None:
+        """Extend the lease of dead letters still being sent (a slow or absent broker)."""
+        await self._transaction(
+            lambda conn, now: conn.execute(
+                update(dl).where(self._among(dl.c.id, ids)).values(leased_until=now + lease_s)
+            )
+        )
+
     async def dead_letters_sent(self, ids: Sequence[int]) -> None:
         """The broker acknowledged these: forget them."""
-
-        def op(conn: Connection, now: float) -> None:
-            for chunk in self._batches(ids):
-                conn.execute(delete(dl).where(self._among(dl.c.id, chunk)))
-
-        await self._transaction(op)
+        await self._transaction(
+            lambda conn, now: conn.execute(delete(dl).where(self._among(dl.c.id, ids)))
+        )
 
     async def expired_jobs(self, limit: int = 100) -> list[str]:
         """Jobs syncd gave up polling (EXPIRED) whose members still wait for them: their outcome

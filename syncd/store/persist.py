@@ -32,7 +32,7 @@ MAX_PAUSE_S = 5.0
 # resources: too many connections, disk full) and 57P (shutdown, crash, starting up), and the
 # conflicts a retried transaction gets past (serialization failure, deadlock, lock not free).
 _TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P")
-_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+_CONFLICT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 
 
 def transient(exc: BaseException) -> bool:
@@ -49,10 +49,20 @@ def transient(exc: BaseException) -> bool:
         exc.connection_invalidated or isinstance(exc, OperationalError)
     ):
         return True
-    sqlstate = getattr(exc.orig if isinstance(exc, DBAPIError) else exc, "sqlstate", None)
+    sqlstate = _sqlstate(exc)
     return isinstance(sqlstate, str) and (
-        sqlstate.startswith(_TRANSIENT_SQLSTATE_PREFIXES) or sqlstate in _TRANSIENT_SQLSTATES
+        sqlstate.startswith(_TRANSIENT_SQLSTATE_PREFIXES) or sqlstate in _CONFLICT_SQLSTATES
     )
+
+
+def conflict(exc: BaseException) -> bool:
+    """A transaction lost to another (serialization failure, deadlock, lock not free): the store
+    itself is fine, the transaction is simply run again."""
+    return _sqlstate(exc) in _CONFLICT_SQLSTATES
+
+
+def _sqlstate(exc: BaseException) -> object:
+    return getattr(exc.orig if isinstance(exc, DBAPIError) else exc, "sqlstate", None)
 
 
 async def persist(

@@ -187,6 +187,7 @@ member_dead_letters = Table(
     Column("detail", Text, nullable=False),  # Amazon's message (syncd-detail header)
     Column("leased_until", Float),  # a poller is sending it (taken again once this passes)
     Index("ix_member_dead_letters_member", "audience_id", "external_user_id"),  # erasure
+    sqlite_autoincrement=True,  # an id is never reused: a late sender deletes only its own
 )
 
 # -- the --as-of of each audience's last complete reconcile (migration 0009): what the snapshot

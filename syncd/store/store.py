@@ -68,7 +68,7 @@ from sqlalchemy.util import await_only
 from syncd.amazon.api import JobStatus
 from syncd.config import mask_urls
 from syncd.errors import SchemaOutdatedError, StoreUnavailable
-from syncd.store.persist import transient
+from syncd.store.persist import conflict, transient
 from syncd.store.reasons import invalid_reason_counts
 from syncd.store.schema import budget_reservations, connection_blocks, job_counts, jobs
 from syncd.vocabulary import JobState
@@ -669,7 +669,7 @@ class Store:
         try:
             result = await self._run_write(op)
         except Exception as exc:
-            if transient(exc):
+            if transient(exc) and not conflict(exc):
                 self._writes_failing = True
             raise
         self._writes_failing = False

@@ -14,6 +14,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
 
@@ -667,6 +668,41 @@ async def test_dead_letters_a_crash_left_unsent_are_sent_after_a_restart(
     clock.advance(DEAD_LETTER_LEASE_S)
     await after.send_dead_letters()
     assert len(sink.sent) == 1
+
+
+async def test_a_dead_letter_held_up_by_the_broker_keeps_its_lease(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """A send that outlasts the lease (a broker outage) renews it: another replica does not
+    send the same dead letter meanwhile."""
+    table, stalled, other = MemberTable(store), StalledDeadLetters(), MemberDeadLetterSink()
+    outcomes = MemberOutcomes(table, stalled, {7: "vip"}, lease_s=0.3)
+    poller = Poller(store, client, CFG, owner="a", clock=clock, outcomes=outcomes)
+    await sent_members(table, "partial", ["u1", "u2"])
+    client.script["partial"] = [
+        JobStatus("partial", "PARTIALLYSUCCEEDED", invalid_records=(InvalidRecord("u2", "bad"),))
+    ]
+    await poller.poll_once()
+    sending = asyncio.create_task(outcomes.send_dead_letters())
+    await stalled.waiting.wait()
+    leased_at = clock.now
+    clock.advance(1.0)  # past the first lease
+
+    async def renewed() -> bool:
+        async with store._read() as conn:
+            until_ = await conn.scalar(text("SELECT leased_until FROM member_dead_letters"))
+        return bool(until_ > leased_at + 1.0)
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while not await renewed():
+        assert asyncio.get_running_loop().time() < deadline, "the lease renewed"
+        await asyncio.sleep(0.01)
+    await MemberOutcomes(table, other, {7: "vip"}).send_dead_letters()
+    assert other.sent == []
+    stalled.open.set()
+    await sending
+    assert [(v["externalUserId"], r) for v, r, _ in stalled.sent] == [("u2", "other")]
+    assert await table.lease_dead_letters(10, 60) == []
 
 
 class CommitReplyLost(MemberTable):

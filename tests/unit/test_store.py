@@ -111,6 +111,28 @@ async def test_explicit_upgrade_then_a_new_store_accepts_the_schema(store_db_url
         await again.close()
 
 
+async def test_the_migrations_make_the_schema_the_code_declares(store_db_url: str) -> None:
+    """The tables, columns, types and indexes the migrations leave are those of
+    `syncd/store/schema.py` (a table or index changed there needs its migration)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from syncd.store.schema import metadata
+
+    s = await Store.connect(store_db_url)
+    try:
+        await s.upgrade()
+        async with s._engine.connect() as conn:
+            diffs = await conn.run_sync(
+                lambda sync: compare_metadata(
+                    MigrationContext.configure(sync, opts={"compare_type": True}), metadata
+                )
+            )
+    finally:
+        await s.close()
+    assert diffs == []
+
+
 def test_schema_revision_is_the_newest_migration() -> None:
     """The revision the daemon checks for without alembic is the head of the shipped scripts."""
     assert ScriptDirectory.from_config(alembic_config()).get_heads() == [SCHEMA_REVISION]

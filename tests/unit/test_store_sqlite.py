@@ -118,3 +118,29 @@ async def test_a_write_lock_another_process_holds_is_seen_as_not_taking_writes(
         assert store.takes_writes
     finally:
         await store.close()
+
+
+async def test_a_transaction_lost_to_another_is_not_a_store_taking_no_writes(
+    tmp_path: Path,
+) -> None:
+    """A deadlock or serialization failure (run again at once) says nothing about the store:
+    /readyz stays green; a lost connection does not."""
+
+    class Orig(Exception):
+        def __init__(self, sqlstate: str) -> None:
+            self.sqlstate = sqlstate
+
+    def failing(sqlstate: str) -> Any:
+        def op(conn: Any, now: float) -> None:
+            raise OperationalError("UPDATE", {}, Orig(sqlstate))
+
+        return op
+
+    store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 's.db'}")
+    try:
+        for sqlstate, takes_writes in (("40P01", True), ("40001", True), ("08006", False)):
+            with pytest.raises(OperationalError):
+                await store.run_write(failing(sqlstate))
+            assert store.takes_writes is takes_writes, sqlstate
+    finally:
+        await store.close()

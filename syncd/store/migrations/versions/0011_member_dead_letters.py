@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.Column("reason", sa.String(64), nullable=False),
         sa.Column("detail", sa.Text, nullable=False),
         sa.Column("leased_until", sa.Float),
+        sqlite_autoincrement=True,
     )
     op.create_index(
         "ix_member_dead_letters_member",
