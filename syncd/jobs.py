@@ -139,6 +139,7 @@ class MemberOutcomes:
         while not stop.is_set():
             try:
                 await self.send_dead_letters()
+                await self._count_queued()
             except Exception as exc:  # the store or the broker: try again at the next sweep
                 log.warning("member dead letters not sent; retrying", error=repr(exc)[:300])
             with contextlib.suppress(TimeoutError):
@@ -171,8 +172,12 @@ class MemberOutcomes:
             await asyncio.sleep(self._lease_s / 3)
             try:
                 await self._members.renew_dead_letters(ids, self._lease_s)
+                await self._count_queued()  # a broker outage: they pile up meanwhile
             except Exception as exc:  # the store: the lease may run out, a duplicate at worst
                 log.warning("member dead-letter lease not renewed", error=repr(exc)[:300])
+
+    async def _count_queued(self) -> None:
+        metrics.MEMBER_DEAD_LETTERS_QUEUED.set(await self._members.dead_letters_queued())
 
     async def settle_expired(self) -> None:
         """Make the members of every expired job due again (the same action is sent again).

@@ -1198,6 +1198,11 @@ class MemberTable:
             )
         )
 
+    async def dead_letters_queued(self) -> int:
+        """How many member dead letters wait for the broker (being sent or not)."""
+        async with self._store._read() as conn:
+            return int(await conn.scalar(select(func.count()).select_from(dl)) or 0)
+
     async def dead_letters_sent(self, ids: Sequence[int]) -> None:
         """The broker acknowledged these: forget them."""
         await self._transaction(

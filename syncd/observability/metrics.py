@@ -280,6 +280,12 @@ AUDIENCE_FAILED_JOBS = Gauge(
     ["audience"],
     registry=REGISTRY,
 )
+MEMBER_DEAD_LETTERS_QUEUED = Gauge(
+    "syncd_member_dead_letters_queued",
+    "Member dead letters (members a job refused) queued in the store, waiting for the broker",
+    registry=REGISTRY,
+)
+
 TOMBSTONES_PURGED = Counter(
     "syncd_tombstones_purged_total",
     "Erase tombstones deleted after members.tombstone_days",

@@ -60,6 +60,7 @@ ALERTS = {
     "SyncdAudienceTooSmall",
     "SyncdAudienceMatchRatioDropped",
     "SyncdAudienceJobsFailing",
+    "SyncdMemberDeadLettersWaiting",
 }
 # Labels Prometheus attaches to every scraped series (the target's), not syncd.
 TARGET_LABELS = {"job", "instance"}

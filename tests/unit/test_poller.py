@@ -635,6 +635,7 @@ async def test_a_broker_outage_holds_the_dead_letters_not_the_polls(
     await sending
     assert [(v["externalUserId"], r) for v, r, _ in sink.sent] == [("u2", "other")]
     assert client.calls == ["partial", "later"]
+    assert REGISTRY.get_sample_value("syncd_member_dead_letters_queued") == 0
 
 
 async def test_dead_letters_a_crash_left_unsent_are_sent_after_a_restart(
@@ -693,9 +694,12 @@ async def test_a_dead_letter_held_up_by_the_broker_keeps_its_lease(
             until_ = await conn.scalar(text("SELECT leased_until FROM member_dead_letters"))
         return bool(until_ > leased_at + 1.0)
 
+    def queued() -> float | None:
+        return REGISTRY.get_sample_value("syncd_member_dead_letters_queued")
+
     deadline = asyncio.get_running_loop().time() + 10
-    while not await renewed():
-        assert asyncio.get_running_loop().time() < deadline, "the lease renewed"
+    while not (await renewed() and queued() == 1):  # the gauge shows the letter waiting
+        assert asyncio.get_running_loop().time() < deadline, "the lease renewed, 1 queued"
         await asyncio.sleep(0.01)
     await MemberOutcomes(table, other, {7: "vip"}).send_dead_letters()
     assert other.sent == []
