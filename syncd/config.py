@@ -462,6 +462,12 @@ def _validate(cfg: Config) -> None:
         "must name at least one topic, none blank",
     )
     need(
+        k.dead_letter_topic not in k.topics,
+        "kafka.dead_letter_topic",
+        "must not be one of kafka.topics: syncd would read its own dead letters back and "
+        "dead-letter them again, for ever",
+    )
+    need(
         k.auto_offset_reset in ("earliest", "latest"),
         "kafka.auto_offset_reset",
         "must be 'earliest' or 'latest'",

@@ -520,3 +520,20 @@ def test_logs_hide_the_row_values_postgresql_puts_in_an_error(
     assert "203.0.113.9" not in out
     assert out.count("violates check constraint") == 2
     assert out.count("[SQL: INSERT INTO members") == 2
+
+
+@pytest.mark.parametrize(
+    "kafka",
+    [
+        {"topics": ["profile-changes"], "dead_letter_topic": "profile-changes"},
+        {"topics": ["a", "b"], "dead_letter_topic": "b"},
+    ],
+)
+def test_a_dead_letter_topic_that_is_an_input_topic_is_refused(kafka: dict[str, object]) -> None:
+    """syncd would read its own dead letters back: each is unusable again (an event's original
+    bytes, or a member dead letter, which has no profile_id) and dead-lettered again, for ever,
+    the topic growing with each round."""
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping({"kafka": kafka})
+    assert err.value.key == "kafka.dead_letter_topic"
+    assert "kafka.topics" in str(err.value)
