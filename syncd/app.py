@@ -35,6 +35,7 @@ from syncd.budget import Budget
 from syncd.config import Config
 from syncd.deliver import BlockLog, ConnectionSender, MemberFeed, cancel_and_wait
 from syncd.errors import AmazonError, AuthError, RetryableError
+from syncd.events.canonical import MAX_FUTURE_S
 from syncd.jobs import MemberOutcomes, Poller
 from syncd.members import (
     ADD,
@@ -381,8 +382,15 @@ def _publish(counts: RouteCounts) -> None:
 
 
 def _occurred_at(occurred_at: float | None, message: Message) -> float:
-    """The event's time, else the Kafka message's."""
-    return message.timestamp_ms / 1000 if occurred_at is None else occurred_at
+    """The event's time, else the Kafka message's. A message's timestamp is its producer's
+    clock (CreateTime): one more than MAX_FUTURE_S ahead of this host's is no time the event
+    can have had (it is being read now) and would outrank every later change of the member, so
+    the time it is read stands in (the decoder refuses such an `occurred_at` itself)."""
+    if occurred_at is not None:
+        return occurred_at
+    at = message.timestamp_ms / 1000
+    now = time.time()
+    return now if at > now + MAX_FUTURE_S else at
 
 
 async def _first(*waits: Awaitable[Any]) -> None:

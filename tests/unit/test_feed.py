@@ -7,6 +7,7 @@ a chunk's changes and erases are recorded in order before its events are done.""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -397,6 +398,33 @@ async def test_ingest_records_changes_and_erases_in_order_then_marks_events_done
     assert await table.tombstone(DEST.audience_id, "u1") == 1002.0  # its message's timestamp
     # an add older than the erase (a late event) does not bring u1 back
     await pipeline._record([(Message(SourceRef("t", 0, 5), b"{}", 1_000_500), routed("u1"))])
+    u1 = await table.member(DEST.audience_id, "u1")
+    assert u1 is not None
+    assert u1.action == "remove"
+
+
+async def test_a_message_timestamp_in_the_future_does_not_outrank_later_changes(
+    table: MemberTable,
+) -> None:
+    """An event without occurred_at takes its Kafka message's timestamp, which its producer sets
+    (CreateTime): a producer whose clock is a year ahead must not make that change outrank
+    every later change of the member, as an occurred_at that far ahead would (the decoder
+    refuses one more than 5 minutes ahead)."""
+    pipeline = Pipeline(
+        Config(destinations=(DEST,)),
+        cast(KafkaSource, FakeSource()),
+        OffsetTracker(),
+        table,
+        cast(Transformer, None),
+    )
+    now = time.time()
+    year_ahead_ms = int((now + 365 * 86400) * 1000)
+    add = member_record("u1", "US", Action.ADD, [{"email": HEX}])  # no occurred_at
+    await pipeline._record([(Message(SourceRef("t", 0, 0), b"{}", year_ahead_ms), [(0, add)])])
+    # a minute later, a remove stamped by a producer with a good clock
+    remove = member_record("u1", "US", Action.REMOVE, [{"email": HEX}], occurred_at=now + 60)
+    later = Message(SourceRef("t", 0, 1), b"{}", int((now + 60) * 1000))
+    await pipeline._record([(later, [(0, remove)])])
     u1 = await table.member(DEST.audience_id, "u1")
     assert u1 is not None
     assert u1.action == "remove"
