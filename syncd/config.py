@@ -33,6 +33,7 @@ MAX_RECORDS_PER_POST = 6000
 DAY_S = 86400.0
 MAX_AUDIENCE_ID = 2**63 - 1  # a signed 64-bit integer: the store's BIGINT and every JSON encoder
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
+_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")  # Kafka's legal topic names (but "." and "..")
 
 
 @dataclass(frozen=True)
@@ -445,6 +446,12 @@ def _same_pause_per_audience(destinations: list[Destination]) -> None:
             )
 
 
+def _topic_name(name: str) -> bool:
+    """A name Kafka takes for a topic: any other is never found (a consumer subscribed to it
+    idles, a producer waits for it in vain)."""
+    return _TOPIC.fullmatch(name) is not None and name not in (".", "..")
+
+
 def _validate(cfg: Config) -> None:
     def need(ok: bool, key: str, problem: str) -> None:
         if not ok:
@@ -460,6 +467,16 @@ def _validate(cfg: Config) -> None:
         bool(k.topics) and all(t.strip() for t in k.topics),
         "kafka.topics",
         "must name at least one topic, none blank",
+    )
+    need(
+        all(_topic_name(t) for t in k.topics),
+        "kafka.topics",
+        "must be Kafka topic names: 1 to 249 of a-z A-Z 0-9 . _ -, not '.' or '..'",
+    )
+    need(
+        not k.dead_letter_topic or _topic_name(k.dead_letter_topic),
+        "kafka.dead_letter_topic",
+        "must be a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -, not '.' or '..') or empty",
     )
     need(
         k.dead_letter_topic not in k.topics,

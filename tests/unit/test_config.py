@@ -537,3 +537,32 @@ def test_a_dead_letter_topic_that_is_an_input_topic_is_refused(kafka: dict[str, 
         config.from_mapping({"kafka": kafka})
     assert err.value.key == "kafka.dead_letter_topic"
     assert "kafka.topics" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("kafka", "key"),
+    [
+        ({"topics": ["profile changes"]}, "kafka.topics"),
+        ({"topics": ["a", " b"]}, "kafka.topics"),
+        ({"topics": ["profile/changes"]}, "kafka.topics"),
+        ({"topics": ["t" * 250]}, "kafka.topics"),
+        ({"topics": [".."]}, "kafka.topics"),
+        ({"topics": ["caf\u00e9"]}, "kafka.topics"),
+        ({"dead_letter_topic": "bad topic!"}, "kafka.dead_letter_topic"),
+        ({"dead_letter_topic": "."}, "kafka.dead_letter_topic"),
+    ],
+)
+def test_a_topic_name_kafka_cannot_hold_is_refused(kafka: dict[str, object], key: str) -> None:
+    """Kafka's topic names are 1..249 of [a-zA-Z0-9._-], not "." or "..". Another name was
+    taken: an input topic that can never exist left syncd idle and ready, and a dead-letter
+    topic of that kind held the first unusable event's offset (and so every commit of its
+    partition) for ever, while /readyz said 200."""
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping({"kafka": kafka})
+    assert err.value.key == key
+
+
+def test_every_legal_topic_name_is_taken() -> None:
+    names = ("a", "A.b_c-9", "t" * 249, "...", "_internal")
+    cfg = config.from_mapping({"kafka": {"topics": list(names), "dead_letter_topic": "dlq.v1"}})
+    assert cfg.kafka.topics == names
