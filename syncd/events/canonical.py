@@ -33,7 +33,8 @@ Field rules (anything not listed here is ignored):
   Kafka message's timestamp stands in; one more than `MAX_FUTURE_S` ahead, a producer's clock
   gone wrong, gives way to the time the event is read). A timestamp without a zone is
   ambiguous, and one more than `MAX_FUTURE_S` ahead of this host's clock would outrank every
-  later change of the member: both are rejected like any other bad value (`bad_occurred_at`).
+  later change of the member: both are rejected like any other bad value (`bad_occurred_at`),
+  as is one before 0001-01-01T00:00:00Z (legal with an offset east of UTC, but no date).
 - `event_id`: a string or integer, for tracing only; other types are ignored.
 
 Privacy: a DecodeError's reason is a bounded code; its message may name a field and a JSON type,
@@ -57,6 +58,7 @@ DEFAULT_MAX_BYTES = 1_000_000
 MAX_IDENTIFIER_VALUES = 1000
 MAX_EVENT_ID_CHARS = 128
 MAX_FUTURE_S = 300.0  # how far ahead of the clock an occurred_at may be (contract: 5 minutes)
+YEAR_ONE = -62135596800.0  # 0001-01-01T00:00:00Z, the earliest occurred_at a date can show
 
 IDENTIFIER_KEYS: dict[str, str] = {
     "email": PiiKey.EMAIL.value,
@@ -156,6 +158,8 @@ def occurred_at(value: object, field: str = "occurred_at") -> float | None:
     at = moment.timestamp() + leap  # the leap second: the second after :59
     if at > time.time() + MAX_FUTURE_S:
         raise DecodeError("bad_occurred_at", f"{field} is more than 5 minutes in the future")
+    if at < YEAR_ONE:  # no date shows it (`syncd members show` failed on such a member)
+        raise DecodeError("bad_occurred_at", f"{field} is before the year 1 in UTC")
     return at
 
 

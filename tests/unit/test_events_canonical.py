@@ -261,6 +261,21 @@ def test_bad_occurred_at(value: Any) -> None:
     assert reason_of(encode(occurred_at=value)) == "bad_occurred_at"
 
 
+@pytest.mark.parametrize("value", ["0001-01-01T00:00:00+01:00", "0001-01-01T00:59:59.9+01:00"])
+def test_an_occurred_at_before_year_one_utc_is_bad(value: str) -> None:
+    """Legal ISO-8601 with a zone, but in UTC a moment before 0001-01-01: no date can show it,
+    and `syncd members show` failed with a traceback (year 0 is out of range) on the member
+    such an event recorded."""
+    assert reason_of(encode(occurred_at=value)) == "bad_occurred_at"
+    erase = orjson.dumps({"profile_id": "p", "erase": True, "occurred_at": value})
+    assert reason_of(erase) == "bad_occurred_at"
+
+
+def test_the_first_moment_of_year_one_utc_is_taken() -> None:
+    at = decode(encode(occurred_at="0001-01-01T01:00:00+01:00"), "canonical").occurred_at
+    assert at == -62135596800.0
+
+
 def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat()
 
