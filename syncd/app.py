@@ -385,11 +385,14 @@ def _occurred_at(occurred_at: float | None, message: Message) -> float:
     """The event's time, else the Kafka message's. A message's timestamp is its producer's
     clock (CreateTime): one more than MAX_FUTURE_S ahead of this host's is no time the event
     can have had (it is being read now) and would outrank every later change of the member, so
-    the time it is read stands in (the decoder refuses such an `occurred_at` itself)."""
+    the time it is read stands in (the decoder refuses such an `occurred_at` itself); so it
+    does for a message without a timestamp (message format v0)."""
     if occurred_at is not None:
         return occurred_at
-    at = message.timestamp_ms / 1000
     now = time.time()
+    if message.timestamp_ms is None:
+        return now
+    at = message.timestamp_ms / 1000
     return now if at > now + MAX_FUTURE_S else at
 
 

@@ -31,10 +31,11 @@ Field rules (anything not listed here is ignored):
   its compressed form); anything else -> `bad_consent`.
 - `occurred_at`: ISO-8601 with `Z` or an offset -> epoch seconds; missing or null -> None (the
   Kafka message's timestamp stands in; one more than `MAX_FUTURE_S` ahead, a producer's clock
-  gone wrong, gives way to the time the event is read). A timestamp without a zone is
-  ambiguous, and one more than `MAX_FUTURE_S` ahead of this host's clock would outrank every
-  later change of the member: both are rejected like any other bad value (`bad_occurred_at`),
-  as is one before 0001-01-01T00:00:00Z (legal with an offset east of UTC, but no date).
+  gone wrong, or none (message format v0), gives way to the time the event is read). A
+  timestamp without a zone is ambiguous, and one more than `MAX_FUTURE_S` ahead of this host's
+  clock would outrank every later change of the member: both are rejected like any other bad
+  value (`bad_occurred_at`), as is one before 0001-01-01T00:00:00Z (legal with an offset east
+  of UTC, but no date).
 - `event_id`: a string or integer, for tracing only; other types are ignored.
 
 Privacy: a DecodeError's reason is a bounded code; its message may name a field and a JSON type,

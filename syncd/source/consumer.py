@@ -49,12 +49,13 @@ LAG_REFRESH_TIMEOUT_S = 5.0
 
 @dataclass(slots=True)
 class Message:
-    """One consumed record: where it came from, its original bytes, its timestamp (one per
-    event: not frozen, see `SourceRef`)."""
+    """One consumed record: where it came from, its original bytes, its timestamp (None for a
+    record of message format v0, written before Kafka 0.10: it has none) (one per event: not
+    frozen, see `SourceRef`)."""
 
     ref: SourceRef
     value: bytes | None
-    timestamp_ms: int
+    timestamp_ms: int | None
     key: bytes | None = None
 
 

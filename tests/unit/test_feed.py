@@ -430,6 +430,30 @@ async def test_a_message_timestamp_in_the_future_does_not_outrank_later_changes(
     assert u1.action == "remove"
 
 
+async def test_a_message_without_a_timestamp_is_recorded_not_a_crash(table: MemberTable) -> None:
+    """A record of message format v0 (written before Kafka 0.10, kept by a compacted topic)
+    has no timestamp: aiokafka gives None. An event of it without occurred_at must be recorded
+    (at the time it is read), not stop syncd with a TypeError, again at every restart."""
+    tracker = OffsetTracker()
+    pipeline = Pipeline(
+        Config(destinations=(DEST,)),
+        cast(KafkaSource, FakeSource()),
+        tracker,
+        table,
+        cast(Transformer, None),
+    )
+    untimed = cast(int, None)  # ConsumerRecord.timestamp is `int | None`
+    add = member_record("u1", "US", Action.ADD, [{"email": HEX}])
+    before = time.time()
+    await pipeline._record([(Message(SourceRef("t", 0, 0), b"{}", untimed), [(0, add)])])
+    await pipeline._record([(Message(SourceRef("t", 0, 1), b"{}", untimed), Erase("u2", None))])
+    assert tracker.committable() == {("t", 0): 2}
+    u1 = await table.member(DEST.audience_id, "u1")
+    assert u1 is not None
+    assert u1.action == "add"
+    assert before <= u1.occurred_at <= time.time()
+
+
 async def test_ingest_wakes_the_senders_only_for_changes_that_leave_work(
     table: MemberTable,
 ) -> None:
