@@ -485,6 +485,11 @@ def _validate(cfg: Config) -> None:
         "dead-letter them again, for ever",
     )
     need(
+        bool(k.group_id),
+        "kafka.group_id",
+        "must not be empty: Kafka refuses an empty group id (since 2.2, KIP-289)",
+    )
+    need(
         k.auto_offset_reset in ("earliest", "latest"),
         "kafka.auto_offset_reset",
         "must be 'earliest' or 'latest'",

@@ -84,6 +84,7 @@ def test_audience_id_keeps_all_18_digits() -> None:
         ({"kafka": {"max_message_bytes": 0}}, "kafka.max_message_bytes"),
         ({"kafka": {"topics": ["a", ""]}}, "kafka.topics"),
         ({"kafka": {"topics": [" "]}}, "kafka.topics"),
+        ({"kafka": {"group_id": ""}}, "kafka.group_id"),
         ({"kafka": {"bootstrap_servers": ""}}, "kafka.bootstrap_servers"),
         ({"kafka": {"bootstrap_servers": " "}}, "kafka.bootstrap_servers"),
         ({"kafka": {"bootstrap_servers": "a:9092,,b:9092"}}, "kafka.bootstrap_servers"),
