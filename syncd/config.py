@@ -31,6 +31,9 @@ from syncd.vocabulary import Region
 SECRET_KEYS = frozenset({"client_secret", "refresh_token", "sasl_password", "password"})
 MAX_RECORDS_PER_POST = 6000
 DAY_S = 86400.0
+# the store's columns (syncd/store/schema.py); PostgreSQL refuses longer values
+MAX_AUDIENCE_KEY = 256
+MAX_CONNECTION_ID = 128
 MAX_AUDIENCE_ID = 2**63 - 1  # a signed 64-bit integer: the store's BIGINT and every JSON encoder
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")  # Kafka's legal topic names (but "." and "..")
@@ -401,11 +404,17 @@ def _build_destinations(items: Any) -> tuple[Destination, ...]:
         audience, conn = item["audience"], item["connection_id"]
         if not isinstance(audience, str) or not audience:
             raise ConfigError(f"{where}.audience", "must be a non-empty string")
+        if len(audience) > MAX_AUDIENCE_KEY:  # the store's column (jobs.audience)
+            raise ConfigError(f"{where}.audience", f"must be at most {MAX_AUDIENCE_KEY} characters")
         if audience in seen:
             raise ConfigError(f"{where}.audience", f"duplicate audience key {audience!r}")
         seen.add(audience)
         if not isinstance(conn, str) or not conn:
             raise ConfigError(f"{where}.connection_id", "must be a non-empty string")
+        if len(conn) > MAX_CONNECTION_ID:  # the store's columns (jobs, budget, blocked)
+            raise ConfigError(
+                f"{where}.connection_id", f"must be at most {MAX_CONNECTION_ID} characters"
+            )
         audience_id = _as_id(item["audience_id"])
         if audience_id is None:
             raise ConfigError(

@@ -85,6 +85,8 @@ def test_audience_id_keeps_all_18_digits() -> None:
         ({"kafka": {"topics": ["a", ""]}}, "kafka.topics"),
         ({"kafka": {"topics": [" "]}}, "kafka.topics"),
         ({"kafka": {"group_id": ""}}, "kafka.group_id"),
+        ({"destinations": [{**DEST, "audience": "a" * 257}]}, "destinations[0].audience"),
+        ({"destinations": [{**DEST, "connection_id": "c" * 129}]}, "destinations[0].connection_id"),
         ({"kafka": {"bootstrap_servers": ""}}, "kafka.bootstrap_servers"),
         ({"kafka": {"bootstrap_servers": " "}}, "kafka.bootstrap_servers"),
         ({"kafka": {"bootstrap_servers": "a:9092,,b:9092"}}, "kafka.bootstrap_servers"),
@@ -567,3 +569,12 @@ def test_every_legal_topic_name_is_taken() -> None:
     names = ("a", "A.b_c-9", "t" * 249, "...", "_internal")
     cfg = config.from_mapping({"kafka": {"topics": list(names), "dead_letter_topic": "dlq.v1"}})
     assert cfg.kafka.topics == names
+
+
+def test_destination_keys_as_long_as_the_store_holds_are_taken() -> None:
+    """The store's columns hold an audience key of 256 characters and a connection id of 128
+    (PostgreSQL refuses more: the job of an accepted POST could not be stored, and syncd
+    exited 1 at every start)."""
+    dest = {**DEST, "audience": "\u00e9" * 256, "connection_id": "c" * 128}
+    (got,) = config.from_mapping({"destinations": [dest]}).destinations
+    assert (len(got.audience), len(got.connection_id)) == (256, 128)
