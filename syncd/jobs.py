@@ -137,6 +137,7 @@ class MemberOutcomes:
         their lease ran out). Apart from polling: a broker outage holds the dead letters, not
         the polls."""
         while not stop.is_set():
+            self._queued.clear()  # those queued from now on: another round at once
             try:
                 await self.send_dead_letters()
                 await self._count_queued()
@@ -144,7 +145,6 @@ class MemberOutcomes:
                 log.warning("member dead letters not sent; retrying", error=repr(exc)[:300])
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._queued.wait(), timeout=DEAD_LETTER_SWEEP_S)
-            self._queued.clear()
 
     async def send_dead_letters(self) -> None:
         """Sends the queued member dead letters no other process is sending, each forgotten
