@@ -359,13 +359,22 @@ def _rounds(
         sets = [c for c in group if c.action != UPDATE]
         if last.action != UPDATE:
             first.append(last)
-        elif sets:
-            first.append(sets[-1])
-            second.append(last)
+            kept = 1
         else:
-            first.append(last)
-        counts.superseded += len(group) - (2 if last.action == UPDATE and sets else 1)
+            # UPDATEs of one event, routed to destinations sharing the audience: all go on,
+            # `_one_update_each` keeps the one of the member's country
+            tied = [c for c in group if c.action == UPDATE and c.order == last.order]
+            if sets:
+                first.append(sets[-1])
+            (second if sets else first).extend(tied)
+            kept = len(tied) + (1 if sets else 0)
+        counts.superseded += len(group) - kept
     return first, second
+
+
+def _country(record: bytes) -> str | None:
+    country = orjson.loads(record).get("countryCode")
+    return country if isinstance(country, str) else None
 
 
 def _array_of(column: Column[Any]) -> ARRAY[Any]:
@@ -563,7 +572,7 @@ class MemberTable:
             else:
                 live.append(change)
         full = [c for c in live if c.action != UPDATE]
-        updates = [c for c in live if c.action == UPDATE]
+        updates = self._one_update_each(conn, [c for c in live if c.action == UPDATE], counts)
         # PostgreSQL reads every row first (SQLite: `_upsert_staged` flags them itself): the
         # upsert locks each conflicting row, and logs the lock, even where its guard then
         # refuses the change, which every change of a replay is.
@@ -581,6 +590,42 @@ class MemberTable:
             full, as_adds = newer, newer_adds
         self._upsert(conn, full, now, rank, counts, adds_only=False)
         self._upsert(conn, as_adds, now, rank, counts, adds_only=True)
+
+    def _one_update_each(
+        self, conn: Connection, updates: Sequence[MemberChange], counts: RecordCounts
+    ) -> list[MemberChange]:
+        """An identifiers-only event routed to destinations that share an audience_id gives its
+        member an UPDATE from each, at the same time, each with its destination's country: the
+        one of the member's own country applies (none of it: the last listed, as for a member
+        of one destination). The others count superseded."""
+        by_key: dict[tuple[int, str], list[MemberChange]] = defaultdict(list)
+        for change in updates:
+            by_key[change.key].append(change)
+        shared = [key for key, group in by_key.items() if len(group) > 1]
+        if not shared:
+            return list(updates)
+        held = self._countries(conn, shared)
+        kept = []
+        for key, group in by_key.items():
+            own = [c for c in group if _country(c.record) == held.get(key)]
+            kept.append((own or group)[-1])
+            counts.superseded += len(group) - 1
+        return kept
+
+    def _countries(
+        self, conn: Connection, keys: Sequence[tuple[int, str]]
+    ) -> dict[tuple[int, str], str | None]:
+        """The country of each member's stored record."""
+        found: dict[tuple[int, str], str | None] = {}
+        for audience_id, ids in _by_audience(keys).items():
+            for chunk in self._batches(ids):
+                result = conn.execute(
+                    select(m.c.external_user_id, m.c.record).where(
+                        m.c.audience_id == audience_id, self._among(m.c.external_user_id, chunk)
+                    )
+                )
+                found.update({(audience_id, e): _country(bytes(r)) for e, r in result})
+        return found
 
     def _tombstones(
         self, conn: Connection, keys: Sequence[tuple[int, str]]

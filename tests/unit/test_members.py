@@ -266,6 +266,34 @@ async def test_identifiers_only_change_in_one_chunk_follows_time_order(
     assert claims["k"].record == change("k", ADD, email="k2").record
 
 
+async def test_an_update_routed_to_destinations_sharing_an_audience_keeps_its_country(
+    table: MemberTable,
+) -> None:
+    """Two destinations name one audience_id with different country_codes: an identifiers-only
+    event routes an UPDATE to each (the same member, the same time). The member takes the one
+    of its own country, whichever destination is listed last; with none of its country, the
+    last listed (the destination's country changed, say) applies as before."""
+    await table.record_changes([change("us", country="US"), change("de", country="DE")])
+    at = T0 + 1
+    for listed in (("US", "DE"), ("DE", "US")):
+        counts = await table.record_changes(
+            [
+                change(euid, UPDATE, email=f"{euid}-{country}", at=at, country=country)
+                for euid in ("us", "de")
+                for country in listed
+            ]
+        )
+        assert counts == RecordCounts(recorded=2, superseded=2)
+        for euid, country in (("us", "US"), ("de", "DE")):
+            record = await stored_record(table, euid)
+            assert record == change(euid, email=f"{euid}-{country}", country=country).record
+        at += 1
+    await table.record_changes(
+        [change("us", UPDATE, email="x", at=at, country=c) for c in ("FR", "GB")]
+    )
+    assert await stored_record(table, "us") == change("us", email="x", country="GB").record
+
+
 async def test_unknown_action_is_refused(table: MemberTable) -> None:
     bad = MemberChange(A1, "u1", "CREATE", b"{}", b"0" * 32, T0, 0)
     with pytest.raises(ValueError, match="unknown member action"):
