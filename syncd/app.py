@@ -177,6 +177,12 @@ class Pipeline:
         updates: list[tuple[SourceRef, list[tuple[int, MemberRecord]]]] = []
         for message, outcome in chunk:
             ref = message.ref
+            if _future_stand_in(outcome, message):
+                outcome = Refused(
+                    "bad_occurred_at",
+                    "no occurred_at, and the Kafka message timestamp standing in for it is "
+                    "more than 5 minutes in the future",
+                )
             if isinstance(outcome, Refused):
                 self._dead_letter(message, outcome)
                 continue
@@ -382,18 +388,25 @@ def _publish(counts: RouteCounts) -> None:
 
 
 def _occurred_at(occurred_at: float | None, message: Message) -> float:
-    """The event's time, else the Kafka message's. A message's timestamp is its producer's
-    clock (CreateTime): one more than MAX_FUTURE_S ahead of this host's is no time the event
-    can have had (it is being read now) and would outrank every later change of the member, so
-    the time it is read stands in (the decoder refuses such an `occurred_at` itself); so it
-    does for a message without a timestamp (message format v0)."""
+    """The event's time, else the Kafka message's. A message without a timestamp (message
+    format v0, or -1: none) counts as older than any change: the same on every read, where the
+    time it is read would let a replay outrank the changes recorded since."""
     if occurred_at is not None:
         return occurred_at
-    now = time.time()
-    if message.timestamp_ms is None:
-        return now
-    at = message.timestamp_ms / 1000
-    return now if at > now + MAX_FUTURE_S else at
+    stamp = message.timestamp_ms
+    return 0.0 if stamp is None or stamp < 0 else stamp / 1000
+
+
+def _future_stand_in(outcome: Outcome, message: Message) -> bool:
+    """An event without occurred_at whose message timestamp (its producer's clock) is more than
+    MAX_FUTURE_S ahead: as unusable as such an occurred_at (it would outrank every later change
+    of the member), so it is dead-lettered as the decoder does one."""
+    stamp = message.timestamp_ms
+    if stamp is None or stamp / 1000 <= time.time() + MAX_FUTURE_S:
+        return False
+    if isinstance(outcome, Erase):
+        return outcome.occurred_at is None
+    return isinstance(outcome, list) and any(r.occurred_at is None for _, r in outcome)
 
 
 async def _first(*waits: Awaitable[Any]) -> None:

@@ -30,8 +30,9 @@ Field rules (anything not listed here is ignored):
   UNKNOWN (any case), `tcf` / `gpp` are strings, `ip_address` an IPv4 or IPv6 address (kept in
   its compressed form); anything else -> `bad_consent`.
 - `occurred_at`: ISO-8601 with `Z` or an offset -> epoch seconds; missing or null -> None (the
-  Kafka message's timestamp stands in; one more than `MAX_FUTURE_S` ahead, a producer's clock
-  gone wrong, or none (message format v0), gives way to the time the event is read). A
+  Kafka message's timestamp stands in: one more than `MAX_FUTURE_S` ahead, a producer's clock
+  gone wrong, is `bad_occurred_at` too; none (message format v0) counts as older than any
+  change). A
   timestamp without a zone is ambiguous, and one more than `MAX_FUTURE_S` ahead of this host's
   clock would outrank every later change of the member: both are rejected like any other bad
   value (`bad_occurred_at`), as is one before 0001-01-01T00:00:00Z (legal with an offset east

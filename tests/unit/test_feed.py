@@ -403,37 +403,57 @@ async def test_ingest_records_changes_and_erases_in_order_then_marks_events_done
     assert u1.action == "remove"
 
 
-async def test_a_message_timestamp_in_the_future_does_not_outrank_later_changes(
+@dataclass
+class DeadLetteringSource(FakeSource):
+    dead: list[tuple[int, str, str]] = field(default_factory=list)
+
+    async def dead_letter(self, message: Message, reason: str, detail: str = "") -> None:
+        self.dead.append((message.ref.offset, reason, detail))
+
+
+async def test_a_message_timestamp_in_the_future_standing_in_is_dead_lettered(
     table: MemberTable,
 ) -> None:
     """An event without occurred_at takes its Kafka message's timestamp, which its producer sets
-    (CreateTime): a producer whose clock is a year ahead must not make that change outrank
-    every later change of the member, as an occurred_at that far ahead would (the decoder
-    refuses one more than 5 minutes ahead)."""
+    (CreateTime): one from a clock a year ahead would outrank every later change of the member,
+    as an occurred_at that far ahead would, so it is dead-lettered as the decoder does such an
+    occurred_at (bad_occurred_at); an event with its own occurred_at keeps it."""
+    source, tracker = DeadLetteringSource(), OffsetTracker()
     pipeline = Pipeline(
         Config(destinations=(DEST,)),
-        cast(KafkaSource, FakeSource()),
-        OffsetTracker(),
+        cast(KafkaSource, source),
+        tracker,
         table,
         cast(Transformer, None),
     )
     now = time.time()
     year_ahead_ms = int((now + 365 * 86400) * 1000)
-    add = member_record("u1", "US", Action.ADD, [{"email": HEX}])  # no occurred_at
-    await pipeline._record([(Message(SourceRef("t", 0, 0), b"{}", year_ahead_ms), [(0, add)])])
-    # a minute later, a remove stamped by a producer with a good clock
-    remove = member_record("u1", "US", Action.REMOVE, [{"email": HEX}], occurred_at=now + 60)
-    later = Message(SourceRef("t", 0, 1), b"{}", int((now + 60) * 1000))
-    await pipeline._record([(later, [(0, remove)])])
-    u1 = await table.member(DEST.audience_id, "u1")
-    assert u1 is not None
-    assert u1.action == "remove"
+    untimed = member_record("u1", "US", Action.ADD, [{"email": HEX}])
+    timed = member_record("u2", "US", Action.ADD, [{"email": HEX}], occurred_at=now)
+    await pipeline._record(
+        [
+            (Message(SourceRef("t", 0, 0), b"{}", year_ahead_ms), [(0, untimed)]),
+            (Message(SourceRef("t", 0, 1), b"{}", year_ahead_ms), Erase("u3", None)),
+            (Message(SourceRef("t", 0, 2), b"{}", year_ahead_ms), [(0, timed)]),
+        ]
+    )
+    await pipeline.dead_letters_sent()
+    assert [(o, r) for o, r, _ in source.dead] == [(0, "bad_occurred_at"), (1, "bad_occurred_at")]
+    assert tracker.committable() == {("t", 0): 3}
+    assert await table.member(DEST.audience_id, "u1") is None
+    assert await table.tombstone(DEST.audience_id, "u3") is None
+    u2 = await table.member(DEST.audience_id, "u2")
+    assert u2 is not None
+    assert u2.occurred_at == now
 
 
-async def test_a_message_without_a_timestamp_is_recorded_not_a_crash(table: MemberTable) -> None:
+async def test_a_message_without_a_timestamp_counts_as_older_than_any_change(
+    table: MemberTable,
+) -> None:
     """A record of message format v0 (written before Kafka 0.10, kept by a compacted topic)
-    has no timestamp: aiokafka gives None. An event of it without occurred_at must be recorded
-    (at the time it is read), not stop syncd with a TypeError, again at every restart."""
+    has no timestamp (aiokafka: None; a converted one: -1). An event of it without occurred_at
+    is recorded (it stopped syncd with a TypeError, again at every restart) as older than any
+    change: the same on every read, so a replay outranks nothing recorded since."""
     tracker = OffsetTracker()
     pipeline = Pipeline(
         Config(destinations=(DEST,)),
@@ -444,14 +464,20 @@ async def test_a_message_without_a_timestamp_is_recorded_not_a_crash(table: Memb
     )
     untimed = cast(int, None)  # ConsumerRecord.timestamp is `int | None`
     add = member_record("u1", "US", Action.ADD, [{"email": HEX}])
-    before = time.time()
     await pipeline._record([(Message(SourceRef("t", 0, 0), b"{}", untimed), [(0, add)])])
-    await pipeline._record([(Message(SourceRef("t", 0, 1), b"{}", untimed), Erase("u2", None))])
+    await pipeline._record([(Message(SourceRef("t", 0, 1), b"{}", -1), Erase("u2", None))])
     assert tracker.committable() == {("t", 0): 2}
     u1 = await table.member(DEST.audience_id, "u1")
     assert u1 is not None
-    assert u1.action == "add"
-    assert before <= u1.occurred_at <= time.time()
+    assert (u1.action, u1.occurred_at) == ("add", 0.0)
+    assert await table.tombstone(DEST.audience_id, "u2") == 0.0
+    # a later remove applies; the untimed add read again (a replay) changes nothing
+    remove = member_record("u1", "US", Action.REMOVE, [{"email": HEX}], occurred_at=1.0)
+    await pipeline._record([(Message(SourceRef("t", 0, 2), b"{}", 1000), [(0, remove)])])
+    await pipeline._record([(Message(SourceRef("t", 0, 0), b"{}", untimed), [(0, add)])])
+    u1 = await table.member(DEST.audience_id, "u1")
+    assert u1 is not None
+    assert u1.action == "remove"
 
 
 async def test_ingest_wakes_the_senders_only_for_changes_that_leave_work(
