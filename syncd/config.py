@@ -477,10 +477,11 @@ def _validate(cfg: Config) -> None:
         "kafka.topics",
         "must name at least one topic, none blank",
     )
+    bad_topic = next((t for t in k.topics if not _topic_name(t)), None)
     need(
-        all(_topic_name(t) for t in k.topics),
+        bad_topic is None,
         "kafka.topics",
-        "must be Kafka topic names: 1 to 249 of a-z A-Z 0-9 . _ -, not '.' or '..'",
+        f"{bad_topic!r} is not a Kafka topic name: 1 to 249 of a-z A-Z 0-9 . _ -, not '.' or '..'",
     )
     need(
         not k.dead_letter_topic or _topic_name(k.dead_letter_topic),
