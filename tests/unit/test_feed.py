@@ -359,19 +359,32 @@ class FakeSource:
     assigned: set[tuple[str, int]] = field(default_factory=lambda: {("t", 0)})
 
 
+def pipeline_of(
+    table: MemberTable,
+    source: object,
+    tracker: OffsetTracker,
+    *,
+    transformer: object = None,
+    wake: Callable[[str], None] = lambda connection_id: None,
+) -> Pipeline:
+    """A Pipeline of DEST over `table`, with fakes for the source and (unused: None) the
+    transform."""
+    return Pipeline(
+        Config(destinations=(DEST,)),
+        cast(KafkaSource, source),
+        tracker,
+        table,
+        cast(Transformer, transformer),
+        wake=wake,
+    )
+
+
 async def test_ingest_records_changes_and_erases_in_order_then_marks_events_done(
     table: MemberTable,
 ) -> None:
     tracker = OffsetTracker()
     woken: list[str] = []
-    pipeline = Pipeline(
-        Config(destinations=(DEST,)),
-        cast(KafkaSource, FakeSource()),
-        tracker,
-        table,
-        cast(Transformer, None),
-        wake=woken.append,
-    )
+    pipeline = pipeline_of(table, FakeSource(), tracker, wake=woken.append)
 
     def msg(offset: int) -> Message:
         return Message(SourceRef("t", 0, offset), b"{}", timestamp_ms=1_000_000 + offset * 1000)
@@ -419,13 +432,7 @@ async def test_a_message_timestamp_in_the_future_standing_in_is_dead_lettered(
     as an occurred_at that far ahead would, so it is dead-lettered as the decoder does such an
     occurred_at (bad_occurred_at); an event with its own occurred_at keeps it."""
     source, tracker = DeadLetteringSource(), OffsetTracker()
-    pipeline = Pipeline(
-        Config(destinations=(DEST,)),
-        cast(KafkaSource, source),
-        tracker,
-        table,
-        cast(Transformer, None),
-    )
+    pipeline = pipeline_of(table, source, tracker)
     now = time.time()
     year_ahead_ms = int((now + 365 * 86400) * 1000)
     untimed = member_record("u1", "US", Action.ADD, [{"email": HEX}])
@@ -455,13 +462,7 @@ async def test_a_message_without_a_timestamp_counts_as_older_than_any_change(
     is recorded (it stopped syncd with a TypeError, again at every restart) as older than any
     change: the same on every read, so a replay outranks nothing recorded since."""
     tracker = OffsetTracker()
-    pipeline = Pipeline(
-        Config(destinations=(DEST,)),
-        cast(KafkaSource, FakeSource()),
-        tracker,
-        table,
-        cast(Transformer, None),
-    )
+    pipeline = pipeline_of(table, FakeSource(), tracker)
     untimed = cast(int, None)  # ConsumerRecord.timestamp is `int | None`
     add = member_record("u1", "US", Action.ADD, [{"email": HEX}])
     await pipeline._record([(Message(SourceRef("t", 0, 0), b"{}", untimed), [(0, add)])])
@@ -486,14 +487,7 @@ async def test_ingest_wakes_the_senders_only_for_changes_that_leave_work(
     """A replay (the same events again: nothing newer) leaves nothing to claim: the senders are
     not woken for it (each wake is a claim query)."""
     woken: list[str] = []
-    pipeline = Pipeline(
-        Config(destinations=(DEST,)),
-        cast(KafkaSource, FakeSource()),
-        OffsetTracker(),
-        table,
-        cast(Transformer, None),
-        wake=woken.append,
-    )
+    pipeline = pipeline_of(table, FakeSource(), OffsetTracker(), wake=woken.append)
     chunk: list[tuple[Message, Outcome]] = [
         (
             Message(SourceRef("t", 0, offset), b"{}", timestamp_ms=1_000_000),
@@ -528,13 +522,7 @@ async def test_ingest_holds_at_most_max_chunks_fetched_and_not_recorded(table: M
             done.set_result(([[] for _ in values], RouteCounts()))
             return done
 
-    pipeline = Pipeline(
-        Config(destinations=(DEST,)),
-        cast(KafkaSource, EndlessSource()),
-        OffsetTracker(),
-        table,
-        cast(Transformer, Inline()),
-    )
+    pipeline = pipeline_of(table, EndlessSource(), OffsetTracker(), transformer=Inline())
 
     async def slow_record(chunk: list[tuple[Message, Outcome]]) -> None:
         await store_free.wait()

@@ -594,6 +594,14 @@ async def test_an_expiry_a_crash_interrupted_is_settled_by_the_next_poller(
     assert sorted(c.external_user_id for c in claims) == ["u1", "u2"]
 
 
+async def partial_job(table: MemberTable, client: FakeClient) -> None:
+    """Job "partial" of u1 and u2, sent; Amazon ends it PARTIALLYSUCCEEDED, u2 refused."""
+    await sent_members(table, "partial", ["u1", "u2"])
+    client.script["partial"] = [
+        JobStatus("partial", "PARTIALLYSUCCEEDED", invalid_records=(InvalidRecord("u2", "bad"),))
+    ]
+
+
 class StalledDeadLetters(MemberDeadLetterSink):
     """A broker that takes no dead letter until `open` is set (an outage)."""
 
@@ -616,10 +624,7 @@ async def test_a_broker_outage_holds_the_dead_letters_not_the_polls(
     table, sink = MemberTable(store), StalledDeadLetters()
     outcomes = MemberOutcomes(table, sink, {7: "vip"})
     poller = Poller(store, client, CFG, owner="a", clock=clock, outcomes=outcomes)
-    await sent_members(table, "partial", ["u1", "u2"])
-    client.script["partial"] = [
-        JobStatus("partial", "PARTIALLYSUCCEEDED", invalid_records=(InvalidRecord("u2", "bad"),))
-    ]
+    await partial_job(table, client)
     stop = asyncio.Event()
     sending = asyncio.create_task(outcomes.run(stop))
     await poller.poll_once()
@@ -647,10 +652,7 @@ async def test_dead_letters_a_crash_left_unsent_are_sent_after_a_restart(
     table, stalled = MemberTable(store), StalledDeadLetters()
     outcomes = MemberOutcomes(table, stalled, {})
     poller = Poller(store, client, CFG, owner="a", clock=clock, outcomes=outcomes)
-    await sent_members(table, "partial", ["u1", "u2"])
-    client.script["partial"] = [
-        JobStatus("partial", "PARTIALLYSUCCEEDED", invalid_records=(InvalidRecord("u2", "bad"),))
-    ]
+    await partial_job(table, client)
     await poller.poll_once()
     sending = asyncio.create_task(outcomes.send_dead_letters())
     await stalled.waiting.wait()
@@ -679,10 +681,7 @@ async def test_a_dead_letter_held_up_by_the_broker_keeps_its_lease(
     table, stalled, other = MemberTable(store), StalledDeadLetters(), MemberDeadLetterSink()
     outcomes = MemberOutcomes(table, stalled, {7: "vip"}, lease_s=0.3)
     poller = Poller(store, client, CFG, owner="a", clock=clock, outcomes=outcomes)
-    await sent_members(table, "partial", ["u1", "u2"])
-    client.script["partial"] = [
-        JobStatus("partial", "PARTIALLYSUCCEEDED", invalid_records=(InvalidRecord("u2", "bad"),))
-    ]
+    await partial_job(table, client)
     await poller.poll_once()
     sending = asyncio.create_task(outcomes.send_dead_letters())
     await stalled.waiting.wait()
