@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from syncd.amazon import api
 from syncd.cli import build_parser
+from syncd.localstack import sandbox_settings
 from syncd.sandbox.server import RunningSandbox, running_sandbox, settings_from_args
 from syncd.sandbox.state import RollingWindow, SandboxSettings, TokenBucket
 from syncd.sandbox.validation import _all_digests
@@ -540,21 +541,24 @@ async def until_terminal(client: Client, job_id: str) -> dict[str, Any]:
     return result
 
 
-async def test_job_pending_then_succeeded(client: Client) -> None:
-    records = [record(0), record(1, action="DELETE"), record(2, countryCode="ZZ")]
-    status, data, _ = await client.post_records(body(records))
-    assert status == 202
-    job_id = data["jobRequestId"]
-    assert (await job_status(client, job_id))["jobState"] == "PENDING"
-    final = await until_terminal(client, job_id)
-    assert final["jobState"] == "SUCCEEDED"
-    assert final["successful"] == {"recordsProcessedRate": 100.0}
-    assert final["audienceSize"]["receivedRecordSize"] == 3
-    assert final["audienceSize"]["idResolutionCount"] == 2  # ZZ is not a matching country
-    assert "invalidRecords" not in final
-    assert client.sandbox.state.stats()["terminal_polls"] == 0
-    await job_status(client, job_id)
-    assert client.sandbox.state.stats()["terminal_polls"] == 1
+async def test_job_pending_then_succeeded(custom_client: Callable[[SandboxSettings], Any]) -> None:
+    # PENDING for 2 s: the status read right after the POST is PENDING on a busy machine too
+    # (the default 0.2 s once ran out between the two under a full test run)
+    async with custom_client(sandbox_settings(job_delay_s=2.0)) as client:
+        records = [record(0), record(1, action="DELETE"), record(2, countryCode="ZZ")]
+        status, data, _ = await client.post_records(body(records))
+        assert status == 202
+        job_id = data["jobRequestId"]
+        assert (await job_status(client, job_id))["jobState"] == "PENDING"
+        final = await until_terminal(client, job_id)
+        assert final["jobState"] == "SUCCEEDED"
+        assert final["successful"] == {"recordsProcessedRate": 100.0}
+        assert final["audienceSize"]["receivedRecordSize"] == 3
+        assert final["audienceSize"]["idResolutionCount"] == 2  # ZZ is not a matching country
+        assert "invalidRecords" not in final
+        assert client.sandbox.state.stats()["terminal_polls"] == 0
+        await job_status(client, job_id)
+        assert client.sandbox.state.stats()["terminal_polls"] == 1
 
 
 async def test_unknown_job_is_404(client: Client) -> None:
