@@ -38,7 +38,7 @@ class OffsetTracker:
     O(1) amortized per event: each offset enters a partition's deque once and leaves it once.
     Offsets of one partition come in increasing order (Kafka's delivery order); gaps
     (compaction, transaction markers) count as done. An offset at or below the last one tracked
-    means the consumer went back: the partition starts over from there.
+    means the consumer went back: the partition starts over from there, its commit position too.
 
     `done()` on a partition that was forgotten (revoked) is a no-op: the new owner replays it.
     If the partition came back to this consumer, a late `done()` from before the revocation
@@ -70,6 +70,10 @@ class OffsetTracker:
             )
             self._pending -= len(state.open_parts)
             state = self._partitions[partition] = _PartitionOffsets()
+            # The position committed before counts no more: a topic deleted and created again
+            # starts its offsets over, far below it, and committing a lower position only
+            # means reading more again after a restart.
+            self._committed.pop(partition, None)
         state.last = ref.offset
         if parts:
             state.open_parts[ref.offset] = parts

@@ -142,7 +142,7 @@ def test_mark_committed_ignores_forgotten_partitions_and_never_goes_back() -> No
 
 def test_reading_again_from_an_earlier_offset_starts_the_partition_over() -> None:
     """After an offset reset the consumer re-reads: nothing of the re-read range counts as done,
-    so the commit position never passes one of its events; the committed mark stays."""
+    so the commit position never passes one of its events."""
     tracker = OffsetTracker()
     for offset in range(4, 8):
         tracker.track(ref(offset), 1)
@@ -156,10 +156,27 @@ def test_reading_again_from_an_earlier_offset_starts_the_partition_over() -> Non
         tracker.track(ref(offset), 1)
     for offset in (2, 3, 5, 6):
         tracker.done(ref(offset))
-    assert tracker.committable() == {}  # 4 is open again: the watermark 4 is below the mark 6
+    assert tracker.committable() == {P0: 4}  # 4 is open again: the position goes back to it
+    tracker.mark_committed({P0: 4})
     tracker.done(ref(4))
     assert tracker.committable() == {P0: 7}
     assert tracker.pending() == 2
+
+
+def test_a_topic_recreated_under_the_consumer_is_committed_from_its_new_start() -> None:
+    """A topic deleted and created again: the consumer's position is out of range, Kafka resets
+    it to the new log's start, and the new log's offsets are far below the old committed mark.
+    Its events are committed as they are done, not once the new log passes the old mark."""
+    tracker = OffsetTracker()
+    tracker.track(ref(999_999), 1)
+    tracker.done(ref(999_999))
+    tracker.mark_committed(tracker.committable())
+    for offset in range(3):
+        tracker.track(ref(offset), 1)
+        tracker.done(ref(offset))
+    assert tracker.committable() == {P0: 3}
+    tracker.mark_committed({P0: 3})
+    assert tracker.committable() == {}
 
 
 def test_negative_parts_are_refused() -> None:
