@@ -105,8 +105,11 @@ class OffsetTracker:
         return out
 
     def mark_committed(self, offsets: dict[Partition, int]) -> None:
+        """Positions Kafka took. One beyond all the partition tracks now is of a commit sent
+        before the partition went back (see `track`): it is not the new log's mark."""
         for partition, offset in offsets.items():
-            if partition in self._partitions:
+            state = self._partitions.get(partition)
+            if state is not None and offset <= state.last + 1:
                 self._committed[partition] = max(offset, self._committed.get(partition, -1))
 
     def forget(self, partitions: Iterable[Partition]) -> None:

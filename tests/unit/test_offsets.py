@@ -179,6 +179,17 @@ def test_a_topic_recreated_under_the_consumer_is_committed_from_its_new_start() 
     assert tracker.committable() == {}
 
 
+def test_a_commit_answered_after_the_partition_went_back_does_not_restore_the_old_mark() -> None:
+    tracker = OffsetTracker()
+    tracker.track(ref(999_999), 1)
+    tracker.done(ref(999_999))
+    in_flight = tracker.committable()  # a commit of {P0: 1_000_000} is on its way
+    tracker.track(ref(0), 1)  # meanwhile the first event of the new log is read
+    tracker.done(ref(0))
+    tracker.mark_committed(in_flight)  # the old commit's answer arrives
+    assert tracker.committable() == {P0: 1}
+
+
 def test_negative_parts_are_refused() -> None:
     with pytest.raises(ValueError, match="parts"):
         OffsetTracker().track(ref(5), -1)
