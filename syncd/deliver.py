@@ -714,12 +714,13 @@ class MemberFeed:
         return out
 
     async def _renew_forever(self) -> None:
+        """Renew every third of the lease; the first round at once counts what is waiting."""
         while True:
-            await asyncio.sleep(self._lease_s / 3)
             try:
                 await self.renew_held()
             except Exception as exc:  # store outage: try again next round
                 log.warning("renewing claims failed", error=repr(exc)[:300])
+            await asyncio.sleep(self._lease_s / 3)
 
     async def renew_held(self) -> None:
         """Extend the lease of every claim held; drop those another sender took over."""

@@ -24,6 +24,8 @@ from syncd.deliver import ConnectionSender, MemberFeed, cancel_and_wait
 from syncd.errors import RejectedError
 from syncd.members import Claim, MemberTable, member_change
 from syncd.model import Action, Destination, Erase, SourceRef, member_record
+from syncd.observability import metrics
+from syncd.observability.metrics import REGISTRY
 from syncd.routing import RouteCounts
 from syncd.source import KafkaSource, Message, OffsetTracker
 from syncd.store import NewJob
@@ -349,6 +351,21 @@ async def test_a_small_claim_lingers_for_more_and_goes_out_at_shutdown(
     assert len(amazon.accepted) == 1
     await running.shutdown()  # shutdown does not linger
     assert amazon.accepted[1:] == [["c1"]]
+
+
+async def test_changes_waiting_is_counted_from_the_start_not_a_renewal_later(
+    table: MemberTable,
+) -> None:
+    """`syncd_member_changes_waiting` was first set a third of the claim lease after the start
+    (110 s by default): until then it read 0 with a backlog waiting."""
+    labels = {"connection": DEST.connection_id}
+    metrics.MEMBER_CHANGES_WAITING.labels(DEST.connection_id).set(0)
+    await add_members(table, "a1", "a2", "a3")
+    running = start(table, Amazon(), DeadLetters(), linger_s=3600.0, lease_s=3600.0)
+    await until(lambda: running.feed.held == 3, "three claimed, lingering")
+    waiting = "syncd_member_changes_waiting"
+    await until(lambda: REGISTRY.get_sample_value(waiting, labels) == 3, "the three waiting")
+    await running.shutdown()
 
 
 # -- ingest --------------------------------------------------------------------------------------
