@@ -357,7 +357,7 @@ async def test_changes_waiting_is_counted_from_the_start_not_a_renewal_later(
     table: MemberTable,
 ) -> None:
     """`syncd_member_changes_waiting` was first set a third of the claim lease after the start
-    (110 s by default): until then it read 0 with a backlog waiting."""
+    (10 s): until then it read 0 with a backlog waiting."""
     labels = {"connection": DEST.connection_id}
     metrics.MEMBER_CHANGES_WAITING.labels(DEST.connection_id).set(0)
     await add_members(table, "a1", "a2", "a3")
