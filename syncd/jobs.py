@@ -7,10 +7,11 @@ therefore starts at the GET, and a GET still under way when the lease would run 
 recorded through `persist` (a store hiccup delays it, never loses it), fenced on the claim (see
 Store.record_poll). A PENDING job is polled again after an interval that doubles from
 `poll.first_delay_s` up to `poll.max_interval_s`; a terminal job is never claimed, so never
-polled, again. A failed GET is retried on the same schedule; a refused credential (AuthError)
-stops the poller. Every HOUSEKEEPING_EVERY_S: jobs older than `poll.max_job_age_s` are expired
-(EXPIRED, terminal), terminal jobs older than `poll.retention_days` deleted, and the
-jobs-by-state gauge refreshed.
+polled, again. A failed GET is retried on the same schedule, except a 404 ("unknown job") for
+a job accepted UNKNOWN_JOB_GIVE_UP_S ago: it is EXPIRED at once (its members due again) rather
+than at `poll.max_job_age_s`. A refused credential (AuthError) stops the poller. Every
+HOUSEKEEPING_EVERY_S: jobs older than `poll.max_job_age_s` are expired (EXPIRED, terminal),
+terminal jobs older than `poll.retention_days` deleted, and the jobs-by-state gauge refreshed.
 
 A terminal job's outcome goes to its members (`MemberOutcomes`) before the terminal state is
 stored: SUCCEEDED/COMPLETED confirm them; PARTIALLYSUCCEEDED marks its invalidRecords invalid and
@@ -34,7 +35,7 @@ from typing import Protocol
 
 from syncd.amazon.api import JobStatus
 from syncd.config import PollConfig
-from syncd.errors import AmazonError, AuthError
+from syncd.errors import AmazonError, AuthError, RejectedError
 from syncd.members import DeadMember, MemberDeadLetters, MemberTable, dead_letter_value
 from syncd.observability import metrics
 from syncd.observability.logging import get_logger
@@ -53,6 +54,9 @@ DEAD_LETTERS_PER_LEASE = 100
 # a queued dead letter being sent is leased this long, renewed while its send lasts: taken by
 # another process only once its sender died
 DEAD_LETTER_LEASE_S = 30.0
+# a job Amazon answers 404 for ("unknown job") this long after its 202 is given up: EXPIRED,
+# its members due again (a 404 sooner may be Amazon not showing a new job yet)
+UNKNOWN_JOB_GIVE_UP_S = 3600.0
 DEAD_LETTER_SWEEP_S = 10.0  # how often queued dead letters left by another process are looked for
 
 
@@ -271,6 +275,16 @@ class Poller:
             self._auth_error = exc
             return
         except Exception as exc:  # this job's poll failed; the round's other polls go on
+            if self._unknown_for_good(job, exc):
+                status = JobStatus(job.job_request_id, JobState.EXPIRED)
+                error = f"Amazon does not know the job ({exc}); given up"
+                log.warning(
+                    "Amazon does not know a job; given up as EXPIRED, its members due again",
+                    job_request_id=job.job_request_id,
+                    age_s=round(self._clock() - job.created_at),
+                )
+                await self._store_status(job, status, next_poll_in_s, error)
+                return
             if isinstance(exc, AmazonError):
                 error = str(exc)
             elif isinstance(exc, TimeoutError):
@@ -286,9 +300,23 @@ class Poller:
             )
             await self._record(job, None, next_poll_in_s, error)
             return
+        await self._store_status(job, status, next_poll_in_s)
+
+    def _unknown_for_good(self, job: JobRow, exc: Exception) -> bool:
+        """A 404 to a GET of a job accepted UNKNOWN_JOB_GIVE_UP_S ago or more."""
+        return (
+            isinstance(exc, RejectedError)
+            and exc.status == 404
+            and self._clock() - job.created_at >= UNKNOWN_JOB_GIVE_UP_S
+        )
+
+    async def _store_status(
+        self, job: JobRow, status: JobStatus, next_poll_in_s: float, error: str | None = None
+    ) -> None:
+        """Store a poll's status; a terminal one goes to the job's members first."""
         if status.terminal and self._outcomes is not None:
             await self._outcomes.finished(job, status)
-        stored = await self._record(job, status, next_poll_in_s)
+        stored = await self._record(job, status, next_poll_in_s, error)
         if status.terminal:
             metrics.JOB_POLLS.labels("terminal").inc()
             if stored:  # else another replica stored the end first (and counted it)

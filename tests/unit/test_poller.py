@@ -20,8 +20,15 @@ from structlog.testing import capture_logs
 
 from syncd.amazon.api import InvalidRecord, JobStatus
 from syncd.config import PollConfig
-from syncd.errors import AuthError, RetryableError
-from syncd.jobs import DEAD_LETTER_LEASE_S, IDLE_MAX_S, MemberOutcomes, Poller, poll_interval
+from syncd.errors import AuthError, RejectedError, RetryableError
+from syncd.jobs import (
+    DEAD_LETTER_LEASE_S,
+    IDLE_MAX_S,
+    UNKNOWN_JOB_GIVE_UP_S,
+    MemberOutcomes,
+    Poller,
+    poll_interval,
+)
 from syncd.members import JobIdReused, MemberTable, member_change
 from syncd.model import Action, member_record
 from syncd.observability.metrics import REGISTRY
@@ -569,6 +576,35 @@ async def test_an_expired_job_makes_its_members_due_again(
     assert await store.job_states(["old"]) == {"old": "EXPIRED"}
     [claim] = await table.claim_due([7], 10, 60, "sender")  # due again: the same action resent
     assert (claim.external_user_id, claim.action) == ("u1", "add")
+
+
+async def test_a_job_amazon_does_not_know_is_given_up_after_an_hour_not_max_job_age(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """A GET answering 404 ("unknown job") for good held the job's members (their changes, their
+    refresh) until `poll.max_job_age_s`, 7 days by default. A 404 right after the 202 may be
+    Amazon not showing the job yet: it is retried for UNKNOWN_JOB_GIVE_UP_S, then the job is
+    EXPIRED (never polled again) and its members are due again."""
+    cfg = dataclasses.replace(CFG, max_job_age_s=7 * 86400.0)
+    table = MemberTable(store)
+    outcomes = MemberOutcomes(table, MemberDeadLetterSink(), {7: "vip"})
+    poller = Poller(store, client, cfg, owner="a", clock=clock, outcomes=outcomes)
+    await sent_members(table, "gone", ["u1"])
+    client.script["gone"] = [RejectedError("HTTP 404: job not found", status=404)] * 1000
+    await poller.poll_once()
+    assert await store.job_states(["gone"]) == {"gone": "PENDING"}  # too young to give up
+    while clock.now - T0 < UNKNOWN_JOB_GIVE_UP_S + cfg.max_interval_s:
+        clock.advance(cfg.max_interval_s)
+        await poller.poll_once()
+    polls = len(client.calls)
+    assert await store.job_states(["gone"]) == {"gone": "EXPIRED"}
+    [row] = await store.list_jobs()
+    assert "404" in (row.error or "")
+    [claim] = await table.claim_due([7], 10, 60, "sender")
+    assert (claim.external_user_id, claim.action) == ("u1", "add")
+    clock.advance(10 * cfg.max_interval_s)
+    await poller.poll_once()
+    assert len(client.calls) == polls  # never polled again
 
 
 async def test_an_expiry_a_crash_interrupted_is_settled_by_the_next_poller(
