@@ -703,6 +703,6 @@ class Daemon:
         """Readiness of the two dependencies, probed every few seconds."""
         while not halt.is_set():
             self.store_ok = await store.ping() and store.takes_writes
-            self.kafka_ok = await source.reachable()
+            self.kafka_ok = await source.reachable() and source.dead_letters_flowing
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(halt.wait(), timeout=HEALTH_INTERVAL_S)

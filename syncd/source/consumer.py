@@ -158,6 +158,11 @@ class KafkaSource:
         rolling update."""
         return self._consumer is not None and self._joined
 
+    @property
+    def dead_letters_flowing(self) -> bool:
+        """The dead-letter topic takes what is sent (see DeadLetterProducer.flowing)."""
+        return self._dead_letters.flowing
+
     async def reachable(self, timeout_s: float = 5.0) -> bool:
         """A metadata round trip to the cluster succeeded within `timeout_s`."""
         if self._consumer is None:

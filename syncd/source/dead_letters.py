@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
@@ -27,6 +28,9 @@ KIND_HEADER = "syncd-kind"
 VALUE_DROPPED_HEADER = "syncd-value-dropped"
 DLQ_RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 DLQ_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # the broker applies its own limit (see _send_dead_letter)
+# sends failing this long (e.g. a missing topic on a cluster that does not create topics): the
+# source is not `flowing`, and /readyz says so while the events waiting on them hold the commits
+DLQ_UNREADY_AFTER_S = 30.0
 
 
 class DeadLetterProducer:
@@ -37,6 +41,13 @@ class DeadLetterProducer:
         self._cfg = cfg
         self._producer: AIOKafkaProducer | None = None
         self.closing = False
+        self._failing_since: float | None = None  # monotonic time of the first failed send
+
+    @property
+    def flowing(self) -> bool:
+        """False once sends have been failing, with none acknowledged, for DLQ_UNREADY_AFTER_S."""
+        since = self._failing_since
+        return since is None or time.monotonic() - since < DLQ_UNREADY_AFTER_S
 
     async def start(self) -> None:
         if self._cfg.dead_letter_topic:
@@ -93,6 +104,7 @@ class DeadLetterProducer:
                 await self._producer.send_and_wait(
                     self._cfg.dead_letter_topic, value, key=key, headers=headers
                 )
+                self._failing_since = None
                 return
             except MessageSizeTooLargeError:
                 if key is None and value == b"":
@@ -101,6 +113,8 @@ class DeadLetterProducer:
                 key, value = None, b""
                 headers = [*headers, (VALUE_DROPPED_HEADER, b"too_large")]
             except KafkaError as exc:
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
                 if self.closing:
                     raise
                 delay = DLQ_RETRY_BACKOFF_S[min(attempt, len(DLQ_RETRY_BACKOFF_S) - 1)]

@@ -5,16 +5,19 @@ the event is read again). Member dead letters: tests/unit/test_feed.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import cast
 
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import UnknownTopicOrPartitionError
 
 from syncd.app import Pipeline
-from syncd.config import Config
+from syncd.config import Config, KafkaConfig
 from syncd.members import MemberTable
 from syncd.model import Destination, SourceRef
-from syncd.source import KafkaSource, Message, OffsetTracker
+from syncd.source import DeadLetterProducer, KafkaSource, Message, OffsetTracker, dead_letters
 from syncd.transform import Refused
 from syncd.transform_pool import Transformer
 from tests.fakes import until
@@ -87,3 +90,37 @@ async def test_a_cancelled_dead_letter_leaves_its_event_unacknowledged() -> None
     assert tracker.pending() == 1
     assert tracker.committable().get(("t", 0), 0) == 0  # nothing past offset 0
     assert source.sent == []
+
+
+class MissingTopicProducer:
+    """A cluster that does not create topics on first use, until `created` is set."""
+
+    def __init__(self) -> None:
+        self.created = False
+        self.attempts = 0
+
+    async def send_and_wait(self, topic: str, value: bytes | None, **_: object) -> None:
+        self.attempts += 1
+        if not self.created:
+            raise UnknownTopicOrPartitionError()
+
+
+async def test_a_dead_letter_topic_that_takes_nothing_makes_syncd_unready_until_it_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A missing dead-letter topic (a cluster without auto-create) holds the commits of the
+    events waiting on it, rightly: it must not look healthy meanwhile. Once sends have failed
+    for DLQ_UNREADY_AFTER_S, `dead_letters_flowing` is false (so /readyz's `kafka`)."""
+    monkeypatch.setattr(dead_letters, "DLQ_RETRY_BACKOFF_S", (0.01,))
+    monkeypatch.setattr(dead_letters, "DLQ_UNREADY_AFTER_S", 0.05)
+    producer = DeadLetterProducer(KafkaConfig(dead_letter_topic="syncd-dead-letters"))
+    fake = MissingTopicProducer()
+    producer._producer = cast(AIOKafkaProducer, fake)
+    assert producer.flowing
+    send = asyncio.create_task(producer.member(b"{}", "invalid_pii", ""))
+    start = time.monotonic()
+    await until(lambda: time.monotonic() - start > 0.1 and fake.attempts > 2, "sends failing")
+    assert not producer.flowing
+    fake.created = True
+    await asyncio.wait_for(send, DEADLINE_S)
+    assert producer.flowing
