@@ -175,9 +175,10 @@ class Pipeline:
         changes: list[MemberChange] = []
         connections: set[str] = set()
         updates: list[tuple[SourceRef, list[tuple[int, MemberRecord]]]] = []
+        latest_ms = (time.time() + MAX_FUTURE_S) * 1000  # a message timestamp's latest use
         for message, outcome in chunk:
             ref = message.ref
-            if _future_stand_in(outcome, message):
+            if _future_stand_in(outcome, message, latest_ms):
                 outcome = Refused(
                     "bad_occurred_at",
                     "no occurred_at, and the Kafka message timestamp standing in for it is "
@@ -397,12 +398,12 @@ def _occurred_at(occurred_at: float | None, message: Message) -> float:
     return 0.0 if stamp is None or stamp < 0 else stamp / 1000
 
 
-def _future_stand_in(outcome: Outcome, message: Message) -> bool:
-    """An event without occurred_at whose message timestamp (its producer's clock) is more than
-    MAX_FUTURE_S ahead: as unusable as such an occurred_at (it would outrank every later change
-    of the member), so it is dead-lettered as the decoder does one."""
+def _future_stand_in(outcome: Outcome, message: Message, latest_ms: float) -> bool:
+    """An event without occurred_at whose message timestamp (its producer's clock) is past
+    `latest_ms` (MAX_FUTURE_S ahead): as unusable as such an occurred_at (it would outrank every
+    later change of the member), so it is dead-lettered as the decoder does one."""
     stamp = message.timestamp_ms
-    if stamp is None or stamp / 1000 <= time.time() + MAX_FUTURE_S:
+    if stamp is None or stamp <= latest_ms:
         return False
     if isinstance(outcome, Erase):
         return outcome.occurred_at is None
