@@ -16,7 +16,10 @@ The profile id is `userId`, else `anonymousId`. Identifiers come from `traits` a
 `context.traits` (both, merged): `email`, `phone`, `first_name`/`firstName`,
 `last_name`/`lastName`, `address.street`, `address.city`, `address.state`,
 `address.postal_code`/`address.postalCode` (an `address` given as a string is the street);
-`address.country` is the event's country. `timestamp` is `occurred_at` and `messageId` the event
+`address.country` is the event's country when it is an ISO 3166-1 alpha-2 code (`UK` for `GB`):
+Segment's spec types it as free text ("USA", "United States"), and any other text is no country
+(the destination's `country_code` applies, counted by syncd_records_default_country_total), never
+a reason to lose the event. `timestamp` is `occurred_at` and `messageId` the event
 id. Segment's consent object has no Amazon equivalent, so no consent is set.
 """
 
@@ -37,6 +40,7 @@ from syncd.events.canonical import (
     string_values,
 )
 from syncd.model import ProfileChange
+from syncd.pii.normalize import normalize_country
 from syncd.vocabulary import PiiKey
 
 TRACK_ACTIONS = {"Audience Entered": "add", "Audience Exited": "remove"}
@@ -116,8 +120,14 @@ def _identifiers(doc: dict[str, Any]) -> tuple[dict[str, list[str]], str | None]
         address = _object(address, f"{where}.address", "bad_identifiers")
         for name, key in _ADDRESS_KEYS.items():
             found.add(key, string_values(address.get(name), f"{where}.address.{name}"))
-        event_country = event_country or country(address.get("country"), "address.country")
+        event_country = event_country or _address_country(address.get("country"))
     return found.values, event_country
+
+
+def _address_country(value: object) -> str | None:
+    """`address.country` if it is a country code; free text ("USA") is no country."""
+    code = country(value, "address.country")
+    return code if code is not None and normalize_country(code) is not None else None
 
 
 def decode_segment(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ProfileChange:

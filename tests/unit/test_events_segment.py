@@ -136,6 +136,21 @@ def test_traits_and_context_traits_merge_and_camel_case_names_are_accepted() -> 
     assert change.country == "GB"
 
 
+@pytest.mark.parametrize("text", ["USA", "United States", "Deutschland", "U.S."])
+def test_an_address_country_in_words_leaves_the_destinations_country(text: str) -> None:
+    """Segment's spec types `address.country` as free text ("USA" in its examples): one that is
+    no ISO 3166-1 alpha-2 code is no country (the destination's country_code applies), never a
+    reason to lose the membership change as bad_country."""
+    address = {"city": "Seattle", "country": text}
+    change = seg(identify(traits={"vip": True, "email": "a@example.com", "address": address}))
+    assert (change.adds, change.country) == (("vip",), None)
+    assert change.identifiers == {"email": ["a@example.com"], "city": ["Seattle"]}
+    # a code in context.traits still counts when traits' country is words
+    context = {"traits": {"address": {"country": "gb"}}, **identify()["context"]}
+    change = seg(identify(traits={"vip": True, "address": address}, context=context))
+    assert change.country == "gb"
+
+
 def test_a_string_address_is_the_street() -> None:
     change = seg(identify(traits={"vip": True, "address": "10 Downing Street"}))
     assert change.identifiers == {"address": ["10 Downing Street"]}
