@@ -70,6 +70,7 @@ SLOTS_PER_CONNECTION_SLOT = 4
 _SHA256ISH = re.compile(r"[0-9a-fA-F]{64}")
 MAX_JOB_REQUEST_ID = 128  # characters of jobs.job_request_id (syncd.store.schema)
 _MAX_MESSAGE = 300
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # no jobRequestId holds one
 
 
 class AmazonClient:
@@ -158,6 +159,13 @@ class AmazonClient:
         job_id = _field(data, "jobRequestId", operation)
         if not isinstance(job_id, str) or not job_id:
             raise _unexpected(operation, f"jobRequestId for connection {connection_id}")
+        if _CONTROL.search(job_id):
+            raise AmazonError(
+                f"{operation}: unexpected response from Amazon (a jobRequestId holding a control "
+                f"character for connection {connection_id})",
+                status=None,
+                operation=operation,
+            )
         if len(job_id) > MAX_JOB_REQUEST_ID or job_id in (".", ".."):
             raise AmazonError(
                 f"{operation}: unexpected response from Amazon (a jobRequestId of {len(job_id)} "
@@ -515,8 +523,13 @@ def _message(raw: bytes) -> str:
         text = str(found) if found else ""
     if not text:
         text = "no message"
-    text = _SHA256ISH.sub("<sha256>", text)
+    text = _text(_SHA256ISH.sub("<sha256>", text))
     return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
+
+
+def _text(value: object) -> str:
+    """Amazon's text as syncd keeps it: a NUL (which PostgreSQL cannot store) as U+FFFD."""
+    return str(value).replace("\x00", "\ufffd")
 
 
 def _api_error(status: int, raw: bytes, retry_after: float | None, operation: str) -> AmazonError:
@@ -585,7 +598,7 @@ def _job_status(data: Any, job_request_id: str, operation: str) -> JobStatus:
     state = _field(data, "jobState", operation)
     if not isinstance(state, str) or state not in AMAZON_JOB_STATES:
         raise AmazonError(
-            f"{operation}: unknown jobState {str(state)[:40]!r}", status=200, operation=operation
+            f"{operation}: unknown jobState {_text(state)[:40]!r}", status=200, operation=operation
         )
     successful = data.get("successful")
     rate = successful.get("recordsProcessedRate") if isinstance(successful, dict) else None
@@ -598,8 +611,8 @@ def _job_status(data: Any, job_request_id: str, operation: str) -> JobStatus:
             ext = item.get("externalId", item.get("externalUserId"))
             invalid.append(
                 InvalidRecord(
-                    external_id=str(ext) if ext is not None else None,
-                    error=str(item.get("error") or item.get("message") or ""),
+                    external_id=_text(ext) if ext is not None else None,
+                    error=_text(item.get("error") or item.get("message") or ""),
                 )
             )
     return JobStatus(

@@ -231,6 +231,52 @@ async def test_a_job_request_id_no_path_can_name_is_a_clear_error_of_that_post(
     assert not nothing_accepted(info.value)
 
 
+@pytest.mark.parametrize("odd", ["job\x00id", "job\nid", "\x7f"])
+async def test_a_job_request_id_holding_a_control_character_is_a_clear_error_of_that_post(
+    sandbox: RunningSandbox, odd: str
+) -> None:
+    """No jobRequestId holds a control character; a NUL is one PostgreSQL cannot store (its
+    job row was refused after the 202: the sender task failed, syncd exited 1 and resent the
+    batch at every start). The POST fails naming the id, as one too long for the store."""
+    async with AmazonClient(config(sandbox)) as client:
+        connection_id, audience_id = await setup_destination(client)
+        sandbox.state.set_faults({"job_request_id": odd})
+        with pytest.raises(AmazonError, match="jobRequestId") as info:
+            await client.post_records(
+                encoded_records(audience_id, connection_id), connection_id=connection_id
+            )
+    assert "control character" in str(info.value)
+    assert odd not in str(info.value)
+    assert not nothing_accepted(info.value)
+
+
+async def test_a_nul_in_amazons_job_status_or_error_text_reaches_no_result(
+    sandbox: RunningSandbox,
+) -> None:
+    """Amazon's texts go to the store (a poll's error, a dead letter's detail, invalid members'
+    ids): a NUL in them is a text PostgreSQL refuses to store (the write failed at every
+    poll of the job, and took the round's other polls down with it). It arrives as U+FFFD."""
+    async with AmazonClient(config(sandbox)) as client:
+        connection_id, audience_id = await setup_destination(client)
+        job_id = await client.post_records(
+            encoded_records(audience_id, connection_id), connection_id=connection_id
+        )
+        job = sandbox.state.jobs[job_id]
+        job.ready_at = 0.0
+        job.final_state = "PARTIALLYSUCCEEDED"
+        job.invalid_records = [{"externalId": "cdp-user-1\x00", "error": "bad\x00hash"}]
+        status = await client.get_job(job_id)
+        [invalid] = status.invalid_records
+        assert (invalid.external_id, invalid.error) == ("cdp-user-1\ufffd", "bad\ufffdhash")
+        job.final_state = "DONE\x00"
+        with pytest.raises(AmazonError, match="unknown jobState") as unknown:
+            await client.get_job(job_id)
+        assert "\x00" not in str(unknown.value)
+        with pytest.raises(RejectedError) as refused:
+            await client.get_job("no-such-job\x00")  # the sandbox's 404 names the id
+        assert "\x00" not in str(refused.value)
+
+
 @pytest.mark.parametrize("odd", ["job?x=1#y", "job a%2Fb", "j" * 128])
 async def test_a_job_request_id_of_any_characters_is_polled_as_itself(
     sandbox: RunningSandbox, odd: str
