@@ -106,12 +106,31 @@ def read_snapshot(path: Path, fmt: str, max_bytes: int = 1_000_000) -> Iterator[
     """Each record of the snapshot, streamed, numbered from 1 (a JSON or CSV file's line, a
     Parquet file's row). Blank JSON lines are skipped."""
     if fmt == "jsonl":
-        return _read_jsonl(path, max_bytes)
+        return _readable(path, _read_jsonl(path, max_bytes))
     if fmt == "csv":
-        return _read_csv(path)
+        return _readable(path, _read_csv(path))
     if fmt == "parquet":
         return _read_parquet(path)
     raise UsageError(f"--format: unknown snapshot format {fmt!r}")
+
+
+def _readable(path: Path, lines: Iterator[Line]) -> Iterator[Line]:
+    """`lines`; a file that cannot be read (permission denied, an I/O error) is a usage error
+    naming it, not a traceback."""
+    number = 0
+    try:
+        for number, item in lines:
+            yield number, item
+    except OSError as exc:
+        after = (
+            f" after line {number} (what the lines before it changed is recorded; nothing is "
+            "removed: run again once it can be read)"
+            if number
+            else ""
+        )
+        raise UsageError(
+            f"--snapshot: cannot read {path}: {exc.strerror or type(exc).__name__}{after}"
+        ) from None
 
 
 def _read_jsonl(path: Path, max_bytes: int) -> Iterator[Line]:

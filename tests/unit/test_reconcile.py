@@ -904,3 +904,19 @@ def test_a_snapshot_that_is_not_a_file_is_named_as_such(
     argv = ["reconcile", "--config", str(command_config(tmp_path)), "--audience", "vip"]
     assert main([*argv, "--snapshot", str(tmp_path)]) == 2
     assert f"--snapshot: not a regular file: {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_snapshot_that_cannot_be_read_is_a_usage_error_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    """A regular file whose read fails (here an I/O error; for an operator, mostly a file
+    another user owns: permission denied) was a traceback. /proc/self/mem is a regular file
+    whose first bytes cannot be read."""
+    from syncd.cli import main
+
+    argv = ["reconcile", "--config", str(command_config(tmp_path)), "--audience", "vip"]
+    assert main([*argv, "--snapshot", "/proc/self/mem", "--format", fmt]) == 2
+    err = capsys.readouterr().err
+    assert "--snapshot: cannot read /proc/self/mem" in err
+    assert "Input/output error" in err
