@@ -167,6 +167,9 @@ def _check_columns(names: Sequence[str], where: str, *, by_position: bool = Fals
         raise UsageError(f"--snapshot: {where} names unknown {shown}; known: {', '.join(COLUMNS)}")
     if "profile_id" not in names:
         raise UsageError(f"--snapshot: {where} has no profile_id column")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # which one would count?
+        raise UsageError(f"--snapshot: {where} names the columns {twice!r} twice or more")
 
 
 def _fields(values: dict[str, Any]) -> dict[str, Any]:
@@ -230,6 +233,13 @@ def _read_parquet(path: Path) -> Iterator[Line]:
         parquet = pq.ParquetFile(path)
         names = list(parquet.schema_arrow.names)
         _check_columns(names, "the Parquet schema")
+        for name in names:
+            kind = parquet.schema_arrow.field(names.index(name)).type
+            if not _text_type(kind):
+                raise UsageError(
+                    f"--snapshot: the Parquet column {name!r} is of type {kind}; a column holds "
+                    "text, numbers, or lists of them"
+                )
         number = 0
         for batch in parquet.iter_batches(batch_size=CHUNK_LINES, columns=names):
             columns = {name: batch.column(name).to_pylist() for name in names}
@@ -241,6 +251,27 @@ def _read_parquet(path: Path) -> Iterator[Line]:
         raise UsageError(f"--snapshot: not a readable Parquet file ({exc})") from None
 
 
+def _text_type(kind: Any, *, in_list: bool = False) -> bool:
+    """Whether a Parquet column of arrow type `kind` holds what a CSV cell would (text, a
+    number, all nulls), or a list of it (several values of an identifier)."""
+    import pyarrow.types as t
+
+    if t.is_dictionary(kind):
+        return _text_type(kind.value_type, in_list=in_list)
+    if (t.is_list(kind) or t.is_large_list(kind)) and not in_list:
+        return _text_type(kind.value_type, in_list=True)
+    return bool(
+        t.is_string(kind)
+        or t.is_large_string(kind)
+        or t.is_binary(kind)
+        or t.is_large_binary(kind)
+        or t.is_integer(kind)
+        or t.is_floating(kind)
+        or t.is_decimal(kind)
+        or t.is_null(kind)
+    )
+
+
 def _cell(value: Any) -> Any:
     """A Parquet cell as the text a CSV cell would hold (an integer column of profile ids or
     phone numbers reads as their digits, and so does a whole float); a list cell is several
@@ -249,6 +280,8 @@ def _cell(value: Any) -> Any:
         return value
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, float) and math.isnan(value):
+        return None  # how some writers keep a missing value
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, list):

@@ -920,3 +920,91 @@ def test_a_snapshot_that_cannot_be_read_is_a_usage_error_naming_it(
     err = capsys.readouterr().err
     assert "--snapshot: cannot read /proc/self/mem" in err
     assert "Input/output error" in err
+
+
+def test_a_nan_in_a_parquet_float_column_is_an_empty_cell(tmp_path: Path) -> None:
+    """A float column's NaN (how some writers keep a missing value) is no value: it was the
+    text "nan", so every row without a profile id became the member "nan"."""
+    path = tmp_path / "s.parquet"
+    nan = float("nan")
+    pq.write_table(
+        pa.table({"profile_id": [nan, 2.0], "phone": [12062661000.0, nan], "email": ["a", "b"]}),
+        path,
+    )
+    assert list(read_snapshot(path, "parquet")) == [
+        (1, {"profile_id": None, "identifiers": {"phone": "12062661000", "email": "a"}}),
+        (2, {"profile_id": "2", "identifiers": {"email": "b"}}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("column", "kind"),
+    [
+        (pa.array([True]), "bool"),
+        (pa.array([{"k": "a@x.io"}]), "struct"),
+        (pa.array([[["a@x.io"]]]), "list<element: list"),
+        (pa.array([946684800], pa.timestamp("s")), "timestamp"),
+        (pa.array([1], pa.date32()), "date32"),
+    ],
+)
+def test_a_parquet_column_of_a_type_no_identifier_has_is_a_usage_error_naming_it(
+    tmp_path: Path, column: pa.Array, kind: str
+) -> None:
+    """A cell is text, a number or a list of them; anything else (a bool, a struct, a date) was
+    sent as Python's text of it ("True", "{'k': 'a@x.io'}", "1970-01-02": a phone of digits)."""
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"profile_id": ["p1"], "email": ["a@x.io"], "phone": column}), path)
+    with pytest.raises(UsageError, match="--snapshot") as info:
+        list(read_snapshot(path, "parquet"))
+    assert "'phone'" in str(info.value)
+    assert kind in str(info.value)
+
+
+def test_text_columns_of_any_arrow_encoding_read_as_text(tmp_path: Path) -> None:
+    """Dictionary-encoded (pandas' categories), large and binary text columns, decimals of
+    whole numbers (a warehouse's NUMBER) and all-null columns are text, as before."""
+    import decimal
+
+    path = tmp_path / "s.parquet"
+    table = pa.table(
+        {
+            "profile_id": pa.array(["p1"]).dictionary_encode(),
+            "email": pa.array(["a@x.io"], pa.large_string()),
+            "city": pa.array([b"Seattle"], pa.binary()),
+            "phone": pa.array([decimal.Decimal(12062661000)], pa.decimal128(38, 0)),
+            "state": pa.array([None], pa.null()),
+            "first_name": pa.array([["Jane"]], pa.large_list(pa.string())),
+        }
+    )
+    pq.write_table(table, path)
+    assert list(read_snapshot(path, "parquet")) == [
+        (
+            1,
+            {
+                "profile_id": "p1",
+                "identifiers": {
+                    "email": "a@x.io",
+                    "city": "Seattle",
+                    "phone": "12062661000",
+                    "first_name": ["Jane"],
+                },
+            },
+        )
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_column_named_twice_is_a_usage_error_naming_it(tmp_path: Path, fmt: str) -> None:
+    """Which of the two would count? A CSV row took the last one (the first email was
+    dropped without a word); Parquet failed with a traceback (KeyError)."""
+    path = tmp_path / f"s.{fmt}"
+    if fmt == "csv":
+        path.write_text("profile_id,email,email\np1,a@x.io,b@x.io\n")
+    else:
+        names = ["profile_id", "email", "email"]
+        arrays = [pa.array(["p1"]), pa.array(["a@x.io"]), pa.array(["b@x.io"])]
+        pq.write_table(pa.Table.from_arrays(arrays, names=names), path)
+    with pytest.raises(UsageError, match="--snapshot") as info:
+        list(read_snapshot(path, fmt))
+    assert "'email'" in str(info.value)
+    assert "twice" in str(info.value)
