@@ -12,10 +12,11 @@ connection is blocked, see `setup_faults`); an Amazon that cannot be reached, or
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from syncd.amazon.api import TTL_MAX_SECONDS
 from syncd.amazon.client import AmazonClient
 from syncd.config import AmazonConfig, Config
 from syncd.errors import AmazonError, AuthError, FatalError
@@ -116,8 +117,8 @@ async def check_online(cfg: Config, client: AmazonClient) -> AsyncIterator[Findi
                 audience.status,
             )
             continue
-        metadata = audience.raw.get("metadata") or {}
-        target = (audience.raw.get("targetResource") or {}).get("connectionId")
+        metadata = _mapping(audience.raw.get("metadata"))
+        target = _mapping(audience.raw.get("targetResource")).get("connectionId")
         if target is not None and target != dest.connection_id:
             yield Finding(
                 item,
@@ -128,9 +129,7 @@ async def check_online(cfg: Config, client: AmazonClient) -> AsyncIterator[Findi
                 "bad_request",
             )
             continue
-        yield Finding(
-            item, True, f"readable; ttl {metadata.get('ttl', 'unknown')} s", dest.connection_id
-        )
+        yield Finding(item, True, f"readable; {_ttl(metadata.get('ttl'))}", dest.connection_id)
 
 
 async def setup_faults(cfg: Config, client: AmazonClient) -> dict[str, Finding]:
@@ -146,6 +145,22 @@ async def setup_faults(cfg: Config, client: AmazonClient) -> dict[str, Finding]:
         for connection_id in [finding.connection_id] if finding.connection_id else connections:
             faults.setdefault(connection_id, finding)
     return faults
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    """A part of Amazon's answer that should be an object; anything else says nothing."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _ttl(ttl: object) -> str:
+    """An audience's ttl as `syncd run` reads it (syncd.audiences)."""
+    if ttl is None:
+        return f"ttl not set: Amazon's default {TTL_MAX_SECONDS} s applies"
+    if isinstance(ttl, int | float) and not isinstance(ttl, bool) and 0 <= ttl <= TTL_MAX_SECONDS:
+        return f"ttl {ttl:g} s"
+    return (
+        f"ttl {str(ttl)[:40]} is no ttl of 0..{TTL_MAX_SECONDS} s: syncd uses {TTL_MAX_SECONDS} s"
+    )
 
 
 def _cause(refusal: FatalError) -> str:

@@ -127,3 +127,22 @@ async def test_an_unreachable_amazon_exits_1(sandbox: RunningSandbox, tmp_path: 
     code, stderr = await check_online(tmp_path, raw)
     assert code == 1, stderr
     assert "could not be checked" in stderr
+
+
+async def test_odd_audience_metadata_is_reported_as_syncd_reads_it_not_a_traceback(
+    sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    """Amazon's answer of an audience is read as `syncd run` reads it: a targetResource that is
+    no object names no connection (it was a traceback: AttributeError on str.get); a ttl that
+    is not set, or no number of 0..34300800, is reported with the ttl syncd uses instead (it
+    printed `ttl None s` or `ttl -5 s` as if it were the ttl)."""
+    raw = good_setup(sandbox, tmp_path)
+    vip, lapsed = (sandbox.state.audiences[d["audience_id"]] for d in raw["destinations"])
+    vip["targetResource"] = "not an object"
+    vip["metadata"]["ttl"] = None
+    lapsed["metadata"]["ttl"] = -5
+    code, stderr = await check_online(tmp_path, raw)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    assert "ttl not set: Amazon's default 34300800 s applies" in stderr
+    assert "ttl -5 is no ttl of 0..34300800 s: syncd uses 34300800 s" in stderr
