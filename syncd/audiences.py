@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from syncd.amazon.api import TTL_MAX_SECONDS, Audience
+from syncd.amazon.api import TTL_MAX_SECONDS, Audience, usable_ttl
 from syncd.config import MembersConfig
 from syncd.errors import AuthError, FatalError
 from syncd.model import Destination
@@ -224,9 +224,7 @@ class AudienceWatcher:
     def _set_ttl(self, audience: WatchedAudience, ttl: Any) -> None:
         if ttl is None:  # not set: Amazon's default, the contract's
             ttl_s = None
-        elif (
-            isinstance(ttl, int | float) and not isinstance(ttl, bool) and 0 <= ttl <= DEFAULT_TTL_S
-        ):
+        elif usable_ttl(ttl):
             ttl_s = float(ttl)
         else:  # as through a failed read: the ttl read before (or the default) holds
             log.warning(

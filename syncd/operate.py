@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from syncd import config as config_mod
+from syncd.amazon.api import usable_ttl
 from syncd.amazon.client import AmazonClient
 from syncd.audiences import DEFAULT_TTL_S, METADATA_TIMEOUT_S, SIZE_KINDS
 from syncd.cli import data_console
@@ -100,7 +101,7 @@ class Metadata:
     """What an audience's metadata says, each figure None when unknown; `error` says why the
     read failed (then every figure is None)."""
 
-    ttl: int | None = None
+    ttl: float | None = None  # seconds, as syncd run uses it (amazon.api.usable_ttl)
     received: int | None = None  # audienceSize.receivedRecordSize
     matched: int | None = None  # audienceSize.idResolutionCount
     dsp: int | None = None  # audienceSize.dspAudienceSize
@@ -112,9 +113,9 @@ class Metadata:
         metadata = metadata if isinstance(metadata, Mapping) else {}
         size = metadata.get("audienceSize")
         size = size if isinstance(size, Mapping) else {}
-        ttl = _count(metadata.get("ttl"))
+        ttl = metadata.get("ttl")
         return cls(
-            ttl=ttl if ttl is not None and ttl <= DEFAULT_TTL_S else None,
+            ttl=ttl if usable_ttl(ttl) else None,
             received=_count(size.get(SIZE_KINDS["received"])),
             matched=_count(size.get(SIZE_KINDS["matched"])),
             dsp=_count(size.get(SIZE_KINDS["dsp"])),
@@ -281,7 +282,7 @@ def _table(title: str, *figures: str) -> Table:
     return table
 
 
-def _figure(value: int | None) -> str:
+def _figure(value: float | None) -> str:
     return "unknown" if value is None else f"{value:,}"
 
 
@@ -307,7 +308,7 @@ def member_report(
     member: MemberState | None,
     erased_at: float | None,
     job: JobRow | None,
-    ttl: int | None,
+    ttl: float | None,
     refresh_at: float,
     now: float,
     budget: BudgetUse | None = None,

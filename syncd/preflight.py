@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from syncd.amazon.api import TTL_MAX_SECONDS
+from syncd.amazon.api import TTL_MAX_SECONDS, usable_ttl
 from syncd.amazon.client import AmazonClient
 from syncd.config import AmazonConfig, Config
 from syncd.errors import AmazonError, AuthError, FatalError
@@ -156,7 +156,7 @@ def _ttl(ttl: object) -> str:
     """An audience's ttl as `syncd run` reads it (syncd.audiences)."""
     if ttl is None:
         return f"ttl not set: Amazon's default {TTL_MAX_SECONDS} s applies"
-    if isinstance(ttl, int | float) and not isinstance(ttl, bool) and 0 <= ttl <= TTL_MAX_SECONDS:
+    if usable_ttl(ttl):
         return f"ttl {ttl:g} s"
     return (
         f"ttl {str(ttl)[:40]} is no ttl of 0..{TTL_MAX_SECONDS} s: syncd uses {TTL_MAX_SECONDS} s"

@@ -37,6 +37,18 @@ MAX_RECORDS_PER_REQUEST = 10_000  # OpenAPI bound; Amazon's guidance (and our ma
 EXTERNAL_USER_ID = re.compile(r"[0-9a-zA-Z_-]{1,128}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 TTL_MAX_SECONDS = 34_300_800
+
+
+def usable_ttl(value: object) -> bool:
+    """An audience's `ttl` as syncd uses it: a number of 0..TTL_MAX_SECONDS seconds (None, not
+    set, means Amazon's default; anything else is unusable)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and 0 <= value <= TTL_MAX_SECONDS
+    )
+
+
 MATCHING_COUNTRIES = frozenset(
     [
         "AE",

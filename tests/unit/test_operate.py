@@ -237,11 +237,19 @@ def test_status_json_holds_the_contract_keys_with_exactly_four_member_states() -
         {"metadata": {"ttl": -1, "audienceSize": 12}},
         {"metadata": {"ttl": True, "audienceSize": {"dspAudienceSize": "12"}}},
         {"metadata": {"ttl": DEFAULT_TTL_S + 1, "audienceSize": {"dspAudienceSize": -3}}},
-        {"metadata": {"ttl": 1.5}},
+        {"metadata": {"ttl": "60"}},
+        {"metadata": {"ttl": float("nan")}},
     ],
 )
 def test_odd_metadata_reads_as_unknown(metadata: dict[str, Any]) -> None:
     assert Metadata.of(metadata) == Metadata()
+
+
+@pytest.mark.parametrize("ttl", [60.0, 1.5, 0, DEFAULT_TTL_S])
+def test_a_ttl_reads_as_the_daemon_reads_it(ttl: float) -> None:
+    """`syncd run` refreshes on any number of 0..34300800 seconds, a fraction too: the commands
+    showed a float ttl as unknown (the default), and the next refresh wrongly."""
+    assert Metadata.of({"metadata": {"ttl": ttl}}).ttl == ttl
 
 
 # -- syncd members show --------------------------------------------------------------------------
