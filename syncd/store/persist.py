@@ -29,9 +29,11 @@ FIRST_PAUSE_S = 0.5
 MAX_PAUSE_S = 5.0
 
 # PostgreSQL SQLSTATEs that a wait cures: classes 08 (connection exception), 53 (insufficient
-# resources: too many connections, disk full) and 57P (shutdown, crash, starting up), and the
-# conflicts a retried transaction gets past (serialization failure, deadlock, lock not free).
-_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P")
+# resources: too many connections, disk full) and 57P (shutdown, crash, starting up), 57014 (a
+# statement cancelled: the server's statement_timeout, set on the role or database, as syncd's
+# own timeout is; or an operator's pg_cancel_backend), and the conflicts a retried transaction
+# gets past (serialization failure, deadlock, lock not free).
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P", "57014")
 _CONFLICT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 
 

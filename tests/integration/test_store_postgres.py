@@ -10,15 +10,18 @@ import asyncio
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from syncd.amazon.api import JobStatus
 from syncd.budget import Budget
 from syncd.config import BudgetConfig
 from syncd.members import MemberTable
-from syncd.store import NewJob, Store
+from syncd.store import NewJob, Store, persist
+from syncd.store.persist import FIRST_PAUSE_S
 from syncd.store.schema import reconciled
 from syncd.store.store import SCHEMA_REVISION
 from tests.fixtures.postgres import ISOLATION_LEVELS, new_database
@@ -308,4 +311,36 @@ async def test_the_fillfactor_goes_to_the_partitions_of_a_partitioned_member_tab
             await conn.run_sync(migrate("0007", down=True))
         assert set((await options()).values()) == {None}
     finally:
+        await store.close()
+
+
+async def test_a_write_the_servers_statement_timeout_cancels_is_retried(pg_server: Any) -> None:
+    """A `statement_timeout` set on the database (or role) cancels a write held up by a lock
+    (SQLSTATE 57014): `persist` waits it out as it does syncd's own statement timeout. It failed
+    the sender: the job row of a POST Amazon had accepted was never stored, syncd exited, and
+    after the restart every member of that POST was sent again (process run; found by the hunt)."""
+    url = new_database(pg_server)
+    pg_server.psql(f"ALTER DATABASE {make_url(url).database} SET statement_timeout = '200ms';")
+    store = (await replicas(url, 1))[0]
+    locker = create_async_engine(url)
+    try:
+        async with locker.connect() as holder:
+            await holder.execute(text("SET statement_timeout = 0"))
+            await holder.execute(text("LOCK TABLE jobs IN SHARE MODE"))  # no INSERT gets by
+            pauses: list[float] = []
+
+            async def lock_released_in_the_pause(seconds: float) -> None:
+                pauses.append(seconds)
+                await holder.commit()
+
+            job = NewJob(uuid.uuid4().hex, "c", 7, "vip", 1, 1, 0)
+            await persist(
+                lambda: store.add_job(job, first_poll_after_s=5),
+                what="job row",
+                sleep=lock_released_in_the_pause,
+            )
+        assert pauses == [FIRST_PAUSE_S]
+        assert [j.job_request_id for j in await store.list_jobs()] == [job.job_request_id]
+    finally:
+        await locker.dispose()
         await store.close()

@@ -50,6 +50,7 @@ TRANSIENT = [
     DBAPIError("SELECT 1", {}, PgError("57P01"), connection_invalidated=True),  # admin shutdown
     DBAPIError("SELECT 1", {}, PgError("57P03")),  # the server is starting up (connect)
     DBAPIError("SELECT 1", {}, PgError("08006")),  # connection failure
+    DBAPIError("INSERT", {}, PgError("57014")),  # cancelled: the role's statement_timeout
     DBAPIError("UPDATE", {}, PgError("40001")),  # serialization failure
     DBAPIError("UPDATE", {}, PgError("40P01")),  # deadlock
 ]
