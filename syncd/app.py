@@ -55,6 +55,7 @@ from syncd.routing import RouteCounts
 from syncd.runtime import compiled
 from syncd.source import DLQ_RETRY_BACKOFF_S, KafkaSource, Message, OffsetTracker
 from syncd.store import Store, persist
+from syncd.store.store import require_writable, store_problems
 from syncd.transform import Outcome, Refused, Spec
 from syncd.transform_pool import Transformer
 
@@ -452,7 +453,10 @@ class Daemon:
             statement_timeout_s=cfg.store.statement_timeout_s,
         )
         try:
-            if await store.ensure_schema(auto_upgrade=cfg.store.auto_upgrade):
+            with store_problems(cfg.store.url):  # one line naming the store, not a traceback
+                created = await store.ensure_schema(auto_upgrade=cfg.store.auto_upgrade)
+                await require_writable(store, cfg.store.url)
+            if created:
                 log.warning(  # expected once; else store.url may not name the store in use
                     "the store had no schema: created it (a new, empty member table)",
                     store=config_mod.mask_urls(cfg.store.url),

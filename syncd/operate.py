@@ -576,7 +576,7 @@ def _cmd_purge(args: argparse.Namespace) -> int:
             "only an audience no destination names can be purged"
         )
     deleted = asyncio.run(
-        _with_store(cfg, lambda store: MemberTable(store).purge_audience(audience_id))
+        _with_store(cfg, lambda store: MemberTable(store).purge_audience(audience_id), writes=True)
     )
     print(f"dropped {deleted} member rows of audience_id {audience_id}")
     return 0
@@ -629,7 +629,10 @@ async def watch_store_size(
 
 
 # -- plumbing ------------------------------------------------------------------------------------
-async def _with_store(cfg: Config, work: Callable[[Store], Awaitable[T]]) -> T:
-    """`work` on the config's store, whose schema must be current (`syncd db upgrade`)."""
-    async with command_store(cfg.store.url, cfg.store.statement_timeout_s) as store:
+async def _with_store(
+    cfg: Config, work: Callable[[Store], Awaitable[T]], *, writes: bool = False
+) -> T:
+    """`work` on the config's store, whose schema must be current (`syncd db upgrade`), and
+    which must take writes if `work` writes."""
+    async with command_store(cfg.store.url, cfg.store.statement_timeout_s, writes=writes) as store:
         return await work(store)

@@ -905,7 +905,9 @@ async def reconcile(
 ) -> int:
     out = sys.stdout if out is None else out
     lines = read_snapshot(path, fmt, cfg.kafka.max_message_bytes)
-    async with command_store(cfg.store.url, cfg.store.statement_timeout_s) as store:
+    async with command_store(
+        cfg.store.url, cfg.store.statement_timeout_s, writes=not dry_run
+    ) as store:
         members = MemberTable(store)
         started = datetime.fromtimestamp(as_of, UTC).isoformat().replace("+00:00", "Z")
         log.info("reconcile started", audience=dest.audience, as_of=started, dry_run=dry_run)

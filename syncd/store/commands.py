@@ -15,7 +15,7 @@ from rich.table import Table
 from syncd import config as config_mod
 from syncd.cli import data_console
 from syncd.config import StoreConfig
-from syncd.store.store import JobRow, command_store
+from syncd.store.store import JobRow, command_store, store_problems
 from syncd.vocabulary import JobState
 
 
@@ -127,7 +127,8 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 async def upgrade_store(url: str) -> tuple[str | None, str]:
     """`syncd db upgrade` on the store at `url`: (its revision before, the head it is at now)."""
-    async with command_store(url, schema_current=False) as store:
+    async with command_store(url, schema_current=False, writes=True) as store:
         before, head = await store.schema_status()
-        await store.ensure_schema(auto_upgrade=True)  # a newer schema: SchemaOutdatedError
+        with store_problems(url):  # a newer schema: SchemaOutdatedError
+            await store.ensure_schema(auto_upgrade=True)
         return before, head

@@ -36,9 +36,9 @@ import asyncio
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -228,6 +228,15 @@ class Store:
         except Exception:
             return False
         return True
+
+    async def read_only(self) -> bool:
+        """Whether the store's transactions are read-only: PostgreSQL's `transaction_read_only`
+        in a transaction as syncd's writes begin them (a hot standby, or the database's or
+        role's `default_transaction_read_only`). SQLite: False."""
+        if not self._postgres:
+            return False
+        async with self._engine.connect() as conn:
+            return bool(await conn.scalar(text("SHOW transaction_read_only")) == "on")
 
     async def now(self) -> float:
         """The store's clock (epoch seconds), which every time in its rows comes from."""
@@ -718,31 +727,58 @@ class Store:
 
 @asynccontextmanager
 async def command_store(
-    url: str, statement_timeout_s: float = STATEMENT_TIMEOUT_S, *, schema_current: bool = True
+    url: str,
+    statement_timeout_s: float = STATEMENT_TIMEOUT_S,
+    *,
+    schema_current: bool = True,
+    writes: bool = False,
 ) -> AsyncIterator[Store]:
     """A command's store, closed on exit; with `schema_current`, its schema at this code's
     revision (`ensure_schema`: an empty store gets it; an older or newer one is a
-    SchemaOutdatedError naming what to run). Its first use tells whether it can be used at all:
-    a store that cannot be reached or refuses syncd is a StoreUnavailable naming it (the URL's
-    secrets masked) and the cause, not a traceback."""
+    SchemaOutdatedError naming what to run); with `writes`, one that takes writes
+    (`require_writable`). Its first use tells whether it can be used at all: a store that cannot
+    be reached or refuses syncd is a StoreUnavailable naming it (the URL's secrets masked) and
+    the cause, not a traceback."""
     store = await Store.connect(url, statement_timeout_s=statement_timeout_s)
     try:
-        try:
+        with store_problems(url):
             if schema_current:
                 await store.ensure_schema(auto_upgrade=False)
             else:
                 await store.schema_status()
-        except (OSError, TimeoutError, SQLAlchemyError) as exc:
-            cause = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
-            if isinstance(exc, DBAPIError):
-                cause = str(exc.orig).strip().splitlines()[0] if str(exc.orig) else cause
-            problem = f"{type(exc).__name__}: {cause}"[:_MAX_ERROR_CHARS]
-            raise StoreUnavailable(
-                f"the store ({mask_urls(url)}) cannot be used: {mask_urls(problem)}"
-            ) from None
+            if writes:
+                await require_writable(store, url)
         yield store
     finally:
         await store.close()
+
+
+@contextmanager
+def store_problems(url: str) -> Iterator[None]:
+    """Turn a store that cannot be reached or used (an OSError, a timeout, any SQLAlchemy
+    error) into a StoreUnavailable naming it (secrets masked) and the cause, in one line."""
+    try:
+        yield
+    except (OSError, TimeoutError, SQLAlchemyError) as exc:
+        cause = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
+        if isinstance(exc, DBAPIError):
+            cause = str(exc.orig).strip().splitlines()[0] if str(exc.orig) else cause
+        problem = f"{type(exc).__name__}: {cause}"[:_MAX_ERROR_CHARS]
+        raise StoreUnavailable(
+            f"the store ({mask_urls(url)}) cannot be used: {mask_urls(problem)}"
+        ) from None
+
+
+async def require_writable(store: Store, url: str) -> None:
+    """StoreUnavailable, naming the store, unless it takes writes: a read-only PostgreSQL (a
+    hot standby, or `default_transaction_read_only` on) fails each write, so that a daemon on
+    it would start, and fail at its first event, again and again."""
+    if await store.read_only():
+        raise StoreUnavailable(
+            f"the store ({mask_urls(url)}) is read-only: its transactions cannot write (a hot "
+            "standby, or default_transaction_read_only = on for the database or syncd's role); "
+            "give syncd the primary, or reset default_transaction_read_only"
+        )
 
 
 def _postgres_engine(url: str | URL, statement_timeout_s: float | None, **pool: Any) -> AsyncEngine:

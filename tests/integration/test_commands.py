@@ -14,14 +14,18 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from syncd.localstack import daemon_config, free_port, provide, running_sandbox, to_toml
 from syncd.store import NewJob, Store
+from syncd.store.commands import upgrade_store
 from syncd.store.store import SCHEMA_REVISION
+from tests.fixtures.postgres import new_database
 from tests.fixtures.store import migrate
 
 pytestmark = pytest.mark.integration
@@ -285,6 +289,7 @@ def test_jobs_lists_tracked_jobs_as_a_table_and_as_json(tmp_path: Path) -> None:
         ["audiences", "status"],
         ["members", "show", "--audience", "vip", "--profile", "p-1"],
         ["reconcile", "--audience", "vip", "--snapshot", "SNAPSHOT"],
+        ["run"],
     ],
     ids=lambda c: "-".join(c[:2]),
 )
@@ -305,6 +310,44 @@ def test_a_store_that_cannot_be_reached_is_a_one_line_error_naming_it(
     assert line.startswith("syncd: error: the store (postgresql+asyncpg://syncd:***@127.0.0.1:")
     assert "refused" in line.lower()
     assert "s3cret" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run"],
+        ["db", "upgrade"],
+        ["members", "purge", "--audience-id", "5555", "--yes"],
+        ["reconcile", "--audience", "vip", "--snapshot", "SNAPSHOT"],
+    ],
+    ids=lambda c: "-".join(c[:2]),
+)
+def test_a_read_only_store_is_refused_at_once_by_what_writes(
+    tmp_path: Path, pg_server: Any, command: list[str]
+) -> None:
+    """A PostgreSQL store whose transactions are read-only (a hot standby given by mistake, or
+    default_transaction_read_only = on for the database or role) is refused up front by every
+    command that writes, in one line naming the store and the cause. `syncd run` started,
+    reported ready and failed at its first write of an event (exit 1, restarted, again); db
+    upgrade, members purge and reconcile ended in a traceback."""
+    url = new_database(pg_server)
+    asyncio.run(upgrade_store(url))
+    pg_server.psql(
+        f"ALTER DATABASE {make_url(url).database} SET default_transaction_read_only = on;"
+    )
+    config = write_config(tmp_path, store={"url": url})
+    snapshot = tmp_path / "snapshot.jsonl"
+    snapshot.write_text('{"profile_id": "p-1", "identifiers": {"email": "a@example.com"}}\n')
+    command = [str(snapshot) if arg == "SNAPSHOT" else arg for arg in command]
+    result = syncd(*command, "--config", str(config), timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("syncd: error: the store (postgresql+asyncpg://"), last
+    assert "read-only" in last, last
+    assert "default_transaction_read_only" in last, last
+    # what only reads works on it
+    assert syncd("jobs", "--config", str(config)).returncode == 0
 
 
 @pytest.mark.slow
