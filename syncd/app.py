@@ -454,8 +454,8 @@ class Daemon:
         )
         try:
             with store_problems(cfg.store.url):  # one line naming the store, not a traceback
-                created = await store.ensure_schema(auto_upgrade=cfg.store.auto_upgrade)
                 await require_writable(store, cfg.store.url)
+                created = await store.ensure_schema(auto_upgrade=cfg.store.auto_upgrade)
             if created:
                 log.warning(  # expected once; else store.url may not name the store in use
                     "the store had no schema: created it (a new, empty member table)",

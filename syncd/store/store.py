@@ -233,10 +233,18 @@ class Store:
         """Whether the store's transactions are read-only: PostgreSQL's `transaction_read_only`
         in a transaction as syncd's writes begin them (a hot standby, or the database's or
         role's `default_transaction_read_only`). SQLite: False."""
+        return await self._setting("transaction_read_only") == "on"
+
+    async def encoding(self) -> str:
+        """The database's character set: PostgreSQL's `server_encoding`; SQLite's is UTF8."""
+        return await self._setting("server_encoding") or "UTF8"
+
+    async def _setting(self, name: str) -> str | None:
+        """A PostgreSQL setting as syncd's sessions see it (None on SQLite)."""
         if not self._postgres:
-            return False
+            return None
         async with self._engine.connect() as conn:
-            return bool(await conn.scalar(text("SHOW transaction_read_only")) == "on")
+            return str(await conn.scalar(text(f"SHOW {name}")))
 
     async def now(self) -> float:
         """The store's clock (epoch seconds), which every time in its rows comes from."""
@@ -770,9 +778,17 @@ def store_problems(url: str) -> Iterator[None]:
 
 
 async def require_writable(store: Store, url: str) -> None:
-    """StoreUnavailable, naming the store, unless it takes writes: a read-only PostgreSQL (a
-    hot standby, or `default_transaction_read_only` on) fails each write, so that a daemon on
-    it would start, and fail at its first event, again and again."""
+    """StoreUnavailable, naming the store, unless it takes syncd's writes: a read-only
+    PostgreSQL (a hot standby, or `default_transaction_read_only` on) fails each write, so that
+    a daemon on it would start, and fail at its first event, again and again; a database not in
+    UTF8 refuses Amazon's texts outside its charset (SQLSTATE 22P05: a job's outcome never
+    stored) and SQL_ASCII counts lengths in bytes."""
+    encoding = await store.encoding()
+    if encoding != "UTF8":
+        raise StoreUnavailable(
+            f"the store ({mask_urls(url)}) is a database in {encoding}: syncd needs UTF8 "
+            "(CREATE DATABASE ... ENCODING 'UTF8')"
+        )
     if await store.read_only():
         raise StoreUnavailable(
             f"the store ({mask_urls(url)}) is read-only: its transactions cannot write (a hot "

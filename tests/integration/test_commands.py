@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,14 @@ import pytest
 from sqlalchemy import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from syncd.localstack import daemon_config, free_port, provide, running_sandbox, to_toml
+from syncd.localstack import (
+    daemon_config,
+    free_port,
+    postgres_url,
+    provide,
+    running_sandbox,
+    to_toml,
+)
 from syncd.store import NewJob, Store
 from syncd.store.commands import upgrade_store
 from syncd.store.store import SCHEMA_REVISION
@@ -348,6 +356,28 @@ def test_a_read_only_store_is_refused_at_once_by_what_writes(
     assert "default_transaction_read_only" in last, last
     # what only reads works on it
     assert syncd("jobs", "--config", str(config)).returncode == 0
+
+
+@pytest.mark.parametrize("command", [["run"], ["db", "upgrade"]], ids=lambda c: "-".join(c))
+def test_a_database_not_in_utf8_is_refused_at_once_naming_its_encoding(
+    tmp_path: Path, pg_server: Any, command: list[str]
+) -> None:
+    """A LATIN1 (or SQL_ASCII) database takes the schema, then refuses a text of Amazon's
+    outside its charset (an error message, a dead letter's detail: SQLSTATE 22P05, not
+    transient), which blocked that job's outcome for ever; SQL_ASCII counts VARCHAR lengths in
+    bytes. Refused up front, in one line naming the encoding."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    pg_server.psql(
+        f"CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C';"
+    )
+    config = write_config(tmp_path, store={"url": postgres_url(pg_server, name)})
+    result = syncd(*command, "--config", str(config), timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("syncd: error: the store (postgresql+asyncpg://"), last
+    assert "LATIN1" in last, last
+    assert "UTF8" in last, last
 
 
 @pytest.mark.slow
