@@ -277,10 +277,11 @@ class Store:
             await self.run_write(lambda conn, _now: _upgrade_to_head(conn))
             return
         # A migration may rewrite a large table: its statements get no timeout (an engine of
-        # their own, one connection).
+        # their own, one connection), not even one set on syncd's role or database.
         engine = _postgres_engine(self._engine.url, None, poolclass=NullPool)
         try:
             async with engine.begin() as conn:
+                await conn.execute(text("SET LOCAL statement_timeout = 0"))
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
                 await conn.run_sync(_upgrade_to_head)
         finally:

@@ -23,7 +23,7 @@ from syncd.members import MemberTable
 from syncd.store import NewJob, Store, persist
 from syncd.store.persist import FIRST_PAUSE_S
 from syncd.store.schema import reconciled
-from syncd.store.store import SCHEMA_REVISION
+from syncd.store.store import _MIGRATION_LOCK, SCHEMA_REVISION
 from tests.fixtures.postgres import ISOLATION_LEVELS, new_database
 from tests.fixtures.store import migrate, partition_members
 from tests.unit.test_members import A1, LEASE, change
@@ -76,6 +76,37 @@ async def test_replicas_starting_together_upgrade_once(replica_url: str) -> None
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_migrations_outlast_a_statement_timeout_set_on_the_database(pg_server: Any) -> None:
+    """Migrations get no statement timeout, not even one set on the database or syncd's role:
+    the upgrade waiting for another replica's (held here past the 1 ms timeout) was cancelled."""
+    url = new_database(pg_server)
+    pg_server.psql(f"ALTER DATABASE {make_url(url).database} SET statement_timeout = '1ms';")
+    holder = create_async_engine(url)
+    store = await Store.connect(url)
+    try:
+        async with holder.connect() as conn:
+            await conn.execute(text("SET statement_timeout = 0"))
+            await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK})
+            upgrade = asyncio.create_task(store.upgrade())
+            waiting = text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            deadline = asyncio.get_running_loop().time() + 10
+            # the old code's wait was cancelled after 1 ms: the upgrade failed, never seen waiting
+            while not await conn.scalar(waiting):
+                assert not upgrade.done(), upgrade.exception()
+                assert asyncio.get_running_loop().time() < deadline, "the upgrade never waited"
+                await asyncio.sleep(0.01)
+            await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK})
+            await conn.commit()
+            await asyncio.wait_for(upgrade, 30)
+            revision = await conn.scalar(text("SELECT version_num FROM alembic_version"))
+        assert revision == SCHEMA_REVISION
+    finally:
+        await store.close()
+        await holder.dispose()
 
 
 async def test_replicas_reserving_at_once_never_exceed_the_limit(replica_url: str) -> None:
