@@ -7,9 +7,11 @@ therefore starts at the GET, and a GET still under way when the lease would run 
 recorded through `persist` (a store hiccup delays it, never loses it), fenced on the claim (see
 Store.record_poll). A PENDING job is polled again after an interval that doubles from
 `poll.first_delay_s` up to `poll.max_interval_s`; a terminal job is never claimed, so never
-polled, again. A failed GET is retried on the same schedule, except a 404 ("unknown job") for
-a job accepted UNKNOWN_JOB_GIVE_UP_S ago: it is EXPIRED at once (its members due again) rather
-than at `poll.max_job_age_s`. A refused credential (AuthError) stops the poller. Every
+polled, again. A failed GET is retried on the same schedule, except once Amazon has answered
+404 ("unknown job") for UNKNOWN_JOB_GIVE_UP_S with no status of the job between (the hour
+starts at the first 404 since its last status, stored with the job): it is EXPIRED then (its
+members due again) rather than at `poll.max_job_age_s`. A refused credential (AuthError) stops
+the poller. Every
 HOUSEKEEPING_EVERY_S: jobs older than `poll.max_job_age_s` are expired (EXPIRED, terminal),
 terminal jobs older than `poll.retention_days` deleted, and the jobs-by-state gauge refreshed.
 
@@ -54,8 +56,10 @@ DEAD_LETTERS_PER_LEASE = 100
 # a queued dead letter being sent is leased this long, renewed while its send lasts: taken by
 # another process only once its sender died
 DEAD_LETTER_LEASE_S = 30.0
-# a job Amazon answers 404 for ("unknown job") this long after its 202 is given up: EXPIRED,
-# its members due again (a 404 sooner may be Amazon not showing a new job yet)
+# a job Amazon has answered 404 ("unknown job") for this long, with no status between, is given
+# up: EXPIRED, its members due again. Sooner, a 404 may be Amazon not showing a new job yet, or a
+# fault on the way (a gateway) while Amazon still processes the job: sending its members again
+# then spends their budget twice and may let the older change overtake a newer one.
 UNKNOWN_JOB_GIVE_UP_S = 3600.0
 DEAD_LETTER_SWEEP_S = 10.0  # how often queued dead letters left by another process are looked for
 
@@ -74,6 +78,7 @@ class JobStore(Protocol):
         *,
         next_poll_in_s: float,
         error: str | None = None,
+        unknown_since: float | None = None,
     ) -> bool: ...
     async def purge_jobs(self, older_than_s: float) -> int: ...
     async def next_due_in(self) -> float | None: ...
@@ -275,13 +280,20 @@ class Poller:
             self._auth_error = exc
             return
         except Exception as exc:  # this job's poll failed; the round's other polls go on
-            if self._unknown_for_good(job, exc):
+            unknown_since = self._unknown_since(job, exc)
+            if (
+                unknown_since is not None
+                and self._clock() - unknown_since >= UNKNOWN_JOB_GIVE_UP_S
+                and isinstance(exc, RejectedError)
+                and exc.status == 404
+            ):
                 status = JobStatus(job.job_request_id, JobState.EXPIRED)
                 error = f"Amazon does not know the job ({exc}); given up"
                 log.warning(
                     "Amazon does not know a job; given up as EXPIRED, its members due again",
                     job_request_id=job.job_request_id,
                     age_s=round(self._clock() - job.created_at),
+                    unknown_for_s=round(self._clock() - unknown_since),
                 )
                 await self._store_status(job, status, next_poll_in_s, error)
                 return
@@ -298,17 +310,19 @@ class Poller:
                 status=getattr(exc, "status", None),
                 error=error,
             )
-            await self._record(job, None, next_poll_in_s, error)
+            await self._record(job, None, next_poll_in_s, error, unknown_since)
             return
         await self._store_status(job, status, next_poll_in_s)
 
-    def _unknown_for_good(self, job: JobRow, exc: Exception) -> bool:
-        """A 404 to a GET of a job accepted UNKNOWN_JOB_GIVE_UP_S ago or more."""
-        return (
-            isinstance(exc, RejectedError)
-            and exc.status == 404
-            and self._clock() - job.created_at >= UNKNOWN_JOB_GIVE_UP_S
-        )
+    def _unknown_since(self, job: JobRow, exc: Exception) -> float | None:
+        """When the 404s Amazon answers to the job began, this failed poll included: the first
+        since its last status (another failure, a 5xx or a timeout, neither starts nor ends
+        them). The stored start counts only while the job's last poll failed: a status that an
+        older release recorded leaves it as it was."""
+        since = job.unknown_since if job.error is not None else None
+        if since is None and isinstance(exc, RejectedError) and exc.status == 404:
+            return self._clock()
+        return since
 
     async def _store_status(
         self, job: JobRow, status: JobStatus, next_poll_in_s: float, error: str | None = None
@@ -337,12 +351,21 @@ class Poller:
         metrics.AUDIENCE_FAILED_JOBS.labels(audience).set(failed)
 
     async def _record(
-        self, job: JobRow, status: JobStatus | None, next_poll_in_s: float, error: str | None = None
+        self,
+        job: JobRow,
+        status: JobStatus | None,
+        next_poll_in_s: float,
+        error: str | None = None,
+        unknown_since: float | None = None,
     ) -> bool:
         """Store one poll's result, retried until the store takes it."""
         return await persist(
             lambda: self._store.record_poll(
-                job, status, next_poll_in_s=next_poll_in_s, error=error
+                job,
+                status,
+                next_poll_in_s=next_poll_in_s,
+                error=error,
+                unknown_since=unknown_since,
             ),
             what="job poll result",
         )

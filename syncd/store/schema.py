@@ -58,6 +58,9 @@ jobs = Table(
     Column("received_records", Integer),
     Column("matched_records", Integer),  # Amazon's idResolutionCount of the job
     Column("error", Text),  # short summary of the last failed poll
+    # the first of the 404s ("unknown job") Amazon answered since its last status of the job
+    # (migration 0012; NULL: none since): an hour of them gives the job up (syncd.jobs)
+    Column("unknown_since", Float),
     Column("owner", String(256)),  # the poller that holds the claim
     Column("claimed_until", Float),
     Index("ix_jobs_due", "state", "next_poll_at"),

@@ -78,7 +78,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 # The migration this code needs (the newest in migrations/versions; a unit test holds them equal).
-SCHEMA_REVISION: Final = "0011"
+SCHEMA_REVISION: Final = "0012"
 _VERSION_TABLE = "alembic_version"
 _PG_ISOLATION = "READ COMMITTED"  # pinned: see the module docstring
 _MIGRATION_LOCK = 0x73796E6364  # pg_advisory_xact_lock key: "syncd" in hex
@@ -129,6 +129,7 @@ class JobRow(NewJob):
     error: str | None
     owner: str | None
     claimed_until: float | None
+    unknown_since: float | None = None  # see `record_poll`
 
     @property
     def terminal(self) -> bool:
@@ -377,12 +378,14 @@ class Store:
         *,
         next_poll_in_s: float,
         error: str | None = None,
+        unknown_since: float | None = None,
     ) -> bool:
         """Record one poll of a job `claim_due_jobs` returned, and release the claim. `status`
-        None = the GET failed (`error` says why). A terminal status ends the job: it is never
-        claimed again. Returns whether it was stored: a job that is terminal meanwhile (e.g.
-        expired) is left as it is, and so is a job claimed since by someone else, unless
-        `status` is terminal."""
+        None = the GET failed (`error` says why). `unknown_since`: when the 404s ("unknown
+        job") Amazon has answered since its last status of the job began (None: no such run).
+        A terminal status ends the job: it is never claimed again. Returns whether it was
+        stored: a job that is terminal meanwhile (e.g. expired) is left as it is, and so is a
+        job claimed since by someone else, unless `status` is terminal."""
         where = [jobs.c.job_request_id == claim.job_request_id, jobs.c.state == JobState.PENDING]
         terminal = status is not None and status.terminal
         if not terminal:
@@ -396,6 +399,7 @@ class Store:
                 "owner": None,
                 "claimed_until": None,
                 "error": None if error is None else error[:_MAX_ERROR_CHARS],
+                "unknown_since": unknown_since,
             }
             if status is not None and terminal:
                 values |= {

@@ -607,6 +607,70 @@ async def test_a_job_amazon_does_not_know_is_given_up_after_an_hour_not_max_job_
     assert len(client.calls) == polls  # never polled again
 
 
+async def test_a_404_between_answers_gives_up_no_job_amazon_still_processes(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """One 404 (a fault between syncd and Amazon: a gateway, a deploy at Amazon) of a job Amazon
+    had answered PENDING for two hours gave the job up at once, because the job was over an
+    hour old: its members were sent again (budget spent twice) while Amazon still processed it,
+    and a member's newer change could then be overtaken by the older one. A job is given up only
+    once Amazon has answered 404 for UNKNOWN_JOB_GIVE_UP_S with no status between (the first
+    404 since its last status starts the hour)."""
+    cfg = dataclasses.replace(CFG, max_job_age_s=7 * 86400.0)
+    table = MemberTable(store)
+    outcomes = MemberOutcomes(table, MemberDeadLetterSink(), {7: "vip"})
+    poller = Poller(store, client, cfg, owner="a", clock=clock, outcomes=outcomes)
+    await sent_members(table, "slow", ["u1"])
+    not_found = RejectedError("HTTP 404: job not found", status=404)
+
+    async def polled_until(t: float) -> str:
+        while clock.now - T0 < t:
+            clock.advance(cfg.max_interval_s)
+            await poller.poll_once()
+        return (await store.job_states(["slow"]))["slow"]
+
+    assert await polled_until(2 * UNKNOWN_JOB_GIVE_UP_S) == "PENDING"  # Amazon: PENDING
+    client.script["slow"] = [not_found]
+    assert await polled_until(2 * UNKNOWN_JOB_GIVE_UP_S + 5 * cfg.max_interval_s) == "PENDING"
+    # 404s for most of an hour, one PENDING answer, 404s again: the hour starts over
+    resumed = 3 * UNKNOWN_JOB_GIVE_UP_S
+    client.script["slow"] = [not_found] * int(UNKNOWN_JOB_GIVE_UP_S * 0.9 / cfg.max_interval_s)
+    client.script["slow"] += [JobStatus("slow", "PENDING")] + [not_found] * 1000
+    assert await polled_until(resumed) == "PENDING"
+    assert await polled_until(resumed + UNKNOWN_JOB_GIVE_UP_S - 2 * cfg.max_interval_s) == (
+        "PENDING"
+    )
+    assert await table.claim_due([7], 10, 60, "sender") == []  # held by the job meanwhile
+    assert await polled_until(resumed + UNKNOWN_JOB_GIVE_UP_S + 2 * cfg.max_interval_s) == (
+        "EXPIRED"
+    )
+    [claim] = await table.claim_due([7], 10, 60, "sender")
+    assert (claim.external_user_id, claim.action) == ("u1", "add")
+
+
+async def test_a_status_an_older_release_recorded_starts_the_hour_of_404s_over(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """During a rolling upgrade an older release records a poll's status without clearing
+    `unknown_since`: a start it left behind counts only while the job's last poll failed."""
+    cfg = dataclasses.replace(CFG, max_job_age_s=7 * 86400.0)
+    poller = Poller(store, client, cfg, owner="a", clock=clock)
+    await add(store, "j")
+    async with store._engine.begin() as conn:  # an hour-old start, then a status (no error)
+        await conn.execute(
+            text("UPDATE jobs SET unknown_since = :t, error = NULL"), {"t": clock.now - 7200}
+        )
+    client.script["j"] = [RejectedError("HTTP 404: job not found", status=404)] * 2
+    clock.advance(cfg.first_delay_s)
+    await poller.poll_once()
+    [row] = await store.list_jobs()
+    assert (row.state, row.unknown_since) == ("PENDING", clock.now)  # the hour starts now
+    clock.advance(cfg.max_interval_s)
+    await poller.poll_once()
+    [row] = await store.list_jobs()
+    assert (row.state, row.polls, row.unknown_since) == ("PENDING", 2, clock.now - 60)
+
+
 async def test_an_expiry_a_crash_interrupted_is_settled_by_the_next_poller(
     store: Store, client: FakeClient, clock: FakeClock
 ) -> None:
