@@ -157,7 +157,7 @@ def _ttl(ttl: object) -> str:
     if ttl is None:
         return f"ttl not set: Amazon's default {TTL_MAX_SECONDS} s applies"
     if usable_ttl(ttl):
-        return f"ttl {ttl:g} s"
+        return f"ttl {int(ttl) if float(ttl).is_integer() else ttl} s"  # every digit: no :g
     return (
         f"ttl {str(ttl)[:40]} is no ttl of 0..{TTL_MAX_SECONDS} s: syncd uses {TTL_MAX_SECONDS} s"
     )

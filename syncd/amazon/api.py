@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from syncd.vocabulary import JobState, Region
 
@@ -39,7 +39,7 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 TTL_MAX_SECONDS = 34_300_800
 
 
-def usable_ttl(value: object) -> bool:
+def usable_ttl(value: object) -> TypeGuard[int | float]:
     """An audience's `ttl` as syncd uses it: a number of 0..TTL_MAX_SECONDS seconds (None, not
     set, means Amazon's default; anything else is unusable)."""
     return (

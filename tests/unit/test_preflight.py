@@ -11,7 +11,7 @@ import pytest
 from syncd import config as config_mod
 from syncd.amazon.api import Audience, Connection, Terms
 from syncd.errors import AuthError, RejectedError, RetryableError
-from syncd.preflight import AmazonUnreachableError, setup_faults
+from syncd.preflight import AmazonUnreachableError, check_online, setup_faults
 
 A, B = "conn-a", "conn-b"
 DESTINATIONS = [
@@ -28,6 +28,7 @@ class FakeAmazon:
     audiences: dict[int, str] = field(default_factory=lambda: {1: A, 2: A, 3: B})
     token: Exception | None = None
     refuse_audience: dict[int, Exception] = field(default_factory=dict)
+    metadata: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     async def ensure_token(self) -> str:
         if self.token is not None:
@@ -50,6 +51,8 @@ class FakeAmazon:
         if audience_id not in self.audiences:
             raise RejectedError(f"HTTP 404: audience {audience_id} not found", status=404)
         raw: dict[str, Any] = {"targetResource": {"connectionId": self.audiences[audience_id]}}
+        if audience_id in self.metadata:
+            raw["metadata"] = self.metadata[audience_id]
         return Audience(audience_id, raw)
 
 
@@ -98,3 +101,26 @@ async def test_refused_credentials_block_no_connection() -> None:
 async def test_no_verdict_raises_instead_of_blocking() -> None:
     with pytest.raises(AmazonUnreachableError):
         await faults(FakeAmazon(terms=RetryableError("HTTP 503", status=503)))
+
+
+@pytest.mark.parametrize(
+    ("ttl", "shown"),
+    [
+        (34_300_800, "ttl 34300800 s"),  # Amazon's default, the most common ttl
+        (1_234_567, "ttl 1234567 s"),
+        (86_400, "ttl 86400 s"),
+        (60.0, "ttl 60 s"),
+        (1.5, "ttl 1.5 s"),
+        (0, "ttl 0 s"),
+    ],
+)
+async def test_check_online_shows_each_ttl_as_the_number_of_seconds_it_is(
+    ttl: float, shown: str
+) -> None:
+    """`check-config --online` printed a ttl of a million seconds or more in exponent notation,
+    six digits kept: the default 34300800 as `3.43008e+07`, 1234567 as `1.23457e+06`."""
+    cfg = config_mod.from_mapping({"destinations": DESTINATIONS[:1]})
+    amazon = FakeAmazon(metadata={1: {"ttl": ttl}})
+    findings = [f async for f in check_online(cfg, amazon)]  # type: ignore[arg-type]
+    assert findings[-1].ok
+    assert findings[-1].detail == f"readable; {shown}"
