@@ -37,10 +37,11 @@ def test_refused_credentials_are_found_inside_a_task_groups_exception_group() ->
 
 @dataclass
 class OddAmazon(FakeAmazon):
-    """Answers an audience's metadata in a shape the checks do not expect."""
+    """Answers an audience's metadata in a shape the checks do not expect: no object at all
+    (a string targetResource is read as naming no connection since aeae8e6)."""
 
     async def get_audience(self, audience_id: int) -> Audience:
-        return Audience(audience_id, {"targetResource": "conn-a"})  # an object, in Amazon's API
+        return Audience(audience_id, cast(dict[str, Any], ["not", "an", "object"]))
 
 
 @dataclass
