@@ -105,11 +105,13 @@ class OffsetTracker:
         return out
 
     def mark_committed(self, offsets: dict[Partition, int]) -> None:
-        """Positions Kafka took. One beyond all the partition tracks now is of a commit sent
-        before the partition went back (see `track`): it is not the new log's mark."""
+        """Positions Kafka took. One past the partition's watermark now (an event below it is
+        not done) is of a commit sent before the partition went back (see `track`), answered
+        once the new log was read: not the new log's mark, so the watermark is committed over
+        it. The watermark never goes back within a log, so a commit of this log always counts."""
         for partition, offset in offsets.items():
             state = self._partitions.get(partition)
-            if state is not None and offset <= state.last + 1:
+            if state is not None and offset <= state.watermark():
                 self._committed[partition] = max(offset, self._committed.get(partition, -1))
 
     def forget(self, partitions: Iterable[Partition]) -> None:

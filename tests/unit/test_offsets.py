@@ -190,6 +190,30 @@ def test_a_commit_answered_after_the_partition_went_back_does_not_restore_the_ol
     assert tracker.committable() == {P0: 1}
 
 
+def test_a_commit_of_the_old_log_answered_once_the_new_log_read_past_it_holds_nothing_back() -> (
+    None
+):
+    """A commit sent before the partition went back is answered after the new log was read past
+    its position (a small topic created again; a commit waits up to 10 s): Kafka holds that
+    position, above new events not done, until the tracker commits the new log's own. Taking it
+    as the new log's mark held that commit back until the new log's events below it were done,
+    and a crash meanwhile skipped them."""
+    tracker = OffsetTracker()
+    tracker.track(ref(4), 1)
+    tracker.done(ref(4))
+    in_flight = tracker.committable()  # a commit of {P0: 5} is on its way
+    for offset in range(10):  # meanwhile the new log is read from 0 to 9
+        tracker.track(ref(offset), 1)
+    for offset in range(3):
+        tracker.done(ref(offset))
+    tracker.mark_committed(in_flight)  # the old commit's answer arrives
+    assert tracker.committable() == {P0: 3}  # committed, so Kafka goes back below 3..9
+    tracker.mark_committed({P0: 3})
+    for offset in range(3, 10):
+        tracker.done(ref(offset))
+    assert tracker.committable() == {P0: 10}
+
+
 def test_negative_parts_are_refused() -> None:
     with pytest.raises(ValueError, match="parts"):
         OffsetTracker().track(ref(5), -1)
