@@ -114,6 +114,13 @@ def read_snapshot(path: Path, fmt: str, max_bytes: int = 1_000_000) -> Iterator[
     raise UsageError(f"--format: unknown snapshot format {fmt!r}")
 
 
+# a snapshot that stops being readable midway: its lines are recorded a chunk at a time, so
+# those of the chunks under way when it stopped are not
+_PARTLY_RECORDED = (
+    "what the lines before it changed may be recorded, in part or not at all; nothing is removed"
+)
+
+
 def _readable(path: Path, lines: Iterator[Line]) -> Iterator[Line]:
     """`lines`; a file that cannot be read (permission denied, an I/O error) is a usage error
     naming it, not a traceback."""
@@ -123,8 +130,7 @@ def _readable(path: Path, lines: Iterator[Line]) -> Iterator[Line]:
             yield number, item
     except OSError as exc:
         after = (
-            f" after line {number} (what the lines before it changed is recorded; nothing is "
-            "removed: run again once it can be read)"
+            f" after line {number} ({_PARTLY_RECORDED}: run again once it can be read)"
             if number
             else ""
         )
@@ -200,8 +206,8 @@ def _read_csv(path: Path) -> Iterator[Line]:
                 row = next(rows, None)
             except csv.Error as exc:  # a cell past the csv module's limit (128 KiB), say
                 raise UsageError(
-                    f"--snapshot: line {line}: {exc} (what the lines before it changed is "
-                    "recorded; nothing is removed: fix the file and run again)"
+                    f"--snapshot: line {line}: {exc} ({_PARTLY_RECORDED}: fix the file and "
+                    "run again)"
                 ) from None
             if row is None:
                 return

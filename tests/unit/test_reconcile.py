@@ -7,8 +7,11 @@ changes and TTL refreshes."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import errno
 import io
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from syncd import config as config_mod
 from syncd import reconcile as reconcile_mod
@@ -1008,3 +1011,38 @@ def test_a_column_named_twice_is_a_usage_error_naming_it(tmp_path: Path, fmt: st
         list(read_snapshot(path, fmt))
     assert "'email'" in str(info.value)
     assert "twice" in str(info.value)
+
+
+def test_a_read_failing_midway_does_not_say_the_lines_before_it_are_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lines before a read that fails are hashed and recorded a chunk at a time: those of
+    the chunks under way are not recorded when it fails. The message said that what they
+    changed is recorded, and an operator could take the audience as reconciled that far."""
+    from syncd.cli import main
+
+    read_csv = reconcile_mod._read_csv
+
+    def failing_after_its_lines(path: Path) -> Iterator[tuple[int, Any]]:
+        yield from read_csv(path)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(reconcile_mod, "_read_csv", failing_after_its_lines)
+    snap = tmp_path / "s.csv"
+    snap.write_text("profile_id,email\np1,a@example.com\np2,b@example.com\np3,c@example.com\n")
+    argv = ["reconcile", "--config", str(command_config(tmp_path)), "--audience", "vip"]
+    assert main([*argv, "--snapshot", str(snap)]) == 2
+    err = capsys.readouterr().err
+    assert f"--snapshot: cannot read {snap}: Input/output error after line 4" in err
+    assert "is recorded" not in err
+    assert "may be recorded" in err
+
+    async def recorded() -> int:
+        store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 's.db'}")
+        try:
+            async with store._read() as conn:
+                return int(await conn.scalar(select(func.count()).select_from(members)) or 0)
+        finally:
+            await store.close()
+
+    assert asyncio.run(recorded()) == 0  # none of the three lines before it
