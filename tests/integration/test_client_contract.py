@@ -221,14 +221,8 @@ async def test_a_job_request_id_no_path_can_name_is_a_clear_error_of_that_post(
 ) -> None:
     """`.` and `..` cannot be one path segment (URLs resolve them): such a job could never be
     polled, so its POST fails with an error naming the id, as one too long for the store."""
-    async with AmazonClient(config(sandbox)) as client:
-        connection_id, audience_id = await setup_destination(client)
-        sandbox.state.set_faults({"job_request_id": odd})
-        with pytest.raises(AmazonError, match="jobRequestId") as info:
-            await client.post_records(
-                encoded_records(audience_id, connection_id), connection_id=connection_id
-            )
-    assert not nothing_accepted(info.value)
+    error = await post_answered_with_job_id(sandbox, odd)
+    assert not nothing_accepted(error)
 
 
 @pytest.mark.parametrize("odd", ["job\x00id", "job\nid", "\x7f"])
@@ -238,16 +232,22 @@ async def test_a_job_request_id_holding_a_control_character_is_a_clear_error_of_
     """No jobRequestId holds a control character; a NUL is one PostgreSQL cannot store (its
     job row was refused after the 202: the sender task failed, syncd exited 1 and resent the
     batch at every start). The POST fails naming the id, as one too long for the store."""
+    error = await post_answered_with_job_id(sandbox, odd)
+    assert "control character" in str(error)
+    assert odd not in str(error)
+    assert not nothing_accepted(error)
+
+
+async def post_answered_with_job_id(sandbox: RunningSandbox, job_id: str) -> AmazonError:
+    """The error of a records POST the sandbox answers 202 with `job_id` (it must name it)."""
     async with AmazonClient(config(sandbox)) as client:
         connection_id, audience_id = await setup_destination(client)
-        sandbox.state.set_faults({"job_request_id": odd})
+        sandbox.state.set_faults({"job_request_id": job_id})
         with pytest.raises(AmazonError, match="jobRequestId") as info:
             await client.post_records(
                 encoded_records(audience_id, connection_id), connection_id=connection_id
             )
-    assert "control character" in str(info.value)
-    assert odd not in str(info.value)
-    assert not nothing_accepted(info.value)
+    return info.value
 
 
 async def test_a_nul_in_amazons_job_status_or_error_text_reaches_no_result(

@@ -347,11 +347,7 @@ def test_a_read_only_store_is_refused_at_once_by_what_writes(
     snapshot = tmp_path / "snapshot.jsonl"
     snapshot.write_text('{"profile_id": "p-1", "identifiers": {"email": "a@example.com"}}\n')
     command = [str(snapshot) if arg == "SNAPSHOT" else arg for arg in command]
-    result = syncd(*command, "--config", str(config), timeout=60)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("syncd: error: the store (postgresql+asyncpg://"), last
+    last = store_refusal(syncd(*command, "--config", str(config), timeout=60))
     assert "read-only" in last, last
     assert "default_transaction_read_only" in last, last
     # what only reads works on it
@@ -371,13 +367,18 @@ def test_a_database_not_in_utf8_is_refused_at_once_naming_its_encoding(
         f"CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C';"
     )
     config = write_config(tmp_path, store={"url": postgres_url(pg_server, name)})
-    result = syncd(*command, "--config", str(config), timeout=60)
+    last = store_refusal(syncd(*command, "--config", str(config), timeout=60))
+    assert "LATIN1" in last, last
+    assert "UTF8" in last, last
+
+
+def store_refusal(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line of a command that refused its PostgreSQL store (exit 1, no traceback)."""
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("syncd: error: the store (postgresql+asyncpg://"), last
-    assert "LATIN1" in last, last
-    assert "UTF8" in last, last
+    return last
 
 
 @pytest.mark.slow

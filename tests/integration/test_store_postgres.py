@@ -80,22 +80,24 @@ async def test_replicas_starting_together_upgrade_once(replica_url: str) -> None
 
 async def test_migrations_outlast_a_statement_timeout_set_on_the_database(pg_server: Any) -> None:
     """Migrations get no statement timeout, not even one set on the database or syncd's role:
-    the upgrade waiting for another replica's (held here past the 1 ms timeout) was cancelled."""
+    an upgrade waiting for another replica's (held here past the database's 0.5 s) was
+    cancelled."""
     url = new_database(pg_server)
-    pg_server.psql(f"ALTER DATABASE {make_url(url).database} SET statement_timeout = '1ms';")
+    pg_server.psql(f"ALTER DATABASE {make_url(url).database} SET statement_timeout = '500ms';")
     holder = create_async_engine(url)
     store = await Store.connect(url)
+    waited_s = text(  # the longest wait for an advisory lock, now
+        "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - waitstart)), 0)"
+        " FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    )
     try:
         async with holder.connect() as conn:
             await conn.execute(text("SET statement_timeout = 0"))
             await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK})
             upgrade = asyncio.create_task(store.upgrade())
-            waiting = text(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-            )
             deadline = asyncio.get_running_loop().time() + 10
-            # the old code's wait was cancelled after 1 ms: the upgrade failed, never seen waiting
-            while not await conn.scalar(waiting):
+            # the old code's wait was cancelled at 0.5 s: the upgrade failed, never seen at 1 s
+            while await conn.scalar(waited_s) < 1.0:
                 assert not upgrade.done(), upgrade.exception()
                 assert asyncio.get_running_loop().time() < deadline, "the upgrade never waited"
                 await asyncio.sleep(0.01)
