@@ -11,9 +11,9 @@ polled, again. A failed GET is retried on the same schedule, except once Amazon 
 404 ("unknown job") for UNKNOWN_JOB_GIVE_UP_S with no status of the job between (the hour
 starts at the first 404 since its last status, stored with the job): it is EXPIRED then (its
 members due again) rather than at `poll.max_job_age_s`. A refused credential (AuthError) stops
-the poller. Every
-HOUSEKEEPING_EVERY_S: jobs older than `poll.max_job_age_s` are expired (EXPIRED, terminal),
-terminal jobs older than `poll.retention_days` deleted, and the jobs-by-state gauge refreshed.
+the poller. Every HOUSEKEEPING_EVERY_S: jobs older than `poll.max_job_age_s` are expired
+(EXPIRED, terminal), terminal jobs older than `poll.retention_days` deleted, and the
+jobs-by-state gauge refreshed.
 
 A terminal job's outcome goes to its members (`MemberOutcomes`) before the terminal state is
 stored: SUCCEEDED/COMPLETED confirm them; PARTIALLYSUCCEEDED marks its invalidRecords invalid and
