@@ -27,11 +27,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from syncd.amazon.api import TTL_MAX_SECONDS, Audience, usable_ttl
+from syncd.amazon.api import TTL_MAX_SECONDS, Audience, as_object, usable_ttl
 from syncd.config import MembersConfig
 from syncd.errors import AuthError, FatalError
 from syncd.model import Destination
@@ -185,12 +185,11 @@ class AudienceWatcher:
             self._metadata_failed(audience, exc)
             return
         audience.metadata_due = now + self._metadata_every_s
-        raw = found.raw.get("metadata")
-        metadata: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+        metadata = as_object(found.raw.get("metadata"))
         self._set_ttl(audience, metadata.get("ttl"))
-        size = metadata.get("audienceSize")
+        size = as_object(metadata.get("audienceSize"))
         for kind, field in SIZE_KINDS.items():
-            value = _size(size.get(field)) if isinstance(size, Mapping) else None
+            value = _size(size.get(field))
             if value is not None:
                 metrics.AUDIENCE_SIZE.labels(audience.key, kind).set(value)
         metrics.AUDIENCE_METADATA_READS.labels(audience.key, "ok").inc()

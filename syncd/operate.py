@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from syncd import config as config_mod
-from syncd.amazon.api import usable_ttl
+from syncd.amazon.api import as_object, usable_ttl
 from syncd.amazon.client import AmazonClient
 from syncd.audiences import DEFAULT_TTL_S, METADATA_TIMEOUT_S, SIZE_KINDS
 from syncd.cli import data_console
@@ -109,10 +109,8 @@ class Metadata:
 
     @classmethod
     def of(cls, raw: Mapping[str, Any]) -> Metadata:
-        metadata = raw.get("metadata")
-        metadata = metadata if isinstance(metadata, Mapping) else {}
-        size = metadata.get("audienceSize")
-        size = size if isinstance(size, Mapping) else {}
+        metadata = as_object(raw.get("metadata"))
+        size = as_object(metadata.get("audienceSize"))
         ttl = metadata.get("ttl")
         return cls(
             ttl=ttl if usable_ttl(ttl) else None,

@@ -12,11 +12,11 @@ connection is blocked, see `setup_faults`); an Amazon that cannot be reached, or
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from syncd.amazon.api import TTL_MAX_SECONDS, usable_ttl
+from syncd.amazon.api import TTL_MAX_SECONDS, as_object, usable_ttl
 from syncd.amazon.client import AmazonClient
 from syncd.config import AmazonConfig, Config
 from syncd.errors import AmazonError, AuthError, FatalError
@@ -117,8 +117,8 @@ async def check_online(cfg: Config, client: AmazonClient) -> AsyncIterator[Findi
                 audience.status,
             )
             continue
-        metadata = _mapping(audience.raw.get("metadata"))
-        target = _mapping(audience.raw.get("targetResource")).get("connectionId")
+        metadata = as_object(audience.raw.get("metadata"))
+        target = as_object(audience.raw.get("targetResource")).get("connectionId")
         if target is not None and target != dest.connection_id:
             yield Finding(
                 item,
@@ -147,11 +147,6 @@ async def setup_faults(cfg: Config, client: AmazonClient) -> dict[str, Finding]:
     return faults
 
 
-def _mapping(value: object) -> Mapping[str, Any]:
-    """A part of Amazon's answer that should be an object; anything else says nothing."""
-    return value if isinstance(value, Mapping) else {}
-
-
 def _ttl(ttl: object) -> str:
     """An audience's ttl as `syncd run` reads it (syncd.audiences)."""
     if ttl is None:
@@ -159,7 +154,7 @@ def _ttl(ttl: object) -> str:
     if usable_ttl(ttl):
         return f"ttl {int(ttl) if float(ttl).is_integer() else ttl} s"  # every digit: no :g
     return (
-        f"ttl {str(ttl)[:40]} is no ttl of 0..{TTL_MAX_SECONDS} s: syncd uses {TTL_MAX_SECONDS} s"
+        f"ttl {repr(ttl)[:40]} is no ttl of 0..{TTL_MAX_SECONDS} s: syncd uses {TTL_MAX_SECONDS} s"
     )
 
 

@@ -8,6 +8,7 @@ rest of syncd (job states, consent values, regions, PII keys and caps) are in sy
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -37,6 +38,11 @@ MAX_RECORDS_PER_REQUEST = 10_000  # OpenAPI bound; Amazon's guidance (and our ma
 EXTERNAL_USER_ID = re.compile(r"[0-9a-zA-Z_-]{1,128}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 TTL_MAX_SECONDS = 34_300_800
+
+
+def as_object(value: object) -> Mapping[str, Any]:
+    """A part of Amazon's answer that should be a JSON object; anything else reads as none."""
+    return value if isinstance(value, Mapping) else {}
 
 
 def usable_ttl(value: object) -> TypeGuard[int | float]:

@@ -35,6 +35,7 @@ from syncd.amazon.api import (
     InvalidRecord,
     JobStatus,
     Terms,
+    as_object,
 )
 from syncd.amazon.auth import TokenProvider
 from syncd.amazon.retry import (
@@ -598,12 +599,11 @@ def _job_status(data: Any, job_request_id: str, operation: str) -> JobStatus:
     state = _field(data, "jobState", operation)
     if not isinstance(state, str) or state not in AMAZON_JOB_STATES:
         raise AmazonError(
-            f"{operation}: unknown jobState {_text(state)[:40]!r}", status=200, operation=operation
+            f"{operation}: unknown jobState {str(state)[:40]!r}", status=200, operation=operation
         )
     successful = data.get("successful")
     rate = successful.get("recordsProcessedRate") if isinstance(successful, dict) else None
-    size = data.get("audienceSize")
-    size = size if isinstance(size, dict) else {}
+    size = as_object(data.get("audienceSize"))
     invalid: list[InvalidRecord] = []
     items = data.get("invalidRecords")
     for item in items if isinstance(items, list) else ():  # another shape: none readable
