@@ -239,12 +239,11 @@ def _read_parquet(path: Path) -> Iterator[Line]:
         parquet = pq.ParquetFile(path)
         names = list(parquet.schema_arrow.names)
         _check_columns(names, "the Parquet schema")
-        for name in names:
-            kind = parquet.schema_arrow.field(names.index(name)).type
-            if not _text_type(kind):
+        for column in parquet.schema_arrow:
+            if not _text_type(column.type):
                 raise UsageError(
-                    f"--snapshot: the Parquet column {name!r} is of type {kind}; a column holds "
-                    "text, numbers, or lists of them"
+                    f"--snapshot: the Parquet column {column.name!r} is of type {column.type}; a "
+                    "column holds text, numbers, or lists of them"
                 )
         number = 0
         for batch in parquet.iter_batches(batch_size=CHUNK_LINES, columns=names):
