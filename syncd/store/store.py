@@ -230,22 +230,19 @@ class Store:
             return False
         return True
 
-    async def read_only(self) -> bool:
-        """Whether the store's transactions are read-only: PostgreSQL's `transaction_read_only`
-        in a transaction as syncd's writes begin them (a hot standby, or the database's or
-        role's `default_transaction_read_only`). SQLite: False."""
-        return await self._setting("transaction_read_only") == "on"
-
-    async def encoding(self) -> str:
-        """The database's character set: PostgreSQL's `server_encoding`; SQLite's is UTF8."""
-        return await self._setting("server_encoding") or "UTF8"
-
-    async def _setting(self, name: str) -> str | None:
-        """A PostgreSQL setting as syncd's sessions see it (None on SQLite)."""
+    async def writes_setup(self) -> tuple[str, bool]:
+        """(the database's character set, whether its transactions are read-only), as a
+        transaction of syncd's sees them: PostgreSQL's `server_encoding` and
+        `transaction_read_only` (a hot standby, or the database's or role's
+        `default_transaction_read_only`); SQLite: UTF8, writable."""
         if not self._postgres:
-            return None
+            return "UTF8", False
+        query = text(
+            "SELECT current_setting('server_encoding'), current_setting('transaction_read_only')"
+        )
         async with self._engine.connect() as conn:
-            return str(await conn.scalar(text(f"SHOW {name}")))
+            encoding, read_only = (await conn.execute(query)).one()
+        return str(encoding), read_only == "on"
 
     async def now(self) -> float:
         """The store's clock (epoch seconds), which every time in its rows comes from."""
@@ -788,13 +785,13 @@ async def require_writable(store: Store, url: str) -> None:
     a daemon on it would start, and fail at its first event, again and again; a database not in
     UTF8 refuses Amazon's texts outside its charset (SQLSTATE 22P05: a job's outcome never
     stored) and SQL_ASCII counts lengths in bytes."""
-    encoding = await store.encoding()
+    encoding, read_only = await store.writes_setup()
     if encoding != "UTF8":
         raise StoreUnavailable(
             f"the store ({mask_urls(url)}) is a database in {encoding}: syncd needs UTF8 "
             "(CREATE DATABASE ... ENCODING 'UTF8')"
         )
-    if await store.read_only():
+    if read_only:
         raise StoreUnavailable(
             f"the store ({mask_urls(url)}) is read-only: its transactions cannot write (a hot "
             "standby, or default_transaction_read_only = on for the database or syncd's role); "
