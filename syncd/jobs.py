@@ -61,6 +61,10 @@ DEAD_LETTER_LEASE_S = 30.0
 # fault on the way (a gateway) while Amazon still processes the job: sending its members again
 # then spends their budget twice and may let the older change overtake a newer one.
 UNKNOWN_JOB_GIVE_UP_S = 3600.0
+# Such a give-up is a failed send of the job's members (their reason class): were every GET to
+# answer 404 (an api_url of another region that still takes POSTs), resending without a count
+# would spend their budget each hour for good.
+UNKNOWN_JOB = "unknown_job"
 DEAD_LETTER_SWEEP_S = 10.0  # how often queued dead letters left by another process are looked for
 
 
@@ -86,7 +90,7 @@ class JobStore(Protocol):
 
 
 class JobOutcomes(Protocol):
-    async def finished(self, job: JobRow, status: JobStatus) -> None: ...
+    async def finished(self, job: JobRow, status: JobStatus, *, unknown: bool = False) -> None: ...
     async def settle_expired(self) -> None: ...
 
 
@@ -110,17 +114,19 @@ class MemberOutcomes:
         self._max_attempts = max_attempts
         self._queued = asyncio.Event()  # an outcome queued dead letters: `run` sends them
 
-    async def finished(self, job: JobRow, status: JobStatus) -> None:
+    async def finished(self, job: JobRow, status: JobStatus, *, unknown: bool = False) -> None:
         """Applies the outcome to the members, retried until the store takes it, and queues
-        the dead letters it calls for in the same transaction (`run` sends them)."""
+        the dead letters it calls for in the same transaction (`run` sends them). A job given
+        up as `unknown` to Amazon is a failed send of its members (UNKNOWN_JOB)."""
         details = {r.external_id: r.error for r in status.invalid_records if r.external_id}
         invalid = {euid: classify_invalid_reason(error) for euid, error in details.items()}
         outcome = await persist(
             lambda: self._members.apply_job_outcome(
                 job.job_request_id,
-                status.job_state,
+                JobState.FAILED if unknown else status.job_state,
                 invalid,
                 max_attempts=self._max_attempts,
+                reason=UNKNOWN_JOB if unknown else None,
                 details=details,
             ),
             what=f"members of job {job.job_request_id}",
@@ -290,12 +296,13 @@ class Poller:
                 status = JobStatus(job.job_request_id, JobState.EXPIRED)
                 error = f"Amazon does not know the job ({exc}); given up"
                 log.warning(
-                    "Amazon does not know a job; given up as EXPIRED, its members due again",
+                    "Amazon does not know a job; given up as EXPIRED, its members due again"
+                    " (a failed send)",
                     job_request_id=job.job_request_id,
                     age_s=round(self._clock() - job.created_at),
                     unknown_for_s=round(self._clock() - unknown_since),
                 )
-                await self._store_status(job, status, next_poll_in_s, error)
+                await self._store_status(job, status, next_poll_in_s, error, unknown=True)
                 return
             if isinstance(exc, AmazonError):
                 error = str(exc)
@@ -325,11 +332,18 @@ class Poller:
         return since
 
     async def _store_status(
-        self, job: JobRow, status: JobStatus, next_poll_in_s: float, error: str | None = None
+        self,
+        job: JobRow,
+        status: JobStatus,
+        next_poll_in_s: float,
+        error: str | None = None,
+        *,
+        unknown: bool = False,
     ) -> None:
-        """Store a poll's status; a terminal one goes to the job's members first."""
+        """Store a poll's status; a terminal one goes to the job's members first (`unknown`: a
+        job given up on Amazon's 404s)."""
         if status.terminal and self._outcomes is not None:
-            await self._outcomes.finished(job, status)
+            await self._outcomes.finished(job, status, unknown=unknown)
         stored = await self._record(job, status, next_poll_in_s, error)
         if status.terminal:
             metrics.JOB_POLLS.labels("terminal").inc()

@@ -1173,7 +1173,7 @@ class MemberTable:
                     .values(job_request_id=None, outcome=EXPIRED, reason=None, due_since=now)
                 )
                 result.retried = int(retried.rowcount)
-            failed = f"job {job_request_id} FAILED; {max_attempts} sends failed"
+            failed = f"job {job_request_id} {short_reason or 'FAILED'}; {max_attempts} sends failed"
             queued = [(d, (details or {}).get(d.external_user_id, "")) for d in result.invalid]
             self._queue_dead_letters(conn, [*queued, *((d, failed) for d in result.dead)])
             return result

@@ -607,6 +607,47 @@ async def test_a_job_amazon_does_not_know_is_given_up_after_an_hour_not_max_job_
     assert len(client.calls) == polls  # never polled again
 
 
+async def test_jobs_amazon_never_knows_count_as_failed_sends(
+    store: Store, client: FakeClient, clock: FakeClock
+) -> None:
+    """A job given up on 404s made its members due again with no count of attempts: where every
+    GET answers 404 (an `amazon.api_url` of another region that still takes POSTs), the members
+    were sent again each hour for good, spending their budget each time. Each give-up is a failed
+    send now: after `max_attempts` of them the member is dead-lettered (`unknown_job`) and not
+    sent again until it changes."""
+    cfg = dataclasses.replace(CFG, max_job_age_s=7 * 86400.0)
+    table, sink = MemberTable(store), MemberDeadLetterSink()
+    outcomes = MemberOutcomes(table, sink, {7: "vip"}, max_attempts=2)
+    poller = Poller(store, client, cfg, owner="a", clock=clock, outcomes=outcomes)
+    not_found = RejectedError("HTTP 404: job not found", status=404)
+
+    async def given_up(job_id: str) -> None:
+        client.script[job_id] = [not_found] * 1000
+        start = clock.now
+        while await store.job_states([job_id]) == {job_id: "PENDING"}:
+            assert clock.now - start < 2 * UNKNOWN_JOB_GIVE_UP_S
+            clock.advance(cfg.max_interval_s)
+            await poller.poll_once()
+
+    await sent_members(table, "g1", ["u1"])
+    await given_up("g1")
+    u1 = await table.member(7, "u1")
+    assert u1 is not None
+    assert (u1.outcome, u1.reason, u1.attempts) == ("failed", "unknown_job", 1)
+    claims = await table.claim_due([7], 10, 60, "sender")  # due again: sent once more
+    assert [c.external_user_id for c in claims] == ["u1"]
+    assert (
+        await table.store_job(claims, NewJob("g2", "c", 7, "vip", 1, 1, 0), first_poll_after_s=0)
+        == []
+    )
+    await given_up("g2")
+    assert await table.claim_due([7], 10, 60, "sender") == []  # not sent again until it changes
+    await outcomes.send_dead_letters()
+    assert [(v["externalUserId"], r, d) for v, r, d in sink.sent] == [
+        ("u1", "unknown_job", "job g2 unknown_job; 2 sends failed")
+    ]
+
+
 async def test_a_404_between_answers_gives_up_no_job_amazon_still_processes(
     store: Store, client: FakeClient, clock: FakeClock
 ) -> None:
