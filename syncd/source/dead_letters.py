@@ -28,8 +28,9 @@ KIND_HEADER = "syncd-kind"
 VALUE_DROPPED_HEADER = "syncd-value-dropped"
 DLQ_RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 DLQ_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # the broker applies its own limit (see _send_dead_letter)
-# sends failing this long (e.g. a missing topic on a cluster that does not create topics): the
-# source is not `flowing`, and /readyz says so while the events waiting on them hold the commits
+# a send failing this long (e.g. a missing topic on a cluster that does not create topics, or a
+# partition of it without a leader): the source is not `flowing`, and /readyz says so while the
+# events waiting on it hold the commits
 DLQ_UNREADY_AFTER_S = 30.0
 
 
@@ -41,13 +42,16 @@ class DeadLetterProducer:
         self._cfg = cfg
         self._producer: AIOKafkaProducer | None = None
         self.closing = False
-        self._failing_since: float | None = None  # monotonic time of the first failed send
+        # sends not acknowledged yet that failed: monotonic time of each one's first failure
+        self._failing_since: dict[int, float] = {}
+        self._sends = itertools.count()
 
     @property
     def flowing(self) -> bool:
-        """False once sends have been failing, with none acknowledged, for DLQ_UNREADY_AFTER_S."""
-        since = self._failing_since
-        return since is None or time.monotonic() - since < DLQ_UNREADY_AFTER_S
+        """False while a send has been failing for DLQ_UNREADY_AFTER_S (others may go
+        through meanwhile: one partition of the topic without a leader)."""
+        oldest = min(self._failing_since.values(), default=None)
+        return oldest is None or time.monotonic() - oldest < DLQ_UNREADY_AFTER_S
 
     async def start(self) -> None:
         if self._cfg.dead_letter_topic:
@@ -99,29 +103,31 @@ class DeadLetterProducer:
         and a header saying so. Gives up (raises) only once the source is stopping: nothing is
         committed after that."""
         assert self._producer is not None
-        for attempt in itertools.count():
-            try:
-                await self._producer.send_and_wait(
-                    self._cfg.dead_letter_topic, value, key=key, headers=headers
-                )
-                self._failing_since = None
-                return
-            except MessageSizeTooLargeError:
-                if key is None and value == b"":
-                    raise
-                log.warning("dead letter too large for its topic; sent empty", source=where)
-                key, value = None, b""
-                headers = [*headers, (VALUE_DROPPED_HEADER, b"too_large")]
-            except KafkaError as exc:
-                if self._failing_since is None:
-                    self._failing_since = time.monotonic()
-                if self.closing:
-                    raise
-                delay = DLQ_RETRY_BACKOFF_S[min(attempt, len(DLQ_RETRY_BACKOFF_S) - 1)]
-                log.warning(
-                    "dead-letter send failed; retrying",
-                    source=where,
-                    error=repr(exc),
-                    retry_in_s=delay,
-                )
-                await asyncio.sleep(delay)  # backoff before the next attempt
+        send = next(self._sends)
+        try:
+            for attempt in itertools.count():
+                try:
+                    await self._producer.send_and_wait(
+                        self._cfg.dead_letter_topic, value, key=key, headers=headers
+                    )
+                    return
+                except MessageSizeTooLargeError:
+                    if key is None and value == b"":
+                        raise
+                    log.warning("dead letter too large for its topic; sent empty", source=where)
+                    key, value = None, b""
+                    headers = [*headers, (VALUE_DROPPED_HEADER, b"too_large")]
+                except KafkaError as exc:
+                    self._failing_since.setdefault(send, time.monotonic())
+                    if self.closing:
+                        raise
+                    delay = DLQ_RETRY_BACKOFF_S[min(attempt, len(DLQ_RETRY_BACKOFF_S) - 1)]
+                    log.warning(
+                        "dead-letter send failed; retrying",
+                        source=where,
+                        error=repr(exc),
+                        retry_in_s=delay,
+                    )
+                    await asyncio.sleep(delay)  # backoff before the next attempt
+        finally:  # acknowledged, or given up (stopping, cancelled): no longer failing
+            self._failing_since.pop(send, None)

@@ -4,6 +4,7 @@ blocked, the daemon starts)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -17,6 +18,8 @@ from syncd.amazon.client import AmazonClient
 from syncd.app import Daemon, refused_credentials
 from syncd.deliver import ConnectionSender
 from syncd.errors import AmazonError, AuthError
+from syncd.source import KafkaSource
+from syncd.store import Store
 from tests.unit.test_preflight import DESTINATIONS, FakeAmazon
 
 
@@ -87,3 +90,39 @@ async def test_a_start_up_check_that_fails_on_its_own_blocks_nothing_and_syncd_g
     [warning] = [e for e in logs if e["log_level"] == "warning"]
     assert "nothing blocked" in warning["event"]
     assert error_type in warning["error"]
+
+
+@dataclass
+class HealthProbes:
+    """The store's and the broker's answers to the daemon's health loop."""
+
+    halt: asyncio.Event
+    flowing: bool = True
+    probes: int = 0
+
+    async def ping(self) -> bool:
+        return True
+
+    takes_writes = True
+
+    async def reachable(self) -> bool:
+        self.probes += 1
+        if self.probes >= 2:
+            self.halt.set()  # two rounds: the loop stops after the second
+        return True
+
+    @property
+    def dead_letters_flowing(self) -> bool:
+        return self.flowing
+
+
+@pytest.mark.parametrize("flowing", [True, False])
+async def test_readiness_kafka_is_false_while_dead_letters_do_not_flow(flowing: bool) -> None:
+    """/readyz's `kafka` check: the brokers answer and the dead-letter topic takes what is sent
+    (a dead letter failing for long holds its partition's commits)."""
+    halt = asyncio.Event()
+    probes = HealthProbes(halt, flowing=flowing)
+    daemon = Daemon(config_mod.Config(destinations=DESTINATIONS))
+    await daemon._health_loop(cast(Store, probes), cast(KafkaSource, probes), halt)
+    assert daemon.readiness()["kafka"] is flowing
+    assert daemon.readiness()["store"] is True

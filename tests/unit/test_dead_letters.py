@@ -11,7 +11,7 @@ from typing import cast
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import UnknownTopicOrPartitionError
+from aiokafka.errors import NotLeaderForPartitionError, UnknownTopicOrPartitionError
 
 from syncd.app import Pipeline
 from syncd.config import Config, KafkaConfig
@@ -123,4 +123,45 @@ async def test_a_dead_letter_topic_that_takes_nothing_makes_syncd_unready_until_
     assert not producer.flowing
     fake.created = True
     await asyncio.wait_for(send, DEADLINE_S)
+    assert producer.flowing
+
+
+class OnePartitionDownProducer:
+    """The dead-letter topic's partition of key b"stuck" has no leader until `healed` is set;
+    the others take every send."""
+
+    def __init__(self) -> None:
+        self.healed = False
+        self.stuck_attempts = 0
+
+    async def send_and_wait(self, topic: str, value: bytes | None, **kw: object) -> None:
+        if kw.get("key") == b"stuck" and not self.healed:
+            self.stuck_attempts += 1
+            raise NotLeaderForPartitionError()
+
+
+async def test_a_dead_letter_stuck_while_others_go_through_makes_syncd_unready(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A send acknowledged elsewhere said the topic flowed again, though one dead letter (its
+    partition without a leader) kept failing and held its partition's commits: /readyz stayed
+    green for as long as other dead letters went through. Now any send failing for
+    DLQ_UNREADY_AFTER_S makes `flowing` false, until it is acknowledged."""
+    monkeypatch.setattr(dead_letters, "DLQ_RETRY_BACKOFF_S", (0.01,))
+    monkeypatch.setattr(dead_letters, "DLQ_UNREADY_AFTER_S", 0.05)
+    producer = DeadLetterProducer(KafkaConfig(dead_letter_topic="syncd-dead-letters"))
+    fake = OnePartitionDownProducer()
+    producer._producer = cast(AIOKafkaProducer, fake)
+    stuck = asyncio.create_task(
+        producer.event(SourceRef("t", 0, 1), b"stuck", b"x", "invalid_json", "")
+    )
+    start = time.monotonic()
+    offset = 2
+    while time.monotonic() - start < 0.1 or fake.stuck_attempts < 3:  # others go through
+        await producer.event(SourceRef("t", 1, offset), b"other", b"y", "invalid_json", "")
+        offset += 1
+        await asyncio.sleep(0)
+    assert not producer.flowing
+    fake.healed = True
+    await asyncio.wait_for(stuck, DEADLINE_S)
     assert producer.flowing
