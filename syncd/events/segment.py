@@ -16,11 +16,12 @@ The profile id is `userId`, else `anonymousId`. Identifiers come from `traits` a
 `context.traits` (both, merged): `email`, `phone`, `first_name`/`firstName`,
 `last_name`/`lastName`, `address.street`, `address.city`, `address.state`,
 `address.postal_code`/`address.postalCode` (an `address` given as a string is the street);
-`address.country` is the event's country when it is an ISO 3166-1 alpha-2 code (`UK` for `GB`):
-Segment's spec types it as free text ("USA", "United States"), and any other text is no country
-(the destination's `country_code` applies, counted by syncd_records_default_country_total), never
-a reason to lose the event. `timestamp` is `occurred_at` and `messageId` the event
-id. Segment's consent object has no Amazon equivalent, so no consent is set.
+`address.country` is the event's country when it is an ISO 3166-1 code (alpha-2, `UK` for `GB`,
+or alpha-3) or a country's English name: Segment's spec types it as free text ("USA", "United
+States"); any other text is no country (the destination's `country_code` applies, counted by
+syncd_records_default_country_total), never a reason to lose the event. `timestamp` is
+`occurred_at` and `messageId` the event id. Segment's consent object has no Amazon equivalent, so
+no consent is set.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from syncd.events.canonical import (
     string_values,
 )
 from syncd.model import ProfileChange
-from syncd.pii.normalize import normalize_country
+from syncd.pii.normalize import country_in_words
 from syncd.vocabulary import PiiKey
 
 TRACK_ACTIONS = {"Audience Entered": "add", "Audience Exited": "remove"}
@@ -125,9 +126,10 @@ def _identifiers(doc: dict[str, Any]) -> tuple[dict[str, list[str]], str | None]
 
 
 def _address_country(value: object) -> str | None:
-    """`address.country` if it is a country code; free text ("USA") is no country."""
-    code = country(value, "address.country")
-    return code if code is not None and normalize_country(code) is not None else None
+    """`address.country`: a country code or a country's English name ("USA", "Germany");
+    other text is no country."""
+    text = country(value, "address.country")
+    return None if text is None else country_in_words(text)
 
 
 def decode_segment(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ProfileChange:

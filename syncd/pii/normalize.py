@@ -50,6 +50,25 @@ def normalize_country(code: str) -> str | None:
     return upper if upper in _ISO_ALPHA2 else None
 
 
+def country_in_words(text: str) -> str | None:
+    """The alpha-2 code of a country given as free text: an ISO 3166-1 code (alpha-2 or
+    alpha-3) or its English name (ISO's short, official or common name, or a usual alias such as
+    "Great Britain"), in any case, with or without dots and accents; None for other text."""
+    code = normalize_country(text)
+    if code is not None:
+        return code
+    named = _COUNTRY_NAMES.get(_country_key(text))
+    return None if named is None else normalize_country(named)
+
+
+def _country_key(text: str) -> str:
+    """How country-names.json keys a text: case-folded, no accents, no dots, single spaces, no
+    leading "the"."""
+    text = unicodedata.normalize("NFKD", text.casefold())
+    text = "".join(c for c in text if not unicodedata.combining(c)).replace(".", "")
+    return " ".join(text.split()).removeprefix("the ")
+
+
 def rules_country(code: str | None) -> str:
     """The country whose rules apply: its canonical code, or "" (rules of no specific country)."""
     if not code:
@@ -123,6 +142,7 @@ def _load(name: str) -> dict[str, Any]:
     return data
 
 
+_COUNTRY_NAMES: dict[str, str] = _load("country-names.json")["names"]
 _STATE_CODES: dict[str, dict[str, str]] = {
     country: codes for country, codes in _load("state-codes.json").items() if country != "_about"
 }

@@ -136,11 +136,37 @@ def test_traits_and_context_traits_merge_and_camel_case_names_are_accepted() -> 
     assert change.country == "GB"
 
 
-@pytest.mark.parametrize("text", ["USA", "United States", "Deutschland", "U.S."])
-def test_an_address_country_in_words_leaves_the_destinations_country(text: str) -> None:
-    """Segment's spec types `address.country` as free text ("USA" in its examples): one that is
-    no ISO 3166-1 alpha-2 code is no country (the destination's country_code applies), never a
-    reason to lose the membership change as bad_country."""
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("USA", "US"),
+        ("United States", "US"),
+        ("united states of america", "US"),
+        ("U.S.A.", "US"),
+        ("DEU", "DE"),
+        ("Germany", "DE"),
+        ("The Netherlands", "NL"),
+        ("Great Britain", "GB"),
+        ("South Korea", "KR"),
+        ("Korea, Republic of", "KR"),
+        ("  côte d'ivoire ", "CI"),
+        ("Russia", "RU"),
+    ],
+)
+def test_an_address_country_in_words_is_its_country(text: str, code: str) -> None:
+    """Segment's spec types `address.country` as free text ("USA" in its examples). An ISO
+    3166-1 alpha-3 code or the country's English name was no country: the destination's
+    country_code applied, and with it that country's phone and postal rules to a member of
+    another (a poorer match). Either is the country now, in any case and with dots or not."""
+    address = {"city": "Seattle", "country": text}
+    change = seg(identify(traits={"vip": True, "email": "a@example.com", "address": address}))
+    assert (change.adds, change.country) == (("vip",), code)
+
+
+@pytest.mark.parametrize("text", ["Deutschland", "Narnia", "Seattle", "U", "."])
+def test_an_address_country_in_other_words_leaves_the_destinations_country(text: str) -> None:
+    """Words that name no country (in English) are no country (the destination's country_code
+    applies), never a reason to lose the membership change as bad_country."""
     address = {"city": "Seattle", "country": text}
     change = seg(identify(traits={"vip": True, "email": "a@example.com", "address": address}))
     assert (change.adds, change.country) == (("vip",), None)
@@ -148,7 +174,7 @@ def test_an_address_country_in_words_leaves_the_destinations_country(text: str) 
     # a code in context.traits still counts when traits' country is words
     context = {"traits": {"address": {"country": "gb"}}, **identify()["context"]}
     change = seg(identify(traits={"vip": True, "address": address}, context=context))
-    assert change.country == "gb"
+    assert change.country == "GB"
 
 
 def test_a_string_address_is_the_street() -> None:
