@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -190,9 +190,30 @@ def _fields(values: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def _read_csv(path: Path) -> Iterator[Line]:
+def _open_csv(path: Path) -> TextIO:
     # surrogateescape: a byte that is not UTF-8 becomes an unusable line, not a crash
-    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+    return path.open(newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+
+def _check_csv(path: Path) -> None:
+    """Read the file through once: a row the csv module refuses (a cell past its 128 KiB
+    limit) refuses the snapshot before anything of it is recorded, not after the lines before
+    it were."""
+    with _open_csv(path) as f:
+        reader = csv.reader(f)
+        line = 1
+        try:
+            for _ in reader:
+                line = reader.line_num + 1
+        except csv.Error as exc:
+            raise UsageError(
+                f"--snapshot: line {line}: {exc} (nothing is recorded: fix the file and run again)"
+            ) from None
+
+
+def _read_csv(path: Path) -> Iterator[Line]:
+    _check_csv(path)
+    with _open_csv(path) as f:
         reader = csv.reader(f)
         header = next((row for row in reader if any(cell.strip() for cell in row)), None)
         if header is None:  # not an empty snapshot: that would remove every member
@@ -204,7 +225,7 @@ def _read_csv(path: Path) -> Iterator[Line]:
         while True:
             try:
                 row = next(rows, None)
-            except csv.Error as exc:  # a cell past the csv module's limit (128 KiB), say
+            except csv.Error as exc:  # the file changed since `_check_csv` read it
                 raise UsageError(
                     f"--snapshot: line {line}: {exc} ({_PARTLY_RECORDED}: fix the file and "
                     "run again)"

@@ -1046,3 +1046,32 @@ def test_a_read_failing_midway_does_not_say_the_lines_before_it_are_recorded(
             await store.close()
 
     assert asyncio.run(recorded()) == 0  # none of the three lines before it
+
+
+def test_a_csv_the_reader_refuses_partway_is_refused_before_anything_is_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cell past the csv module's limit (128 KiB) far into the file refused the snapshot
+    after the chunks before it were recorded (adds only): the audience was half reconciled,
+    and the operator had to work out which lines were. The file is read through once first:
+    refused as a whole, nothing recorded."""
+    from syncd.cli import main
+
+    snap = tmp_path / "s.csv"
+    good = "".join(f"p{i},u{i}@example.com\n" for i in range(2 * reconcile_mod.CHUNK_LINES))
+    snap.write_text(f'profile_id,email\n{good}pbig,"{"x" * 200_000}"\n')
+    argv = ["reconcile", "--config", str(command_config(tmp_path)), "--audience", "vip"]
+    assert main([*argv, "--snapshot", str(snap)]) == 2
+    err = capsys.readouterr().err
+    assert f"--snapshot: line {2 * reconcile_mod.CHUNK_LINES + 2}: field larger than" in err
+    assert "nothing is recorded" in err
+
+    async def recorded() -> int:
+        store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 's.db'}")
+        try:
+            async with store._read() as conn:
+                return int(await conn.scalar(select(func.count()).select_from(members)) or 0)
+        finally:
+            await store.close()
+
+    assert asyncio.run(recorded()) == 0
