@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -304,3 +305,14 @@ def hostile_segment(field: str) -> st.SearchStrategy[dict[str, Any]]:
 @given(st.sampled_from(SEGMENT_FIELDS).flatmap(hostile_segment) | json_values)
 def test_hostile_segment_events_only_raise_decode_error_and_never_echo_a_value(doc: Any) -> None:
     assert_safe_error(doc, "segment")
+
+
+def test_every_country_name_is_keyed_as_a_text_is_looked_up() -> None:
+    """A key of country-names.json that `_country_key` would not produce (a capital, a dot, an
+    accent) could never be found; a value that is no ISO 3166-1 alpha-2 code would be
+    refused downstream."""
+    normalize = importlib.import_module("syncd.pii.normalize")
+    assert len(normalize._COUNTRY_NAMES) > 600
+    for key, code in normalize._COUNTRY_NAMES.items():
+        assert normalize._country_key(key) == key
+        assert normalize.normalize_country(code) == code
