@@ -373,6 +373,16 @@ def test_a_csv_header_without_profile_id_or_with_unknown_columns_is_a_usage_erro
         list(read_snapshot(path, "csv"))
 
 
+async def members_recorded(db: Path) -> int:
+    """Rows in the member table of the SQLite store at `db`."""
+    store = await Store.connect(f"sqlite+aiosqlite:///{db}")
+    try:
+        async with store._read() as conn:
+            return int(await conn.scalar(select(func.count()).select_from(members)) or 0)
+    finally:
+        await store.close()
+
+
 def command_config(tmp_path: Path) -> Path:
     """A config for the command itself: an SQLite store in `tmp_path`, the destination vip."""
     path = tmp_path / "syncd.toml"
@@ -1037,15 +1047,7 @@ def test_a_read_failing_midway_does_not_say_the_lines_before_it_are_recorded(
     assert "is recorded" not in err
     assert "may be recorded" in err
 
-    async def recorded() -> int:
-        store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 's.db'}")
-        try:
-            async with store._read() as conn:
-                return int(await conn.scalar(select(func.count()).select_from(members)) or 0)
-        finally:
-            await store.close()
-
-    assert asyncio.run(recorded()) == 0  # none of the three lines before it
+    assert asyncio.run(members_recorded(tmp_path / "s.db")) == 0  # none of the lines before it
 
 
 def test_a_csv_the_reader_refuses_partway_is_refused_before_anything_is_recorded(
@@ -1066,12 +1068,4 @@ def test_a_csv_the_reader_refuses_partway_is_refused_before_anything_is_recorded
     assert f"--snapshot: line {2 * reconcile_mod.CHUNK_LINES + 2}: field larger than" in err
     assert "nothing is recorded" in err
 
-    async def recorded() -> int:
-        store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 's.db'}")
-        try:
-            async with store._read() as conn:
-                return int(await conn.scalar(select(func.count()).select_from(members)) or 0)
-        finally:
-            await store.close()
-
-    assert asyncio.run(recorded()) == 0
+    assert asyncio.run(members_recorded(tmp_path / "s.db")) == 0
