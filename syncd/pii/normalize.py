@@ -53,7 +53,9 @@ def normalize_country(code: str) -> str | None:
 def country_in_words(text: str) -> str | None:
     """The alpha-2 code of a country given as free text: an ISO 3166-1 code (alpha-2 or
     alpha-3) or its English name (ISO's short, official or common name, or a usual alias such as
-    "Great Britain"), in any case, with or without dots and accents; None for other text."""
+    "Great Britain"), in any case, with or without accents; None for other text. Dots are
+    ignored in a name or an alpha-3 code ("U.S.A."), not in a two-letter code: of those only
+    "U.S." and "U.K." are read (aliases), "N.A." (not applicable) is no Namibia."""
     code = normalize_country(text)
     if code is not None:
         return code

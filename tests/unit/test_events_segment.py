@@ -144,6 +144,8 @@ def test_traits_and_context_traits_merge_and_camel_case_names_are_accepted() -> 
         ("United States", "US"),
         ("united states of america", "US"),
         ("U.S.A.", "US"),
+        ("U.S.", "US"),
+        ("u.k.", "GB"),
         ("DEU", "DE"),
         ("Germany", "DE"),
         ("The Netherlands", "NL"),
@@ -158,16 +160,18 @@ def test_an_address_country_in_words_is_its_country(text: str, code: str) -> Non
     """Segment's spec types `address.country` as free text ("USA" in its examples). An ISO
     3166-1 alpha-3 code or the country's English name was no country: the destination's
     country_code applied, and with it that country's phone and postal rules to a member of
-    another (a poorer match). Either is the country now, in any case and with dots or not."""
+    another (a poorer match). Either is the country now, in any case and with dots or not; so are
+    "U.S." and "U.K." (which with their dots were no country, though "U.S.A." was the US)."""
     address = {"city": "Seattle", "country": text}
     change = seg(identify(traits={"vip": True, "email": "a@example.com", "address": address}))
     assert (change.adds, change.country) == (("vip",), code)
 
 
-@pytest.mark.parametrize("text", ["Deutschland", "Narnia", "Seattle", "U", "."])
+@pytest.mark.parametrize("text", ["Deutschland", "Narnia", "Seattle", "U", ".", "N.A.", "n/a"])
 def test_an_address_country_in_other_words_leaves_the_destinations_country(text: str) -> None:
     """Words that name no country (in English) are no country (the destination's country_code
-    applies), never a reason to lose the membership change as bad_country."""
+    applies), never a reason to lose the membership change as bad_country. A two-letter code
+    with dots is no code ("N.A." is "not applicable", not Namibia)."""
     address = {"city": "Seattle", "country": text}
     change = seg(identify(traits={"vip": True, "email": "a@example.com", "address": address}))
     assert (change.adds, change.country) == (("vip",), None)
