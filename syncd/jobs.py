@@ -9,20 +9,21 @@ Store.record_poll). A PENDING job is polled again after an interval that doubles
 `poll.first_delay_s` up to `poll.max_interval_s`; a terminal job is never claimed, so never
 polled, again. A failed GET is retried on the same schedule, except once Amazon has answered
 404 ("unknown job") for UNKNOWN_JOB_GIVE_UP_S with no status of the job between (the hour
-starts at the first 404 since its last status, stored with the job): it is EXPIRED then (its
-members due again) rather than at `poll.max_job_age_s`. A refused credential (AuthError) stops
-the poller. Every HOUSEKEEPING_EVERY_S: jobs older than `poll.max_job_age_s` are expired
-(EXPIRED, terminal), terminal jobs older than `poll.retention_days` deleted, and the
+starts at the first 404 since its last status, stored with the job): it is EXPIRED then rather
+than at `poll.max_job_age_s`, a failed send of its members (UNKNOWN_JOB). A refused credential
+(AuthError) stops the poller. Every HOUSEKEEPING_EVERY_S: jobs older than `poll.max_job_age_s`
+are expired (EXPIRED, terminal), terminal jobs older than `poll.retention_days` deleted, and the
 jobs-by-state gauge refreshed.
 
 A terminal job's outcome goes to its members (`MemberOutcomes`) before the terminal state is
 stored: SUCCEEDED/COMPLETED confirm them; PARTIALLYSUCCEEDED marks its invalidRecords invalid and
-dead-letters them with Amazon's reason; FAILED and EXPIRED make them due again (FAILED ones are
-dead-lettered after MAX_FAILED_SENDS). Applying first means a crash in between polls the job
-again and applies nothing twice (the members no longer reference it). The dead letters are
-queued in the store by the transaction that applies the outcome, and `MemberOutcomes.run` sends
-them apart from polling: a broker outage holds them, not the polls; a crash or a stop before
-they are sent (or a write retried after its COMMIT's reply was lost) loses none.
+dead-letters them with Amazon's reason; FAILED and EXPIRED make them due again (FAILED ones, and
+those of a job given up on 404s, are dead-lettered after MAX_FAILED_SENDS failed sends in a
+row). Applying first means a crash in between polls the job again and applies nothing twice
+(the members no longer reference it). The dead letters are queued in the store by the
+transaction that applies the outcome, and `MemberOutcomes.run` sends them apart from polling: a
+broker outage holds them, not the polls; a crash or a stop before they are sent (or a write
+retried after its COMMIT's reply was lost) loses none.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ DEAD_LETTERS_PER_LEASE = 100
 # another process only once its sender died
 DEAD_LETTER_LEASE_S = 30.0
 # a job Amazon has answered 404 ("unknown job") for this long, with no status between, is given
-# up: EXPIRED, its members due again. Sooner, a 404 may be Amazon not showing a new job yet, or a
-# fault on the way (a gateway) while Amazon still processes the job: sending its members again
-# then spends their budget twice and may let the older change overtake a newer one.
+# up: EXPIRED, a failed send of its members (UNKNOWN_JOB). Sooner, a 404 may be Amazon not
+# showing a new job yet, or a fault on the way (a gateway) while Amazon still processes the
+# job: sending its members again then spends their budget twice and may let the older change
+# overtake a newer one.
 UNKNOWN_JOB_GIVE_UP_S = 3600.0
 # Such a give-up is a failed send of the job's members (their reason class): were every GET to
 # answer 404 (an api_url of another region that still takes POSTs), resending without a count
@@ -296,8 +298,8 @@ class Poller:
                 status = JobStatus(job.job_request_id, JobState.EXPIRED)
                 error = f"Amazon does not know the job ({exc}); given up"
                 log.warning(
-                    "Amazon does not know a job; given up as EXPIRED, its members due again"
-                    " (a failed send)",
+                    "Amazon does not know a job; given up as EXPIRED, a failed send of its"
+                    " members (due again, or dead-lettered after max attempts)",
                     job_request_id=job.job_request_id,
                     age_s=round(self._clock() - job.created_at),
                     unknown_for_s=round(self._clock() - unknown_since),
