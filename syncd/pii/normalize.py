@@ -64,11 +64,12 @@ def country_in_words(text: str) -> str | None:
 
 
 def _country_key(text: str) -> str:
-    """How country-names.json keys a text: case-folded, no accents, no dots, single spaces, no
-    leading "the"."""
-    text = unicodedata.normalize("NFKD", text.casefold())
+    """How country-names.json keys a text: case-folded, no accents, no dots, straight
+    apostrophes, single spaces, no leading "the", "saint" for a leading "st"."""
+    text = unicodedata.normalize("NFKD", text.casefold()).replace("\u2019", "'")
     text = "".join(c for c in text if not unicodedata.combining(c)).replace(".", "")
-    return " ".join(text.split()).removeprefix("the ")
+    text = " ".join(text.split()).removeprefix("the ")
+    return f"saint {text[3:]}" if text.startswith("st ") else text
 
 
 def rules_country(code: str | None) -> str:

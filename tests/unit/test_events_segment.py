@@ -154,6 +154,10 @@ def test_traits_and_context_traits_merge_and_camel_case_names_are_accepted() -> 
         ("Korea, Republic of", "KR"),
         ("  côte d'ivoire ", "CI"),
         ("Russia", "RU"),
+        ("Côte d’Ivoire", "CI"),
+        ("St. Lucia", "LC"),
+        ("St Kitts and Nevis", "KN"),
+        ("Republic of Korea", "KR"),
     ],
 )
 def test_an_address_country_in_words_is_its_country(text: str, code: str) -> None:
