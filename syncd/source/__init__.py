@@ -1,6 +1,7 @@
 """The Kafka edge, one job per module: the consumer (consumer.py), the offset tracker that
-decides what may be committed (offsets.py), the dead-letter producer (dead_letters.py) and the
-connection settings they share (connection.py). Import from here; the names stay where they
+decides what may be committed (offsets.py), the dead-letter producer (dead_letters.py), the
+connection settings they share (connection.py) and the parse of fetched records that a header
+key not in UTF-8 does not fail (records.py). Import from here; the names stay where they
 were when this was one module."""
 
 from syncd.source.connection import client_options

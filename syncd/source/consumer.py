@@ -30,6 +30,7 @@ from syncd.observability.logging import get_logger
 from syncd.source.connection import client_options
 from syncd.source.dead_letters import DeadLetterProducer
 from syncd.source.offsets import OffsetTracker
+from syncd.source.records import install as install_tolerant_records
 from syncd.vocabulary import Partition
 
 log = get_logger("syncd.source")
@@ -120,6 +121,7 @@ class KafkaSource:
         self._closing = False
 
     async def start(self) -> None:
+        install_tolerant_records()  # a header key that is not UTF-8 must not fail every fetch
         options = client_options(self._cfg)
         consumer = AIOKafkaConsumer(
             group_id=self._cfg.group_id,

@@ -14,8 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.consumer.fetcher import READ_COMMITTED, READ_UNCOMMITTED
+from aiokafka.producer import message_accumulator
+from aiokafka.producer import producer as producer_module
+from aiokafka.record import default_records
 
 from syncd.config import KafkaConfig
 from syncd.localstack import metadata_answered
@@ -188,6 +191,54 @@ async def test_revoked_partitions_commit_their_done_offsets_before_moving(
             assert (new.ref.partition, new.ref.offset) == (sorted(kept)[0][1], produced[0])
             assert first.ready
             assert second.ready
+
+
+class _NotUtf8(str):
+    """A header key that encodes to bytes that are not UTF-8 (Kafka takes them: its Java
+    clients decode header keys leniently)."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"\xff\xfe"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("compression", [None, "gzip"])
+async def test_a_record_whose_header_key_is_not_utf8_is_read_like_any_other(
+    kafka: KafkaCluster, topic: str, monkeypatch: pytest.MonkeyPatch, compression: str | None
+) -> None:
+    """aiokafka decodes header keys as strict UTF-8 while it parses a fetched batch: one such
+    record made every fetch fail (UnicodeDecodeError out of getmany), so the daemon exited,
+    and again after each restart. syncd reads no header: the record and its batch-mates come
+    through with their bytes."""
+    await kafka.create_topic(topic, partitions=1)
+    # aiokafka's pure-Python batch builder writes whatever `encode` gives (the compiled one
+    # takes only str keys)
+    for module in (message_accumulator, producer_module):
+        monkeypatch.setattr(
+            module, "DefaultRecordBatchBuilder", default_records._DefaultRecordBatchBuilderPy
+        )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka.bootstrap, linger_ms=50, compression_type=compression
+    )
+    await producer.start()
+    try:
+        sent = [
+            await producer.send(topic, b"before", partition=0),
+            await producer.send(topic, b"odd", partition=0, headers=[(_NotUtf8("k"), b"v")]),
+            await producer.send(topic, b"after", partition=0),
+        ]
+        offsets = [meta.offset for meta in await asyncio.gather(*sent)]
+    finally:
+        await producer.stop()
+    assert offsets == [0, 1, 2]
+    monkeypatch.undo()
+    async with running(config(kafka, topic)) as source:
+        messages = await fetch_until(source, lambda m: len(m) >= 3, "the three messages")
+    assert [(m.ref.offset, m.value) for m in messages] == [
+        (0, b"before"),
+        (1, b"odd"),
+        (2, b"after"),
+    ]
 
 
 @pytest.mark.integration
