@@ -552,6 +552,8 @@ def _validate(cfg: Config) -> None:
         "store.url",
         "must start with sqlite+aiosqlite:// or postgresql+asyncpg://",
     )
+    problem = _store_url_problem(cfg.store.url)
+    need(problem is None, "store.url", problem or "")
     need(
         0 < cfg.store.statement_timeout_s <= DAY_S,
         "store.statement_timeout_s",
@@ -595,6 +597,33 @@ def _validate(cfg: Config) -> None:
         "log.level",
         "must be debug, info, warning or error",
     )
+
+
+def _store_url_problem(url: str) -> str | None:
+    """Why `url` (of a known scheme) opens no store syncd can keep its state in; None if it
+    does. SQLAlchemy parses it only when the store is first used: a port that is no number
+    would be a traceback then, one out of range an OverflowError of the socket; an SQLite
+    database in memory (or a temporary file: no name) is gone with its connection, and with it
+    the members, jobs and budget reservations of every event whose offset was committed."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+        port = parsed.port
+    except (ArgumentError, ValueError) as exc:
+        return mask_urls(f"is not a URL SQLAlchemy can read ({exc})")
+    if port is not None and not 0 < port < 65536:
+        return f"port {port} is not between 1 and 65535"
+    if parsed.drivername.startswith("sqlite"):
+        database = parsed.database or ""
+        if not database or ":memory:" in database or parsed.query.get("mode") == "memory":
+            return (
+                "names an SQLite database in memory (or a temporary one): its members, jobs and "
+                "budget would be lost at each restart; name a file, e.g. "
+                "sqlite+aiosqlite:///syncd.db"
+            )
+    return None
 
 
 def _effective(cfg: Config) -> Config:

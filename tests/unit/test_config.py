@@ -403,6 +403,59 @@ def test_store_statement_timeout_is_bounded(value: float) -> None:
     assert err.value.key == "store.statement_timeout_s"
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+asyncpg://u:hunter2@db:notaport/syncd",  # SQLAlchemy: a ValueError
+        "postgresql+asyncpg://u:hunter2@db:/syncd",
+        "postgresql+asyncpg://u:hunter2@db:99999/syncd",  # the socket: an OverflowError
+        "postgresql+asyncpg://u:hunter2@db:5432,db2:5432/syncd",  # hosts go in ?host=...
+    ],
+)
+def test_a_store_url_that_cannot_be_opened_is_refused_by_name(url: str) -> None:
+    """A store URL SQLAlchemy cannot parse, or whose port no socket takes, is a config error
+    naming store.url (its secrets masked), not a traceback at the store's first use."""
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping({"store": {"url": url}})
+    assert err.value.key == "store.url"
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite+aiosqlite://",
+        "sqlite+aiosqlite:///",
+        "sqlite+aiosqlite:///:memory:",
+        "sqlite+aiosqlite:///file::memory:?uri=true",
+        "sqlite+aiosqlite:///file:x.db?mode=memory&uri=true",
+    ],
+)
+def test_an_in_memory_sqlite_store_is_refused(url: str) -> None:
+    """A store that lives only as long as its connection (SQLite in memory, or a temporary
+    file) keeps no member, job or budget reservation across a restart: the offsets committed
+    for its events would lose their changes, and the budget would start again from zero."""
+    with pytest.raises(ConfigError, match="memory") as err:
+        config.from_mapping({"store": {"url": url}})
+    assert err.value.key == "store.url"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite+aiosqlite:///syncd.db",
+        "sqlite+aiosqlite:////var/lib/syncd/syncd.db",
+        "sqlite+aiosqlite:///syncd.db?timeout=5",
+        "postgresql+asyncpg://u:p@db/syncd",
+        "postgresql+asyncpg://u:p@db:5432/syncd?ssl=verify-full",
+        "postgresql+asyncpg://u:p@[::1]:5432/syncd",
+        "postgresql+asyncpg://u:p@/syncd?host=/var/run/postgresql",
+    ],
+)
+def test_store_urls_that_open_a_lasting_store_are_taken(url: str) -> None:
+    assert config.from_mapping({"store": {"url": url}}).store.url == url
+
+
 def test_amazon_timing_keys_accept_their_bounds() -> None:
     from syncd.amazon.retry import RetryPolicy
 
