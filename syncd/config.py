@@ -443,10 +443,18 @@ def _build_destinations(items: Any) -> tuple[Destination, ...]:
 
 
 def _same_pause_per_audience(destinations: list[Destination]) -> None:
-    """Members are kept per audience_id: destinations naming one audience_id pause together."""
+    """Members are kept per audience_id: destinations naming one audience_id pause together,
+    and name one connection (an audience belongs to one; each connection's feed claims the
+    members of every audience_id it names)."""
     paused: dict[int, Destination] = {}
     for i, dest in enumerate(destinations):
         first = paused.setdefault(dest.audience_id, dest)
+        if first.connection_id != dest.connection_id:
+            raise ConfigError(
+                f"destinations[{i}].connection_id",
+                f"must equal destination {first.audience!r}'s ({first.connection_id}): both "
+                f"name audience_id {dest.audience_id}, which belongs to one connection",
+            )
         if first.paused != dest.paused:
             raise ConfigError(
                 f"destinations[{i}].paused",

@@ -41,6 +41,18 @@ def test_destinations_of_one_audience_id_pause_together() -> None:
         config.from_mapping({"destinations": [DEST, {**DEST, "audience": "gold", "paused": True}]})
 
 
+def test_destinations_of_one_audience_id_name_one_connection() -> None:
+    """An audience belongs to one connection, and its members are claimed by audience_id: two
+    connections naming it would each claim and send the other destination's members (under a
+    connection Amazon does not tie the audience to, charged to its budget)."""
+    other = {**DEST, "audience": "gold", "connection_id": "c-2", "country_code": "DE"}
+    with pytest.raises(ConfigError, match=r"destinations\[1\]\.connection_id.*'vip'") as err:
+        config.from_mapping({"destinations": [DEST, other]})
+    assert "c-1" in str(err.value)
+    shared = config.from_mapping({"destinations": [DEST, {**other, "connection_id": "c-1"}]})
+    assert [d.country_code for d in shared.destinations] == ["US", "DE"]
+
+
 def test_consent_policy_is_pass_unless_strict_is_asked_for() -> None:
     cfg = config.from_mapping(
         {"destinations": [DEST, {**DEST, "audience": "eu", "consent_policy": "strict"}]}
