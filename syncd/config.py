@@ -576,7 +576,12 @@ def _validate(cfg: Config) -> None:
     need(b.linger_ms >= 0, "batch.linger_ms", "must be >= 0")
     need(cfg.budget.records_per_hour >= 1, "budget.records_per_hour", "must be >= 1")
     need(cfg.budget.window_seconds >= 1, "budget.window_seconds", "must be >= 1")
-    need(cfg.poll.first_delay_s >= 0, "poll.first_delay_s", "must be >= 0")
+    need(
+        cfg.poll.first_delay_s > 0,
+        "poll.first_delay_s",
+        "must be > 0: the interval between a job's GETs doubles from it, and from 0 it would "
+        "stay 0 (each pending job polled again at once, for as long as it runs)",
+    )
     need(
         cfg.poll.max_interval_s >= cfg.poll.first_delay_s,
         "poll.max_interval_s",

@@ -468,6 +468,20 @@ def test_store_urls_that_open_a_lasting_store_are_taken(url: str) -> None:
     assert config.from_mapping({"store": {"url": url}}).store.url == url
 
 
+@pytest.mark.parametrize("poll", [{"first_delay_s": 0}, {"first_delay_s": 0, "max_interval_s": 0}])
+def test_job_polling_never_goes_without_a_pause(poll: dict[str, float]) -> None:
+    """The GETs' interval doubles from poll.first_delay_s: from 0 it stays 0, whatever
+    poll.max_interval_s, and each pending job would be polled again at once, round after round,
+    until it ends."""
+    from syncd.jobs import poll_interval
+
+    with pytest.raises(ConfigError, match="doubles") as err:
+        config.from_mapping({"poll": poll})
+    assert err.value.key == "poll.first_delay_s"
+    cfg = config.from_mapping({"poll": {"first_delay_s": 0.001, "max_interval_s": 0.001}})
+    assert poll_interval(3, cfg.poll) == 0.001
+
+
 def test_amazon_timing_keys_accept_their_bounds() -> None:
     from syncd.amazon.retry import RetryPolicy
 
