@@ -119,6 +119,7 @@ class KafkaSource:
         self._revoked: set[Partition] = set()  # between a revocation and the next assignment
         self._joined = False
         self._closing = False
+        self._missing_topics: list[str] = []  # of kafka.topics, at the last probe
 
     async def start(self) -> None:
         install_tolerant_records()  # a header key that is not UTF-8 must not fail every fetch
@@ -166,15 +167,27 @@ class KafkaSource:
         return self._dead_letters.flowing
 
     async def reachable(self, timeout_s: float = 5.0) -> bool:
-        """A metadata round trip to the cluster succeeded within `timeout_s`."""
+        """A metadata round trip to the cluster succeeded within `timeout_s`, and the cluster
+        has every topic of `kafka.topics` (a missing one is logged once, naming it)."""
         if self._consumer is None:
             return False
         try:
             async with asyncio.timeout(timeout_s):
-                await self._consumer.topics()
+                topics = await self._consumer.topics()
         except (TimeoutError, KafkaError):
             return False
-        return True
+        missing = sorted(set(self._cfg.topics) - set(topics))
+        if missing != self._missing_topics:
+            if missing:
+                log.error(
+                    "kafka.topics names topics the cluster does not have: nothing is read from "
+                    "them (a typo, or not created yet); syncd is not ready until they exist",
+                    topics=missing,
+                )
+            else:
+                log.info("kafka.topics: every topic exists", topics=list(self._cfg.topics))
+            self._missing_topics = missing
+        return not missing
 
     @property
     def assigned(self) -> set[Partition]:
