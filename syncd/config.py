@@ -628,6 +628,13 @@ def _store_url_problem(url: str) -> str | None:
         return mask_urls(f"is not a URL SQLAlchemy can read ({exc})")
     if port is not None and not 0 < port < 65536:
         return f"port {port} is not between 1 and 65535"
+    postgresql = parsed.drivername.startswith("postgresql")
+    if postgresql and (unknown := sorted(set(parsed.query) - _asyncpg_parameters())):
+        return (
+            f"query parameters {', '.join(map(repr, unknown))} are not ones asyncpg takes "
+            "(SQLAlchemy passes each to asyncpg.connect); TLS is ?ssl=require or "
+            "?ssl=verify-full (not libpq's sslmode)"
+        )
     if parsed.drivername.startswith("sqlite"):
         database = parsed.database or ""
         if not database or ":memory:" in database or parsed.query.get("mode") == "memory":
@@ -637,6 +644,18 @@ def _store_url_problem(url: str) -> str | None:
                 "sqlite+aiosqlite:///syncd.db"
             )
     return None
+
+
+def _asyncpg_parameters() -> set[str]:
+    """Names a PostgreSQL store URL's query may hold: asyncpg.connect's keyword arguments that a
+    text can carry, and the statement cache size SQLAlchemy's dialect takes for itself."""
+    import inspect
+
+    import asyncpg
+
+    taken = set(inspect.signature(asyncpg.connect).parameters)
+    taken -= {"dsn", "loop", "connection_class", "record_class", "server_settings"}
+    return taken | {"prepared_statement_cache_size"}
 
 
 def _effective(cfg: Config) -> Config:

@@ -77,9 +77,9 @@ def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path: 
     "url",
     [
         "postgresql+asyncpg://syncd:hunter2@db:5432/syncd?password=s3kr1t",
-        "postgresql+asyncpg://syncd@db/syncd?ssl=verify-full&sslpassword=s3kr1t&x=hunter2x",
+        "postgresql+asyncpg://syncd@db/syncd?ssl=verify-full&password=s3kr1t&command_timeout=30",
     ],
-    ids=["password", "sslpassword"],
+    ids=["password", "query password"],
 )
 def test_check_config_shows_no_store_url_secret(tmp_path: Path, url: str) -> None:
     """Secrets in the store URL (userinfo or password-like parameters) never reach the output,

@@ -296,13 +296,13 @@ def test_mask_urls_examples(text: str, shown: str) -> None:
 
 def test_check_config_masks_query_passwords() -> None:
     cfg = config.from_mapping(
-        {"store": {"url": "postgresql+asyncpg://u:hunter2@h/db?password=s3kr1t&sslpassword=k3y"}}
+        {"store": {"url": "postgresql+asyncpg://u:hunter2@h/db?password=s3kr1t&ssl=require"}}
     )
     dump = repr(config.masked(cfg))
-    for secret in ("hunter2", "s3kr1t", "k3y"):
+    for secret in ("hunter2", "s3kr1t"):
         assert secret not in dump
     assert config.masked(cfg)["store"]["url"] == (
-        "postgresql+asyncpg://u:***@h/db?password=***&sslpassword=***"
+        "postgresql+asyncpg://u:***@h/db?password=***&ssl=require"
     )
 
 
@@ -465,6 +465,36 @@ def test_an_in_memory_sqlite_store_is_refused(url: str) -> None:
     ],
 )
 def test_store_urls_that_open_a_lasting_store_are_taken(url: str) -> None:
+    assert config.from_mapping({"store": {"url": url}}).store.url == url
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("sslmode=require", "'sslmode'"),  # libpq's spelling: asyncpg's is ssl
+        ("ssl=require&application_name=syncd&sslpassword=k3y", "'application_name', 'sslpassword'"),
+    ],
+)
+def test_a_postgresql_store_url_parameter_asyncpg_does_not_take_is_refused_by_name(
+    query: str, named: str
+) -> None:
+    """SQLAlchemy hands the URL's query to asyncpg.connect as keyword arguments: one it does not
+    take passed check-config, then every store command (and `syncd run`) ended in a traceback
+    (TypeError: connect() got an unexpected keyword argument 'sslmode')."""
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping({"store": {"url": f"postgresql+asyncpg://u:hunter2@db/syncd?{query}"}})
+    assert err.value.key == "store.url"
+    assert named in str(err.value)
+    assert "ssl=require" in str(err.value)  # what to write for TLS
+    assert "hunter2" not in str(err.value)
+    assert "k3y" not in str(err.value)
+
+
+def test_postgresql_store_url_parameters_asyncpg_takes_are_taken() -> None:
+    url = (
+        "postgresql+asyncpg://u:p@/syncd?host=/var/run/postgresql&ssl=verify-full"
+        "&command_timeout=30&prepared_statement_cache_size=100&target_session_attrs=read-write"
+    )
     assert config.from_mapping({"store": {"url": url}}).store.url == url
 
 
