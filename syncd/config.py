@@ -469,6 +469,10 @@ def _topic_name(name: str) -> bool:
     return _TOPIC.fullmatch(name) is not None and name not in (".", "..")
 
 
+# poll.max_job_age_s's least: a job is expired (its members sent again) only after this
+MIN_JOB_AGE_S = 3600.0
+
+
 def _validate(cfg: Config) -> None:
     def need(ok: bool, key: str, problem: str) -> None:
         if not ok:
@@ -587,7 +591,12 @@ def _validate(cfg: Config) -> None:
         "poll.max_interval_s",
         "must be >= poll.first_delay_s",
     )
-    need(cfg.poll.max_job_age_s > 0, "poll.max_job_age_s", "must be > 0")
+    need(
+        cfg.poll.max_job_age_s >= MIN_JOB_AGE_S,
+        "poll.max_job_age_s",
+        f"must be >= {MIN_JOB_AGE_S:.0f}: Amazon may take an hour on a job, and one given up "
+        "sooner has its members sent again, each time",
+    )
     need(cfg.poll.concurrency >= 1, "poll.concurrency", "must be >= 1")
     need(cfg.poll.claim_batch >= 1, "poll.claim_batch", "must be >= 1")
     need(cfg.poll.retention_days > 0, "poll.retention_days", "must be a number of days > 0")

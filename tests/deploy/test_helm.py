@@ -226,8 +226,8 @@ def test_the_sasl_password_file_follows_the_security_protocol(
 def test_a_number_renders_as_the_same_number(chart: helm.Chart, seconds: float) -> None:
     """An integral float past int64 was rendered through int64: 1e19 became
     -9223372036854775808."""
-    raw = config_toml(render(chart, {"config": {"poll": {"max_job_age_s": seconds}}}))
-    assert raw["poll"]["max_job_age_s"] == seconds
+    raw = config_toml(render(chart, {"config": {"poll": {"max_interval_s": seconds}}}))
+    assert raw["poll"]["max_interval_s"] == seconds
 
 
 def test_values_cover_every_config_key_with_syncd_defaults(chart: helm.Chart) -> None:

@@ -498,6 +498,16 @@ def test_postgresql_store_url_parameters_asyncpg_takes_are_taken() -> None:
     assert config.from_mapping({"store": {"url": url}}).store.url == url
 
 
+@pytest.mark.parametrize("age", [1, 60, 3599])
+def test_jobs_are_not_given_up_before_amazon_can_end_them(age: float) -> None:
+    """poll.max_job_age_s = 1 was taken: every job expired before Amazon ended it, and its
+    members were sent again (an expiry is no failed send), job after job, for good."""
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping({"poll": {"max_job_age_s": age}})
+    assert err.value.key == "poll.max_job_age_s"
+    assert config.from_mapping({"poll": {"max_job_age_s": 3600}}).poll.max_job_age_s == 3600
+
+
 @pytest.mark.parametrize("poll", [{"first_delay_s": 0}, {"first_delay_s": 0, "max_interval_s": 0}])
 def test_job_polling_never_goes_without_a_pause(poll: dict[str, float]) -> None:
     """The GETs' interval doubles from poll.first_delay_s: from 0 it stays 0, whatever
