@@ -18,12 +18,12 @@ jobs-by-state gauge refreshed.
 A terminal job's outcome goes to its members (`MemberOutcomes`) before the terminal state is
 stored: SUCCEEDED/COMPLETED confirm them; PARTIALLYSUCCEEDED marks its invalidRecords invalid and
 dead-letters them with Amazon's reason; FAILED and EXPIRED make them due again (FAILED ones, and
-those of a job given up on 404s, are dead-lettered after MAX_FAILED_SENDS failed sends in a
-row). Applying first means a crash in between polls the job again and applies nothing twice
-(the members no longer reference it). The dead letters are queued in the store by the
-transaction that applies the outcome, and `MemberOutcomes.run` sends them apart from polling: a
-broker outage holds them, not the polls; a crash or a stop before they are sent (or a write
-retried after its COMMIT's reply was lost) loses none.
+those of a job given up on 404s, are dead-lettered after MAX_FAILED_SENDS failed sends, counted
+until one is accepted). Applying first means a crash in between polls the job again and
+applies nothing twice (the members no longer reference it). The dead letters are queued in the
+store by the transaction that applies the outcome, and `MemberOutcomes.run` sends them apart
+from polling: a broker outage holds them, not the polls; a crash or a stop before they are sent
+(or a write retried after its COMMIT's reply was lost) loses none.
 """
 
 from __future__ import annotations
@@ -63,9 +63,9 @@ DEAD_LETTER_LEASE_S = 30.0
 # job: sending its members again then spends their budget twice and may let the older change
 # overtake a newer one.
 UNKNOWN_JOB_GIVE_UP_S = 3600.0
-# Such a give-up is a failed send of the job's members (their reason class): were every GET to
-# answer 404 (an api_url of another region that still takes POSTs), resending without a count
-# would spend their budget each hour for good.
+# the members' reason class of such a give-up: counted as a failed send, since were every GET
+# to answer 404 (an api_url of another region that still takes POSTs), resending without a
+# count would spend their budget each hour for good
 UNKNOWN_JOB = "unknown_job"
 DEAD_LETTER_SWEEP_S = 10.0  # how often queued dead letters left by another process are looked for
 

@@ -1,6 +1,6 @@
 """When Amazon began answering 404 ("unknown job") to a job's GETs, counted from the first 404
-since its last status of the job: a job is given up (EXPIRED, its members due again) once those
-404s have lasted an hour. Without it one 404 of a job over an hour old gave it up, though
+since its last status of the job: a job is given up (EXPIRED, a failed send of its members) once
+those 404s have lasted an hour. Without it one 404 of a job over an hour old gave it up, though
 Amazon had answered it a moment before and might still be processing it.
 
 The column takes NULL (no 404 since the last status): what an older release writes during a
